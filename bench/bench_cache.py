@@ -1,0 +1,72 @@
+"""Cache throughput vs the bare extractor, on the same images and model.
+
+    uv run python bench/bench_cache.py [--repeat 2]
+(a) bare ORT session loop on pre-decoded, pre-resized tensors (nothing else running);
+(b) the full `cache` pipeline (decode, resize, masks, ORT, fp16, compression, Zarr writes).
+Uses the real YOLOX-Nano stand-in and the 61 real COCO images of ../shared/realdata.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from featcache.cache import CacheConfig, run_cache  # noqa: E402
+from featcache.coco import load_person_records  # noqa: E402
+from featcache.extractor import Extractor  # noqa: E402
+from featcache.images import Preprocess, load_rgb, preprocess  # noqa: E402
+
+REAL = ROOT.parent / "shared" / "realdata"
+ANN = REAL / "data/annotations/instances_train2017_person_only_no_crowd.json"
+ONNX = REAL / "ext_extractor/yolox_nano_640x640.onnx"
+FEATURE = "/backbone/Concat_1_output_0"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=2, help="passes over the 61 images")
+    a = ap.parse_args()
+    recs, _ = load_person_records(ANN)
+    prep = Preprocess("bgr", 1.0)
+    xs = [preprocess(load_rgb(REAL / "data/images/train2017" / r.file_name), prep)[None] for r in recs]
+    ex = Extractor(ONNX, FEATURE, "cpu", streams=1)  # a plain loop: one run at a time, all cores
+    ex.run(xs[0])
+    bares, rates, loop_rates = [], [], []
+    tmp = Path(tempfile.mkdtemp())
+    for r in range(a.repeat):  # interleaved, best of each: this machine's speed drifts
+        t = time.perf_counter()
+        for x in xs:
+            ex.run(x)
+        bares.append(len(xs) / (time.perf_counter() - t))
+        out = tmp / f"s{r}.zarr"
+        cfg = CacheConfig(ann=ANN, images=REAL / "data/images/train2017", onnx=ONNX, out=out,
+                          feature_name=FEATURE, channel_order="bgr", scale=1.0, provider="cpu")
+        t = time.perf_counter()
+        s = run_cache(cfg, progress=False)
+        rates.append(len(recs) / (time.perf_counter() - t))
+        loop_rates.append(len(recs) / s["loop_s"])
+        s_loop = s
+    stored = sum(f.stat().st_size for f in (tmp / "s0.zarr/features").iterdir())
+    shutil.rmtree(tmp)
+    best, bare = max(rates), max(bares)
+    print(json.dumps({"images": len(recs), "provider": s_loop["provider"],
+                      "bare_ort_img_per_s": round(bare, 2),
+                      "bare_runs": [round(x, 2) for x in bares], "cache_cmd_img_per_s": round(best, 2),
+                      "cache_cmd_runs": [round(x, 2) for x in rates],
+                      "ratio": round(best / bare, 3),
+                      "cache_loop_img_per_s": round(max(loop_rates), 2),
+                      "ratio_steady_state": round(max(loop_rates) / bare, 3),
+                      "feature_bytes_per_image_raw": 128 * 80 * 80 * 2,
+                      "feature_bytes_per_image_stored": stored // len(recs)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

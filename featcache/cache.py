@@ -1,0 +1,295 @@
+"""`cli.py cache`: run the ONNX extractor once per image into the feature store.
+
+Decoding/resizing/mask rasterization run in worker threads (Pillow, numpy and pycocotools release
+the GIL), ONNX Runtime runs in this thread, and compression + writes run in a writer thread, so the
+model never waits for I/O.  Resumable (finished chunks are skipped), shardable (``shard=(i, n)``
+takes images i, i+n, ...), and it checks free disk space before writing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+from tqdm import tqdm
+
+from .analyze import file_sha256
+from .coco import ImageRecord, load_person_records
+from .errors import FeatCacheError
+from .extractor import Extractor
+from .geometry import ResizePolicy, pad_box
+from .images import ImageDecodeError, Preprocess, load_rgb, preprocess
+from .store import FINGERPRINT_KEYS, FeatureStore, StoreError, diff_metadata
+from .targets import rles_to_input_frame_packed
+
+log = logging.getLogger(__name__)
+FP16_MAX = 65504.0
+
+
+@dataclass
+class CacheConfig:
+    ann: Path
+    images: Path
+    onnx: Path
+    out: Path
+    feature_name: str = "/model.34/Concat_output_0"
+    provider: str = "auto"
+    channel_order: str = "rgb"
+    scale: float = 1 / 255
+    resize: str = "stretch"
+    roi_padding: float = 0.1
+    limit: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    batch: int = 8
+    space_check: bool = True
+    overwrite: bool = False
+
+
+def build_tables(records: list[ImageRecord], policy: ResizePolicy, roi_padding: float) -> dict:
+    t = {k: [] for k in ("roi_image", "roi_inst", "roi_ann_id", "roi_box", "roi_padded",
+                         "roi_box_input", "roi_padded_input")}
+    starts = [0]
+    for i, r in enumerate(records):
+        for k, inst in enumerate(r.instances):
+            padded = pad_box(inst.box_norm, roi_padding)
+            t["roi_image"].append(i)
+            t["roi_inst"].append(k)
+            t["roi_ann_id"].append(inst.ann_id)
+            t["roi_box"].append(inst.box_norm)
+            t["roi_padded"].append(padded)
+            t["roi_box_input"].append(policy.norm_to_input_norm(inst.box_norm, r.width, r.height))
+            t["roi_padded_input"].append(policy.norm_to_input_norm(padded, r.width, r.height))
+        starts.append(starts[-1] + len(r.instances))
+    out = {k: np.asarray(v, np.float32 if "box" in k or "padded" in k else np.int64).reshape(
+        (-1, 4) if ("box" in k or "padded" in k) else (-1,)) for k, v in t.items()}
+    out["image_id"] = np.array([r.image_id for r in records], np.int64)
+    out["file_name"] = [r.file_name for r in records]
+    out["orig_hw"] = np.array([[r.height, r.width] for r in records], np.int32).reshape(-1, 2)
+    out["image_roi_start"] = np.array(starts, np.int64)
+    return out
+
+
+def prepare_image(rec: ImageRecord, images_dir: Path, prep: Preprocess):
+    """Worker: decode + preprocess one image and rasterize its masks in the input frame."""
+    im = load_rgb(images_dir / rec.file_name)
+    if (im.width, im.height) != (rec.width, rec.height):
+        raise ImageDecodeError(f"{rec.file_name} is {im.width}x{im.height} but annotated as "
+                               f"{rec.width}x{rec.height}")
+    x = preprocess(im, prep)
+    packed = rles_to_input_frame_packed([i.rle for i in rec.instances], prep.policy).tobytes()
+    rles = [{"size": i.rle["size"], "counts": i.rle["counts"].decode() if isinstance(
+        i.rle["counts"], bytes) else i.rle["counts"]} for i in rec.instances]
+    return x, packed, rles
+
+
+class _Writer(threading.Thread):
+    """Writes finished images in the background; the first error stops the run."""
+
+    def __init__(self, store: FeatureStore, bar):
+        super().__init__(daemon=True)
+        self.store, self.bar, self.q, self.error = store, bar, queue.Queue(maxsize=16), None
+
+    def run(self):
+        while (item := self.q.get()) is not None:
+            if self.error:
+                continue
+            try:
+                i, feat, packed, rles = item
+                f16 = np.clip(feat, -FP16_MAX, FP16_MAX).astype(np.float16)
+                self.store.write_image(i, f16, packed, rles)
+                self.bar.update(1)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                self.error = exc
+
+
+def _metadata(cfg: CacheConfig, ex: Extractor, prep: Preprocess) -> dict:
+    return {"onnx_path": str(cfg.onnx), "onnx_sha256": file_sha256(cfg.onnx),
+            "feature_name": cfg.feature_name, "feature_shape": list(ex.feature_shape),
+            "input_hw": list(ex.input_hw), "preprocess": prep.to_dict(),
+            "resize_policy": prep.policy.mode, "roi_padding": cfg.roi_padding,
+            "annotation_path": str(cfg.ann), "annotation_sha256": file_sha256(cfg.ann),
+            "images_dir": str(cfg.images), "limit": cfg.limit}
+
+
+def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extractor) -> FeatureStore:
+    out = cfg.out
+    if cfg.overwrite and out.exists() and cfg.shard[0] == 0:
+        shutil.rmtree(out)
+    if (out / ".zattrs").is_file() and "metadata" in json.loads((out / ".zattrs").read_text()):
+        store = FeatureStore(out, "r+")
+        keys = FINGERPRINT_KEYS + ("annotation_sha256", "limit")
+        diffs = diff_metadata(store.meta, meta, keys)
+        if diffs:
+            raise StoreError(f"the cache at {out} was built with other settings:\n  "
+                             + "\n  ".join(diffs)
+                             + "\nUse --out for a new store, or --overwrite to rebuild this one.")
+        return store
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".create.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:  # another shard is creating it
+        for _ in range(600):
+            time.sleep(0.2)
+            if not lock.exists():
+                return open_or_create_store(cfg, meta, tables, ex)
+        raise StoreError(f"{lock} exists: another `cache` is creating this store, or one died "
+                         f"while doing so (delete the lock file if none is running)")
+    try:
+        return FeatureStore.create(out, meta, tables, ex.feature_shape, ex.input_hw)
+    finally:
+        os.close(fd)
+        lock.unlink()
+
+
+def check_disk(out: Path, n_todo: int, feature_shape, input_hw, n_masks: int) -> int:
+    per_image = int(np.prod(feature_shape)) * 2
+    need = n_todo * per_image + n_masks * input_hw[0] * input_hw[1] // 8 // 20
+    free = shutil.disk_usage(out if out.exists() else out.parent).free
+    log.info("estimated need: %.2f GB raw fp16 for %d images (%.1f MB/image, lz4 typically stores "
+             "~70%% of that); free: %.2f GB", need / 1e9, n_todo, per_image / 1e6, free / 1e9)
+    return need, free
+
+
+def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
+    t0 = time.perf_counter()
+    for name, p in (("annotation file", cfg.ann), ("ONNX model", cfg.onnx)):
+        if not Path(p).is_file():
+            raise FeatCacheError(f"{name} not found: {p}")
+    if not Path(cfg.images).is_dir():
+        raise FeatCacheError(f"image folder not found: {cfg.images}")
+    si, sn = cfg.shard
+    if not (sn >= 1 and 0 <= si < sn):
+        raise FeatCacheError(f"--shard must be I/N with 0 <= I < N, got {si}/{sn}")
+    records, skips = load_person_records(cfg.ann)
+    if cfg.limit:
+        records = records[: cfg.limit]
+    if not records:
+        raise FeatCacheError(f"no usable person annotations in {cfg.ann}")
+    ex = Extractor(cfg.onnx, cfg.feature_name, cfg.provider, trt_cache=cfg.out.parent / "trt_engines")
+    policy = ResizePolicy(ex.input_hw[0], ex.input_hw[1], cfg.resize)
+    prep = Preprocess(cfg.channel_order, cfg.scale, policy)
+    tables = build_tables(records, policy, cfg.roi_padding)
+    store = open_or_create_store(cfg, _metadata(cfg, ex, prep), tables, ex)
+
+    done = store.done_mask()
+    todo = [i for i in range(len(records)) if not done[i] and i % sn == si]
+    print(f"provider: {ex.provider} | feature {cfg.feature_name} {list(ex.feature_shape)} | "
+          f"{len(records)} images, {int(done.sum())} already cached, {len(todo)} to do"
+          + (f" (shard {si}/{sn})" if sn > 1 else ""))
+    if todo:
+        need, free = check_disk(cfg.out, len(todo), ex.feature_shape, ex.input_hw,
+                                int(sum(len(records[i].instances) for i in todo)))
+        print(f"estimated size: {need / 1e9:.2f} GB raw fp16 (stored ~{need * 0.72 / 1e9:.2f} GB "
+              f"with lz4), free {free / 1e9:.2f} GB")
+        if cfg.space_check and need * 0.72 > free:
+            raise FeatCacheError(
+                f"not enough disk space for {cfg.out}: about {need * 0.72 / 1e9:.1f} GB needed "
+                f"({len(todo)} images x {np.prod(ex.feature_shape) * 2 / 1e6:.1f} MB raw fp16), "
+                f"{free / 1e9:.1f} GB free. Use --limit, --subset, --shard, another --out, "
+                f"or --no-space-check.")
+    t_loop = time.perf_counter()
+    newly_skipped = _process(cfg, records, todo, ex, prep, store, progress)
+    t_loop = time.perf_counter() - t_loop
+    skipped = store.skipped()
+    n_done = int(store.done_mask().sum())
+    elapsed = time.perf_counter() - t0
+    summary = {"store": str(cfg.out), "provider": ex.provider, "images": len(records),
+               "cached": n_done - len(skipped), "skipped": {str(records[i].file_name): r
+                                                            for i, r in skipped.items()},
+               "processed_now": len(todo), "newly_skipped": newly_skipped,
+               "annotation_skips": dict(skips.counts), "elapsed_s": round(elapsed, 2),
+               "loop_s": round(t_loop, 3),
+               "complete": n_done == len(records)}
+    return summary
+
+
+def _process(cfg, records, todo, ex, prep, store, progress) -> int:
+    if not todo:
+        return 0
+    numcodecs.blosc.set_nthreads(1)  # the writer is one of several busy threads already
+    batch = ex.fixed_batch or max(1, cfg.batch)
+    bar = tqdm(total=len(todo), desc="cache", unit="img", disable=not progress, smoothing=0.1)
+    writer = _Writer(store, bar)
+    writer.start()
+    n_skipped = 0
+    pending_x, pending_meta = [], []
+    # CPU: several single-threaded runs of the one session at once scale better than one
+    # multi-threaded run (no intra-op barriers).  GPU: one stream.
+    streams = ex.streams
+    slots = threading.Semaphore(streams)
+    runner = ThreadPoolExecutor(streams)
+    run_errors = []
+
+    def infer(x, meta):
+        try:
+            for (i, packed, rles), f in zip(meta, ex.run(x)):
+                writer.q.put((i, f, packed, rles))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            run_errors.append(exc)
+        finally:
+            slots.release()
+
+    def flush():
+        if pending_x:
+            slots.acquire()
+            runner.submit(infer, np.stack(pending_x), list(pending_meta))
+            pending_x.clear()
+            pending_meta.clear()
+
+    try:
+        with ThreadPoolExecutor(cfg.workers) as pool:
+            # bounded look-ahead keeps memory flat on 60k-image runs
+            window = max(4 * cfg.workers, 2 * batch)
+            futures = {}
+            it = iter(todo)
+            for i in it:
+                futures[i] = pool.submit(prepare_image, records[i], cfg.images, prep)
+                if len(futures) >= window:
+                    break
+            order = list(futures)
+            pos = 0
+            while pos < len(order):
+                i = order[pos]
+                pos += 1
+                nxt = next(it, None)
+                if nxt is not None:
+                    futures[nxt] = pool.submit(prepare_image, records[nxt], cfg.images, prep)
+                    order.append(nxt)
+                try:
+                    x, packed, rles = futures.pop(i).result()
+                except ImageDecodeError as exc:
+                    log.warning("skipping image: %s", exc)
+                    store.write_skipped(i, str(exc))
+                    n_skipped += 1
+                    bar.update(1)
+                    continue
+                pending_x.append(x)
+                pending_meta.append((i, packed, rles))
+                if len(pending_x) >= batch:
+                    flush()
+                if writer.error or run_errors:
+                    break
+            if not writer.error:
+                flush()
+        runner.shutdown(wait=True)
+    finally:
+        runner.shutdown(wait=True)
+        writer.q.put(None)
+        writer.join()
+        bar.close()
+    if run_errors:
+        raise run_errors[0]
+    if writer.error:
+        raise writer.error
+    return n_skipped

@@ -1,0 +1,144 @@
+"""ONNX Runtime feature extractor: exposes an inner tensor by name, picks and reports the provider."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import FeatCacheError
+
+log = logging.getLogger(__name__)
+PROVIDERS = ("auto", "tensorrt", "cuda", "cpu")
+
+
+class ExtractorError(FeatCacheError):
+    pass
+
+
+def _dim(d) -> int | None:
+    return d.dim_value if d.HasField("dim_value") else None
+
+
+def _shape_of(vi) -> list:
+    return [_dim(d) for d in vi.type.tensor_type.shape.dim] if vi.type.tensor_type.HasField("shape") else []
+
+
+def expose_tensor(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """Make ``name`` the graph's only output (in memory) so ORT prunes everything after it.
+
+    Unknown names raise with the list
+    of tensors whose spatial size is input/8, so the user can pick one.
+    """
+    outputs = {o.name: o for o in model.graph.output}
+    produced = {o for n in model.graph.node for o in n.output}
+    if name not in produced and name not in outputs:
+        raise ExtractorError(_unknown_tensor_message(model, name))
+    # The real shape is read from the first run; ORT only needs the element type here.
+    vi = outputs.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+    del model.graph.output[:]
+    model.graph.output.append(vi)
+    return model
+
+
+def _unknown_tensor_message(model, name) -> str:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        shapes = {vi.name: _shape_of(vi) for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    except Exception:  # shape inference is best effort (custom ops)
+        shapes = {o.name: _shape_of(o) for o in model.graph.output}
+    inp = _shape_of(model.graph.input[0])
+    h, w = (inp[2], inp[3]) if len(inp) == 4 else (None, None)
+    cands = [f"  {n}  {s}" for n, s in shapes.items()
+             if len(s) == 4 and h and s[2] == h // 8 and s[3] == w // 8]
+    listing = "\n".join(cands[:200]) or "  (none found by shape inference)"
+    return (f"tensor {name!r} does not exist in the ONNX graph. Tensors with spatial size "
+            f"input/8 ({h // 8 if h else '?'}x{w // 8 if w else '?'}) you can pass to --feature-name:\n{listing}")
+
+
+def _provider_chain(provider: str, trt_cache: Path | None) -> list:
+    import onnxruntime as ort
+    try:
+        import torch  # loads the CUDA 12 libraries that onnxruntime-gpu needs
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    avail = set(ort.get_available_providers())
+    trt = ("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                                         "trt_engine_cache_path": str(trt_cache or "cache/trt_engines")})
+    chain = {"tensorrt": [trt, "CUDAExecutionProvider"], "cuda": ["CUDAExecutionProvider"], "cpu": []}
+    if provider == "auto":
+        if not has_cuda:
+            return ["CPUExecutionProvider"]
+        provider = "tensorrt" if "TensorrtExecutionProvider" in avail else "cuda"
+    if provider != "cpu" and not has_cuda:
+        raise ExtractorError(f"--provider {provider} needs a CUDA GPU, and none is visible "
+                             f"(use --provider cpu or auto)")
+    wanted = [p for p in chain[provider] if (p[0] if isinstance(p, tuple) else p) in avail]
+    if provider != "cpu" and not wanted:
+        raise ExtractorError(f"onnxruntime has no {provider} provider here (available: {sorted(avail)})")
+    return wanted + ["CPUExecutionProvider"]
+
+
+class Extractor:
+    """One ORT session returning the named feature tensor for a batch of preprocessed images."""
+
+    def __init__(self, onnx_path: str | Path, feature_name: str, provider: str = "auto",
+                 threads: int | None = None, trt_cache: Path | None = None, streams: int | None = None):
+        """``streams``: concurrent ``run`` calls the caller intends (CPU default: one per core,
+        each single-threaded); ``threads``: intra-op threads per run (default cores / streams)."""
+        import onnxruntime as ort
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise ExtractorError(f"ONNX model not found: {onnx_path}")
+        try:
+            model = onnx.load(str(onnx_path))
+        except Exception as exc:
+            raise ExtractorError(f"cannot read ONNX model {onnx_path}: {exc}") from exc
+        model = expose_tensor(model, feature_name)
+        chain = _provider_chain(provider, trt_cache)
+        on_cpu = chain[0] == "CPUExecutionProvider"
+        cores = os.cpu_count() or 1
+        self.streams = streams or (cores if on_cpu else 1)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or max(1, cores // self.streams)
+        opts.log_severity_level = 3
+        # No busy-waiting between ops: the cache's decode and write threads need those cycles.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(model.SerializeToString(), opts,
+                                                providers=chain)
+        except ExtractorError:
+            raise
+        except Exception as exc:
+            raise ExtractorError(f"onnxruntime cannot load {onnx_path}: {exc}") from exc
+        self.provider = self.session.get_providers()[0]
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        shp = inp.shape
+        if len(shp) != 4 or not all(isinstance(s, int) for s in shp[2:]):
+            raise ExtractorError(f"model input {inp.name} {shp} is not [N,3,H,W] with a fixed H, W")
+        self.input_hw = (int(shp[2]), int(shp[3]))
+        self.fixed_batch = shp[0] if isinstance(shp[0], int) else None
+        self.feature_name = feature_name
+        feat = self.run(np.zeros((self.fixed_batch or 1, 3, *self.input_hw), np.float32))
+        self.feature_shape = tuple(int(s) for s in feat.shape[1:])
+        if len(self.feature_shape) != 3:
+            raise ExtractorError(f"tensor {feature_name} has shape {list(feat.shape)}, expected [N,C,H,W]")
+        log.info("extractor %s -> %s %s on %s", onnx_path.name, feature_name, list(self.feature_shape),
+                 self.provider)
+
+    @property
+    def max_batch(self) -> int | None:
+        return self.fixed_batch
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """``[B,3,H,W]`` float32 -> ``[B,C,Hf,Wf]`` float32; splits batches a fixed-batch model refuses."""
+        fb = getattr(self, "fixed_batch", None)
+        if fb and batch.shape[0] != fb:
+            return np.concatenate([self.session.run(None, {self.input_name: batch[i:i + fb]})[0]
+                                   for i in range(0, batch.shape[0], fb)])
+        return self.session.run(None, {self.input_name: batch})[0]

@@ -1,0 +1,187 @@
+import json
+import shutil
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from featcache.cache import CacheConfig, run_cache
+from featcache.coco import decode_masks, load_person_records
+from featcache.errors import FeatCacheError
+from featcache.extractor import Extractor, ExtractorError
+from featcache.geometry import ResizePolicy
+from featcache.images import Preprocess, load_rgb, preprocess
+from featcache.standin import FEATURE_NAME, build_standin_extractor
+from featcache.store import FeatureStore, StoreError
+from featcache.targets import masks_to_input_frame
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(synth, onnx, out, **kw):
+    return CacheConfig(ann=synth["val"], images=synth["root"] / "images/val2017", onnx=onnx, out=out,
+                       feature_name=FEATURE_NAME, provider="cpu", workers=2, **kw)
+
+
+def _arrays(path):
+    s = FeatureStore(path)
+    n = s.meta["n_images"]
+    return (s.root["features"][:], [s.root["masks"][i] for i in range(n)],
+            [s.root["gt_rle"][i] for i in range(n)])
+
+
+@pytest.fixture(scope="module")
+def val_store(synth, standin_onnx, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store") / "val.zarr"
+    summary = run_cache(_cfg(synth, standin_onnx, out), progress=False)
+    return out, summary
+
+
+def test_store_features_equal_direct_ort(synth, standin_onnx, val_store):
+    out, summary = val_store
+    assert summary["complete"] and summary["provider"] == "CPUExecutionProvider"
+    s = FeatureStore(out)
+    assert s.meta["feature_shape"] == [16, 80, 80] and s.meta["input_hw"] == [640, 640]
+    import onnx
+    from featcache.extractor import expose_tensor
+    sess = ort.InferenceSession(expose_tensor(onnx.load(str(standin_onnx)), FEATURE_NAME).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    prep = Preprocess()
+    for i, name in enumerate(s.tables["file_name"]):
+        x = preprocess(load_rgb(synth["root"] / "images/val2017" / name), prep)[None]
+        ref = sess.run(None, {"images": x})[0][0]
+        got = s.features(i).astype(np.float32)
+        assert s.features(i).dtype == np.float16
+        np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_store_masks_equal_rasterizer_and_tables(synth, val_store):
+    s = FeatureStore(val_store[0])
+    recs, _ = load_person_records(synth["val"])
+    assert list(s.tables["image_id"]) == [r.image_id for r in recs]
+    for i, r in enumerate(recs):
+        ref = masks_to_input_frame(decode_masks(r.instances), ResizePolicy())
+        assert (s.masks(i) == ref).all()
+        a, b = s.tables["image_roi_start"][i], s.tables["image_roi_start"][i + 1]
+        assert list(s.tables["roi_ann_id"][a:b]) == [x.ann_id for x in r.instances]
+        assert np.allclose(s.tables["roi_box"][a:b], [x.box_norm for x in r.instances], atol=1e-6)
+        assert (s.tables["roi_padded"][a:b, :2] <= s.tables["roi_box"][a:b, :2]).all()
+        assert len(s.gt_rles(i)) == b - a
+
+
+def test_rerun_is_noop_and_mismatch_refused(synth, standin_onnx, val_store):
+    out, _ = val_store
+    before = (out / "features" / "0.0.0.0").stat().st_mtime_ns
+    s2 = run_cache(_cfg(synth, standin_onnx, out), progress=False)
+    assert s2["processed_now"] == 0 and (out / "features" / "0.0.0.0").stat().st_mtime_ns == before
+    with pytest.raises(StoreError, match="channel_order"):
+        run_cache(_cfg(synth, standin_onnx, out, channel_order="bgr"), progress=False)
+    with pytest.raises(StoreError, match="roi_padding"):
+        run_cache(_cfg(synth, standin_onnx, out, roi_padding=0.2), progress=False)
+
+
+def test_kill9_midway_then_resume_equals_uninterrupted(synth, standin_onnx, val_store, tmp_path):
+    out = tmp_path / "killed.zarr"
+    # A real SIGKILL after the 3rd image write, in a separate process running the CLI.
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from featcache import store
+orig = store.FeatureStore.write_image
+n = [0]
+def write(self, *a):
+    orig(self, *a)
+    n[0] += 1
+    if n[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+store.FeatureStore.write_image = write
+from cli import main
+main(["cache", "--ann", {str(synth['val'])!r}, "--images", {str(synth['root'] / 'images/val2017')!r},
+      "--onnx", {str(standin_onnx)!r}, "--out", {str(out)!r}, "--provider", "cpu", "--workers", "1"])
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == -9, p.stderr
+    partial = FeatureStore(out).done_mask()
+    assert 3 <= partial.sum() < len(partial)
+    s = run_cache(_cfg(synth, standin_onnx, out), progress=False)
+    assert s["complete"] and s["processed_now"] == len(partial) - partial.sum()
+    fa, ma, ga = _arrays(out)
+    fb, mb, gb = _arrays(val_store[0])
+    assert (fa == fb).all() and ma == mb and ga == gb
+
+
+def test_shards_fill_one_store(synth, standin_onnx, val_store, tmp_path):
+    out = tmp_path / "sharded.zarr"
+    a = run_cache(_cfg(synth, standin_onnx, out, shard=(0, 2)), progress=False)
+    assert not a["complete"]
+    b = run_cache(_cfg(synth, standin_onnx, out, shard=(1, 2)), progress=False)
+    assert b["complete"]
+    assert (_arrays(out)[0] == _arrays(val_store[0])[0]).all()
+
+
+def test_bad_images_skipped_and_reported(synth, standin_onnx, tmp_path):
+    img_dir = tmp_path / "imgs"
+    shutil.copytree(synth["root"] / "images/val2017", img_dir)
+    recs, _ = load_person_records(synth["val"])
+    names = [r.file_name for r in recs]
+    (img_dir / names[0]).write_bytes(b"not an image at all")               # corrupt
+    (img_dir / names[1]).unlink()                                          # missing
+    Image.open(img_dir / names[2]).convert("L").save(img_dir / names[2], "JPEG")     # grayscale
+    Image.open(img_dir / names[3]).convert("CMYK").save(img_dir / names[3], "JPEG")  # CMYK
+    Image.open(img_dir / names[4]).save(img_dir / names[4], "PNG")         # PNG inside .jpg
+    cfg = _cfg(synth, standin_onnx, tmp_path / "bad.zarr")
+    cfg.images = img_dir
+    s = run_cache(cfg, progress=False)
+    assert set(s["skipped"]) == {names[0], names[1]}
+    assert "missing" in s["skipped"][names[1]] and "undecodable" in s["skipped"][names[0]]
+    st = FeatureStore(cfg.out)
+    assert set(st.skipped()) == {0, 1}
+    assert list(st.valid_images()) == list(range(2, len(names)))
+    assert s["complete"]
+
+
+def test_cli_cache_errors(synth, standin_onnx, tmp_path):
+    from click.testing import CliRunner
+    from cli import main
+    base = ["cache", "--ann", str(synth["val"]), "--images", str(synth["root"] / "images/val2017"),
+            "--provider", "cpu"]
+    r = CliRunner().invoke(main, base + ["--onnx", str(standin_onnx), "--feature-name", "/nope",
+                                         "--out", str(tmp_path / "x.zarr")])
+    assert r.exit_code == 1 and "/model.34/Concat_output_0" in r.output and "[1, 16, 80, 80]" in r.output
+    r = CliRunner().invoke(main, base + ["--onnx", str(tmp_path / "missing.onnx")])
+    assert r.exit_code == 1 and "ONNX model not found" in r.output
+    r = CliRunner().invoke(main, base + ["--onnx", str(standin_onnx), "--shard", "3/2"])
+    assert r.exit_code == 2
+
+
+def test_disk_space_check(synth, standin_onnx, tmp_path, monkeypatch):
+    import featcache.cache as cache_mod
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda p: Usage(10**9, 10**9, 1000))
+    with pytest.raises(FeatCacheError, match="not enough disk space"):
+        run_cache(_cfg(synth, standin_onnx, tmp_path / "full.zarr"), progress=False)
+    assert FeatureStore(tmp_path / "full.zarr").done_mask().sum() == 0
+
+
+def test_dynamic_batch_model_batches(synth, tmp_path):
+    onnx_path = build_standin_extractor(tmp_path / "dyn.onnx", channels=8, dynamic_batch=True)
+    ex = Extractor(onnx_path, FEATURE_NAME, "cpu")
+    assert ex.fixed_batch is None and ex.feature_shape == (8, 80, 80)
+    s = run_cache(_cfg(synth, onnx_path, tmp_path / "dyn.zarr", batch=3), progress=False)
+    assert s["complete"]
+    single = Extractor(onnx_path, FEATURE_NAME, "cpu")
+    st = FeatureStore(tmp_path / "dyn.zarr")
+    x = preprocess(load_rgb(synth["root"] / "images/val2017" / st.tables["file_name"][5]), Preprocess())
+    np.testing.assert_allclose(st.features(5).astype(np.float32), single.run(x[None])[0], atol=2e-3, rtol=1e-3)
+
+
+def test_unknown_tensor_lists_stride8_candidates(standin_onnx):
+    with pytest.raises(ExtractorError) as e:
+        Extractor(standin_onnx, "/model.99/missing", "cpu")
+    msg = str(e.value)
+    assert FEATURE_NAME in msg and "/model.1/act" in msg and "output0" not in msg
