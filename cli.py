@@ -145,5 +145,79 @@ def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel
         click.echo("store not complete yet (other shards still to run?)")
 
 
+@main.command()
+@click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
+              help="TOML or YAML file with any train option (a [train] table or top level).")
+@click.option("--subset", type=click.Choice(["100", "500", "full"]), default=None,
+              help="Train on cache/train2017[_subset].zarr (val: cache/val2017.zarr).")
+@click.option("--train-store", type=click.Path(path_type=Path), help="Training cache (overrides --subset).")
+@click.option("--val-store", type=click.Path(path_type=Path), help="Validation cache.")
+@click.option("--out", type=click.Path(path_type=Path), help="Checkpoint folder [checkpoints].")
+@click.option("--model", type=click.Choice(["roialign", "global"]), help="Decoder [roialign].")
+@click.option("--hidden", type=int, help="Decoder width [256].")
+@click.option("--roi-size", type=int, help="ROIAlign output size [14].")
+@click.option("--mask-size", type=int, help="ROI mask size = roi size x 2^k [56].")
+@click.option("--classes", type=click.Choice(["2", "3"]), help="3 = bg/target/others, 2 = bg/target [3].")
+@click.option("--epochs", type=int, help="[12]")
+@click.option("--batch-size", type=int, help="Images per step, with all their ROIs [8].")
+@click.option("--lr", type=float, help="AdamW learning rate [1e-3].")
+@click.option("--weight-decay", type=float)
+@click.option("--warmup-epochs", type=float, help="Linear warm-up, then cosine [0.5].")
+@click.option("--grad-clip", type=float, help="Max gradient norm, 0 = off [1.0].")
+@click.option("--amp/--no-amp", default=None, help="fp16 autocast on CUDA [on].")
+@click.option("--ema", type=float, help="EMA decay, 0 = off [0].")
+@click.option("--seed", type=int)
+@click.option("--workers", type=int, help="DataLoader workers when streaming [2].")
+@click.option("--device", help="auto, cpu, cuda, cuda:1 [auto].")
+@click.option("--resident", type=click.Choice(["auto", "gpu", "cpu", "off"]),
+              help="Keep the cache in GPU/CPU memory (auto: if it fits) or stream it [auto].")
+@click.option("--jitter", type=float, help="ROI jitter, fraction of box size per side [0.1].")
+@click.option("--samples-per-roi", type=int, help="Jittered copies of each ROI per read [1].")
+@click.option("--min-roi-size", "min_roi_px", type=float, help="Skip training ROIs under this many input px [8].")
+@click.option("--analysis", type=click.Path(path_type=Path), help="data_analyze.json for class weights.")
+@click.option("--class-weights", type=click.Choice(["inverse_frequency", "log_scaled", "inverse_clipped", "none"]))
+@click.option("--dice-weight", type=float)
+@click.option("--dice-on-others", is_flag=True, default=None, help="Dice on class 2 too.")
+@click.option("--focal-gamma", type=float, help="Focal CE gamma, 0 = plain CE [0].")
+@click.option("--boundary-weight", type=float, help="Extra CE on label boundaries [0].")
+@click.option("--coco-eval", is_flag=True, default=None, help="Also COCO mask AP (pycocotools).")
+@click.option("--zero-features", is_flag=True, default=None, help="Ablation: train with features zeroed.")
+@click.option("--resume", help="auto (latest in --out) or a checkpoint path.")
+@click.option("--vis-images", help="Comma-separated val file names for the validation PNG.")
+@click.option("--vis-ann", type=click.Path(path_type=Path), help="Val annotations for the PNG.")
+@click.option("--vis-image-dir", type=click.Path(path_type=Path), help="Val images for the PNG.")
+@click.option("--vis-onnx", type=click.Path(path_type=Path), help="Extractor ONNX for the PNG.")
+@click.option("--no-vis", is_flag=True, help="Do not draw the validation PNG.")
+@_user_errors
+def train(config_file, subset, train_store, val_store, dice_on_others, classes, vis_images, no_vis, **opts):
+    """Train the decoder from the cache only; checkpoint (+ validation PNG) every epoch."""
+    from trainer.config import make_config
+    from trainer.run import run_training
+    if subset:
+        opts["train_store"] = str(default_store("train", subset))
+    if train_store:
+        opts["train_store"] = str(train_store)
+    if val_store:
+        opts["val_store"] = str(val_store)
+    if dice_on_others:
+        opts["dice_classes"] = [1, 2]
+    if classes:
+        opts["classes"] = int(classes)
+    if vis_images:
+        opts["vis_images"] = [v.strip() for v in vis_images.split(",") if v.strip()]
+    if no_vis:
+        opts["visualize"] = False
+    opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()}
+    try:
+        cfg = make_config(config_file, **opts)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"bad configuration: {exc}") from exc
+    history = run_training(cfg)
+    if history:
+        last = history[-1]
+        click.echo(f"done: epoch {last['epoch']} mIoU {last['mIoU']:.4f} "
+                   f"instance_mIoU {last['instance_mIoU']:.4f}")
+
+
 if __name__ == "__main__":
     main()

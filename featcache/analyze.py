@@ -90,7 +90,9 @@ def _work(args):
 
 
 def class_weights(ratios: dict[str, float]) -> dict:
-    r = np.array([max(ratios[c], 1e-6) for c in CLASS_NAMES])
+    """Weight variants for the classes named in ``ratios`` (3 classes, or 2 for the ablation)."""
+    names = list(ratios)
+    r = np.array([max(ratios[c], 1e-6) for c in names])
     inv = 1.0 / r
     inv = inv / inv.mean()
     log_scaled = 1.0 / np.log(1.02 + r)
@@ -98,7 +100,7 @@ def class_weights(ratios: dict[str, float]) -> dict:
     clipped = np.clip(inv, 0.2, 5.0)
 
     def named(v):
-        return {c: round(float(x), 6) for c, x in zip(CLASS_NAMES, v)}
+        return {c: round(float(x), 6) for c, x in zip(names, v)}
     return {
         "source": "roi_mean_ratios",
         "formulas": {

@@ -18,3 +18,20 @@ def synth(tmp_path_factory):
 def standin_onnx(tmp_path_factory):
     from featcache.standin import build_standin_extractor
     return build_standin_extractor(tmp_path_factory.mktemp("onnx") / "standin.onnx", channels=16)
+
+
+@pytest.fixture(scope="session")
+def stores(synth, standin_onnx, tmp_path_factory):
+    """Train/val feature caches of the synthetic data + data_analyze.json."""
+    from featcache.analyze import run_analyze, write_json_atomic
+    from featcache.cache import CacheConfig, run_cache
+    d = tmp_path_factory.mktemp("stores")
+    out = {}
+    for split in ("train", "val"):
+        out[split] = d / f"{split}.zarr"
+        run_cache(CacheConfig(ann=synth[split], images=synth["root"] / f"images/{split}2017",
+                              onnx=standin_onnx, out=out[split], feature_name="/model.34/Concat_output_0",
+                              provider="cpu", workers=2), progress=False)
+    out["analysis"] = d / "data_analyze.json"
+    write_json_atomic(run_analyze(synth["train"], workers=1, progress=False), out["analysis"])
+    return out

@@ -1,0 +1,1 @@
+"""Decoder trainer over the feature cache."""

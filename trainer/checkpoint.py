@@ -1,0 +1,70 @@
+"""Checkpoints: atomic writes, a self-describing name, and loading without arbitrary pickle."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from featcache.errors import FeatCacheError
+
+from .metrics import miou4
+
+NAME = re.compile(r"checkpoint_epoch_(\d{4,})_(\d+)x(\d+)_(\d{4,5})\.pth$")
+
+
+class CheckpointError(FeatCacheError):
+    pass
+
+
+def checkpoint_name(epoch: int, input_hw, miou: float) -> str:
+    h, w = input_hw
+    return f"checkpoint_epoch_{epoch:04d}_{h}x{w}_{miou4(miou):04d}.pth"
+
+
+def save_checkpoint(state: dict, folder: str | Path, epoch: int, input_hw, miou: float) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / checkpoint_name(epoch, input_hw, miou)
+    tmp = folder / f".{path.name}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := NAME.match(p.name))]
+    return sorted(found)
+
+
+def find_checkpoint(folder: str | Path, epoch: int | None = None) -> Path:
+    """The checkpoint of ``epoch`` (or the latest); clear errors when none or several match."""
+    found = list_checkpoints(folder)
+    if not found:
+        raise CheckpointError(f"no checkpoint_epoch_*.pth in {folder}")
+    if epoch is None:
+        last = found[-1][0]
+        matches = [p for e, p in found if e == last]
+    else:
+        matches = [p for e, p in found if e == epoch]
+        if not matches:
+            have = ", ".join(str(e) for e in sorted({e for e, _ in found}))
+            raise CheckpointError(f"no checkpoint for epoch {epoch} in {folder} (epochs: {have})")
+    if len(matches) > 1:
+        raise CheckpointError(f"several checkpoints for epoch {epoch or found[-1][0]} in {folder}: "
+                              + ", ".join(p.name for p in matches) + " - pass --checkpoint PATH")
+    return matches[0]

@@ -1,0 +1,45 @@
+"""Optional COCO mask AP of the pasted val masks (GT boxes as detections), via pycocotools."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+
+def coco_mask_ap(store, dets) -> dict:
+    t = store.tables
+    gt = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "person"}]}
+    for i in store.valid_images():
+        h, w = (int(v) for v in t["orig_hw"][i])
+        gt["images"].append({"id": int(t["image_id"][i]), "width": w, "height": h})
+        a, b = int(t["image_roi_start"][i]), int(t["image_roi_start"][i + 1])
+        for k, rle in enumerate(store.gt_rles(i)):
+            r = {"size": rle["size"], "counts": rle["counts"].encode()}
+            gt["annotations"].append({"id": int(t["roi_ann_id"][a + k]), "image_id": int(t["image_id"][i]),
+                                      "category_id": 1, "iscrowd": 0, "segmentation": rle,
+                                      "area": float(mask_utils.area(r)),
+                                      "bbox": [float(x) for x in mask_utils.toBbox(r)]})
+    results = []
+    for image_id, (x0, y0, x1, y1), pred, score, (h, w) in dets:
+        full = np.zeros((h, w), np.uint8, order="F")
+        full[y0:y1, x0:x1] = pred
+        rle = mask_utils.encode(full)
+        rle["counts"] = rle["counts"].decode()
+        results.append({"image_id": image_id, "category_id": 1, "segmentation": rle, "score": score})
+    if not results:
+        return {"AP": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        cg = COCO()
+        cg.dataset = gt
+        cg.createIndex()
+        cd = cg.loadRes(results)
+        ev = COCOeval(cg, cd, "segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    names = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large"]
+    return {n: float(v) for n, v in zip(names, ev.stats[:6])}

@@ -1,0 +1,225 @@
+"""Reading the feature store for training: streamed through DataLoader workers, or resident.
+
+Both paths produce the same batches (same ROIs, same jitter, same targets) for the same
+(seed, epoch, image): ROI choice comes from ``sampling.image_rng`` and targets from
+``roi_targets.sample_roi_targets``.  A batch is a dict:
+    features [B, C, Hf, Wf] fp16, rois [N, 5] (batch index + normalized input-frame xyxy),
+    targets [N, M, M] uint8, roi_ids [N] (rows of the store's ROI table), images [B].
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from featcache.store import FeatureStore
+
+from .roi_targets import sample_roi_targets, union_packed
+from .sampling import RoiSampling, image_rng, train_rois
+
+log = logging.getLogger(__name__)
+
+
+class CacheIndex:
+    """Tables of one store, small enough to copy into every worker."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        store = FeatureStore(self.path)
+        self.meta = store.meta
+        t = store.tables
+        self.images = store.valid_images()
+        self.roi_start = t["image_roi_start"]
+        self.padded_input = t["roi_padded_input"].astype(np.float64)
+        self.box_input = t["roi_box_input"].astype(np.float64)
+        self.input_hw = tuple(self.meta["input_hw"])
+        self.feature_shape = tuple(self.meta["feature_shape"])
+        self.tables = t
+
+    def rois_of(self, i: int) -> tuple[int, int]:
+        return int(self.roi_start[i]), int(self.roi_start[i + 1])
+
+    def feature_bytes(self) -> int:
+        return len(self.images) * int(np.prod(self.feature_shape)) * 2
+
+
+def image_samples(index: CacheIndex, i: int, epoch: int, train: bool, sampling: RoiSampling, seed: int):
+    """(local roi indices, normalized boxes) for image i."""
+    a, b = index.rois_of(i)
+    padded = index.padded_input[a:b]
+    if not train:
+        return np.arange(b - a), padded.copy()
+    return train_rois(padded, index.input_hw, sampling, image_rng(seed, epoch, i))
+
+
+def _targets(packed: torch.Tensor, union: torch.Tensor, local: np.ndarray, boxes: np.ndarray,
+             union_row: torch.Tensor | int, input_hw, mask_size: int) -> torch.Tensor:
+    h, w = input_hw
+    px = torch.as_tensor(boxes * np.array([w, h, w, h]), device=packed.device)
+    tgt_idx = torch.as_tensor(local, device=packed.device, dtype=torch.long)
+    img_idx = union_row if torch.is_tensor(union_row) else torch.full_like(tgt_idx, union_row)
+    return sample_roi_targets(packed, union, tgt_idx, img_idx, px, mask_size, mask_size, w)
+
+
+class StoreDataset(Dataset):
+    """Items are (image, epoch, train) -> one image's features, ROIs and targets (CPU)."""
+
+    def __init__(self, index: CacheIndex, sampling: RoiSampling, mask_size: int, seed: int):
+        self.index, self.sampling, self.mask_size, self.seed = index, sampling, mask_size, seed
+        self._store = None
+
+    def __len__(self):
+        return len(self.index.images)
+
+    def __getitem__(self, item):
+        i, epoch, train = item
+        if self._store is None:  # opened lazily: once per worker process
+            self._store = FeatureStore(self.index.path)
+        feats = torch.from_numpy(self._store.features(i))
+        packed = torch.from_numpy(self._store.packed_masks(i).copy())
+        local, boxes = image_samples(self.index, i, epoch, train, self.sampling, self.seed)
+        targets = _targets(packed, union_packed(packed)[None], local, boxes, 0, self.index.input_hw,
+                           self.mask_size)
+        a, _ = self.index.rois_of(i)
+        return {"features": feats, "boxes": torch.as_tensor(boxes, dtype=torch.float32),
+                "targets": targets, "roi_ids": torch.as_tensor(a + local), "image": i}
+
+
+def collate(items: list[dict]) -> dict:
+    rois = [torch.cat([torch.full((len(it["boxes"]), 1), float(b)), it["boxes"]], 1)
+            for b, it in enumerate(items)]
+    return {"features": torch.stack([it["features"] for it in items]),
+            "rois": torch.cat(rois), "targets": torch.cat([it["targets"] for it in items]),
+            "roi_ids": torch.cat([it["roi_ids"] for it in items]),
+            "images": torch.as_tensor([it["image"] for it in items])}
+
+
+def epoch_batches(images: np.ndarray, epoch: int, seed: int, batch_size: int, rank: int = 0,
+                  world: int = 1, shuffle: bool = True, pad: bool = True) -> list[list[int]]:
+    """This rank's batches of image indices; every rank gets the same number when ``pad``."""
+    order = np.random.default_rng([seed, epoch, 7]).permutation(images) if shuffle else np.asarray(images)
+    if pad and world > 1 and len(order) % world:
+        order = np.concatenate([order, order[: world - len(order) % world]])
+    mine = order[rank::world]
+    return [mine[k:k + batch_size].tolist() for k in range(0, len(mine), batch_size)]
+
+
+class StreamingSource:
+    """Batches read from the store by DataLoader workers (pinned memory, prefetch)."""
+
+    kind = "stream"
+
+    def __init__(self, index, sampling, mask_size, seed, workers, device, prefetch=4):
+        self.ds = StoreDataset(index, sampling, mask_size, seed)
+        self.workers, self.device, self.prefetch = workers, device, prefetch
+
+    def iterate(self, batches: list[list[int]], epoch: int, train: bool):
+        items = [[(i, epoch, train) for i in b] for b in batches]
+        loader = DataLoader(self.ds, batch_sampler=items, collate_fn=collate, num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda",
+                            prefetch_factor=self.prefetch if self.workers else None,
+                            persistent_workers=False)
+        for batch in loader:
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
+class ResidentSource:
+    """The whole store loaded once into (GPU or CPU) memory; batches are gathered in place."""
+
+    kind = "resident"
+
+    def __init__(self, index: CacheIndex, sampling, mask_size, seed, device, threads: int = 4):
+        self.index, self.sampling, self.mask_size, self.seed, self.device = \
+            index, sampling, mask_size, seed, device
+        store = FeatureStore(index.path)
+        imgs = index.images
+        self.row = np.full(index.meta["n_images"], -1, np.int64)
+        self.row[imgs] = np.arange(len(imgs))
+        c, hf, wf = index.feature_shape
+        self.features = torch.empty((len(imgs), c, hf, wf), dtype=torch.float16, device=device)
+        packed, unions, offsets = [], [], [0]
+
+        def load(k):
+            i = int(imgs[k])
+            return k, torch.from_numpy(store.features(i)), torch.from_numpy(store.packed_masks(i).copy())
+
+        with ThreadPoolExecutor(threads) as pool:  # blosc/zstd decode releases the GIL
+            for k, f, p in pool.map(load, range(len(imgs))):
+                self.features[k] = f.to(device)
+                packed.append(p)
+                unions.append(union_packed(p))
+                offsets.append(offsets[-1] + len(p))
+        self.packed = torch.cat(packed).to(device)
+        self.unions = torch.stack(unions).to(device)
+        self.inst_offset = np.asarray(offsets[:-1])
+        log.info("resident cache: %d images, %.2f GB features on %s", len(imgs),
+                 self.features.numel() * 2 / 1e9, device)
+
+    def batch(self, images: list[int], epoch: int, train: bool) -> dict:
+        rows = self.row[np.asarray(images)]
+        rois, tgt_rows, img_rows, roi_ids = [], [], [], []
+        for b, (i, r) in enumerate(zip(images, rows)):
+            local, boxes = image_samples(self.index, i, epoch, train, self.sampling, self.seed)
+            rois.append(np.concatenate([np.full((len(boxes), 1), b), boxes], 1))
+            tgt_rows.append(self.inst_offset[r] + local)
+            img_rows.append(np.full(len(local), r))
+            roi_ids.append(self.index.rois_of(i)[0] + local)
+        rois = np.concatenate(rois)
+        dev = self.device
+        targets = _targets(self.packed, self.unions, np.concatenate(tgt_rows), rois[:, 1:],
+                           torch.as_tensor(np.concatenate(img_rows), device=dev), self.index.input_hw,
+                           self.mask_size)
+        return {"features": self.features[torch.as_tensor(rows, device=dev)],
+                "rois": torch.as_tensor(rois, dtype=torch.float32, device=dev), "targets": targets,
+                "roi_ids": torch.as_tensor(np.concatenate(roi_ids), device=dev),
+                "images": torch.as_tensor(images, device=dev)}
+
+    def iterate(self, batches, epoch, train):
+        for b in batches:
+            yield self.batch(b, epoch, train)
+
+
+def choose_resident(mode: str, index: CacheIndex, device: torch.device) -> str:
+    """auto: GPU if the features fit in 60% of free GPU memory, else CPU RAM if in 50%, else off."""
+    need = index.feature_bytes() * 1.1
+    if mode != "auto":
+        return mode
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if need < 0.6 * free:
+            return "gpu"
+    try:
+        import os
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail = 0
+    return "cpu" if need < 0.5 * avail else "off"
+
+
+def make_source(mode: str, index, sampling, mask_size, seed, workers, device):
+    chosen = choose_resident(mode, index, device)
+    if chosen == "gpu":
+        if device.type != "cuda":
+            raise ValueError("--resident gpu needs a CUDA device")
+        return ResidentSource(index, sampling, mask_size, seed, device)
+    if chosen == "cpu":
+        src = ResidentSource(index, sampling, mask_size, seed, torch.device("cpu"))
+        return _MovedSource(src, device) if device.type != "cpu" else src
+    return StreamingSource(index, sampling, mask_size, seed, workers, device)
+
+
+class _MovedSource:
+    """A CPU-resident cache feeding a GPU: batches are copied over per step."""
+
+    kind = "resident-cpu"
+
+    def __init__(self, src, device):
+        self.src, self.device = src, device
+
+    def iterate(self, batches, epoch, train):
+        for b in self.src.iterate(batches, epoch, train):
+            yield {k: v.to(self.device, non_blocking=True) for k, v in b.items()}

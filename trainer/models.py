@@ -1,0 +1,143 @@
+"""Decoders: ROI features + box -> 3-class logits at ROI mask size; paste-back to any frame.
+
+``rois`` are ``[N, 5]``: batch index and a normalized xyxy box in the model-input frame.  Both
+models return logits ``[N, K, M, M]`` over the ROI (cell (i, j) covers the box's (i, j)-th
+M x M sub-cell, the same grid the targets are sampled on).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+
+def _gn(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, ch // 4) if ch >= 8 else 1, ch)
+
+
+def conv_gn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), _gn(cout), nn.ReLU(inplace=True))
+
+
+def rois_to_feature_boxes(rois: torch.Tensor, feat_hw) -> torch.Tensor:
+    """[N,5] normalized -> [N,5] in feature-map coordinates for ``roi_align(spatial_scale=1)``."""
+    h, w = feat_hw
+    scale = rois.new_tensor([1.0, w, h, w, h])
+    return rois * scale
+
+
+def roi_features(features: torch.Tensor, rois: torch.Tensor, size: int, sampling_ratio: int = 2) -> torch.Tensor:
+    """ROIAlign of normalized input-frame ROIs: bin (i, j) covers exactly the box's (i, j) sub-cell."""
+    boxes = rois_to_feature_boxes(rois.to(features.dtype), features.shape[-2:])
+    return roi_align(features, boxes, size, spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=True)
+
+
+class RoiAlignDecoder(nn.Module):
+    """ROIAlign (torchvision, aligned=True) -> conv stack (GroupNorm) -> x2 upsampling -> logits."""
+
+    def __init__(self, in_channels: int, hidden: int = 256, roi_size: int = 14, mask_size: int = 56,
+                 num_classes: int = 3, num_convs: int = 4, sampling_ratio: int = 2):
+        super().__init__()
+        ups = math.log2(mask_size / roi_size)
+        if ups < 0 or ups != int(ups):
+            raise ValueError(f"mask size {mask_size} must be roi size {roi_size} x a power of 2")
+        self.roi_size, self.mask_size, self.sampling_ratio = roi_size, mask_size, sampling_ratio
+        layers = [conv_gn_relu(in_channels, hidden, 1)]
+        layers += [conv_gn_relu(hidden, hidden) for _ in range(num_convs)]
+        self.convs = nn.Sequential(*layers)
+        ch = hidden
+        up = []
+        for _ in range(int(ups)):
+            nxt = max(ch // 2, 16)
+            up += [nn.ConvTranspose2d(ch, nxt, 2, stride=2), nn.ReLU(inplace=True), conv_gn_relu(nxt, nxt)]
+            ch = nxt
+        self.upsample = nn.Sequential(*up)
+        self.classifier = nn.Conv2d(ch, num_classes, 1)
+
+    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        x = roi_features(features, rois, self.roi_size, self.sampling_ratio)
+        return self.classifier(self.upsample(self.convs(x)))
+
+
+class GlobalContextDecoder(nn.Module):
+    """Whole feature map + ROI channels on the grid -> small U-Net -> ROI logits (ablation).
+
+    ROI channels: inside-ROI flag, x and y relative to the ROI (centre 0, edges +-1), and the ROI's
+    width and height.  Logits are read back on the ROI grid with ROIAlign.
+    """
+
+    def __init__(self, in_channels: int, hidden: int = 64, mask_size: int = 56, num_classes: int = 3,
+                 **_):
+        super().__init__()
+        self.mask_size = mask_size
+        h = hidden
+        self.reduce = conv_gn_relu(in_channels, h, 1)
+        self.enc1 = nn.Sequential(conv_gn_relu(h + 5, h), conv_gn_relu(h, h))
+        self.enc2 = nn.Sequential(conv_gn_relu(h, 2 * h), conv_gn_relu(2 * h, 2 * h))
+        self.enc3 = nn.Sequential(conv_gn_relu(2 * h, 2 * h), conv_gn_relu(2 * h, 2 * h))
+        self.dec2 = nn.Sequential(conv_gn_relu(4 * h, 2 * h), conv_gn_relu(2 * h, h))
+        self.dec1 = nn.Sequential(conv_gn_relu(2 * h, h), conv_gn_relu(h, h))
+        self.classifier = nn.Conv2d(h, num_classes, 1)
+
+    @staticmethod
+    def roi_channels(rois: torch.Tensor, hw, dtype) -> torch.Tensor:
+        h, w = hw
+        ys = (torch.arange(h, device=rois.device, dtype=torch.float32) + 0.5) / h
+        xs = (torch.arange(w, device=rois.device, dtype=torch.float32) + 0.5) / w
+        x1, y1, x2, y2 = (rois[:, k, None, None].float() for k in range(1, 5))
+        bw, bh = (x2 - x1).clamp_min(1e-4), (y2 - y1).clamp_min(1e-4)
+        rx = (xs[None, None, :] - (x1 + x2) / 2) / (bw / 2)
+        ry = (ys[None, :, None] - (y1 + y2) / 2) / (bh / 2)
+        rx, ry = rx.expand(-1, h, -1), ry.expand(-1, -1, w)
+        inside = ((rx.abs() <= 1) & (ry.abs() <= 1)).float()
+        return torch.stack([inside, rx.clamp(-4, 4), ry.clamp(-4, 4),
+                            bw.expand(-1, h, w), bh.expand(-1, h, w)], 1).to(dtype)
+
+    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        hw = features.shape[-2:]
+        base = self.reduce(features)[rois[:, 0].long()]
+        x1 = self.enc1(torch.cat([base, self.roi_channels(rois, hw, base.dtype)], 1))
+        x2 = self.enc2(F.max_pool2d(x1, 2))
+        x3 = self.enc3(F.max_pool2d(x2, 2))
+        d2 = self.dec2(torch.cat([F.interpolate(x3, size=x2.shape[-2:]), x2], 1))
+        d1 = self.dec1(torch.cat([F.interpolate(d2, size=x1.shape[-2:]), x1], 1))
+        boxes = rois_to_feature_boxes(rois.to(d1.dtype), hw)
+        boxes[:, 0] = torch.arange(len(rois), device=rois.device, dtype=d1.dtype)
+        crop = roi_align(d1, boxes, self.mask_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        return self.classifier(crop)
+
+
+MODELS = {"roialign": RoiAlignDecoder, "global": GlobalContextDecoder}
+
+
+def build_model(name: str, in_channels: int, **kw) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    return MODELS[name](in_channels, **kw)
+
+
+def paste_masks(probs: torch.Tensor, boxes_px: torch.Tensor, height: int, width: int,
+                fill_background: bool = True) -> torch.Tensor:
+    """Paste ROI-grid maps [N, K, M, M] into a [N, K, height, width] frame (bilinear).
+
+    ``boxes_px`` are xyxy in the target frame's pixels.  Like detectron2's ``_do_paste_mask``:
+    each frame pixel centre is mapped into the ROI grid and sampled with ``grid_sample``.  Outside
+    the ROI the maps are 0; with ``fill_background`` channel 0 gets the missing probability so
+    every pixel's classes still sum to 1 (background outside the ROI).
+    """
+    n = probs.shape[0]
+    dt = probs.dtype
+    x0, y0, x1, y1 = (boxes_px[:, k, None].to(dt) for k in range(4))
+    xs = torch.arange(width, device=probs.device, dtype=dt)[None] + 0.5
+    ys = torch.arange(height, device=probs.device, dtype=dt)[None] + 0.5
+    gx = (xs - x0) / (x1 - x0).clamp_min(1e-6) * 2 - 1
+    gy = (ys - y0) / (y1 - y0).clamp_min(1e-6) * 2 - 1
+    grid = torch.stack([gx[:, None, :].expand(n, height, width), gy[:, :, None].expand(n, height, width)], 3)
+    out = F.grid_sample(probs, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if fill_background:
+        missing = 1 - out.sum(1)
+        out = torch.cat([out[:, :1] + missing[:, None], out[:, 1:]], 1)
+    return out
