@@ -219,5 +219,78 @@ def train(config_file, subset, train_store, val_store, dice_on_others, classes, 
                    f"instance_mIoU {last['instance_mIoU']:.4f}")
 
 
+def _checkpoint_from(epoch, checkpoint, folder) -> Path:
+    from trainer.checkpoint import find_checkpoint
+    if checkpoint:
+        return Path(checkpoint)
+    if epoch is None:
+        raise UserError("pass --epoch N or --checkpoint PATH")
+    return find_checkpoint(folder, epoch)
+
+
+@main.command()
+@click.option("--epoch", type=int, help="Find checkpoint_epoch_{epoch:04d}_*.pth in --checkpoints.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="A checkpoint file instead.")
+@click.option("--checkpoints", type=click.Path(path_type=Path), default=Path("checkpoints"), show_default=True)
+@click.option("--ann", type=click.Path(path_type=Path), help="Val annotations [the val cache's].")
+@click.option("--images", type=click.Path(path_type=Path), help="Val image folder [the val cache's].")
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), help="Extractor ONNX [the cache's].")
+@click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--vis-images", help="Comma-separated val file names (default: the four fixed ones).")
+@click.option("--out-dir", type=click.Path(path_type=Path), help="Where to write the PNG [next to the checkpoint].")
+@_user_errors
+def visualize(epoch, checkpoint, checkpoints, ann, images, onnx_path, provider, vis_images, out_dir):
+    """Redraw an epoch's validation PNG from its checkpoint (live extractor, full resolution)."""
+    from trainer.checkpoint import load_checkpoint
+    from trainer.predictor import Predictor
+    from trainer.visualize import write_validation_png
+    path = _checkpoint_from(epoch, checkpoint, checkpoints)
+    ck = load_checkpoint(path)
+    val_meta = ck["cache_metadata"]["val"]
+    pred = Predictor.from_checkpoint(path, onnx_path, provider)
+    wanted = [v.strip() for v in vis_images.split(",")] if vis_images else ck["config"].get("vis_images")
+    png = write_validation_png(pred, Path(ann or val_meta["annotation_path"]),
+                               Path(images or val_meta["images_dir"]), Path(out_dir or path.parent),
+                               int(ck["epoch"]), wanted)
+    click.echo(f"wrote {png}")
+
+
+@main.command()
+@click.option("--epoch", type=int, help="Find the checkpoint of this epoch in --checkpoints.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="A checkpoint file instead.")
+@click.option("--checkpoints", type=click.Path(path_type=Path), default=Path("checkpoints"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Decoder ONNX [<checkpoint>.decoder.onnx].")
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--end-to-end", is_flag=True, help="Also write extractor + decoder as one graph.")
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), help="Extractor ONNX for --end-to-end.")
+@_user_errors
+def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path):
+    """Export the decoder to ONNX, check parity with PyTorch in ONNX Runtime, report latency."""
+    from trainer.checkpoint import load_checkpoint
+    from trainer.export import check_parity, decoder_latency, export_decoder, export_end_to_end
+    from trainer.predictor import model_from_checkpoint
+    path = _checkpoint_from(epoch, checkpoint, checkpoints)
+    ck = load_checkpoint(path)
+    meta = ck["cache_metadata"]["train"]
+    model = model_from_checkpoint(ck)
+    c, hf, wf = meta["feature_shape"]
+    out = Path(out or path.with_suffix(".decoder.onnx"))
+    info = {"feature_name": meta["feature_name"], "preprocess": meta["preprocess"], "checkpoint": path.name,
+            "classes": ck["model_kwargs"]["num_classes"]}
+    export_decoder(model, c, meta["input_hw"], (hf, wf), meta["roi_padding"], out, opset, info)
+    click.echo(f"wrote {out} (opset {opset})")
+    parity = check_parity(model, out, c, meta["input_hw"], (hf, wf), meta["roi_padding"])
+    click.echo("parity vs PyTorch (max abs diff): " + ", ".join(f"{k} {v:.2e}" for k, v in parity.items()))
+    lat = decoder_latency(out, c, (hf, wf))
+    click.echo("decoder latency on CPU (ms): " + ", ".join(f"{n} ROIs {ms}" for n, ms in lat.items()))
+    if end_to_end:
+        from trainer.predictor import open_extractor
+        ext = Path(onnx_path or meta["onnx_path"])
+        open_extractor(meta, ext, "cpu")  # same checks as inference: file exists, sha256 matches
+        stem = out.name[: -len(".decoder.onnx")] if out.name.endswith(".decoder.onnx") else out.stem
+        e2e = export_end_to_end(ext, meta["feature_name"], out, out.with_name(f"{stem}.e2e.onnx"))
+        click.echo(f"wrote {e2e} (images [1,3,H,W] + rois -> probs, logits)")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,140 @@
+import logging
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from featcache.coco import load_person_records
+from featcache.extractor import Extractor
+from featcache.geometry import ResizePolicy
+from featcache.images import Preprocess
+from featcache.standin import FEATURE_NAME
+from trainer.checkpoint import list_checkpoints
+from trainer.config import make_config
+from trainer.loop import Trainer
+from trainer.predictor import Predictor
+from trainer.visualize import (BOX_RED, CAPTION_H, CELL_H, CELL_W, MARGIN, TITLE_H, choose_images,
+                               person_colour, render_validation_png)
+
+
+@pytest.fixture(scope="module")
+def trained(stores, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ck")
+    cfg = make_config(train_store=str(stores["train"]), val_store=str(stores["val"]), out=str(out),
+                      analysis=str(stores["analysis"]), hidden=16, roi_size=7, mask_size=28, epochs=1,
+                      batch_size=4, workers=0, resident="cpu", tensorboard=False, visualize=True)
+    from trainer.run import run_training
+    run_training(cfg)
+    return out
+
+
+class TargetEverywhere(torch.nn.Module):
+    """Predicts 'target' on the whole ROI: what gets pasted is exactly the ROI's geometry."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = torch.nn.Conv2d(1, 3, 1)
+
+    def forward(self, features, rois):
+        out = torch.zeros(len(rois), 3, 28, 28)
+        out[:, 1] = 20.0
+        return out
+
+
+@pytest.mark.parametrize("size", [(640, 480), (300, 500), (800, 200)])
+@pytest.mark.parametrize("mode", ["stretch", "letterbox"])
+def test_predictor_pastes_at_original_resolution(standin_onnx, size, mode):
+    w, h = size
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), np.uint8))
+    meta = {"preprocess": Preprocess(policy=ResizePolicy(640, 640, mode)).to_dict(), "roi_padding": 0.1}
+    pred = Predictor(TargetEverywhere(), meta, Extractor(standin_onnx, FEATURE_NAME, "cpu"))
+    boxes = np.array([[0.2, 0.3, 0.5, 0.7], [0.6, 0.1, 0.9, 0.4]])
+    res = pred.predict(im, boxes)
+    assert res["probs"].shape == (2, 3, h, w) and res["masks"].shape == (2, h, w)
+    for k, b in enumerate(boxes):
+        bw, bh = b[2] - b[0], b[3] - b[1]
+        roi = np.array([b[0] - 0.1 * bw, b[1] - 0.1 * bh, b[2] + 0.1 * bw, b[3] + 0.1 * bh]) * [w, h, w, h]
+        ys, xs = np.nonzero(res["masks"][k])
+        assert abs(xs.min() - roi[0]) <= 1 and abs(xs.max() + 1 - roi[2]) <= 1
+        assert abs(ys.min() - roi[1]) <= 1 and abs(ys.max() + 1 - roi[3]) <= 1
+    cx = pred.predict(im, [[0.35, 0.5, 0.3, 0.4]], box_format="cxcywh")
+    assert (cx["masks"][0] == res["masks"][0]).all()
+    assert pred.predict(im, np.zeros((0, 4)))["probs"].shape == (0, 3, h, w)
+
+
+def test_validation_png_layout_and_colours(tmp_path):
+    h, w = 200, 300
+    base = np.full((h, w, 3), 100, np.uint8)
+    gt = np.zeros((2, h, w), bool)
+    gt[0, 50:150, 40:120] = True
+    gt[1, 60:160, 180:260] = True
+    cols = [{"file_name": f"img{c}.jpg", "image": Image.fromarray(base), "gt_masks": gt,
+             "boxes_px": np.array([[40, 50, 120, 150], [180, 60, 260, 160]], float), "pred_masks": gt}
+            for c in range(4)]
+    out = render_validation_png(cols, tmp_path / "v.png", "Validation Results")
+    img = np.asarray(Image.open(out).convert("RGB"))
+    assert img.shape == (TITLE_H + 2 * (CAPTION_H + CELL_H) + 2 * MARGIN, MARGIN + 4 * (CELL_W + MARGIN), 3)
+    s = min(CELL_W / w, CELL_H / h)
+    ox = MARGIN + (CELL_W - round(w * s)) // 2
+    oy = TITLE_H + CAPTION_H + (CELL_H - round(h * s)) // 2
+    # GT box 1's left edge is red, halfway down the box
+    y_mid = int(oy + 110 * s)
+    assert tuple(img[y_mid, int(round(ox + 180 * s))]) == BOX_RED
+    # inside GT mask 0 (top row): the person's colour blended over the image
+    col0 = np.array(person_colour(0)) * 0.55 + 100 * 0.45
+    assert np.abs(img[int(oy + 120 * s), int(ox + 80 * s)] - col0).max() <= 3
+    # bottom row: the same person's colour, and no red boxes
+    oy2 = oy + CAPTION_H + CELL_H + MARGIN
+    col1 = np.array(person_colour(1)) * 0.55 + 100 * 0.45
+    assert np.abs(img[int(oy2 + 110 * s), int(ox + 220 * s)] - col1).max() <= 3
+    bottom = img[oy2:oy2 + int(h * s), ox:ox + int(w * s)]
+    assert not (bottom == BOX_RED).all(-1).any()
+
+
+def test_choose_images_falls_back_by_person_count(synth, caplog):
+    recs, _ = load_person_records(synth["val"])
+    kept = [r for r in recs if r.file_name != "000000109118.jpg"]   # the 3-person image is missing
+    with caplog.at_level(logging.INFO):
+        chosen = choose_images(kept)
+    assert [r.file_name for r in chosen][:2] == ["000000020992.jpg", "000000413552.jpg"]
+    assert len(chosen) == 4 and "000000109118.jpg is not in the val annotations" in caplog.text
+    others = {c.file_name for c in chosen[:2] + chosen[3:]}
+    best = min(abs(len(r.instances) - 3) for r in kept if r.file_name not in others)
+    assert abs(len(chosen[2].instances) - 3) == best
+
+
+def test_training_writes_png_and_visualize_by_epoch(trained, tmp_path):
+    from cli import main
+    assert (trained / "validation_all_images_epoch_0001.png").is_file()
+    r = CliRunner().invoke(main, ["visualize", "--epoch", "1", "--checkpoints", str(trained),
+                                  "--out-dir", str(tmp_path), "--provider", "cpu"])
+    assert r.exit_code == 0, r.output
+    png = tmp_path / "validation_all_images_epoch_0001.png"
+    assert Image.open(png).size == Image.open(trained / png.name).size
+    r = CliRunner().invoke(main, ["visualize", "--epoch", "9", "--checkpoints", str(trained)])
+    assert r.exit_code == 1 and "no checkpoint for epoch 9" in r.output
+
+
+def test_export_parity_dynamic_shapes_and_end_to_end(trained, synth, tmp_path):
+    from cli import main
+    ck = list_checkpoints(trained)[0][1]
+    out = tmp_path / "dec.onnx"
+    r = CliRunner().invoke(main, ["export", "--checkpoint", str(ck), "--out", str(out), "--end-to-end"])
+    assert r.exit_code == 0, r.output
+    assert "parity vs PyTorch" in r.output and "latency" in r.output
+    s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for b, n in ((1, 0), (2, 5), (3, 1)):
+        feats = np.random.rand(b, 16, 80, 80).astype(np.float32)
+        rois = np.array([[k % b, 0.1, 0.1, 0.5, 0.6] for k in range(n)], np.float32).reshape(n, 5)
+        probs, logits = s.run(None, {"features": feats, "rois": rois})
+        assert probs.shape == (n, 3, 640, 640) and logits.shape == (n, 3, 28, 28)
+        if n:
+            assert np.allclose(probs.sum(1), 1, atol=1e-4)
+    e2e = ort.InferenceSession(str(tmp_path / "dec.e2e.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in e2e.get_inputs()] == ["images", "rois"]
+    probs, _ = e2e.run(None, {"images": np.random.rand(1, 3, 640, 640).astype(np.float32),
+                              "rois": np.array([[0, 0.2, 0.2, 0.6, 0.9]], np.float32)})
+    assert probs.shape == (1, 3, 640, 640)

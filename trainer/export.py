@@ -1,0 +1,144 @@
+"""ONNX export of the trained decoder (and optionally extractor + decoder as one graph).
+
+Decoder graph: ``features [B,C,Hf,Wf]`` + ``rois [N,5]`` (batch index + normalized *person* box,
+xyxy, model-input frame) -> ``probs [N,K,H,W]`` (padded by the training ROI padding, decoded and
+pasted back at model-input resolution inside the graph, like segment-anything's ``utils/onnx.py``)
+and ``logits [N,K,M,M]`` (ROI grid).  Ops: RoiAlign (opset 16+, half_pixel = aligned=True),
+GridSample (paste-back), Conv/ConvTranspose, InstanceNormalization (GroupNorm at opset 17),
+Softmax: all built natively by ONNX Runtime and TensorRT >= 8.6.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from featcache.errors import FeatCacheError
+
+from .models import paste_masks
+
+log = logging.getLogger(__name__)
+PARITY_TOL = 1e-3
+
+
+class ExportError(FeatCacheError):
+    pass
+
+
+class DecoderExport(nn.Module):
+    def __init__(self, model: nn.Module, input_hw, roi_padding: float):
+        super().__init__()
+        self.model, self.input_hw, self.roi_padding = model.eval(), tuple(input_hw), float(roi_padding)
+
+    def forward(self, features: torch.Tensor, rois: torch.Tensor):
+        h, w = self.input_hw
+        n = rois.shape[0]
+        # One whole-image ROI is appended and dropped again: ONNX Runtime cannot reshape the
+        # GroupNorm of an empty batch, and N = 0 must still run.
+        whole = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0]], dtype=rois.dtype, device=rois.device)
+        rois = torch.cat([rois, whole], 0)
+        b = rois[:, 1:5]
+        wh = torch.cat([b[:, 2:4] - b[:, 0:2]] * 2, 1)
+        sign = torch.tensor([-1.0, -1.0, 1.0, 1.0], device=rois.device)
+        padded = (b + sign * self.roi_padding * wh).clamp(0, 1)
+        r = torch.cat([rois[:, :1], padded], 1)
+        logits = self.model(features, r)
+        px = padded * torch.tensor([w, h, w, h], dtype=padded.dtype, device=padded.device)
+        probs = paste_masks(logits.softmax(1), px, h, w)
+        return probs[:n], logits[:n]
+
+
+def sample_inputs(in_channels: int, feat_hw, n_rois: int, batch: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(batch, in_channels, *feat_hw, generator=g)
+    xy = torch.rand(n_rois, 2, generator=g) * 0.6
+    wh = torch.rand(n_rois, 2, generator=g) * 0.35 + 0.05
+    idx = (torch.arange(n_rois) % batch).float()[:, None]
+    return feats, torch.cat([idx, xy, xy + wh], 1)
+
+
+def export_decoder(model, in_channels: int, input_hw, feat_hw, roi_padding: float, out: Path,
+                   opset: int = 17, meta: dict | None = None) -> Path:
+    wrapper = DecoderExport(model.cpu().float(), input_hw, roi_padding)
+    feats, rois = sample_inputs(in_channels, feat_hw, 6)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(wrapper, (feats, rois), str(out), input_names=["features", "rois"],
+                          output_names=["probs", "logits"], opset_version=opset, dynamo=False,
+                          dynamic_axes={"features": {0: "B"}, "rois": {0: "N"}, "probs": {0: "N"},
+                                        "logits": {0: "N"}})
+    m = onnx.load(str(out))
+    for k, v in {"roi_padding": roi_padding, "input_hw": list(input_hw), **(meta or {})}.items():
+        m.metadata_props.append(onnx.StringStringEntryProto(key=str(k), value=str(v)))
+    onnx.save(m, str(out))
+    return out
+
+
+def check_parity(model, onnx_path: Path, in_channels: int, input_hw, feat_hw, roi_padding: float,
+                 tol: float = PARITY_TOL) -> dict:
+    """ORT vs PyTorch for N = 1, 5 (ROIs from two images) and N = 0; raises over ``tol``."""
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    wrapper = DecoderExport(model.cpu().float(), input_hw, roi_padding)
+    report = {}
+    for n, batch in ((1, 1), (5, 2), (0, 2)):
+        feats, rois = sample_inputs(in_channels, feat_hw, n, batch, seed=n + 1)
+        with torch.no_grad():
+            ref = [t.numpy() for t in wrapper(feats, rois)]
+        got = sess.run(None, {"features": feats.numpy(), "rois": rois.numpy()})
+        if any(g.shape != r.shape for g, r in zip(got, ref)):
+            raise ExportError(f"ONNX output shapes {[g.shape for g in got]} != PyTorch {[r.shape for r in ref]} (N={n})")
+        diff = max((float(np.abs(g - r).max()) if g.size else 0.0) for g, r in zip(got, ref))
+        report[f"N={n}"] = diff
+        if diff > tol:
+            raise ExportError(f"ONNX/PyTorch parity failed for N={n}: max abs difference {diff:.3g} > {tol}")
+    return report
+
+
+def decoder_latency(onnx_path: Path, in_channels: int, feat_hw, counts=(1, 5, 20, 50), repeat: int = 5) -> dict:
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    out = {}
+    for n in counts:
+        feats, rois = sample_inputs(in_channels, feat_hw, n, 1)
+        inputs = {"features": feats.numpy(), "rois": rois.numpy()}
+        sess.run(None, inputs)
+        t = time.perf_counter()
+        for _ in range(repeat):
+            sess.run(None, inputs)
+        out[n] = round((time.perf_counter() - t) / repeat * 1000, 2)
+    return out
+
+
+def export_end_to_end(extractor_onnx: Path, feature_name: str, decoder_onnx: Path, out: Path) -> Path:
+    """Join extractor and decoder into one graph: images [1,3,H,W] + rois -> probs, logits."""
+    from featcache.extractor import expose_tensor
+    ext = expose_tensor(onnx.load(str(extractor_onnx)), feature_name)
+    dec = onnx.load(str(decoder_onnx))
+    ver = lambda m: max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))  # noqa: E731
+    target = max(ver(ext), ver(dec))
+    if ver(ext) != target:
+        ext = onnx.version_converter.convert_version(ext, target)
+    if ver(dec) != target:
+        dec = onnx.version_converter.convert_version(dec, target)
+    ext.ir_version = dec.ir_version = max(ext.ir_version, dec.ir_version)
+    merged = onnx.compose.merge_models(ext, dec, io_map=[(feature_name, "features")], prefix2="decoder/",
+                                       outputs=["decoder/probs", "decoder/logits"])
+    _rename(merged.graph, {"decoder/rois": "rois", "decoder/probs": "probs", "decoder/logits": "logits"})
+    onnx.checker.check_model(merged)
+    onnx.save(merged, str(out))
+    return out
+
+
+def _rename(graph, names: dict) -> None:
+    for v in list(graph.input) + list(graph.output):
+        v.name = names.get(v.name, v.name)
+    for node in graph.node:
+        node.input[:] = [names.get(x, x) for x in node.input]
+        node.output[:] = [names.get(x, x) for x in node.output]
