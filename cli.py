@@ -292,5 +292,18 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path):
         click.echo(f"wrote {e2e} (images [1,3,H,W] + rois -> probs, logits)")
 
 
+@main.command()
+@click.option("--dir", "folder", type=click.Path(path_type=Path), default=Path("demo_run"), show_default=True,
+              help="Demo folder (data, ONNX, caches, checkpoints, exports all go here).")
+@click.option("--fresh", is_flag=True, help="Delete the demo folder first (otherwise data/caches are reused).")
+@click.option("--epochs", type=int, default=6, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@_user_errors
+def demo(folder, fresh, epochs, device):
+    """Run the whole pipeline on built-in synthetic data (no downloads, a few minutes on a CPU)."""
+    from trainer.demo import DemoSettings, run_demo
+    run_demo(folder, DemoSettings(epochs=epochs), fresh=fresh, device=device)
+
+
 if __name__ == "__main__":
     main()

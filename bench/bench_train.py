@@ -31,11 +31,14 @@ from trainer.sampling import RoiSampling  # noqa: E402
 REAL = ROOT.parent / "shared" / "realdata"
 
 
-def synthetic_store(n: int, channels: int, workers: int) -> Path:
+def synthetic_store(n: int, channels: int, workers: int, keep: Path | None = None) -> Path:
     from featcache.cache import CacheConfig, run_cache
     from featcache.standin import build_standin_extractor
     from featcache.synthetic import make_synthetic_dataset
-    d = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    if keep and (keep / "train.zarr").is_dir():
+        return keep / "train.zarr"
+    d = keep or Path(tempfile.mkdtemp(prefix="bench_train_"))
+    d.mkdir(parents=True, exist_ok=True)
     syn = make_synthetic_dataset(d, n_train=n, n_val=4, seed=0)
     onnx = build_standin_extractor(d / "standin.onnx", channels=channels)
     out = d / "train.zarr"
@@ -90,6 +93,7 @@ def main():
     ap.add_argument("--store", type=Path, default=ROOT / "bench/out/realdata/train.zarr")
     ap.add_argument("--synthetic", type=int, default=0, help="build a synthetic store of N images instead")
     ap.add_argument("--channels", type=int, default=1024)
+    ap.add_argument("--keep-store", type=Path, help="build the synthetic store here once and reuse it")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -99,7 +103,7 @@ def main():
     ap.add_argument("--modes", default="stream,resident,memory,onnx")
     a = ap.parse_args()
     device = torch.device(a.device)
-    store = synthetic_store(a.synthetic, a.channels, a.workers) if a.synthetic else a.store
+    store = synthetic_store(a.synthetic, a.channels, a.workers, a.keep_store) if a.synthetic else a.store
     index = CacheIndex(store)
     sampling = RoiSampling(0.1, a.samples_per_roi)
     amp = device.type == "cuda"

@@ -9,6 +9,7 @@ Both paths produce the same batches (same ROIs, same jitter, same targets) for t
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -127,12 +128,44 @@ class StreamingSource:
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
+class HostParts(Dataset):
+    """The CPU half of resident batches (ROI choice, jitter, row indices); numpy only, so it can run in
+    DataLoader worker processes while the GPU trains (threads would fight the main thread for the GIL).
+    Items are (images, epoch, train) -> dict of CPU tensors."""
+
+    def __init__(self, index: CacheIndex, sampling: RoiSampling, seed: int, row: np.ndarray,
+                 inst_offset: np.ndarray):
+        self.index, self.sampling, self.seed, self.row, self.inst_offset = index, sampling, seed, row, inst_offset
+
+    def __len__(self):
+        return len(self.index.images)
+
+    def __getitem__(self, item) -> dict:
+        images, epoch, train = item
+        rows = self.row[np.asarray(images)]
+        rois, tgt_rows, img_rows, roi_ids = [], [], [], []
+        for b, (i, r) in enumerate(zip(images, rows)):
+            local, boxes = image_samples(self.index, i, epoch, train, self.sampling, self.seed)
+            rois.append(np.concatenate([np.full((len(boxes), 1), b), boxes], 1))
+            tgt_rows.append(self.inst_offset[r] + local)
+            img_rows.append(np.full(len(local), r))
+            roi_ids.append(self.index.rois_of(i)[0] + local)
+        h, w = self.index.input_hw
+        rois = np.concatenate(rois)
+        return {"rows": torch.as_tensor(rows), "rois": torch.as_tensor(rois, dtype=torch.float32),
+                "boxes_px": torch.as_tensor(rois[:, 1:] * np.array([w, h, w, h])),
+                "tgt_rows": torch.as_tensor(np.concatenate(tgt_rows)),
+                "img_rows": torch.as_tensor(np.concatenate(img_rows)),
+                "roi_ids": torch.as_tensor(np.concatenate(roi_ids)), "images": torch.as_tensor(images)}
+
+
 class ResidentSource:
     """The whole store loaded once into (GPU or CPU) memory; batches are gathered in place."""
 
     kind = "resident"
 
-    def __init__(self, index: CacheIndex, sampling, mask_size, seed, device, threads: int = 4):
+    def __init__(self, index: CacheIndex, sampling, mask_size, seed, device, threads: int = 4,
+                 host_workers: int = min(4, os.cpu_count() or 1)):
         self.index, self.sampling, self.mask_size, self.seed, self.device = \
             index, sampling, mask_size, seed, device
         store = FeatureStore(index.path)
@@ -156,31 +189,37 @@ class ResidentSource:
         self.packed = torch.cat(packed).to(device)
         self.unions = torch.stack(unions).to(device)
         self.inst_offset = np.asarray(offsets[:-1])
+        self.host_parts = HostParts(index, sampling, seed, self.row, self.inst_offset)
+        self.host_workers = host_workers
         log.info("resident cache: %d images, %.2f GB features on %s", len(imgs),
                  self.features.numel() * 2 / 1e9, device)
 
+    def device_part(self, host: dict) -> dict:
+        """Gathers on the device; copies are asynchronous (pinned), so the GPU never waits."""
+        d = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+        h, w = self.index.input_hw
+        n = d["rois"].shape[0]
+        if n:
+            targets = sample_roi_targets(self.packed, self.unions, d["tgt_rows"], d["img_rows"], d["boxes_px"],
+                                         self.mask_size, self.mask_size, w)
+        else:
+            targets = torch.zeros((0, self.mask_size, self.mask_size), dtype=torch.uint8, device=self.device)
+        return {"features": self.features[d["rows"]], "rois": d["rois"], "targets": targets,
+                "roi_ids": d["roi_ids"], "images": d["images"]}
+
     def batch(self, images: list[int], epoch: int, train: bool) -> dict:
-        rows = self.row[np.asarray(images)]
-        rois, tgt_rows, img_rows, roi_ids = [], [], [], []
-        for b, (i, r) in enumerate(zip(images, rows)):
-            local, boxes = image_samples(self.index, i, epoch, train, self.sampling, self.seed)
-            rois.append(np.concatenate([np.full((len(boxes), 1), b), boxes], 1))
-            tgt_rows.append(self.inst_offset[r] + local)
-            img_rows.append(np.full(len(local), r))
-            roi_ids.append(self.index.rois_of(i)[0] + local)
-        rois = np.concatenate(rois)
-        dev = self.device
-        targets = _targets(self.packed, self.unions, np.concatenate(tgt_rows), rois[:, 1:],
-                           torch.as_tensor(np.concatenate(img_rows), device=dev), self.index.input_hw,
-                           self.mask_size)
-        return {"features": self.features[torch.as_tensor(rows, device=dev)],
-                "rois": torch.as_tensor(rois, dtype=torch.float32, device=dev), "targets": targets,
-                "roi_ids": torch.as_tensor(np.concatenate(roi_ids), device=dev),
-                "images": torch.as_tensor(images, device=dev)}
+        return self.device_part(self.host_parts[(list(images), epoch, train)])
 
     def iterate(self, batches, epoch, train):
-        for b in batches:
-            yield self.batch(b, epoch, train)
+        items = [(list(b), epoch, train) for b in batches]
+        if self.device.type != "cuda" or self.host_workers == 0:
+            for it in items:  # on a CPU the cores are busy training anyway
+                yield self.device_part(self.host_parts[it])
+            return
+        loader = DataLoader(self.host_parts, batch_size=None, sampler=items, num_workers=self.host_workers,
+                            pin_memory=True, prefetch_factor=8, persistent_workers=False)
+        for host in loader:
+            yield self.device_part(host)
 
 
 def choose_resident(mode: str, index: CacheIndex, device: torch.device) -> str:
@@ -193,7 +232,6 @@ def choose_resident(mode: str, index: CacheIndex, device: torch.device) -> str:
         if need < 0.6 * free:
             return "gpu"
     try:
-        import os
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         avail = 0

@@ -164,7 +164,8 @@ class Trainer:
         self.net.train()
         batches = epoch_batches(self.train_index.images, epoch, self.cfg.seed, self.cfg.batch_size,
                                 self.dist.rank, self.dist.world)
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, steps, rois
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        steps = rois = 0
         t0 = time.perf_counter()
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}", unit="step", disable=not self.dist.is_main,
                    leave=False)
@@ -182,11 +183,14 @@ class Trainer:
             self.scheduler.step()
             if self.ema:
                 self.ema.update_parameters(self.model)
-            sums += torch.tensor([losses["loss"].item(), 1, len(batch["rois"])], dtype=torch.float64,
-                                 device=self.device)
+            loss_sum += losses["loss"].detach()  # no .item(): a host sync per step would stall the GPU
+            steps += 1
+            rois += batch["rois"].shape[0]
             bar.update(1)
-            bar.set_postfix(loss=f"{losses['loss'].item():.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            if steps % 20 == 1:
+                bar.set_postfix(loss=f"{losses['loss'].item():.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         bar.close()
+        sums = torch.stack([loss_sum, loss_sum.new_tensor(steps), loss_sum.new_tensor(rois)])
         D.all_reduce_([sums], self.dist)
         dt = time.perf_counter() - t0
         return {"loss": float(sums[0] / sums[1].clamp_min(1)), "train_rois": int(sums[2]),

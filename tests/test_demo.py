@@ -1,0 +1,32 @@
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+from click.testing import CliRunner
+from PIL import Image
+
+from trainer.checkpoint import load_checkpoint
+
+
+def test_demo_end_to_end(tmp_path, monkeypatch):
+    from cli import main
+    monkeypatch.chdir(tmp_path)          # anything written outside --dir would land here
+    r = CliRunner().invoke(main, ["demo", "--dir", "demo", "--epochs", "2"])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert sorted(os.listdir(tmp_path)) == ["demo"]          # user folders untouched
+    assert "mIoU epoch 1:" in r.output and "Next, on real data" in r.output
+    with Image.open(s["png"]) as im:
+        assert im.size[0] > 1000 and im.format == "PNG"
+    pngs = sorted((tmp_path / "demo" / "checkpoints").glob("validation_all_images_epoch_*.png"))
+    assert [p.name for p in pngs] == ["validation_all_images_epoch_0001.png", "validation_all_images_epoch_0002.png"]
+    ck = load_checkpoint(s["checkpoint"])
+    assert ck["epoch"] == 2 and "model" in ck
+    sess = ort.InferenceSession(s["end_to_end_onnx"], providers=["CPUExecutionProvider"])
+    probs, logits = sess.run(None, {"images": np.random.rand(1, 3, 640, 640).astype(np.float32),
+                                    "rois": np.array([[0, 0.3, 0.2, 0.6, 0.9], [0, 0.1, 0.1, 0.2, 0.3]], np.float32)})
+    assert probs.shape == (2, 3, 640, 640) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    dec = ort.InferenceSession(s["decoder_onnx"], providers=["CPUExecutionProvider"])
+    assert [i.name for i in dec.get_inputs()] == ["features", "rois"]
+    assert 0 <= s["final_mIoU"] <= 1

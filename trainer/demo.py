@@ -1,0 +1,147 @@
+"""`cli.py demo`: the whole pipeline on built-in synthetic data, in a folder of its own.
+
+Generates a COCO-format synthetic person dataset and a stand-in extractor ONNX, then runs the real
+stages: analyze -> cache (train, val) -> train (checkpoints + validation PNGs) -> visualize ->
+export (+ parity check).  Re-running reuses the data and caches and retrains from scratch; the
+user's data/, cache/ and checkpoints/ are never touched.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+DEMO_FEATURE = "/model.34/Concat_output_0"
+
+
+@dataclass
+class DemoSettings:
+    n_train: int = 160
+    n_val: int = 24
+    channels: int = 64       # the real model has 1024; 64 keeps the demo to a couple of minutes on a CPU
+    epochs: int = 6
+    hidden: int = 64
+    seed: int = 0
+
+
+def _step(n: int, total: int, text: str) -> float:
+    click.secho(f"\n[{n}/{total}] {text}", bold=True)
+    return time.perf_counter()
+
+
+def _done(t0: float, what: str = "") -> None:
+    click.echo(f"      done in {time.perf_counter() - t0:.1f}s {what}")
+
+
+def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool = False,
+             device: str = "auto") -> dict:
+    from featcache.analyze import run_analyze, write_json_atomic
+    from featcache.cache import CacheConfig, run_cache
+    from featcache.standin import build_standin_extractor
+    from featcache.synthetic import make_synthetic_dataset
+
+    from .checkpoint import find_checkpoint, load_checkpoint
+    from .config import make_config
+    from .export import check_parity, decoder_latency, export_decoder, export_end_to_end
+    from .predictor import Predictor, model_from_checkpoint
+    from .run import run_training
+    from .visualize import write_validation_png
+
+    folder = Path(folder).resolve()
+    t_start = time.perf_counter()
+    total = 7
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data, onnx_path = folder / "data", folder / "ext_extractor" / "standin_featext.onnx"
+    stamp = folder / "data" / "settings.json"
+    want = json.dumps({"n_train": settings.n_train, "n_val": settings.n_val, "seed": settings.seed,
+                       "channels": settings.channels})
+
+    t = _step(1, total, f"synthetic data: {settings.n_train} train / {settings.n_val} val images + "
+                        f"stand-in extractor ONNX ({settings.channels} channels)")
+    if stamp.is_file() and stamp.read_text() == want and onnx_path.is_file():
+        click.echo(f"      reusing {data}")
+    else:
+        for sub in ("data", "ext_extractor", "cache"):
+            shutil.rmtree(folder / sub, ignore_errors=True)
+        make_synthetic_dataset(data, settings.n_train, settings.n_val, seed=settings.seed)
+        build_standin_extractor(onnx_path, channels=settings.channels)
+        stamp.write_text(want)
+    ann = {s: data / "annotations" / f"instances_{s}2017_person_only_no_crowd.json" for s in ("train", "val")}
+    _done(t)
+
+    t = _step(2, total, "analyze: class pixel ratios -> data_analyze.json")
+    analysis = folder / "data_analyze.json"
+    res = run_analyze(ann["train"], progress=True)
+    write_json_atomic(res, analysis)
+    click.echo("      pixel ratios " + ", ".join(f"{k} {v:.3f}" for k, v in res["pixel_ratios"].items()))
+    _done(t)
+
+    stores = {}
+    for k, split in enumerate(("train", "val")):
+        t = _step(3 + k, total, f"cache {split}: extractor once per image -> fp16 Zarr store")
+        stores[split] = folder / "cache" / f"{split}2017.zarr"
+        s = run_cache(CacheConfig(ann=ann[split], images=data / "images" / f"{split}2017", onnx=onnx_path,
+                                  out=stores[split], feature_name=DEMO_FEATURE, provider="cpu"))
+        _done(t, f"({s['cached']} images, provider {s['provider']})")
+
+    t = _step(5, total, f"train {settings.epochs} epochs (checkpoint + validation PNG per epoch)")
+    ck_dir = folder / "checkpoints"
+    shutil.rmtree(ck_dir, ignore_errors=True)
+    cfg = make_config(train_store=str(stores["train"]), val_store=str(stores["val"]), out=str(ck_dir),
+                      analysis=str(analysis), epochs=settings.epochs, hidden=settings.hidden, roi_size=14,
+                      mask_size=56, batch_size=4, lr=1e-3, samples_per_roi=1, workers=0, resident="auto",
+                      device=device, seed=settings.seed)
+    history = run_training(cfg)
+    first, last = history[0], history[-1]
+    click.echo(f"      mIoU: epoch 1 {first['mIoU']:.4f} -> epoch {last['epoch']} {last['mIoU']:.4f}   "
+               f"instance_mIoU: {first['instance_mIoU']:.4f} -> {last['instance_mIoU']:.4f}")
+    _done(t)
+
+    t = _step(6, total, "visualize: redraw the last epoch's validation PNG from its checkpoint")
+    ck_path = find_checkpoint(ck_dir, last["epoch"])
+    pred = Predictor.from_checkpoint(ck_path, provider="cpu")
+    png = write_validation_png(pred, ann["val"], data / "images" / "val2017", ck_dir, last["epoch"])
+    _done(t, f"-> {png.name}")
+
+    t = _step(7, total, "export the decoder to ONNX and check it in ONNX Runtime")
+    ck = load_checkpoint(ck_path)
+    meta = ck["cache_metadata"]["train"]
+    model = model_from_checkpoint(ck)
+    c, hf, wf = meta["feature_shape"]
+    dec = export_decoder(model, c, meta["input_hw"], (hf, wf), meta["roi_padding"],
+                         folder / "export" / "decoder.onnx")
+    parity = check_parity(model, dec, c, meta["input_hw"], (hf, wf), meta["roi_padding"])
+    e2e = export_end_to_end(onnx_path, DEMO_FEATURE, dec, folder / "export" / "extractor_decoder.onnx")
+    lat = decoder_latency(dec, c, (hf, wf), counts=(1, 5))
+    click.echo("      parity (max abs diff): " + ", ".join(f"{k} {v:.1e}" for k, v in parity.items())
+               + " | latency: " + ", ".join(f"{n} ROIs {ms} ms" for n, ms in lat.items()))
+    _done(t)
+
+    summary = {"folder": str(folder), "first_epoch_mIoU": first["mIoU"], "final_mIoU": last["mIoU"],
+               "first_instance_mIoU": first["instance_mIoU"], "final_instance_mIoU": last["instance_mIoU"],
+               "checkpoint": str(ck_path), "png": str(png), "decoder_onnx": str(dec), "end_to_end_onnx": str(e2e),
+               "analysis": str(analysis), "stores": {k: str(v) for k, v in stores.items()},
+               "elapsed_s": round(time.perf_counter() - t_start, 1)}
+    (folder / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    click.secho(f"\nDemo finished in {summary['elapsed_s']:.0f}s. Outputs:", bold=True)
+    for label, key in (("class ratios", "analysis"), ("last checkpoint", "checkpoint"), ("validation PNG", "png"),
+                       ("decoder ONNX", "decoder_onnx"), ("extractor+decoder ONNX", "end_to_end_onnx")):
+        click.echo(f"  {label:24s} {summary[key]}")
+    click.echo(f"  {'feature caches':24s} {stores['train']}, {stores['val']}")
+    click.echo(f"  {'metrics per epoch':24s} {ck_dir / 'metrics.jsonl'}   (TensorBoard: {ck_dir / 'tb'})")
+    click.echo(f"\nmIoU epoch 1: {first['mIoU']:.4f}  ->  final: {last['mIoU']:.4f}")
+    click.echo("""
+Next, on real data (see README):
+  1. put COCO person annotations in data/annotations/, images in data/images/{train,val}2017/,
+     and the extractor at ext_extractor/yolov9_e_wholebody25_0100_1x3x640x640_featext.onnx
+  2. uv run cli.py analyze
+  3. uv run cli.py cache --split train --subset 500 && uv run cli.py cache --split val
+  4. uv run cli.py train --subset 500
+  5. uv run cli.py visualize --epoch 12 ; uv run cli.py export --epoch 12""")
+    return summary
