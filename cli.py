@@ -296,7 +296,7 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path):
 @click.option("--dir", "folder", type=click.Path(path_type=Path), default=Path("demo_run"), show_default=True,
               help="Demo folder (data, ONNX, caches, checkpoints, exports all go here).")
 @click.option("--fresh", is_flag=True, help="Delete the demo folder first (otherwise data/caches are reused).")
-@click.option("--epochs", type=int, default=6, show_default=True)
+@click.option("--epochs", type=int, default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @_user_errors
 def demo(folder, fresh, epochs, device):

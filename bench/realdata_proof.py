@@ -89,7 +89,6 @@ def main():
                        "instance_mIoU": round(h["instance_mIoU"], 4)} for h in hist]
     result = {
         "split": {k: len(load_person_records(v)[0]) for k, v in anns.items()},
-        "val_persons": runs["features"][0] and Trainer.__name__ and None,
         "box_filled_baseline_val": round(box_baseline(anns["val"]), 4),
         "box_filled_baseline_all": round(box_baseline(ANN), 4),
         "runs": runs,

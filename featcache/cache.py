@@ -105,8 +105,9 @@ class _Writer(threading.Thread):
                 continue
             try:
                 i, feat, packed, rles = item
-                f16 = np.clip(feat, -FP16_MAX, FP16_MAX).astype(np.float16)
-                self.store.write_image(i, f16, packed, rles)
+                if feat.dtype != np.float16:
+                    feat = np.clip(feat, -FP16_MAX, FP16_MAX).astype(np.float16)
+                self.store.write_image(i, feat, packed, rles)
                 self.bar.update(1)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 self.error = exc

@@ -26,7 +26,7 @@ def _shape_of(vi) -> list:
     return [_dim(d) for d in vi.type.tensor_type.shape.dim] if vi.type.tensor_type.HasField("shape") else []
 
 
-def expose_tensor(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+def expose_tensor(model: onnx.ModelProto, name: str, as_fp16: bool = False) -> onnx.ModelProto:
     """Make ``name`` the graph's only output (in memory) so ORT prunes everything after it.
 
     Unknown names raise with the list
@@ -36,10 +36,25 @@ def expose_tensor(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
     produced = {o for n in model.graph.node for o in n.output}
     if name not in produced and name not in outputs:
         raise ExtractorError(_unknown_tensor_message(model, name))
-    # The real shape is read from the first run; ORT only needs the element type here.
-    vi = outputs.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
     del model.graph.output[:]
-    model.graph.output.append(vi)
+    if as_fp16:
+        # Clip to the fp16 range and cast inside the graph: vectorized in ORT, half the bytes out.
+        opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=11)
+        clipped, out = f"{name}__clipped", f"{name}__fp16"
+        if opset >= 11:
+            lo = onnx.numpy_helper.from_array(np.array(-65504.0, np.float32), f"{name}__lo")
+            hi = onnx.numpy_helper.from_array(np.array(65504.0, np.float32), f"{name}__hi")
+            model.graph.initializer.extend([lo, hi])
+            clip = onnx.helper.make_node("Clip", [name, lo.name, hi.name], [clipped])
+        else:
+            clip = onnx.helper.make_node("Clip", [name], [clipped], min=-65504.0, max=65504.0)
+        cast = onnx.helper.make_node("Cast", [clipped], [out], to=onnx.TensorProto.FLOAT16)
+        model.graph.node.extend([clip, cast])
+        model.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT16, None))
+        return model
+    # The real shape is read from the first run; ORT only needs the element type here.
+    model.graph.output.append(outputs.get(name) or
+                              onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     return model
 
 
@@ -97,7 +112,7 @@ class Extractor:
             model = onnx.load(str(onnx_path))
         except Exception as exc:
             raise ExtractorError(f"cannot read ONNX model {onnx_path}: {exc}") from exc
-        model = expose_tensor(model, feature_name)
+        model = expose_tensor(model, feature_name, as_fp16=True)
         chain = _provider_chain(provider, trt_cache)
         on_cpu = chain[0] == "CPUExecutionProvider"
         cores = os.cpu_count() or 1
@@ -136,7 +151,8 @@ class Extractor:
         return self.fixed_batch
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """``[B,3,H,W]`` float32 -> ``[B,C,Hf,Wf]`` float32; splits batches a fixed-batch model refuses."""
+        """``[B,3,H,W]`` float32 -> ``[B,C,Hf,Wf]`` float16 (clipped to its range); splits batches a
+        fixed-batch model refuses."""
         fb = getattr(self, "fixed_batch", None)
         if fb and batch.shape[0] != fb:
             return np.concatenate([self.session.run(None, {self.input_name: batch[i:i + fb]})[0]

@@ -63,8 +63,9 @@ def preprocess(im: Image.Image, prep: Preprocess) -> np.ndarray:
         _, _, ox, oy = p.transform(im.width, im.height)
         canvas.paste(resized, (int(ox), int(oy)))
         resized = canvas
-    arr = np.asarray(resized, dtype=np.float32)
+    hwc = np.asarray(resized)
     if prep.channel_order == "bgr":
-        arr = arr[..., ::-1]
-    arr = arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr * np.float32(prep.scale) if prep.scale != 1 else arr)
+        hwc = hwc[..., ::-1]
+    out = np.empty((3, hwc.shape[0], hwc.shape[1]), np.float32)
+    np.multiply(hwc.transpose(2, 0, 1), np.float32(prep.scale), out=out)  # one pass: cast, scale, CHW
+    return out

@@ -23,7 +23,7 @@ class DemoSettings:
     n_train: int = 160
     n_val: int = 24
     channels: int = 64       # the real model has 1024; 64 keeps the demo to a couple of minutes on a CPU
-    epochs: int = 6
+    epochs: int = 8
     hidden: int = 64
     seed: int = 0
 

@@ -58,7 +58,7 @@ class Trainer:
         self.dist, self.device = D.setup(cfg.device)
         self.train_index = CacheIndex(cfg.train_store)
         self.val_index = CacheIndex(cfg.val_store)
-        check_compatible(self.train_index.meta, fingerprint(self.val_index.meta) | {},
+        check_compatible(self.train_index.meta, fingerprint(self.val_index.meta),
                          f"validation cache {cfg.val_store} vs training cache {cfg.train_store}")
         if cfg.classes not in (2, 3):
             raise FeatCacheError("--classes must be 2 or 3")
