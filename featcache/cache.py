@@ -153,7 +153,8 @@ def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extract
         lock.unlink()
 
 
-def check_disk(out: Path, n_todo: int, feature_shape, input_hw, n_masks: int) -> int:
+def check_disk(out: Path, n_todo: int, feature_shape, input_hw, n_masks: int) -> tuple[int, int]:
+    """(bytes needed as raw fp16 + masks, bytes free) for the images still to do."""
     per_image = int(np.prod(feature_shape)) * 2
     need = n_todo * per_image + n_masks * input_hw[0] * input_hw[1] // 8 // 20
     free = shutil.disk_usage(out if out.exists() else out.parent).free

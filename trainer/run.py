@@ -3,17 +3,12 @@ from __future__ import annotations
 
 from .config import TrainConfig
 from .loop import Trainer
+from .visualize import validation_png_hook
 
 
 def epoch_hooks(cfg: TrainConfig) -> list:
     """Epoch-end steps after validation + checkpoint (rank 0): the validation PNG."""
-    if not cfg.visualize:
-        return []
-    try:
-        from .visualize import validation_png_hook
-    except ImportError:
-        return []
-    return [validation_png_hook(cfg)]
+    return [validation_png_hook(cfg)] if cfg.visualize else []
 
 
 def run_training(cfg: TrainConfig) -> list[dict]:
