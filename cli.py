@@ -159,7 +159,7 @@ def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel
 @click.option("--mask-size", type=int, help="ROI mask size = roi size x 2^k [56].")
 @click.option("--classes", type=click.Choice(["2", "3"]), help="3 = bg/target/others, 2 = bg/target [3].")
 @click.option("--epochs", type=int, help="[12]")
-@click.option("--batch-size", type=int, help="Images per step, with all their ROIs [8].")
+@click.option("--batch-size", type=int, help="Images per step, with all their ROIs [auto: 64 on CUDA, 8 on CPU].")
 @click.option("--lr", type=float, help="AdamW learning rate [1e-3].")
 @click.option("--weight-decay", type=float)
 @click.option("--warmup-epochs", type=float, help="Linear warm-up, then cosine [0.5].")

@@ -17,7 +17,7 @@ class TrainConfig:
     mask_size: int = 56
     classes: int = 3                     # 3: bg/target/other persons; 2: bg/target ablation
     epochs: int = 12
-    batch_size: int = 8                  # images per step (all their ROIs)
+    batch_size: int = 0                  # images per step (all their ROIs); 0 = auto: 64 on CUDA, 8 on CPU
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
