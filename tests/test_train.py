@@ -49,6 +49,10 @@ def test_epoch_batches_shard_evenly():
     assert len(r0) == len(r1)
     flat = sum(r0, []) + sum(r1, [])
     assert set(flat) == set(range(11)) and len(flat) == 12
+    # each rank keeps its own shard every epoch (so a resident cache holds only that shard)
+    later = sum(epoch_batches(imgs, 5, 0, 2, rank=1, world=2), [])
+    assert set(later) == set(sum(r1, [])) == set(range(1, 11, 2))
+    assert sum(r1, []) != later                       # reshuffled
 
 
 def test_train_checkpoints_and_resume_identical(stores, tmp_path):
@@ -141,6 +145,8 @@ def test_ddp_two_cpu_processes(stores, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=280)
     assert p.returncode == 0, p.stderr[-3000:]
+    n_train = len(CacheIndex(stores["train"]).images)
+    assert p.stderr.count(f"resident cache: {n_train // 2} images") == 2   # each rank holds only its shard
     cks = list_checkpoints(out)
     assert len(cks) == 1
     lines = (out / "metrics.jsonl").read_text().splitlines()

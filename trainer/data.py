@@ -44,9 +44,6 @@ class CacheIndex:
     def rois_of(self, i: int) -> tuple[int, int]:
         return int(self.roi_start[i]), int(self.roi_start[i + 1])
 
-    def feature_bytes(self) -> int:
-        return len(self.images) * int(np.prod(self.feature_shape)) * 2
-
 
 def image_samples(index: CacheIndex, i: int, epoch: int, train: bool, sampling: RoiSampling, seed: int):
     """(local roi indices, normalized boxes) for image i."""
@@ -99,13 +96,24 @@ def collate(items: list[dict]) -> dict:
             "images": torch.as_tensor([it["image"] for it in items])}
 
 
+def rank_images(images: np.ndarray, rank: int = 0, world: int = 1) -> np.ndarray:
+    """The fixed share of the images a rank owns under torchrun (all of them when alone): a
+    resident cache then needs only 1/world of the memory per GPU."""
+    return np.asarray(images)[rank::world]
+
+
 def epoch_batches(images: np.ndarray, epoch: int, seed: int, batch_size: int, rank: int = 0,
                   world: int = 1, shuffle: bool = True, pad: bool = True) -> list[list[int]]:
-    """This rank's batches of image indices; every rank gets the same number when ``pad``."""
-    order = np.random.default_rng([seed, epoch, 7]).permutation(images) if shuffle else np.asarray(images)
-    if pad and world > 1 and len(order) % world:
-        order = np.concatenate([order, order[: world - len(order) % world]])
-    mine = order[rank::world]
+    """This rank's batches: its own shard (``rank_images``), reshuffled every epoch.
+
+    With ``pad`` every rank gets the same number of batches (short shards repeat a few images),
+    as DDP needs matching collective calls."""
+    mine = rank_images(images, rank, world)
+    if shuffle:
+        mine = np.random.default_rng([seed, epoch, 7, rank] if world > 1 else [seed, epoch, 7]).permutation(mine)
+    longest = -(-len(images) // world)
+    if pad and world > 1 and len(mine) < longest:
+        mine = np.concatenate([mine, mine[: longest - len(mine)]])
     return [mine[k:k + batch_size].tolist() for k in range(0, len(mine), batch_size)]
 
 
@@ -165,11 +173,11 @@ class ResidentSource:
     kind = "resident"
 
     def __init__(self, index: CacheIndex, sampling, mask_size, seed, device, threads: int = 4,
-                 host_workers: int = min(4, os.cpu_count() or 1)):
+                 host_workers: int = min(4, os.cpu_count() or 1), images: np.ndarray | None = None):
         self.index, self.sampling, self.mask_size, self.seed, self.device = \
             index, sampling, mask_size, seed, device
         store = FeatureStore(index.path)
-        imgs = index.images
+        imgs = index.images if images is None else np.asarray(images)
         self.row = np.full(index.meta["n_images"], -1, np.int64)
         self.row[imgs] = np.arange(len(imgs))
         c, hf, wf = index.feature_shape
@@ -222,9 +230,10 @@ class ResidentSource:
             yield self.device_part(host)
 
 
-def choose_resident(mode: str, index: CacheIndex, device: torch.device) -> str:
+def choose_resident(mode: str, index: CacheIndex, device: torch.device, n_images: int | None = None) -> str:
     """auto: GPU if the features fit in 60% of free GPU memory, else CPU RAM if in 50%, else off."""
-    need = index.feature_bytes() * 1.1
+    n = len(index.images) if n_images is None else n_images
+    need = n * int(np.prod(index.feature_shape)) * 2 * 1.1
     if mode != "auto":
         return mode
     if device.type == "cuda":
@@ -238,14 +247,15 @@ def choose_resident(mode: str, index: CacheIndex, device: torch.device) -> str:
     return "cpu" if need < 0.5 * avail else "off"
 
 
-def make_source(mode: str, index, sampling, mask_size, seed, workers, device):
-    chosen = choose_resident(mode, index, device)
+def make_source(mode: str, index, sampling, mask_size, seed, workers, device, images=None):
+    """``images``: the ones this rank will read (its shard under torchrun)."""
+    chosen = choose_resident(mode, index, device, None if images is None else len(images))
     if chosen == "gpu":
         if device.type != "cuda":
             raise ValueError("--resident gpu needs a CUDA device")
-        return ResidentSource(index, sampling, mask_size, seed, device)
+        return ResidentSource(index, sampling, mask_size, seed, device, images=images)
     if chosen == "cpu":
-        src = ResidentSource(index, sampling, mask_size, seed, torch.device("cpu"))
+        src = ResidentSource(index, sampling, mask_size, seed, torch.device("cpu"), images=images)
         return _MovedSource(src, device) if device.type != "cpu" else src
     return StreamingSource(index, sampling, mask_size, seed, workers, device)
 

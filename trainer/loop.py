@@ -22,7 +22,7 @@ from featcache.targets import native_crop
 from . import distributed as D
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import CacheIndex, epoch_batches, make_source
+from .data import CacheIndex, epoch_batches, make_source, rank_images
 from .losses import LossConfig, SegLoss
 from .metrics import IoUAccumulator, instance_iou
 from .models import build_model, paste_masks
@@ -94,10 +94,11 @@ class Trainer:
             self._resume(cfg.resume)
         self.net = DistributedDataParallel(self.model) if self.dist.enabled else self.model
         sampling = RoiSampling(cfg.jitter, cfg.samples_per_roi, cfg.min_roi_px, cfg.max_rois_per_image)
+        r, w = self.dist.rank, self.dist.world
         self.train_source = make_source(cfg.resident, self.train_index, sampling, cfg.mask_size, cfg.seed,
-                                        cfg.workers, self.device)
+                                        cfg.workers, self.device, rank_images(self.train_index.images, r, w))
         self.val_source = make_source(cfg.resident, self.val_index, sampling, cfg.mask_size, cfg.seed,
-                                      cfg.workers, self.device)
+                                      cfg.workers, self.device, rank_images(self.val_index.images, r, w))
         self.out = Path(cfg.out)
         self._tb = None
         if self.dist.is_main:
