@@ -1,6 +1,7 @@
 """Training throughput (ROIs/s, images/s) by data path, same model and steps:
 
-  (a) stream   - from the Zarr store through DataLoader workers
+  (a) stream   - from the Zarr store through DataLoader workers (the CPU streaming path)
+      pinned   - from the Zarr store, decoded by threads into pinned buffers (the GPU streaming path)
   (b) resident - the store loaded once into memory (GPU if --device cuda)
   (c) memory   - batches prepared beforehand, already on the device (the ceiling)
   (d) onnx     - the earlier project's way: JPEG decode + the ONNX extractor inside every step
@@ -23,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from trainer.data import CacheIndex, ResidentSource, StreamingSource, epoch_batches  # noqa: E402
+from trainer.data import CacheIndex, PinnedStreamSource, ResidentSource, StreamingSource, epoch_batches  # noqa: E402
 from trainer.losses import LossConfig, SegLoss  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.sampling import RoiSampling  # noqa: E402
@@ -128,6 +129,8 @@ def main():
         if mode == "stream":
             src = StreamingSource(index, sampling, 56, 0, a.workers, device)
             it = src.iterate(batches, 1, True)
+        elif mode == "pinned":  # the GPU streaming path: thread decode into pinned buffers
+            it = PinnedStreamSource(index, sampling, 56, 0, device, threads=a.workers).iterate(batches, 1, True)
         elif mode == "resident":
             it = resident.iterate(batches, 1, True)
         elif mode == "memory":
@@ -138,7 +141,7 @@ def main():
             it = onnx_batches(index, resident, batches, 1)
         out[mode] = run_steps(model, opt, loss_fn, it, device, amp, a.steps)
     if "memory" in out:
-        for mode in ("stream", "resident", "onnx"):
+        for mode in ("stream", "pinned", "resident", "onnx"):
             if mode in out:
                 out[f"{mode}_vs_memory"] = round(out[mode]["rois_per_s"] / out["memory"]["rois_per_s"], 3)
     print(json.dumps(out, indent=2))

@@ -13,7 +13,7 @@ from featcache.store import StoreError
 from trainer.checkpoint import (CheckpointError, checkpoint_name, find_checkpoint, list_checkpoints,
                                 load_checkpoint)
 from trainer.config import make_config
-from trainer.data import CacheIndex, ResidentSource, StreamingSource, epoch_batches
+from trainer.data import CacheIndex, PinnedStreamSource, ResidentSource, StreamingSource, epoch_batches
 from trainer.loop import Trainer
 from trainer.sampling import RoiSampling
 
@@ -34,9 +34,11 @@ def test_streaming_and_resident_batches_are_identical(stores):
     batches = epoch_batches(idx.images, 3, 0, 4)[:3]
     a = list(StreamingSource(idx, s, 28, 0, workers=2, device=torch.device("cpu")).iterate(batches, 3, True))
     b = list(ResidentSource(idx, s, 28, 0, torch.device("cpu")).iterate(batches, 3, True))
-    for x, y in zip(a, b):
+    c = list(PinnedStreamSource(idx, s, 28, 0, torch.device("cpu"), threads=2, depth=2).iterate(batches, 3, True))
+    assert len(a) == len(b) == len(c) == 3
+    for x, y, z in zip(a, b, c):
         for k in x:
-            assert torch.equal(x[k], y[k]), k
+            assert torch.equal(x[k], y[k]) and torch.equal(x[k], z[k]), k
     assert a[0]["targets"].shape[1:] == (28, 28) and len(a[0]["rois"]) == len(a[0]["targets"])
     # two jittered samples per ROI, different boxes
     assert not torch.equal(a[0]["rois"][0], a[0]["rois"][1])

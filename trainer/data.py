@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -181,16 +183,19 @@ class ResidentSource:
         self.row = np.full(index.meta["n_images"], -1, np.int64)
         self.row[imgs] = np.arange(len(imgs))
         c, hf, wf = index.feature_shape
-        self.features = torch.empty((len(imgs), c, hf, wf), dtype=torch.float16, device=device)
+        self.features = (torch.empty((len(imgs), c, hf, wf), dtype=torch.float16, device=device)
+                         if self.keep_features else None)
         packed, unions, offsets = [], [], [0]
 
         def load(k):
             i = int(imgs[k])
-            return k, torch.from_numpy(store.features(i)), torch.from_numpy(store.packed_masks(i).copy())
+            f = torch.from_numpy(store.features(i)) if self.keep_features else None
+            return k, f, torch.from_numpy(store.packed_masks(i).copy())
 
         with ThreadPoolExecutor(threads) as pool:  # blosc/zstd decode releases the GIL
             for k, f, p in pool.map(load, range(len(imgs))):
-                self.features[k] = f.to(device)
+                if f is not None:
+                    self.features[k] = f.to(device)
                 packed.append(p)
                 unions.append(union_packed(p))
                 offsets.append(offsets[-1] + len(p))
@@ -199,10 +204,13 @@ class ResidentSource:
         self.inst_offset = np.asarray(offsets[:-1])
         self.host_parts = HostParts(index, sampling, seed, self.row, self.inst_offset)
         self.host_workers = host_workers
-        log.info("resident cache: %d images, %.2f GB features on %s", len(imgs),
-                 self.features.numel() * 2 / 1e9, device)
+        if self.keep_features:
+            log.info("resident cache: %d images, %.2f GB features on %s", len(imgs),
+                     self.features.numel() * 2 / 1e9, device)
 
-    def device_part(self, host: dict) -> dict:
+    keep_features = True
+
+    def device_part(self, host: dict, features: torch.Tensor | None = None) -> dict:
         """Gathers on the device; copies are asynchronous (pinned), so the GPU never waits."""
         d = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
         h, w = self.index.input_hw
@@ -212,7 +220,8 @@ class ResidentSource:
                                          self.mask_size, self.mask_size, w)
         else:
             targets = torch.zeros((0, self.mask_size, self.mask_size), dtype=torch.uint8, device=self.device)
-        return {"features": self.features[d["rows"]], "rois": d["rois"], "targets": targets,
+        feats = self.features[d["rows"]] if features is None else features
+        return {"features": feats, "rois": d["rois"], "targets": targets,
                 "roi_ids": d["roi_ids"], "images": d["images"]}
 
     def batch(self, images: list[int], epoch: int, train: bool) -> dict:
@@ -228,6 +237,77 @@ class ResidentSource:
                             pin_memory=True, prefetch_factor=8, persistent_workers=False)
         for host in loader:
             yield self.device_part(host)
+
+
+class PinnedStreamSource(ResidentSource):
+    """Streaming for GPUs: masks resident on the device, features decoded by a thread pool straight
+    into pinned ring buffers (zarr ``out=``; blosc releases the GIL), then copied asynchronously.
+
+    One memcpy-free decode per image instead of decode -> shared memory -> pin-thread copy; batches
+    equal the resident ones (same host parts, same device part)."""
+
+    kind = "stream-pinned"
+    keep_features = False
+
+    def __init__(self, index, sampling, mask_size, seed, device, images=None, threads: int = 8, depth: int = 3):
+        super().__init__(index, sampling, mask_size, seed, device, images=images)
+        self.feat = FeatureStore(index.path).root["features"]
+        self.threads, self.depth = threads, depth
+
+    def iterate(self, batches, epoch, train):
+        if not batches:
+            return
+        cuda = self.device.type == "cuda"
+        c, hf, wf = self.index.feature_shape
+        width = max(len(b) for b in batches)
+        bufs = [torch.empty((width, c, hf, wf), dtype=torch.float16, pin_memory=cuda) for _ in range(self.depth)]
+        events = [None] * self.depth
+        free = threading.Semaphore(self.depth)
+        ready: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def produce():
+            try:
+                with ThreadPoolExecutor(self.threads) as pool:
+                    for k, b in enumerate(batches):
+                        free.acquire()
+                        if stop.is_set():
+                            return
+                        slot = k % self.depth
+                        if events[slot] is not None:
+                            events[slot].synchronize()  # the last copy out of this buffer is done
+                        arr = bufs[slot].numpy()
+                        jobs = [pool.submit(self.feat.get_basic_selection, (int(i),), arr[j])
+                                for j, i in enumerate(b)]
+                        host = self.host_parts[(list(b), epoch, train)]
+                        if cuda:
+                            host = {key: v.pin_memory() for key, v in host.items()}
+                        for j in jobs:
+                            j.result()
+                        ready.put((slot, len(b), host))
+            except BaseException as exc:  # noqa: BLE001 - surfaced in the consumer
+                ready.put(exc)
+            ready.put(None)
+
+        threading.Thread(target=produce, daemon=True).start()
+        held = None
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                slot, n, host = item
+                feats = bufs[slot][:n].to(self.device, non_blocking=True)
+                if cuda:
+                    events[slot] = torch.cuda.Event()
+                    events[slot].record()
+                if held is not None:  # the previous batch's step is over: its buffer may be refilled
+                    free.release()
+                held = slot
+                yield self.device_part(host, feats if cuda else feats.clone())
+        finally:
+            stop.set()
+            free.release()
+            free.release()
 
 
 def choose_resident(mode: str, index: CacheIndex, device: torch.device, n_images: int | None = None) -> str:
@@ -257,6 +337,8 @@ def make_source(mode: str, index, sampling, mask_size, seed, workers, device, im
     if chosen == "cpu":
         src = ResidentSource(index, sampling, mask_size, seed, torch.device("cpu"), images=images)
         return _MovedSource(src, device) if device.type != "cpu" else src
+    if device.type == "cuda":
+        return PinnedStreamSource(index, sampling, mask_size, seed, device, images=images)
     return StreamingSource(index, sampling, mask_size, seed, workers, device)
 
 
