@@ -163,7 +163,9 @@ def validation_png_hook(cfg):
         img_dir = Path(cfg.vis_image_dir or meta["images_dir"])
         try:
             if "extractor" not in state:
-                state["extractor"] = open_extractor(trainer.train_index.meta, cfg.vis_onnx, "auto")
+                # CUDA, not TensorRT: four images an epoch never repay a TensorRT engine build.
+                provider = "cuda" if trainer.cuda else "cpu"
+                state["extractor"] = open_extractor(trainer.train_index.meta, cfg.vis_onnx, provider)
             model = trainer.ema.module if trainer.ema else trainer.model
             pred = Predictor(model, trainer.train_index.meta, state["extractor"], trainer.device)
             path = write_validation_png(pred, ann, img_dir, trainer.out, epoch, cfg.vis_images)
