@@ -19,15 +19,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.realdata import ANN, FEATURE, IMAGES, ONNX  # noqa: E402
 from featcache.cache import CacheConfig, run_cache  # noqa: E402
 from featcache.coco import load_person_records  # noqa: E402
 from featcache.extractor import Extractor  # noqa: E402
 from featcache.images import Preprocess, load_rgb, preprocess  # noqa: E402
 
-REAL = ROOT.parent / "shared" / "realdata"
-ANN = REAL / "data/annotations/instances_train2017_person_only_no_crowd.json"
-ONNX = REAL / "ext_extractor/yolox_nano_640x640.onnx"
-FEATURE = "/backbone/Concat_1_output_0"
 
 
 def main():
@@ -36,7 +33,7 @@ def main():
     a = ap.parse_args()
     recs, _ = load_person_records(ANN)
     prep = Preprocess("bgr", 1.0)
-    xs = [preprocess(load_rgb(REAL / "data/images/train2017" / r.file_name), prep)[None] for r in recs]
+    xs = [preprocess(load_rgb(IMAGES / r.file_name), prep)[None] for r in recs]
     ex = Extractor(ONNX, FEATURE, "cpu", streams=1)  # a plain loop: one run at a time, all cores
     ex.run(xs[0])
     bares, rates, loop_rates = [], [], []
@@ -47,7 +44,7 @@ def main():
             ex.run(x)
         bares.append(len(xs) / (time.perf_counter() - t))
         out = tmp / f"s{r}.zarr"
-        cfg = CacheConfig(ann=ANN, images=REAL / "data/images/train2017", onnx=ONNX, out=out,
+        cfg = CacheConfig(ann=ANN, images=IMAGES, onnx=ONNX, out=out,
                           feature_name=FEATURE, channel_order="bgr", scale=1.0, provider="cpu")
         t = time.perf_counter()
         s = run_cache(cfg, progress=False)

@@ -17,10 +17,10 @@ from numcodecs import Blosc, LZ4, Zstd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.realdata import IMAGES, ONNX  # noqa: E402
 from featcache.extractor import Extractor  # noqa: E402
 from featcache.images import Preprocess, load_rgb, preprocess  # noqa: E402
 
-REAL = ROOT.parent / "shared" / "realdata"
 CODECS = {
     "blosc-lz4-bitshuffle": Blosc("lz4", 5, Blosc.BITSHUFFLE),
     "blosc-lz4-byteshuffle": Blosc("lz4", 5, Blosc.SHUFFLE),
@@ -37,9 +37,9 @@ def main():
     ap.add_argument("--feature-name", default="/backbone/Concat_1_output_0")
     a = ap.parse_args()
     numcodecs.blosc.set_nthreads(1)
-    ex = Extractor(REAL / "ext_extractor/yolox_nano_640x640.onnx", a.feature_name, "cpu")
+    ex = Extractor(ONNX, a.feature_name, "cpu")
     prep = Preprocess("bgr", 1.0)
-    files = sorted((REAL / "data/images/train2017").glob("*.jpg"))[: a.images]
+    files = sorted(IMAGES.glob("*.jpg"))[: a.images]
     feats = [ex.run(preprocess(load_rgb(f), prep)[None])[0].astype(np.float16) for f in files]
     raw = sum(f.nbytes for f in feats)
     res = {}

@@ -24,12 +24,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.realdata import IMAGES, ONNX  # noqa: E402
 from trainer.data import CacheIndex, PinnedStreamSource, ResidentSource, StreamingSource, epoch_batches  # noqa: E402
 from trainer.losses import LossConfig, SegLoss  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.sampling import RoiSampling  # noqa: E402
 
-REAL = ROOT.parent / "shared" / "realdata"
 
 
 def synthetic_store(n: int, channels: int, workers: int, keep: Path | None = None) -> Path:
@@ -79,7 +79,7 @@ def onnx_batches(index, resident, batches, epoch):
     """Earlier project's data path: decode JPEG + run the extractor for every image, every step."""
     from featcache.extractor import Extractor
     from featcache.images import Preprocess, load_rgb, preprocess
-    ex = Extractor(REAL / "ext_extractor/yolox_nano_640x640.onnx", index.meta["feature_name"], "cpu", streams=1)
+    ex = Extractor(ONNX, index.meta["feature_name"], "cpu", streams=1)
     prep = Preprocess.from_dict(index.meta["preprocess"])
     img_dir = Path(index.meta["images_dir"])
     for b in batches:

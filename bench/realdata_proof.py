@@ -20,16 +20,13 @@ from pycocotools import mask as mask_utils
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.realdata import ANN, FEATURE, IMAGES, ONNX  # noqa: E402
 from featcache.analyze import run_analyze, write_json_atomic  # noqa: E402
 from featcache.cache import CacheConfig, run_cache  # noqa: E402
 from featcache.coco import load_person_records  # noqa: E402
 from trainer.config import make_config  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 
-REAL = ROOT.parent / "shared" / "realdata"
-ANN = REAL / "data/annotations/instances_train2017_person_only_no_crowd.json"
-ONNX = REAL / "ext_extractor/yolox_nano_640x640.onnx"
-FEATURE = "/backbone/Concat_1_output_0"
 
 
 def split_annotations(out: Path, val_every: int) -> dict:
@@ -70,7 +67,7 @@ def main():
     stores = {}
     for split in ("train", "val"):
         stores[split] = a.out / f"{split}.zarr"
-        run_cache(CacheConfig(ann=anns[split], images=REAL / "data/images/train2017", onnx=ONNX,
+        run_cache(CacheConfig(ann=anns[split], images=IMAGES, onnx=ONNX,
                               out=stores[split], feature_name=FEATURE, channel_order="bgr", scale=1.0,
                               provider="cpu"), progress=False)
     analysis = a.out / "data_analyze.json"

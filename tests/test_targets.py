@@ -59,3 +59,19 @@ def test_masks_to_input_frame_stretch_and_letterbox():
     assert lb.shape == (1, 64, 64)
     assert not lb[0, :16].any() and not lb[0, 48:].any()   # 32-row content centred
     assert lb[0, 16:48, :32].all() and not lb[0, 16:48, 32:].any()
+
+
+def test_fast_rle_path_equals_rasterizer():
+    from pycocotools import mask as mask_utils
+
+    from featcache.targets import rles_to_input_frame_packed
+    rng = np.random.default_rng(3)
+    m = np.zeros((3, 75, 130), np.uint8)
+    for k in range(3):
+        x, y = rng.integers(0, 100), rng.integers(0, 50)
+        m[k, y:y + 20, x:x + 25] = 1
+    rles = [mask_utils.encode(np.asfortranarray(x)) for x in m]
+    for mode in ("stretch", "letterbox"):
+        p = ResizePolicy(64, 48, mode)
+        ref = np.packbits(masks_to_input_frame(m.astype(bool), p), axis=-1)
+        assert (rles_to_input_frame_packed(rles, p) == ref).all()
