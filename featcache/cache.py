@@ -14,6 +14,7 @@ import queue
 import shutil
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,6 +217,18 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
     return summary
 
 
+def _in_order(pool, todo, records, images_dir, prep, window):
+    """(image index, future) in order, with at most ``window`` decodes in flight: memory stays flat
+    on 60k-image runs while the workers keep ahead of the model."""
+    ahead: deque = deque()
+    for i in todo:
+        ahead.append((i, pool.submit(prepare_image, records[i], images_dir, prep)))
+        if len(ahead) >= window:
+            yield ahead.popleft()
+    while ahead:
+        yield ahead.popleft()
+
+
 def _process(cfg, records, todo, ex, prep, store, progress) -> int:
     if not todo:
         return 0
@@ -251,25 +264,10 @@ def _process(cfg, records, todo, ex, prep, store, progress) -> int:
 
     try:
         with ThreadPoolExecutor(cfg.workers) as pool:
-            # bounded look-ahead keeps memory flat on 60k-image runs
             window = max(4 * cfg.workers, 2 * batch)
-            futures = {}
-            it = iter(todo)
-            for i in it:
-                futures[i] = pool.submit(prepare_image, records[i], cfg.images, prep)
-                if len(futures) >= window:
-                    break
-            order = list(futures)
-            pos = 0
-            while pos < len(order):
-                i = order[pos]
-                pos += 1
-                nxt = next(it, None)
-                if nxt is not None:
-                    futures[nxt] = pool.submit(prepare_image, records[nxt], cfg.images, prep)
-                    order.append(nxt)
+            for i, future in _in_order(pool, todo, records, cfg.images, prep, window):
                 try:
-                    x, packed, rles = futures.pop(i).result()
+                    x, packed, rles = future.result()
                 except ImageDecodeError as exc:
                     log.warning("skipping image: %s", exc)
                     store.write_skipped(i, str(exc))
@@ -282,9 +280,8 @@ def _process(cfg, records, todo, ex, prep, store, progress) -> int:
                     flush()
                 if writer.error or run_errors:
                     break
-            if not writer.error:
+            if not (writer.error or run_errors):
                 flush()
-        runner.shutdown(wait=True)
     finally:
         runner.shutdown(wait=True)
         writer.q.put(None)
