@@ -33,7 +33,8 @@ from .store import FINGERPRINT_KEYS, FeatureStore, StoreError, diff_metadata
 from .targets import rles_to_input_frame_packed
 
 log = logging.getLogger(__name__)
-FP16_MAX = 65504.0
+# Stored / raw size of fp16 features with the store's codec (1.40x measured, bench/bench_codecs.py).
+STORED_FRACTION = 0.72
 
 
 @dataclass
@@ -105,10 +106,7 @@ class _Writer(threading.Thread):
             if self.error:
                 continue
             try:
-                i, feat, packed, rles = item
-                if feat.dtype != np.float16:
-                    feat = np.clip(feat, -FP16_MAX, FP16_MAX).astype(np.float16)
-                self.store.write_image(i, feat, packed, rles)
+                self.store.write_image(*item)  # features arrive as fp16 (cast in the graph)
                 self.bar.update(1)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 self.error = exc
@@ -154,14 +152,19 @@ def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extract
         lock.unlink()
 
 
-def check_disk(out: Path, n_todo: int, feature_shape, input_hw, n_masks: int) -> tuple[int, int]:
-    """(bytes needed as raw fp16 + masks, bytes free) for the images still to do."""
+def check_disk(out: Path, n_todo: int, feature_shape, input_hw, n_masks: int, enforce: bool) -> None:
+    """Print the size estimate for the images still to do; stop if the disk cannot hold it."""
     per_image = int(np.prod(feature_shape)) * 2
-    need = n_todo * per_image + n_masks * input_hw[0] * input_hw[1] // 8 // 20
+    raw = n_todo * per_image + n_masks * input_hw[0] * input_hw[1] // 8 // 20
+    need = raw * STORED_FRACTION
     free = shutil.disk_usage(out if out.exists() else out.parent).free
-    log.info("estimated need: %.2f GB raw fp16 for %d images (%.1f MB/image, lz4 typically stores "
-             "~70%% of that); free: %.2f GB", need / 1e9, n_todo, per_image / 1e6, free / 1e9)
-    return need, free
+    print(f"estimated size: {raw / 1e9:.2f} GB raw fp16 (stored ~{need / 1e9:.2f} GB with lz4), "
+          f"free {free / 1e9:.2f} GB")
+    if enforce and need > free:
+        raise FeatCacheError(
+            f"not enough disk space for {out}: about {need / 1e9:.1f} GB needed ({n_todo} images x "
+            f"{per_image / 1e6:.1f} MB raw fp16), {free / 1e9:.1f} GB free. Use --limit, --subset, "
+            f"--shard, another --out, or --no-space-check.")
 
 
 def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
@@ -191,16 +194,8 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
           f"{len(records)} images, {int(done.sum())} already cached, {len(todo)} to do"
           + (f" (shard {si}/{sn})" if sn > 1 else ""))
     if todo:
-        need, free = check_disk(cfg.out, len(todo), ex.feature_shape, ex.input_hw,
-                                int(sum(len(records[i].instances) for i in todo)))
-        print(f"estimated size: {need / 1e9:.2f} GB raw fp16 (stored ~{need * 0.72 / 1e9:.2f} GB "
-              f"with lz4), free {free / 1e9:.2f} GB")
-        if cfg.space_check and need * 0.72 > free:
-            raise FeatCacheError(
-                f"not enough disk space for {cfg.out}: about {need * 0.72 / 1e9:.1f} GB needed "
-                f"({len(todo)} images x {np.prod(ex.feature_shape) * 2 / 1e6:.1f} MB raw fp16), "
-                f"{free / 1e9:.1f} GB free. Use --limit, --subset, --shard, another --out, "
-                f"or --no-space-check.")
+        check_disk(cfg.out, len(todo), ex.feature_shape, ex.input_hw,
+                   int(sum(len(records[i].instances) for i in todo)), cfg.space_check)
     t_loop = time.perf_counter()
     newly_skipped = _process(cfg, records, todo, ex, prep, store, progress)
     t_loop = time.perf_counter() - t_loop

@@ -11,7 +11,6 @@ import onnx
 from .errors import FeatCacheError
 
 log = logging.getLogger(__name__)
-PROVIDERS = ("auto", "tensorrt", "cuda", "cpu")
 
 
 class ExtractorError(FeatCacheError):
@@ -146,14 +145,10 @@ class Extractor:
         log.info("extractor %s -> %s %s on %s", onnx_path.name, feature_name, list(self.feature_shape),
                  self.provider)
 
-    @property
-    def max_batch(self) -> int | None:
-        return self.fixed_batch
-
     def run(self, batch: np.ndarray) -> np.ndarray:
         """``[B,3,H,W]`` float32 -> ``[B,C,Hf,Wf]`` float16 (clipped to its range); splits batches a
         fixed-batch model refuses."""
-        fb = getattr(self, "fixed_batch", None)
+        fb = self.fixed_batch
         if fb and batch.shape[0] != fb:
             return np.concatenate([self.session.run(None, {self.input_name: batch[i:i + fb]})[0]
                                    for i in range(0, batch.shape[0], fb)])
