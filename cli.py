@@ -122,16 +122,18 @@ SCALES = {"1/255": 1 / 255, "1": 1.0}
 @click.option("--batch", type=int, default=8, show_default=True, help="Batch size for dynamic-batch models.")
 @click.option("--no-space-check", is_flag=True, help="Write even if the disk estimate says it will not fit.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out first.")
+@click.option("--flip", is_flag=True,
+              help="Also store features of the mirrored image, for flip augmentation (2x disk).")
 @_user_errors
 def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel_order, scale, resize,
-          roi_padding, limit, shard, out, workers, batch, no_space_check, overwrite):
+          roi_padding, limit, shard, out, workers, batch, no_space_check, overwrite, flip):
     """Run the ONNX extractor once per image -> fp16 chunked Zarr store + rasterized targets."""
     from featcache.cache import CacheConfig, run_cache
     cfg = CacheConfig(ann=ann or ann_path(split, subset), images=images or Path(f"data/images/{split}2017"),
                       onnx=onnx_path, out=out or default_store(split, subset), feature_name=feature_name,
                       provider=provider, channel_order=channel_order, scale=SCALES[scale], resize=resize,
                       roi_padding=roi_padding, limit=limit, shard=shard, batch=batch,
-                      space_check=not no_space_check, overwrite=overwrite)
+                      space_check=not no_space_check, overwrite=overwrite, flip=flip)
     if workers:
         cfg.workers = workers
     s = run_cache(cfg)
@@ -153,14 +155,17 @@ def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel
 @click.option("--train-store", type=click.Path(path_type=Path), help="Training cache (overrides --subset).")
 @click.option("--val-store", type=click.Path(path_type=Path), help="Validation cache.")
 @click.option("--out", type=click.Path(path_type=Path), help="Checkpoint folder [checkpoints].")
-@click.option("--model", type=click.Choice(["roialign", "global"]), help="Decoder [roialign].")
-@click.option("--hidden", type=int, help="Decoder width [256].")
+@click.option("--model", type=click.Choice(["roialign", "global", "prior"]),
+              help="Decoder [roialign]; prior = one learned mean shape, no features (a baseline).")
+@click.option("--hidden", type=int, help="Decoder width [128].")
 @click.option("--roi-size", type=int, help="ROIAlign output size [14].")
 @click.option("--mask-size", type=int, help="ROI mask size = roi size x 2^k [56].")
 @click.option("--classes", type=click.Choice(["2", "3"]), help="3 = bg/target/others, 2 = bg/target [3].")
-@click.option("--epochs", type=int, help="[12]")
-@click.option("--batch-size", type=int, help="Images per step, with all their ROIs [auto: 64 on CUDA, 8 on CPU].")
-@click.option("--lr", type=float, help="AdamW learning rate [1e-3].")
+@click.option("--epochs", type=int, help="[auto: 12, more on small sets so that training makes >= 1000 optimizer steps]")
+@click.option("--batch-size", type=int, help="Images per read, with all their ROIs [auto: 64 on CUDA, 8 on CPU].")
+@click.option("--rois-per-step", type=int, help="ROIs per optimizer step; a read is split into several "
+              "steps [auto: 16 on CPU, 256 on CUDA].")
+@click.option("--lr", type=float, help="AdamW rate at 16 ROIs/step, scaled by sqrt(ROIs per step / 16) [1e-3].")
 @click.option("--weight-decay", type=float)
 @click.option("--warmup-epochs", type=float, help="Linear warm-up, then cosine [0.5].")
 @click.option("--grad-clip", type=float, help="Max gradient norm, 0 = off [1.0].")
@@ -171,8 +176,16 @@ def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel
 @click.option("--device", help="auto, cpu, cuda, cuda:1 [auto].")
 @click.option("--resident", type=click.Choice(["auto", "gpu", "cpu", "off"]),
               help="Keep the cache in GPU/CPU memory (auto: if it fits) or stream it [auto].")
-@click.option("--jitter", type=float, help="ROI jitter, fraction of box size per side [0.1].")
-@click.option("--samples-per-roi", type=int, help="Jittered copies of each ROI per read [1].")
+@click.option("--feature-norm", type=click.Choice(["channel", "none"]),
+              help="Standardize features per channel with the training cache's statistics [channel].")
+@click.option("--hflip", type=float, help="Probability of training on an image mirrored [0.5].")
+@click.option("--hflip-source", type=click.Choice(["auto", "stored", "map"]),
+              help="Mirrored features: stored by `cache --flip`, or the mirrored map [auto: stored if cached].")
+@click.option("--jitter", type=float, help="Person-box centre jitter sigma, fraction of its size [0.05].")
+@click.option("--jitter-scale", type=float, help="Person-box log-size jitter sigma [0.1].")
+@click.option("--samples-per-roi", type=int, help="Jittered copies of each ROI per read [2].")
+@click.option("--overlap-boost", type=int,
+              help="ROIs with another person inside get this many times the copies (class 2) [2].")
 @click.option("--min-roi-size", "min_roi_px", type=float, help="Skip training ROIs under this many input px [8].")
 @click.option("--analysis", type=click.Path(path_type=Path), help="data_analyze.json for class weights.")
 @click.option("--class-weights", type=click.Choice(["inverse_frequency", "log_scaled", "inverse_clipped", "none"]))
@@ -180,6 +193,7 @@ def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel
 @click.option("--dice-on-others", is_flag=True, default=None, help="Dice on class 2 too.")
 @click.option("--focal-gamma", type=float, help="Focal CE gamma, 0 = plain CE [0].")
 @click.option("--boundary-weight", type=float, help="Extra CE on label boundaries [0].")
+@click.option("--best-metric", help="Validation metric that picks best.pth [instance_mIoU].")
 @click.option("--coco-eval", is_flag=True, default=None, help="Also COCO mask AP (pycocotools).")
 @click.option("--zero-features", is_flag=True, default=None, help="Ablation: train with features zeroed.")
 @click.option("--resume", help="auto (latest in --out) or a checkpoint path.")

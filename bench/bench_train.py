@@ -7,7 +7,7 @@
   (d) onnx     - the earlier project's way: JPEG decode + the ONNX extractor inside every step
                  (CPU, real stand-in only)
 
-    uv run python bench/bench_train.py                       # realdata YOLOX-Nano stores (bench/realdata_proof.py makes them)
+    uv run python bench/bench_train.py                       # the real-data store (bench/realdata_cv.py makes it)
     uv run python bench/bench_train.py --synthetic 300 --channels 1024 --device cuda   # GPU, real feature size
 """
 from __future__ import annotations
@@ -49,7 +49,9 @@ def synthetic_store(n: int, channels: int, workers: int, keep: Path | None = Non
     return out
 
 
-def run_steps(model, opt, loss_fn, batches, device, amp, steps):
+def run_steps(model, opt, loss_fn, batches, device, amp, steps, rois_per_step=0):
+    """``rois_per_step`` > 0: each read is split into optimizer steps of that many ROIs (the
+    trainer's recipe); 0: one step per read."""
     n_rois = n_img = 0
     t0 = None
     for k, b in enumerate(batches):
@@ -59,12 +61,16 @@ def run_steps(model, opt, loss_fn, batches, device, amp, steps):
             t0 = time.perf_counter()
             n_rois = n_img = 0
         f = b["features"]
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            logits = model(f if amp else f.float(), b["rois"])
-        loss = loss_fn(logits, b["targets"])["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        n = len(b["rois"])
+        chunks = torch.tensor_split(torch.randperm(n, device=f.device), max(1, n // rois_per_step)) \
+            if rois_per_step else [slice(None)]
+        for sel in chunks:
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                logits = model(f if amp else f.float(), b["rois"][sel])
+            loss = loss_fn(logits, b["targets"][sel])["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         n_rois += len(b["rois"])
         n_img += len(b["features"])
         if k + 1 >= steps + 2:
@@ -91,7 +97,7 @@ def onnx_batches(index, resident, batches, epoch):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--store", type=Path, default=ROOT / "bench/out/realdata/train.zarr")
+    ap.add_argument("--store", type=Path, default=ROOT / "bench/out/cv/store.zarr")
     ap.add_argument("--synthetic", type=int, default=0, help="build a synthetic store of N images instead")
     ap.add_argument("--channels", type=int, default=1024)
     ap.add_argument("--keep-store", type=Path, help="build the synthetic store here once and reuse it")
@@ -102,11 +108,12 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--modes", default="stream,resident,memory,onnx")
+    ap.add_argument("--rois-per-step", type=int, default=0, help="split reads into steps of N ROIs (0: one step per read)")
     a = ap.parse_args()
     device = torch.device(a.device)
     store = synthetic_store(a.synthetic, a.channels, a.workers, a.keep_store) if a.synthetic else a.store
     index = CacheIndex(store)
-    sampling = RoiSampling(0.1, a.samples_per_roi)
+    sampling = RoiSampling(samples_per_roi=a.samples_per_roi)
     amp = device.type == "cuda"
     batches = epoch_batches(index.images, 1, 0, a.batch_size)
     while len(batches) < a.steps + 2:
@@ -118,7 +125,8 @@ def main():
     loss_fn = SegLoss(LossConfig(), 3).to(device)
     out = {"device": torch.cuda.get_device_name(device) if amp else "cpu (2 cores)" if a.device == "cpu" else a.device,
            "feature_shape": list(index.feature_shape), "images": len(index.images),
-           "batch_images": a.batch_size, "samples_per_roi": a.samples_per_roi, "hidden": a.hidden}
+           "batch_images": a.batch_size, "samples_per_roi": a.samples_per_roi, "hidden": a.hidden,
+           "rois_per_step": a.rois_per_step or "one step per read"}
     modes = a.modes.split(",")
     resident = None
     t = time.perf_counter()
@@ -139,7 +147,7 @@ def main():
             if device.type != "cpu" or a.synthetic:
                 continue
             it = onnx_batches(index, resident, batches, 1)
-        out[mode] = run_steps(model, opt, loss_fn, it, device, amp, a.steps)
+        out[mode] = run_steps(model, opt, loss_fn, it, device, amp, a.steps, a.rois_per_step)
     if "memory" in out:
         for mode in ("stream", "pinned", "resident", "onnx"):
             if mode in out:

@@ -12,7 +12,7 @@ from trainer.sampling import RoiSampling
 
 dev = torch.device("cuda")
 idx = CacheIndex(synthetic_store(200, 1024, 12))
-src = ResidentSource(idx, RoiSampling(0.1, 4), 56, 0, dev)
+src = ResidentSource(idx, RoiSampling(samples_per_roi=4), 56, 0, dev)
 batches = epoch_batches(idx.images, 1, 0, 16) * 3
 model = build_model("roialign", 1024, hidden=256).to(dev)
 opt = torch.optim.AdamW(model.parameters(), 1e-4)

@@ -55,6 +55,7 @@ class CacheConfig:
     batch: int = 8
     space_check: bool = True
     overwrite: bool = False
+    flip: bool = False      # also store features of the horizontally mirrored input (flip augmentation)
 
 
 def build_tables(records: list[ImageRecord], policy: ResizePolicy, roi_padding: float) -> dict:
@@ -118,7 +119,7 @@ def _metadata(cfg: CacheConfig, ex: Extractor, prep: Preprocess) -> dict:
             "input_hw": list(ex.input_hw), "preprocess": prep.to_dict(),
             "resize_policy": prep.policy.mode, "roi_padding": cfg.roi_padding,
             "annotation_path": str(cfg.ann), "annotation_sha256": file_sha256(cfg.ann),
-            "images_dir": str(cfg.images), "limit": cfg.limit}
+            "images_dir": str(cfg.images), "limit": cfg.limit, "flip": cfg.flip}
 
 
 def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extractor) -> FeatureStore:
@@ -127,8 +128,8 @@ def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extract
         shutil.rmtree(out)
     if (out / ".zattrs").is_file() and "metadata" in json.loads((out / ".zattrs").read_text()):
         store = FeatureStore(out, "r+")
-        keys = FINGERPRINT_KEYS + ("annotation_sha256", "limit")
-        diffs = diff_metadata(store.meta, meta, keys)
+        keys = FINGERPRINT_KEYS + ("annotation_sha256", "limit", "flip")
+        diffs = diff_metadata({"flip": False, **store.meta}, meta, keys)
         if diffs:
             raise StoreError(f"the cache at {out} was built with other settings:\n  "
                              + "\n  ".join(diffs)
@@ -152,18 +153,19 @@ def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extract
         lock.unlink()
 
 
-def check_disk(out: Path, n_todo: int, feature_shape, input_hw, n_masks: int, enforce: bool) -> None:
+def check_disk(out: Path, n_todo: int, feature_shape, input_hw, n_masks: int, enforce: bool,
+               flip: bool = False) -> None:
     """Print the size estimate for the images still to do; stop if the disk cannot hold it."""
-    per_image = int(np.prod(feature_shape)) * 2
+    per_image = int(np.prod(feature_shape)) * 2 * (2 if flip else 1)  # --flip: a second map per image
     raw = n_todo * per_image + n_masks * input_hw[0] * input_hw[1] // 8 // 20
     need = raw * STORED_FRACTION
     free = shutil.disk_usage(out if out.exists() else out.parent).free
-    print(f"estimated size: {raw / 1e9:.2f} GB raw fp16 (stored ~{need / 1e9:.2f} GB with lz4), "
-          f"free {free / 1e9:.2f} GB")
+    print(f"estimated size: {raw / 1e9:.2f} GB raw fp16 (stored ~{need / 1e9:.2f} GB with lz4"
+          f"{', flipped maps included: 2x' if flip else ''}), free {free / 1e9:.2f} GB")
     if enforce and need > free:
         raise FeatCacheError(
             f"not enough disk space for {out}: about {need / 1e9:.1f} GB needed ({n_todo} images x "
-            f"{per_image / 1e6:.1f} MB raw fp16), {free / 1e9:.1f} GB free. Use --limit, --subset, "
+            f"{per_image / 1e6:.1f} MB raw fp16{' incl. flipped' if flip else ''}), {free / 1e9:.1f} GB free. Use --limit, --subset, "
             f"--shard, another --out, or --no-space-check.")
 
 
@@ -195,7 +197,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
           + (f" (shard {si}/{sn})" if sn > 1 else ""))
     if todo:
         check_disk(cfg.out, len(todo), ex.feature_shape, ex.input_hw,
-                   int(sum(len(records[i].instances) for i in todo)), cfg.space_check)
+                   int(sum(len(records[i].instances) for i in todo)), cfg.space_check, cfg.flip)
     t_loop = time.perf_counter()
     newly_skipped = _process(cfg, records, todo, ex, prep, store, progress)
     t_loop = time.perf_counter() - t_loop
@@ -210,6 +212,12 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
                "loop_s": round(t_loop, 3),
                "complete": n_done == len(records)}
     return summary
+
+
+def mirror_input(x: np.ndarray) -> np.ndarray:
+    """The horizontally mirrored model input ``[B, 3, H, W]``.  Boxes and targets mirror exactly in
+    the input frame (x -> 1 - x); with the stretch policy it is also the mirrored image resized."""
+    return np.ascontiguousarray(x[..., ::-1])
 
 
 def _in_order(pool, todo, records, images_dir, prep, window):
@@ -243,8 +251,14 @@ def _process(cfg, records, todo, ex, prep, store, progress) -> int:
 
     def infer(x, meta):
         try:
-            for (i, packed, rles), f in zip(meta, ex.run(x)):
-                writer.q.put((i, f, packed, rles))
+            n = len(x)
+            if cfg.flip:  # one run over the batch and its mirror (split again for fixed-batch models)
+                feats = ex.run(np.concatenate([x, mirror_input(x)]))
+                pairs = zip(feats[:n], feats[n:])
+            else:
+                pairs = ((f, None) for f in ex.run(x))
+            for (i, packed, rles), (f, ff) in zip(meta, pairs):
+                writer.q.put((i, f, packed, rles, ff))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
             run_errors.append(exc)
         finally:

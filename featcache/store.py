@@ -1,6 +1,9 @@
 """The feature store: one Zarr v2 group per split/subset.
 
     features   float16 [N, C, Hf, Wf]   one image per chunk (blosc lz4 + byte shuffle)
+    features_flip (only with ``cache --flip``) the same for the horizontally mirrored model input
+    feature_stats float64 [N, 2, C]      per image: per-channel sum and sum of squares over Hf x Wf
+                                         (exact mean/std over any image subset: k-fold, shards)
     masks      bytes [N]                 bit-packed instance masks [K, H, W] in the input frame
     gt_rle     str [N]                   JSON list of original-resolution COCO RLEs (for instance IoU)
     skipped    str [N]                   reason, only for images that could not be decoded
@@ -12,6 +15,7 @@ directory store writes each chunk to a temp file and renames it, so a kill never
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -23,6 +27,7 @@ import zarr
 from . import __version__
 from .errors import FeatCacheError
 
+log = logging.getLogger(__name__)
 FORMAT = "featcache-store-v1"
 FEATURE_CODEC = numcodecs.Blosc("lz4", 5, numcodecs.Blosc.SHUFFLE)  # see bench/bench_codecs.py
 MASK_CODEC = numcodecs.Zstd(3)
@@ -33,6 +38,27 @@ FINGERPRINT_KEYS = ("onnx_sha256", "feature_name", "feature_shape", "input_hw", 
 
 class StoreError(FeatCacheError):
     pass
+
+
+def channel_sums(features: np.ndarray) -> np.ndarray:
+    """[C, H, W] -> [2, C] float64: per-channel sum and sum of squares (float32 pairwise sums)."""
+    x = np.asarray(features, np.float32).reshape(features.shape[0], -1)
+    return np.stack([x.sum(1, dtype=np.float64), np.einsum("ij,ij->i", x, x, dtype=np.float64)])
+
+
+def _mean_std(sums: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    n = cells * len(sums)
+    total = sums.sum(0)
+    mean = total[0] / n
+    var = np.maximum(total[1] / n - mean ** 2, 0.0)
+    # dead channels (constant) keep std 1 so normalization never divides by ~0
+    std = np.where(var > 1e-12, np.sqrt(var), 1.0)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def create_stats_array(root, n: int, c: int) -> None:
+    root.create_dataset("feature_stats", shape=(n, 2, c), chunks=(1, 2, c), dtype="f8",
+                        compressor=None, fill_value=0, write_empty_chunks=True, overwrite=True)
 
 
 def diff_metadata(have: dict, want: dict, keys=None) -> list[str]:
@@ -76,9 +102,11 @@ class FeatureStore:
             else:
                 root.create_dataset(k, data=np.asarray(v), overwrite=True)
         c, hf, wf = feature_shape
-        root.create_dataset("features", shape=(n, c, hf, wf), chunks=(1, c, hf, wf), dtype="f2",
-                            compressor=FEATURE_CODEC, fill_value=0, write_empty_chunks=True,
-                            overwrite=True)
+        for name in ("features", "features_flip") if meta.get("flip") else ("features",):
+            root.create_dataset(name, shape=(n, c, hf, wf), chunks=(1, c, hf, wf), dtype="f2",
+                                compressor=FEATURE_CODEC, fill_value=0, write_empty_chunks=True,
+                                overwrite=True)
+        create_stats_array(root, n, c)
         for name, codec in (("masks", numcodecs.VLenBytes()), ("gt_rle", numcodecs.VLenUTF8()),
                             ("skipped", numcodecs.VLenUTF8())):
             root.create_dataset(name, shape=(n,), chunks=(1,), dtype=object, object_codec=codec,
@@ -108,9 +136,15 @@ class FeatureStore:
         return {i: self.root["skipped"][i] for i in sorted(idx)}
 
     # --- writes (one image) ----------------------------------------------------------------
-    def write_image(self, i: int, features: np.ndarray, packed_masks: bytes, gt_rle: list) -> None:
+    def write_image(self, i: int, features: np.ndarray, packed_masks: bytes, gt_rle: list,
+                    features_flip: np.ndarray | None = None) -> None:
         self.root["masks"][i] = packed_masks
         self.root["gt_rle"][i] = json.dumps(gt_rle)
+        self.root["feature_stats"][i] = channel_sums(features)
+        if self.has_flip:
+            if features_flip is None:
+                raise StoreError(f"{self.path} holds flipped features: pass them for image {i}")
+            self.root["features_flip"][i] = features_flip
         self.root["features"][i] = features  # last: marks the image done
 
     def write_skipped(self, i: int, reason: str) -> None:
@@ -125,8 +159,49 @@ class FeatureStore:
                 "roi_ann_id", "roi_box", "roi_padded", "roi_box_input", "roi_padded_input")}
         return self._tables
 
-    def features(self, i: int) -> np.ndarray:
-        return self.root["features"][i]
+    def features(self, i: int, flipped: bool = False) -> np.ndarray:
+        return self.root["features_flip" if flipped else "features"][i]
+
+    @property
+    def has_flip(self) -> bool:
+        return bool(self.meta.get("flip")) and "features_flip" in self.root
+
+    def feature_stats(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel (mean, std) float32 of the features of ``images`` (every cell of every map).
+
+        Exact over any subset, from per-image sums.  Stores written before statistics existed get
+        them computed here (and written back once when the store is writable)."""
+        images = [int(i) for i in np.asarray(images, np.int64)]
+        if not images:
+            raise StoreError(f"{self.path}: no images to compute feature statistics from")
+        c, hf, wf = self.meta["feature_shape"]
+        writable = not self.root.read_only and os.access(self.path, os.W_OK)
+        if "feature_stats" not in self.root and writable:
+            try:
+                create_stats_array(self.root, self.meta["n_images"], c)
+            except OSError:
+                writable = False
+        have = set()
+        if "feature_stats" in self.root:
+            have = {int(n.split(".")[0]) for n in os.listdir(self.path / "feature_stats") if n[0].isdigit()}
+        missing = [i for i in images if i not in have]
+        if missing:
+            log.info("%s: computing per-channel feature statistics of %d image(s) (a store written "
+                     "before they were recorded)%s", self.path, len(missing),
+                     "; saved in the store" if writable else "")
+        sums = []
+        for i in images:
+            if i in have:
+                sums.append(self.root["feature_stats"][i])
+                continue
+            s = channel_sums(self.features(i))
+            if writable:
+                try:
+                    self.root["feature_stats"][i] = s
+                except OSError:  # read-only or full disk: the statistics are still right, just not kept
+                    writable = False
+            sums.append(s)
+        return _mean_std(np.stack(sums), hf * wf)
 
     def masks(self, i: int) -> np.ndarray:
         """Instance masks ``[K, H, W]`` bool in the input frame."""

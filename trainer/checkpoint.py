@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -31,6 +32,19 @@ def save_checkpoint(state: dict, folder: str | Path, epoch: int, input_hw, miou:
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
     return path
+
+
+def publish_alias(path: Path, alias: Path) -> Path:
+    """Point ``alias`` (best.pth, last.pth) at checkpoint ``path`` atomically: a hard link when the
+    file system allows one (no extra disk), else a copy; never a half-written file."""
+    tmp = alias.with_name(f".{alias.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, alias)
+    return alias
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -10,10 +10,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 
-def coco_mask_ap(store, dets) -> dict:
+def coco_mask_ap(store, dets, images=None) -> dict:
     t = store.tables
     gt = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "person"}]}
-    for i in store.valid_images():
+    for i in (store.valid_images() if images is None else images):
         h, w = (int(v) for v in t["orig_hw"][i])
         gt["images"].append({"id": int(t["image_id"][i]), "width": w, "height": h})
         a, b = int(t["image_roi_start"][i]), int(t["image_roi_start"][i + 1])

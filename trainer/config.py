@@ -11,25 +11,31 @@ class TrainConfig:
     train_store: str = "cache/train2017.zarr"
     val_store: str = "cache/val2017.zarr"
     out: str = "checkpoints"
-    model: str = "roialign"              # roialign | global
-    hidden: int = 256
+    model: str = "roialign"              # roialign | global | prior (learned mean shape, baseline)
+    hidden: int = 128
     roi_size: int = 14
     mask_size: int = 56
     classes: int = 3                     # 3: bg/target/other persons; 2: bg/target ablation
-    epochs: int = 12
-    batch_size: int = 0                  # images per step (all their ROIs); 0 = auto: 64 on CUDA, 8 on CPU
-    lr: float = 1e-3
+    epochs: int = 0                      # 0 = auto: 12, more on small sets (>= MIN_STEPS optimizer steps)
+    batch_size: int = 0                  # images per read (all their ROIs); 0 = auto: 64 on CUDA, 8 on CPU
+    rois_per_step: int = 0               # ROIs per optimizer step; 0 = auto: 16 on CPU, 256 on CUDA
+    lr: float = 1e-3                     # AdamW rate at 16 ROIs/step; scaled by sqrt(rois_per_step / 16)
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
     grad_clip: float = 1.0
     amp: bool = True                     # CUDA only (fp16 autocast + GradScaler)
-    ema: float = 0.0                     # EMA decay, 0 = off; validation uses the EMA weights
+    ema: float = 0.99                    # EMA decay per step, 0 = off; validation and best.pth use the EMA weights
     seed: int = 0
     workers: int = 2
     device: str = "auto"
     resident: str = "auto"               # auto | gpu | cpu | off
-    jitter: float = 0.1
-    samples_per_roi: int = 1
+    feature_norm: str = "channel"        # channel: per-channel mean/std of the training cache | none
+    hflip: float = 0.5                   # probability of using an image mirrored
+    hflip_source: str = "auto"           # auto | stored (cache --flip) | map (mirror the feature map)
+    jitter: float = 0.05                 # person-box centre shift sigma (fraction of its size)
+    jitter_scale: float = 0.10           # person-box log-size sigma
+    samples_per_roi: int = 2
+    overlap_boost: int = 2               # ROIs with another person inside get this many times the copies
     min_roi_px: float = 8.0
     max_rois_per_image: int = 64
     analysis: str = "data_analyze.json"
@@ -38,10 +44,13 @@ class TrainConfig:
     dice_classes: list = field(default_factory=lambda: [1])
     focal_gamma: float = 0.0
     boundary_weight: float = 0.0
+    best_metric: str = "instance_mIoU"   # best.pth follows this validation metric
     coco_eval: bool = False
     zero_features: bool = False          # ablation: box-conditioned shape prior only
     tensorboard: bool = True
     resume: str | None = None            # None | auto | PATH
+    train_images: list | None = None     # only these file names of the training store (k-fold)
+    val_images: list | None = None       # only these file names of the validation store
     vis_images: list | None = None       # file names for the validation PNG (visualization)
     vis_ann: str | None = None
     vis_image_dir: str | None = None

@@ -5,6 +5,8 @@ Both paths produce the same batches (same ROIs, same jitter, same targets) for t
 ``roi_targets.sample_roi_targets``.  A batch is a dict:
     features [B, C, Hf, Wf] fp16, rois [N, 5] (batch index + normalized input-frame xyxy),
     targets [N, M, M] uint8, roi_ids [N] (rows of the store's ROI table), images [B].
+Mirrored images (``RoiSampling.hflip``) come with the features of the mirrored input (stored by
+``cache --flip``, or the mirrored map with ``hflip_map``), mirrored ROIs and mirrored targets.
 """
 from __future__ import annotations
 
@@ -19,27 +21,45 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from featcache.store import FeatureStore
+from featcache.store import FeatureStore, StoreError
 
 from .roi_targets import sample_roi_targets, union_packed
-from .sampling import RoiSampling, image_rng, train_rois
+from featcache.geometry import ResizePolicy
+
+from .sampling import ImageSample, RoiSampling, image_rng, mirror_boxes, rois_with_others, train_rois
 
 log = logging.getLogger(__name__)
 
 
 class CacheIndex:
-    """Tables of one store, small enough to copy into every worker."""
+    """Tables of one store, small enough to copy into every worker.
 
-    def __init__(self, path: str | Path):
+    ``file_names``: use only these images of the store (k-fold splits of one store); others are
+    ignored as if not cached."""
+
+    def __init__(self, path: str | Path, file_names: list[str] | None = None):
         self.path = Path(path)
         store = FeatureStore(self.path)
         self.meta = store.meta
         t = store.tables
         self.images = store.valid_images()
+        if file_names is not None:
+            names = np.asarray(t["file_name"], dtype=object)
+            wanted = set(file_names)
+            unknown = wanted - set(names)
+            if unknown:
+                raise StoreError(f"{len(unknown)} image(s) asked for are not in {self.path}: "
+                                 f"{', '.join(sorted(unknown)[:5])}")
+            self.images = np.array([i for i in self.images if names[i] in wanted], np.int64)
+        self.has_flip = store.has_flip
         self.roi_start = t["image_roi_start"]
         self.padded_input = t["roi_padded_input"].astype(np.float64)
         self.box_input = t["roi_box_input"].astype(np.float64)
+        self.box = t["roi_box"].astype(np.float64)
+        self.has_other = rois_with_others(self.box, t["roi_padded"].astype(np.float64), self.roi_start)
         self.input_hw = tuple(self.meta["input_hw"])
+        self.policy = ResizePolicy(self.input_hw[0], self.input_hw[1], self.meta.get("resize_policy", "stretch"))
+        self.roi_padding = float(self.meta["roi_padding"])
         self.feature_shape = tuple(self.meta["feature_shape"])
         self.tables = t
 
@@ -47,13 +67,15 @@ class CacheIndex:
         return int(self.roi_start[i]), int(self.roi_start[i + 1])
 
 
-def image_samples(index: CacheIndex, i: int, epoch: int, train: bool, sampling: RoiSampling, seed: int):
-    """(local roi indices, normalized boxes) for image i."""
+def image_samples(index: CacheIndex, i: int, epoch: int, train: bool, sampling: RoiSampling,
+                  seed: int) -> ImageSample:
+    """Image i's ROIs for this epoch (validation: every padded ROI as stored, never mirrored)."""
     a, b = index.rois_of(i)
-    padded = index.padded_input[a:b]
     if not train:
-        return np.arange(b - a), padded.copy()
-    return train_rois(padded, index.input_hw, sampling, image_rng(seed, epoch, i))
+        return ImageSample(np.arange(b - a), index.padded_input[a:b].copy(), False)
+    h, w = (int(v) for v in index.tables["orig_hw"][i])
+    return train_rois(index.box[a:b], index.padded_input[a:b], index.has_other[a:b], (w, h),
+                      index.policy, index.roi_padding, sampling, image_rng(seed, epoch, i))
 
 
 def _targets(packed: torch.Tensor, union: torch.Tensor, local: np.ndarray, boxes: np.ndarray,
@@ -79,14 +101,20 @@ class StoreDataset(Dataset):
         i, epoch, train = item
         if self._store is None:  # opened lazily: once per worker process
             self._store = FeatureStore(self.index.path)
-        feats = torch.from_numpy(self._store.features(i))
+        smp = image_samples(self.index, i, epoch, train, self.sampling, self.seed)
+        stored_flip = smp.flip and not self.sampling.hflip_map
+        feats = torch.from_numpy(self._store.features(i, flipped=stored_flip))
+        if smp.flip and self.sampling.hflip_map:
+            feats = feats.flip(-1)
         packed = torch.from_numpy(self._store.packed_masks(i).copy())
-        local, boxes = image_samples(self.index, i, epoch, train, self.sampling, self.seed)
-        targets = _targets(packed, union_packed(packed)[None], local, boxes, 0, self.index.input_hw,
+        targets = _targets(packed, union_packed(packed)[None], smp.local, smp.boxes, 0, self.index.input_hw,
                            self.mask_size)
+        boxes = smp.boxes
+        if smp.flip:
+            targets, boxes = targets.flip(-1), mirror_boxes(boxes)
         a, _ = self.index.rois_of(i)
         return {"features": feats, "boxes": torch.as_tensor(boxes, dtype=torch.float32),
-                "targets": targets, "roi_ids": torch.as_tensor(a + local), "image": i}
+                "targets": targets, "roi_ids": torch.as_tensor(a + smp.local), "image": i}
 
 
 def collate(items: list[dict]) -> dict:
@@ -153,20 +181,25 @@ class HostParts(Dataset):
     def __getitem__(self, item) -> dict:
         images, epoch, train = item
         rows = self.row[np.asarray(images)]
-        rois, tgt_rows, img_rows, roi_ids = [], [], [], []
-        for b, (i, r) in enumerate(zip(images, rows)):
-            local, boxes = image_samples(self.index, i, epoch, train, self.sampling, self.seed)
-            rois.append(np.concatenate([np.full((len(boxes), 1), b), boxes], 1))
-            tgt_rows.append(self.inst_offset[r] + local)
-            img_rows.append(np.full(len(local), r))
-            roi_ids.append(self.index.rois_of(i)[0] + local)
+        rois, boxes_px, tgt_rows, img_rows, roi_ids, flips, roi_flips = [], [], [], [], [], [], []
         h, w = self.index.input_hw
-        rois = np.concatenate(rois)
-        return {"rows": torch.as_tensor(rows), "rois": torch.as_tensor(rois, dtype=torch.float32),
-                "boxes_px": torch.as_tensor(rois[:, 1:] * np.array([w, h, w, h])),
+        for b, (i, r) in enumerate(zip(images, rows)):
+            smp = image_samples(self.index, i, epoch, train, self.sampling, self.seed)
+            model_boxes = mirror_boxes(smp.boxes) if smp.flip else smp.boxes
+            rois.append(np.concatenate([np.full((len(smp.boxes), 1), b), model_boxes], 1))
+            boxes_px.append(smp.boxes * np.array([w, h, w, h]))  # targets: the unmirrored frame
+            tgt_rows.append(self.inst_offset[r] + smp.local)
+            img_rows.append(np.full(len(smp.local), r))
+            roi_ids.append(self.index.rois_of(i)[0] + smp.local)
+            flips.append(smp.flip)
+            roi_flips.append(np.full(len(smp.local), smp.flip))
+        return {"rows": torch.as_tensor(rows), "rois": torch.as_tensor(np.concatenate(rois), dtype=torch.float32),
+                "boxes_px": torch.as_tensor(np.concatenate(boxes_px)),
                 "tgt_rows": torch.as_tensor(np.concatenate(tgt_rows)),
                 "img_rows": torch.as_tensor(np.concatenate(img_rows)),
-                "roi_ids": torch.as_tensor(np.concatenate(roi_ids)), "images": torch.as_tensor(images)}
+                "roi_ids": torch.as_tensor(np.concatenate(roi_ids)), "images": torch.as_tensor(images),
+                "flip": torch.as_tensor(np.asarray(flips, bool)),
+                "roi_flip": torch.as_tensor(np.concatenate(roi_flips).astype(bool))}
 
 
 class ResidentSource:
@@ -185,17 +218,22 @@ class ResidentSource:
         c, hf, wf = index.feature_shape
         self.features = (torch.empty((len(imgs), c, hf, wf), dtype=torch.float16, device=device)
                          if self.keep_features else None)
+        self.features_flip = (torch.empty_like(self.features)
+                              if self.keep_features and uses_stored_flip(sampling) else None)
         packed, unions, offsets = [], [], [0]
 
         def load(k):
             i = int(imgs[k])
             f = torch.from_numpy(store.features(i)) if self.keep_features else None
-            return k, f, torch.from_numpy(store.packed_masks(i).copy())
+            ff = torch.from_numpy(store.features(i, flipped=True)) if self.features_flip is not None else None
+            return k, f, ff, torch.from_numpy(store.packed_masks(i).copy())
 
         with ThreadPoolExecutor(threads) as pool:  # blosc/zstd decode releases the GIL
-            for k, f, p in pool.map(load, range(len(imgs))):
+            for k, f, ff, p in pool.map(load, range(len(imgs))):
                 if f is not None:
                     self.features[k] = f.to(device)
+                if ff is not None:
+                    self.features_flip[k] = ff.to(device)
                 packed.append(p)
                 unions.append(union_packed(p))
                 offsets.append(offsets[-1] + len(p))
@@ -205,22 +243,35 @@ class ResidentSource:
         self.host_parts = HostParts(index, sampling, seed, self.row, self.inst_offset)
         self.host_workers = host_workers
         if self.keep_features:
-            log.info("resident cache: %d images, %.2f GB features on %s", len(imgs),
-                     self.features.numel() * 2 / 1e9, device)
+            log.info("resident cache: %d images, %.2f GB features%s on %s", len(imgs),
+                     self.features.numel() * 2 / 1e9 * (2 if self.features_flip is not None else 1),
+                     " (with mirrored)" if self.features_flip is not None else "", device)
 
     keep_features = True
 
     def device_part(self, host: dict, features: torch.Tensor | None = None) -> dict:
         """Gathers on the device; copies are asynchronous (pinned), so the GPU never waits."""
+        flipped = np.flatnonzero(host["flip"].numpy())  # host side: no device sync
         d = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
         h, w = self.index.input_hw
         n = d["rois"].shape[0]
         if n:
             targets = sample_roi_targets(self.packed, self.unions, d["tgt_rows"], d["img_rows"], d["boxes_px"],
                                          self.mask_size, self.mask_size, w)
+            if len(flipped):
+                targets = torch.where(d["roi_flip"][:, None, None], targets.flip(-1), targets)
         else:
             targets = torch.zeros((0, self.mask_size, self.mask_size), dtype=torch.uint8, device=self.device)
-        feats = self.features[d["rows"]] if features is None else features
+        if features is None:
+            feats = self.features[d["rows"]]
+            if len(flipped) and self.features_flip is not None:
+                sel = torch.as_tensor(flipped, device=self.device)
+                feats[sel] = self.features_flip[d["rows"][sel]]
+        else:  # streamed: stored mirrored maps were read by the producer
+            feats = features
+        if len(flipped) and self.sampling.hflip_map:
+            sel = torch.as_tensor(flipped, device=self.device)
+            feats[sel] = feats[sel].flip(-1)
         return {"features": feats, "rois": d["rois"], "targets": targets,
                 "roi_ids": d["roi_ids"], "images": d["images"]}
 
@@ -251,7 +302,9 @@ class PinnedStreamSource(ResidentSource):
 
     def __init__(self, index, sampling, mask_size, seed, device, images=None, threads: int = 8, depth: int = 3):
         super().__init__(index, sampling, mask_size, seed, device, images=images)
-        self.feat = FeatureStore(index.path).root["features"]
+        root = FeatureStore(index.path).root
+        self.feat = {False: root["features"],
+                     True: root["features_flip"] if uses_stored_flip(sampling) else None}
         self.threads, self.depth = threads, depth
 
     def iterate(self, batches, epoch, train):
@@ -277,9 +330,10 @@ class PinnedStreamSource(ResidentSource):
                         if events[slot] is not None:
                             events[slot].synchronize()  # the last copy out of this buffer is done
                         arr = bufs[slot].numpy()
-                        jobs = [pool.submit(self.feat.get_basic_selection, (int(i),), arr[j])
-                                for j, i in enumerate(b)]
                         host = self.host_parts[(list(b), epoch, train)]
+                        stored = host["flip"].numpy() & uses_stored_flip(self.sampling)
+                        jobs = [pool.submit(self.feat[bool(fl)].get_basic_selection, (int(i),), arr[j])
+                                for j, (i, fl) in enumerate(zip(b, stored))]
                         if cuda:
                             host = {key: v.pin_memory() for key, v in host.items()}
                         for j in jobs:
@@ -310,10 +364,16 @@ class PinnedStreamSource(ResidentSource):
             free.release()
 
 
-def choose_resident(mode: str, index: CacheIndex, device: torch.device, n_images: int | None = None) -> str:
-    """auto: GPU if the features fit in 60% of free GPU memory, else CPU RAM if in 50%, else off."""
+def uses_stored_flip(sampling: RoiSampling) -> bool:
+    return sampling.hflip > 0 and not sampling.hflip_map
+
+
+def choose_resident(mode: str, index: CacheIndex, device: torch.device, n_images: int | None = None,
+                    copies: int = 1) -> str:
+    """auto: GPU if the features fit in 60% of free GPU memory, else CPU RAM if in 50%, else off.
+    ``copies``: 2 when the mirrored maps are kept too."""
     n = len(index.images) if n_images is None else n_images
-    need = n * int(np.prod(index.feature_shape)) * 2 * 1.1
+    need = n * int(np.prod(index.feature_shape)) * 2 * 1.1 * copies
     if mode != "auto":
         return mode
     if device.type == "cuda":
@@ -329,7 +389,8 @@ def choose_resident(mode: str, index: CacheIndex, device: torch.device, n_images
 
 def make_source(mode: str, index, sampling, mask_size, seed, workers, device, images=None):
     """``images``: the ones this rank will read (its shard under torchrun)."""
-    chosen = choose_resident(mode, index, device, None if images is None else len(images))
+    chosen = choose_resident(mode, index, device, None if images is None else len(images),
+                             2 if uses_stored_flip(sampling) else 1)
     if chosen == "gpu":
         if device.type != "cuda":
             raise ValueError("--resident gpu needs a CUDA device")

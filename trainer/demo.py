@@ -41,6 +41,7 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
              device: str = "auto") -> dict:
     from featcache.analyze import run_analyze, write_json_atomic
     from featcache.cache import CacheConfig, run_cache
+    from featcache.store import StoreError
     from featcache.standin import build_standin_extractor
     from featcache.synthetic import make_synthetic_dataset
 
@@ -86,8 +87,14 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
     for k, split in enumerate(("train", "val")):
         t = _step(3 + k, total, f"cache {split}: extractor once per image -> fp16 Zarr store")
         stores[split] = folder / "cache" / f"{split}2017.zarr"
-        s = run_cache(CacheConfig(ann=ann[split], images=data / "images" / f"{split}2017", onnx=onnx_path,
-                                  out=stores[split], feature_name=DEMO_FEATURE, provider="cpu"))
+        # train: mirrored features too (flip augmentation), as `cache --flip` stores them
+        ccfg = CacheConfig(ann=ann[split], images=data / "images" / f"{split}2017", onnx=onnx_path,
+                           out=stores[split], feature_name=DEMO_FEATURE, provider="cpu", flip=split == "train")
+        try:
+            s = run_cache(ccfg)
+        except StoreError:  # a demo cache from an older version: it is the demo's own, rebuild it
+            shutil.rmtree(stores[split])
+            s = run_cache(ccfg)
         _done(t, f"({s['cached']} images, provider {s['provider']})")
 
     t = _step(5, total, f"train {settings.epochs} epochs (checkpoint + validation PNG per epoch)")
@@ -95,7 +102,7 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
     shutil.rmtree(ck_dir, ignore_errors=True)
     cfg = make_config(train_store=str(stores["train"]), val_store=str(stores["val"]), out=str(ck_dir),
                       analysis=str(analysis), epochs=settings.epochs, hidden=settings.hidden, roi_size=14,
-                      mask_size=56, batch_size=4, lr=1e-3, samples_per_roi=1, workers=0, resident="auto",
+                      mask_size=56, batch_size=4, samples_per_roi=1, workers=0, resident="auto",
                       device=device, seed=settings.seed)
     history = run_training(cfg)
     first, last = history[0], history[-1]
@@ -130,6 +137,7 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
                "elapsed_s": round(time.perf_counter() - t_start, 1)}
     (folder / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     click.secho(f"\nDemo finished in {summary['elapsed_s']:.0f}s. Outputs:", bold=True)
+    click.echo(f"  {'best / last epoch':24s} {ck_dir / 'best.pth'}, {ck_dir / 'last.pth'}")
     for label, key in (("class ratios", "analysis"), ("last checkpoint", "checkpoint"), ("validation PNG", "png"),
                        ("decoder ONNX", "decoder_onnx"), ("extractor+decoder ONNX", "end_to_end_onnx")):
         click.echo(f"  {label:24s} {summary[key]}")

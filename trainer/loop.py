@@ -1,6 +1,7 @@
 """The training loop: AdamW, warmup + cosine, AMP, clipping, EMA, per-epoch validation/checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -11,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -20,17 +22,19 @@ from featcache.store import FINGERPRINT_KEYS, FeatureStore, check_compatible
 from featcache.targets import native_crop
 
 from . import distributed as D
-from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, publish_alias, save_checkpoint
 from .config import TrainConfig
 from .data import CacheIndex, epoch_batches, make_source, rank_images
 from .losses import LossConfig, SegLoss
 from .metrics import IoUAccumulator, instance_iou
-from .models import build_model, paste_masks
+from .models import build_model, load_decoder_state, paste_masks
 from .roi_targets import sample_roi_targets, union_packed
 from .sampling import RoiSampling
 from .weights import load_class_weights
 
 log = logging.getLogger(__name__)
+# Without stored mirrored features (cache --flip), whether mirroring the feature map is used instead.
+FLIP_MAP_BY_DEFAULT = False
 EpochHook = Callable[[int, Path, dict, "Trainer"], None]
 
 
@@ -43,12 +47,43 @@ def model_kwargs(cfg: TrainConfig) -> dict:
             "num_classes": cfg.classes}
 
 
-def warmup_cosine(total: int, warmup: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return f
+REFERENCE_ROIS_PER_STEP = 16
+DEFAULT_EPOCHS = 12
+MIN_STEPS = 1000   # auto epochs: small subsets train longer so they still see this many updates
+
+
+def auto_epochs(epoch_rois: int, rois_per_step: int) -> int:
+    """12 epochs, or as many as it takes to make ``MIN_STEPS`` optimizer steps on a small set."""
+    return max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS * rois_per_step / max(epoch_rois, 1)))
+
+
+def scaled_lr(lr: float, rois_per_step: int) -> float:
+    """Square-root scaling for adaptive optimizers: ``lr`` is the rate at 16 ROIs per step."""
+    return lr * math.sqrt(rois_per_step / REFERENCE_ROIS_PER_STEP)
+
+
+def warmup_cosine(progress: float, epochs: int, warmup_epochs: float) -> float:
+    """LR factor at ``progress`` epochs done (fractional): linear warm-up, then cosine to 0."""
+    if progress < warmup_epochs:
+        return max(progress / warmup_epochs, 1e-3)
+    span = max(epochs - warmup_epochs, 1e-9)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup_epochs) / span)))
+
+
+def expected_rois(index: CacheIndex, images, sampling: RoiSampling) -> int:
+    """Training ROIs one pass over ``images`` yields (what the LR schedule counts progress in)."""
+    h, w = index.input_hw
+    total = 0
+    for i in images:
+        a, b = index.rois_of(int(i))
+        size = (index.padded_input[a:b, 2:] - index.padded_input[a:b, :2]) * np.array([w, h])
+        keep = (size >= sampling.min_roi_px).all(1)
+        copies = np.where(index.has_other[a:b], sampling.samples_per_roi * max(1, sampling.overlap_boost),
+                          sampling.samples_per_roi)[keep]
+        n = len(copies)
+        total += int(copies.sum() if n <= sampling.max_rois_per_image
+                     else copies.mean() * sampling.max_rois_per_image)
+    return max(total, 1)
 
 
 class Trainer:
@@ -56,17 +91,23 @@ class Trainer:
         self.cfg = cfg
         self.hooks = list(hooks or [])
         self.dist, self.device = D.setup(cfg.device)
-        self.train_index = CacheIndex(cfg.train_store)
-        self.val_index = CacheIndex(cfg.val_store)
+        self.train_index = CacheIndex(cfg.train_store, cfg.train_images)
+        self.val_index = CacheIndex(cfg.val_store, cfg.val_images)
         check_compatible(self.train_index.meta, fingerprint(self.val_index.meta),
                          f"validation cache {cfg.val_store} vs training cache {cfg.train_store}")
         if cfg.classes not in (2, 3):
             raise FeatCacheError("--classes must be 2 or 3")
+        if len(self.train_index.images) == 0 or len(self.val_index.images) == 0:
+            raise FeatCacheError("no cached images to train or validate on (check the stores / image lists)")
         self.input_hw = tuple(self.train_index.meta["input_hw"])
         self.cuda = self.device.type == "cuda"
         # Small steps leave a GPU waiting on kernel launches (bench/gpu_bench.sh: 16 images/step
         # reach 40% of the in-memory rate, 64 reach 98%); a CPU wants small ones.
         self.batch_size = cfg.batch_size or (64 if self.cuda else 8)
+        # Optimizer steps are counted in ROIs, not images, so small subsets still get many updates;
+        # one read is split into several steps.  A GPU needs bigger steps to stay busy.
+        self.rois_per_step = cfg.rois_per_step or (256 if self.cuda else REFERENCE_ROIS_PER_STEP)
+        self.lr = scaled_lr(cfg.lr, self.rois_per_step)
         self.amp = cfg.amp and self.cuda
         if cfg.amp and not self.cuda and self.dist.is_main:
             log.info("AMP is a CUDA feature: training in fp32 on %s", self.device)
@@ -76,28 +117,32 @@ class Trainer:
                             cfg.classes).to(self.device)
         torch.manual_seed(cfg.seed)
         in_ch = self.train_index.feature_shape[0]
-        self.model = build_model(cfg.model, in_ch, **model_kwargs(cfg)).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.steps_per_epoch = len(epoch_batches(self.train_index.images, 1, cfg.seed, self.batch_size,
-                                                 self.dist.rank, self.dist.world))
-        total = max(1, cfg.epochs * self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(total, max(1, int(cfg.warmup_epochs * self.steps_per_epoch))))
+        self.model = build_model(cfg.model, in_ch, self._feature_stats(), **model_kwargs(cfg)).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=cfg.weight_decay)
+        self.sampling = self._sampling()
+        self.epoch_rois = expected_rois(self.train_index, rank_images(self.train_index.images, self.dist.rank,
+                                                                      self.dist.world), self.sampling)
+        if cfg.epochs < 0:
+            raise FeatCacheError(f"--epochs must be >= 1 (0 = auto), got {cfg.epochs}")
+        if cfg.epochs == 0:
+            cfg.epochs = auto_epochs(self.epoch_rois, self.rois_per_step)
+        self.schedule_epochs = cfg.epochs  # the LR schedule's length, fixed at start
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.ema = None
         if cfg.ema > 0:
             self.ema = torch.optim.swa_utils.AveragedModel(
                 self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
         self.start_epoch = 1
+        self.global_step = 0
         self.history: list[dict] = []
         if cfg.resume:
             self._resume(cfg.resume)
         self.net = DistributedDataParallel(self.model) if self.dist.enabled else self.model
-        sampling = RoiSampling(cfg.jitter, cfg.samples_per_roi, cfg.min_roi_px, cfg.max_rois_per_image)
         r, w = self.dist.rank, self.dist.world
-        self.train_source = make_source(cfg.resident, self.train_index, sampling, cfg.mask_size, cfg.seed,
+        self.train_source = make_source(cfg.resident, self.train_index, self.sampling, cfg.mask_size, cfg.seed,
                                         cfg.workers, self.device, rank_images(self.train_index.images, r, w))
-        self.val_source = make_source(cfg.resident, self.val_index, sampling, cfg.mask_size, cfg.seed,
+        val_sampling = dataclasses.replace(self.sampling, hflip=0.0)
+        self.val_source = make_source(cfg.resident, self.val_index, val_sampling, cfg.mask_size, cfg.seed,
                                       cfg.workers, self.device, rank_images(self.val_index.images, r, w))
         self.out = Path(cfg.out)
         self._tb = None
@@ -105,6 +150,44 @@ class Trainer:
             log.info("train: %d images (%s), val: %d images, model %s (%d params), device %s, world %d",
                      len(self.train_index.images), self.train_source.kind, len(self.val_index.images),
                      cfg.model, sum(p.numel() for p in self.model.parameters()), self.device, self.dist.world)
+            log.info("%d epochs of ~%d training ROIs, %d ROIs per step (~%d steps; lr %.2e = %.0e x sqrt(%d/%d)), "
+                     "%d images per read, flip %s", cfg.epochs, self.epoch_rois, self.rois_per_step,
+                     cfg.epochs * self.epoch_rois // self.rois_per_step, self.lr, cfg.lr,
+                     self.rois_per_step, REFERENCE_ROIS_PER_STEP, self.batch_size, self._flip_desc())
+
+    def _feature_stats(self):
+        if self.cfg.feature_norm == "none":
+            return None
+        if self.cfg.feature_norm != "channel":
+            raise FeatCacheError(f"--feature-norm must be channel or none, got {self.cfg.feature_norm!r}")
+        try:  # writable: an old store gets its statistics saved once
+            store = FeatureStore(self.train_index.path, "r+")
+        except (OSError, PermissionError):
+            store = FeatureStore(self.train_index.path)
+        return store.feature_stats(self.train_index.images)
+
+    def _sampling(self) -> RoiSampling:
+        cfg = self.cfg
+        p, src = cfg.hflip, cfg.hflip_source
+        if not 0 <= p <= 1:
+            raise FeatCacheError(f"--hflip must be a probability in [0, 1], got {p}")
+        if src not in ("auto", "stored", "map"):
+            raise FeatCacheError(f"--hflip-source must be auto, stored or map, got {src!r}")
+        has = self.train_index.has_flip
+        if p > 0 and src == "stored" and not has:
+            raise FeatCacheError(f"{cfg.train_store} has no mirrored features: cache it with --flip, or "
+                                 f"pass --hflip-source map or --hflip 0")
+        use_map = src == "map" or (src == "auto" and not has and FLIP_MAP_BY_DEFAULT)
+        if p > 0 and src == "auto" and not has and not use_map:
+            log.info("%s has no mirrored features (cache --flip): training without flip augmentation",
+                     cfg.train_store)
+            p = 0.0
+        return RoiSampling(cfg.jitter, cfg.jitter_scale, cfg.samples_per_roi, cfg.overlap_boost,
+                           cfg.min_roi_px, cfg.max_rois_per_image, p, use_map)
+
+    def _flip_desc(self) -> str:
+        s = self.sampling
+        return "off" if s.hflip == 0 else f"p={s.hflip} ({'mirrored feature map' if s.hflip_map else 'stored mirrored features'})"
 
     # ---- state ---------------------------------------------------------------------------
     def state(self, epoch: int, metrics: dict) -> dict:
@@ -116,7 +199,7 @@ class Trainer:
             "cache_fingerprint": fingerprint(self.train_index.meta),
             "cache_metadata": {"train": self._plain(self.train_index.meta), "val": self._plain(self.val_index.meta)},
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "scheduler": {"global_step": self.global_step}, "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "history": self.history,
             "rng": {"torch": torch.get_rng_state(),
@@ -137,9 +220,9 @@ class Trainer:
         if ck["model_name"] != self.cfg.model or ck["model_kwargs"] != model_kwargs(self.cfg):
             raise CheckpointError(f"checkpoint {path.name} holds model {ck['model_name']} "
                                   f"{ck['model_kwargs']}, asked for {self.cfg.model} {model_kwargs(self.cfg)}")
-        self.model.load_state_dict(ck["model"])
+        load_decoder_state(self.model, ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"])
+        self.global_step = int(ck.get("scheduler", {}).get("global_step", 0))
         self.scaler.load_state_dict(ck["scaler"])
         if self.ema and ck.get("ema"):
             self.ema.load_state_dict(ck["ema"])
@@ -164,6 +247,24 @@ class Trainer:
     def _targets(self, t: torch.Tensor) -> torch.Tensor:
         return torch.where(t == 2, 0, t) if self.cfg.classes == 2 else t
 
+    def _set_lr(self, progress: float) -> float:
+        lr = self.lr * warmup_cosine(progress, self.schedule_epochs, self.cfg.warmup_epochs)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def _chunks(self, n: int, epoch: int, read: int) -> list[torch.Tensor]:
+        """A read's ROIs, shuffled, in steps of ``rois_per_step`` to 2x that (every rank the same
+        number of steps under DDP)."""
+        k = max(1, n // self.rois_per_step)
+        if self.dist.enabled:
+            t = torch.tensor([k], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            k = int(t)
+        g = torch.Generator().manual_seed(hash((self.cfg.seed, epoch, read, self.dist.rank)) % 2 ** 62)
+        order = torch.randperm(n, generator=g).to(self.device)
+        return list(torch.tensor_split(order, k)) if n else []
+
     def train_epoch(self, epoch: int) -> dict:
         self.net.train()
         batches = epoch_batches(self.train_index.images, epoch, self.cfg.seed, self.batch_size,
@@ -171,39 +272,48 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         steps = rois = 0
         t0 = time.perf_counter()
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch}", unit="step", disable=not self.dist.is_main,
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch}", unit="read", disable=not self.dist.is_main,
                    leave=False)
-        for batch in self.train_source.iterate(batches, epoch, True):
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                logits = self.net(self._inputs(batch), batch["rois"])
-            losses = self.loss(logits, self._targets(batch["targets"]))
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(losses["loss"]).backward()
-            if self.cfg.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            if self.ema:
-                self.ema.update_parameters(self.model)
-            loss_sum += losses["loss"].detach()  # no .item(): a host sync per step would stall the GPU
-            steps += 1
-            rois += batch["rois"].shape[0]
+        lr = self._set_lr(epoch - 1)
+        for read, batch in enumerate(self.train_source.iterate(batches, epoch, True)):
+            feats = self._inputs(batch)
+            targets = self._targets(batch["targets"])
+            for sel in self._chunks(batch["rois"].shape[0], epoch, read):
+                lr = self._set_lr(epoch - 1 + min(1.0, rois / self.epoch_rois))
+                with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                    logits = self.net(feats, batch["rois"][sel])
+                losses = self.loss(logits, targets[sel])
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(losses["loss"]).backward()
+                if self.cfg.grad_clip > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                if self.ema:
+                    self.ema.update_parameters(self.model)
+                loss_sum += losses["loss"].detach()  # no .item(): a host sync per step would stall the GPU
+                steps += 1
+                self.global_step += 1
+                rois += len(sel)
             bar.update(1)
-            if steps % 20 == 1:
-                bar.set_postfix(loss=f"{losses['loss'].item():.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            if read % 5 == 0 and steps:
+                bar.set_postfix(loss=f"{losses['loss'].item():.4f}", lr=f"{lr:.2e}", steps=steps)
         bar.close()
         sums = torch.stack([loss_sum, loss_sum.new_tensor(steps), loss_sum.new_tensor(rois)])
         D.all_reduce_([sums], self.dist)
         dt = time.perf_counter() - t0
         return {"loss": float(sums[0] / sums[1].clamp_min(1)), "train_rois": int(sums[2]),
-                "train_s": round(dt, 2), "rois_per_s": round(float(sums[2]) / dt, 1),
-                "lr": self.scheduler.get_last_lr()[0]}
+                "steps": int(sums[1]) // max(1, self.dist.world),
+                "train_s": round(dt, 2), "rois_per_s": round(float(sums[2]) / dt, 1), "lr": lr}
 
     @torch.no_grad()
-    def validate(self) -> dict:
-        model = self.ema.module if self.ema else self.model
+    def validate(self, model: torch.nn.Module | None = None, details: bool = False) -> dict:
+        """Metrics of ``model`` (default: the EMA weights when on, else the trained ones).
+        ``details``: also ``per_roi`` records (image, ROI, instance IoU, per-class I/U, GT area,
+        another person inside) for bootstrap statistics over images."""
+        model = model or (self.ema.module if self.ema else self.model)
+        was_training = model.training
         model.eval()
         k = self.cfg.classes
         acc = IoUAccumulator(k, self.device)
@@ -212,7 +322,7 @@ class Trainer:
         h, w = self.input_hw
         batches = epoch_batches(idx.images, 0, 0, self.batch_size, self.dist.rank, self.dist.world,
                                 shuffle=False, pad=False)
-        coco_dets = []
+        coco_dets, records = [], []
         for batch in self.val_source.iterate(batches, 0, False):
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 logits = model(self._inputs(batch), batch["rois"])
@@ -237,7 +347,12 @@ class Trainer:
                                         torch.zeros(1, dtype=torch.long, device=self.device),
                                         torch.tensor([[x0, y0, x1, y1]], device=self.device),
                                         y1 - y0, x1 - x0, w)[0]
-                acc.add_labels(pasted[0].argmax(0), self._targets(gt))
+                iu = acc.add_labels(pasted[0].argmax(0), self._targets(gt))
+                if details:
+                    records.append({"image": i, "roi": int(rid), "iu": iu.cpu().tolist(),
+                                    "area": float(mask_utils.area({"size": rles[local]["size"],
+                                                                   "counts": rles[local]["counts"].encode()})),
+                                    "has_other": bool(idx.has_other[rid]), "iou": 0.0})
                 # instance IoU: original resolution
                 oh, ow = (int(v) for v in idx.tables["orig_hw"][i])
                 obox = normalized_to_pixel(idx.tables["roi_padded"][rid].astype(np.float64), ow, oh)
@@ -251,14 +366,19 @@ class Trainer:
                 pred = (fg > 0.5).cpu().numpy()
                 rle = {"size": rles[local]["size"], "counts": rles[local]["counts"].encode()}
                 acc.add_instance(instance_iou(pred, (ox0, oy0, ox1, oy1), rle))
+                if details:
+                    records[-1]["iou"] = float(acc.last_instance)
                 if self.cfg.coco_eval:
                     coco_dets.append((int(idx.tables["image_id"][i]), (ox0, oy0, ox1, oy1), pred,
                                       float(fg[fg > 0.5].mean()) if pred.any() else 0.0, (oh, ow)))
         D.all_reduce_(acc.tensors(), self.dist)
+        model.train(was_training)
         res = acc.result()
         if self.cfg.coco_eval:
             from .coco_eval import coco_mask_ap
-            res["coco_mask_AP"] = coco_mask_ap(store, coco_dets)
+            res["coco_mask_AP"] = coco_mask_ap(store, coco_dets, idx.images)
+        if details:
+            res["per_roi"] = records
         return res
 
     # ---- epochs --------------------------------------------------------------------------
@@ -271,6 +391,7 @@ class Trainer:
             if self.dist.is_main:
                 path = save_checkpoint(self.state(epoch, metrics), self.out, epoch, self.input_hw,
                                        val["mIoU"])
+                self._publish(path, metrics)
                 self._log(metrics)
                 log.info("epoch %d: loss %.4f  mIoU %.4f (bg %.3f, target %.3f%s)  instance_mIoU %.4f  -> %s",
                          epoch, tr["loss"], val["mIoU"], val["iou"]["background"], val["iou"]["target"],
@@ -282,6 +403,17 @@ class Trainer:
         if self._tb:
             self._tb.close()
         return self.history
+
+    def _publish(self, path: Path, metrics: dict) -> None:
+        """last.pth = this epoch; best.pth = the best epoch so far by ``best_metric`` (ties: the earlier)."""
+        publish_alias(path, self.out / "last.pth")
+        key = self.cfg.best_metric
+        if key not in metrics:
+            raise FeatCacheError(f"--best-metric {key!r} is not a validation metric "
+                                 f"({', '.join(k for k, v in metrics.items() if isinstance(v, float))})")
+        if all(metrics[key] > h.get(key, -math.inf) for h in self.history[:-1]) or not (self.out / "best.pth").exists():
+            publish_alias(path, self.out / "best.pth")
+            log.info("best.pth -> epoch %d (%s %.4f)", metrics["epoch"], key, metrics[key])
 
     def _log(self, metrics: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,17 @@ class IoUAccumulator:
         self.inst_iou_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.inst_count = torch.zeros((), dtype=torch.float64, device=device)
 
-    def add_labels(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
-        for c in range(self.k):
-            p, g = pred == c, gt == c
-            self.inter[c] += (p & g).sum()
-            self.union[c] += (p | g).sum()
+    def add_labels(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """Adds one ROI's labels; returns its [2, K] intersections and unions."""
+        p = pred[None] == torch.arange(self.k, device=pred.device)[:, None, None]
+        g = gt[None] == torch.arange(self.k, device=gt.device)[:, None, None]
+        iu = torch.stack([(p & g).sum((1, 2)), (p | g).sum((1, 2))]).to(self.inter.dtype)
+        self.inter += iu[0]
+        self.union += iu[1]
+        return iu
 
     def add_instance(self, iou: float) -> None:
+        self.last_instance = iou
         self.inst_iou_sum += iou
         self.inst_count += 1
 

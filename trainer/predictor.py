@@ -19,7 +19,7 @@ from featcache.geometry import ResizePolicy, as_xyxy, pad_box
 from featcache.images import Preprocess, load_rgb, preprocess
 
 from .checkpoint import load_checkpoint
-from .models import build_model, paste_masks
+from .models import build_model, load_decoder_state, paste_masks
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def model_from_checkpoint(ck: dict, use_ema: bool = True) -> torch.nn.Module:
     state = ck["model"]
     if use_ema and ck.get("ema"):
         state = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}
-    model.load_state_dict(state)
+    load_decoder_state(model, state)
     return model.eval()
 
 
@@ -58,7 +58,7 @@ class Predictor:
         w, h = im.size
         boxes = as_xyxy(np.asarray(boxes, np.float64).reshape(-1, 4), box_format).clip(0, 1)
         rois = pad_box(boxes, self.roi_padding)
-        k = self.model.classifier.out_channels
+        k = self.model.num_classes
         if len(rois) == 0:
             return {"probs": np.zeros((0, k, h, w), np.float32), "masks": np.zeros((0, h, w), bool), "rois": rois}
         feats = self.extractor.run(preprocess(im, self.prep)[None])

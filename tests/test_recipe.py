@@ -1,0 +1,229 @@
+"""The training recipe: feature normalization, flip augmentation, ROI-counted steps, best/last."""
+import os
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from featcache.cache import CacheConfig, run_cache
+from featcache.extractor import Extractor
+from featcache.images import Preprocess, load_rgb, preprocess
+from featcache.geometry import ResizePolicy
+from featcache.store import FeatureStore, StoreError
+from trainer.checkpoint import list_checkpoints, load_checkpoint
+from trainer.config import make_config
+from trainer.data import CacheIndex, PinnedStreamSource, ResidentSource, StreamingSource, epoch_batches
+from trainer.export import check_parity, export_decoder
+from trainer.loop import Trainer, expected_rois, scaled_lr
+from trainer.models import build_model
+from trainer.roi_targets import sample_roi_targets, union_packed
+from trainer.sampling import RoiSampling, image_rng, jitter_person_boxes, mirror_boxes, rois_with_others
+
+
+@pytest.fixture(scope="module")
+def flip_store(synth, standin_onnx, tmp_path_factory):
+    out = tmp_path_factory.mktemp("flip") / "train_flip.zarr"
+    run_cache(CacheConfig(ann=synth["train"], images=synth["root"] / "images/train2017", onnx=standin_onnx,
+                          out=out, feature_name="/model.34/Concat_output_0", provider="cpu", flip=True,
+                          limit=10), progress=False)
+    return out
+
+
+def _cfg(stores, out, **kw):
+    base = dict(train_store=str(stores["train"]), val_store=str(stores["val"]), out=str(out),
+                analysis=str(stores["analysis"]), hidden=16, roi_size=7, mask_size=28, epochs=2,
+                batch_size=4, workers=0, resident="cpu", tensorboard=False, visualize=False, lr=3e-3)
+    base.update(kw)
+    return make_config(**base)
+
+
+def test_feature_stats_exact_over_any_subset(stores):
+    fs = FeatureStore(stores["train"])
+    imgs = fs.valid_images()[::2]
+    x = np.stack([fs.features(int(i)).astype(np.float64) for i in imgs])       # [N, C, H, W]
+    mean, std = fs.feature_stats(imgs)
+    ref_std = x.std((0, 2, 3))
+    assert np.allclose(mean, x.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert np.allclose(std, np.where(ref_std > 1e-6, ref_std, 1), rtol=1e-3, atol=1e-5)
+
+
+def test_old_store_gets_stats_on_first_train(stores, tmp_path, caplog):
+    old = tmp_path / "old.zarr"
+    shutil.copytree(stores["train"], old)
+    shutil.rmtree(old / "feature_stats")                       # a store from before statistics
+    with caplog.at_level("INFO"):
+        t = Trainer(_cfg(stores, tmp_path / "o", train_store=str(old), epochs=1))
+    assert "computing per-channel feature statistics" in caplog.text
+    assert (old / "feature_stats").is_dir()                    # saved once: the next run reads them
+    ref_mean, ref_std = FeatureStore(stores["train"]).feature_stats(CacheIndex(stores["train"]).images)
+    assert torch.allclose(t.model.norm.mean, torch.from_numpy(ref_mean))
+    assert torch.allclose(t.model.norm.std, torch.from_numpy(ref_std))
+
+
+def test_norm_buffers_in_checkpoint_and_onnx(stores, tmp_path):
+    t = Trainer(_cfg(stores, tmp_path / "n", epochs=1))
+    t.fit()
+    ck = load_checkpoint(list_checkpoints(tmp_path / "n")[0][1])
+    mean, std = FeatureStore(stores["train"]).feature_stats(CacheIndex(stores["train"]).images)
+    assert torch.allclose(ck["model"]["norm.mean"], torch.from_numpy(mean))
+    assert torch.allclose(ck["model"]["norm.std"], torch.from_numpy(std))
+    assert not torch.allclose(ck["model"]["norm.std"], torch.ones_like(ck["model"]["norm.std"]))
+    # the exported graph applies the same normalization: parity with PyTorch, and changing the
+    # buffers changes the ONNX output (they are in the graph, not dropped)
+    model = t.model.cpu().eval()
+    onnx_path = export_decoder(model, 16, (640, 640), (80, 80), 0.1, tmp_path / "d.onnx")
+    assert max(check_parity(model, onnx_path, 16, (640, 640), (80, 80), 0.1).values()) < 1e-3
+    plain = build_model("roialign", 16, hidden=16, roi_size=7, mask_size=28)
+    plain.load_state_dict({**model.state_dict(), "norm.mean": torch.zeros(16), "norm.std": torch.ones(16)})
+    feats = np.random.default_rng(0).random((1, 16, 80, 80), np.float32) * 3
+    rois = np.array([[0, 0.2, 0.2, 0.6, 0.7]], np.float32)
+    s = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = s.run(None, {"features": feats, "rois": rois})[1]
+    with torch.no_grad():
+        r = torch.from_numpy(rois)
+        padded = torch.cat([r[:, :1], torch.tensor([[0.16, 0.15, 0.64, 0.75]])], 1)
+        want = model(torch.from_numpy(feats), padded).numpy()
+        unnormed = plain(torch.from_numpy(feats), padded).numpy()
+    assert np.abs(got - want).max() < 1e-3 < np.abs(got - unnormed).max()
+
+
+def test_normalizing_after_roialign_equals_normalizing_the_map():
+    torch.manual_seed(0)
+    m = build_model("roialign", 8, (torch.rand(8) * 2, torch.rand(8) + 0.5), hidden=8, roi_size=7, mask_size=14)
+    ident = build_model("roialign", 8, hidden=8, roi_size=7, mask_size=14)
+    ident.load_state_dict({**m.state_dict(), "norm.mean": torch.zeros(8), "norm.std": torch.ones(8)})
+    f = torch.randn(2, 8, 20, 20)
+    rois = torch.tensor([[0, 0.0, 0.0, 1.0, 1.0], [1, 0.05, 0.3, 0.41, 0.99], [1, 0.9, 0.9, 1.0, 1.0]])
+    pre = (f - m.norm.mean[:, None, None]) / m.norm.std[:, None, None]
+    assert torch.allclose(m(f, rois), ident(pre, rois), atol=1e-4)
+
+
+def test_flipped_features_equal_a_run_on_the_mirrored_image(flip_store, standin_onnx, synth):
+    fs = FeatureStore(flip_store)
+    assert fs.has_flip and fs.meta["flip"] is True
+    ex = Extractor(standin_onnx, "/model.34/Concat_output_0", "cpu")
+    prep = Preprocess.from_dict(fs.meta["preprocess"])
+    assert prep.policy.mode == "stretch"
+    for i in (0, 3):
+        name = fs.tables["file_name"][i]
+        mirrored = ImageOps.mirror(load_rgb(synth["root"] / "images/train2017" / name))
+        direct = ex.run(preprocess(mirrored, prep)[None])[0].astype(np.float32)
+        stored = fs.features(i, flipped=True).astype(np.float32)
+        assert np.abs(stored - direct).max() <= 2e-3 * max(1.0, np.abs(direct).max())
+        assert not np.allclose(stored, fs.features(i).astype(np.float32))
+
+
+def test_cache_refuses_to_add_flip_to_an_existing_store(flip_store, synth, standin_onnx):
+    with pytest.raises(StoreError, match="flip"):
+        run_cache(CacheConfig(ann=synth["train"], images=synth["root"] / "images/train2017", onnx=standin_onnx,
+                              out=flip_store, feature_name="/model.34/Concat_output_0", provider="cpu",
+                              limit=10), progress=False)
+
+
+@pytest.mark.parametrize("use_map", [False, True])
+def test_flip_batches_identical_on_every_data_path(flip_store, use_map):
+    idx = CacheIndex(flip_store)
+    s = RoiSampling(samples_per_roi=2, hflip=0.5, hflip_map=use_map)
+    batches = epoch_batches(idx.images, 2, 0, 4)
+    a = list(StreamingSource(idx, s, 28, 0, workers=1, device=torch.device("cpu")).iterate(batches, 2, True))
+    b = list(ResidentSource(idx, s, 28, 0, torch.device("cpu")).iterate(batches, 2, True))
+    c = list(PinnedStreamSource(idx, s, 28, 0, torch.device("cpu"), threads=2, depth=2).iterate(batches, 2, True))
+    for x, y, z in zip(a, b, c):
+        for k in x:
+            assert torch.equal(x[k], y[k]) and torch.equal(x[k], z[k]), k
+    # some images are mirrored, with mirrored features, boxes and targets
+    store = FeatureStore(flip_store)
+    flipped = 0
+    for bt, imgs in zip(a, batches):
+        for j, i in enumerate(imgs):
+            plain = torch.from_numpy(store.features(i))
+            mirrored = (plain.flip(-1) if use_map else torch.from_numpy(store.features(i, flipped=True)))
+            if torch.equal(bt["features"][j], mirrored):
+                flipped += 1
+            else:
+                assert torch.equal(bt["features"][j], plain)
+    assert 0 < flipped < len(idx.images)
+
+
+def test_mirrored_targets_equal_targets_of_mirrored_masks(flip_store):
+    """Flipping a target sampled at a box == sampling the mirrored masks at the mirrored box."""
+    store = FeatureStore(flip_store)
+    packed = torch.from_numpy(store.packed_masks(1).copy())
+    w = store.meta["mask_hw"][1]
+    masks = np.unpackbits(packed.numpy(), axis=-1, count=w)[..., ::-1]
+    mpacked = torch.from_numpy(np.packbits(masks, axis=-1))
+    rng = np.random.default_rng(0)
+    k = len(packed)
+    xy = rng.uniform(0, 400, (20, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(20, 240, (20, 2))], 1).clip(0, 640)
+    tgt = torch.as_tensor(rng.integers(0, k, 20))
+    zero = torch.zeros(20, dtype=torch.long)
+    a = sample_roi_targets(packed, union_packed(packed)[None], tgt, zero, torch.as_tensor(boxes), 28, 28, w)
+    mb = mirror_boxes(boxes / 640) * 640
+    b = sample_roi_targets(mpacked, union_packed(mpacked)[None], tgt, zero, torch.as_tensor(mb), 28, 28, w)
+    assert (a.flip(-1) == b).float().mean() > 0.999   # differ only where a cell centre hits a pixel edge
+
+
+def test_jitter_is_gaussian_on_the_person_box_and_deterministic():
+    boxes = np.array([[0.2, 0.2, 0.4, 0.8]] * 4000)
+    j = jitter_person_boxes(boxes, 0.05, 0.1, np.random.default_rng(0))
+    assert np.array_equal(j, jitter_person_boxes(boxes, 0.05, 0.1, np.random.default_rng(0)))
+    cx = (j[:, 0] + j[:, 2]) / 2
+    assert abs(cx.mean() - 0.3) < 0.002 and abs(cx.std() / 0.2 - 0.05) < 0.005
+    logw = np.log((j[:, 2] - j[:, 0]) / 0.2)
+    assert abs(logw.std() - 0.1) < 0.01
+    assert image_rng(0, 1, 2).random() == image_rng(0, 1, 2).random()
+
+
+def test_overlapped_rois_get_more_copies(stores):
+    idx = CacheIndex(stores["train"])
+    boxes = np.array([[0.1, 0.1, 0.3, 0.5], [0.25, 0.2, 0.4, 0.6], [0.7, 0.7, 0.8, 0.9]])
+    padded = boxes + [-0.01, -0.01, 0.01, 0.01]
+    assert rois_with_others(boxes, padded, np.array([0, 3])).tolist() == [True, True, False]
+    base = expected_rois(idx, idx.images, RoiSampling(samples_per_roi=2, overlap_boost=1))
+    boosted = expected_rois(idx, idx.images, RoiSampling(samples_per_roi=2, overlap_boost=3))
+    n_other = sum(int(idx.has_other[a:b].sum()) for a, b in (idx.rois_of(i) for i in idx.images))
+    assert n_other > 0 and boosted == base + 2 * 2 * n_other
+
+
+def test_steps_are_counted_in_rois_and_lr_scales(stores, tmp_path):
+    t = Trainer(_cfg(stores, tmp_path / "s", epochs=1, rois_per_step=8, lr=1e-3))
+    h = t.fit()[0]
+    assert h["train_rois"] == t.epoch_rois
+    assert t.epoch_rois // 16 <= h["steps"] <= t.epoch_rois // 8 + len(epoch_batches(t.train_index.images, 1, 0, 4))
+    assert t.lr == pytest.approx(scaled_lr(1e-3, 8)) == pytest.approx(1e-3 / 2 ** 0.5)
+
+
+def test_prior_model_ignores_features():
+    m = build_model("prior", 4, mask_size=14)
+    rois = torch.tensor([[0, 0.1, 0.1, 0.5, 0.5], [0, 0.5, 0.5, 0.9, 0.9]])
+    a, b = m(torch.randn(1, 4, 8, 8), rois), m(torch.randn(1, 4, 8, 8), rois)
+    assert a.shape == (2, 3, 14, 14) and torch.equal(a, b)
+
+
+def test_best_and_last_follow_the_metric_across_resume(stores, tmp_path):
+    out = tmp_path / "bl"
+    first = Trainer(_cfg(stores, out, epochs=3))
+    first.cfg.epochs = 2
+    first.fit()
+    resumed = Trainer(_cfg(stores, out, epochs=3, resume="auto"))
+    hist = resumed.fit()
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    cks = dict(list_checkpoints(out))
+    best_epoch = max(hist, key=lambda h: (h["instance_mIoU"], -h["epoch"]))["epoch"]
+    assert os.path.samefile(out / "last.pth", cks[3]) or \
+        (out / "last.pth").read_bytes() == cks[3].read_bytes()
+    assert load_checkpoint(out / "best.pth")["epoch"] == best_epoch
+    assert load_checkpoint(out / "last.pth")["epoch"] == 3
+
+
+def test_image_lists_select_part_of_a_store(stores):
+    full = CacheIndex(stores["train"])
+    names = [full.tables["file_name"][i] for i in full.images[:5]]
+    part = CacheIndex(stores["train"], names)
+    assert part.images.tolist() == full.images[:5].tolist()
+    with pytest.raises(StoreError, match="not in"):
+        CacheIndex(stores["train"], names + ["nope.jpg"])
