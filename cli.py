@@ -157,11 +157,12 @@ def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel
 @click.option("--out", type=click.Path(path_type=Path), help="Checkpoint folder [checkpoints].")
 @click.option("--model", type=click.Choice(["roialign", "global", "prior"]),
               help="Decoder [roialign]; prior = one learned mean shape, no features (a baseline).")
-@click.option("--hidden", type=int, help="Decoder width [128].")
+@click.option("--hidden", type=int, help="Decoder width [auto: 128 roialign, 32 global].")
 @click.option("--roi-size", type=int, help="ROIAlign output size [14].")
 @click.option("--mask-size", type=int, help="ROI mask size = roi size x 2^k [56].")
 @click.option("--classes", type=click.Choice(["2", "3"]), help="3 = bg/target/others, 2 = bg/target [3].")
-@click.option("--epochs", type=int, help="[auto: 12, more on small sets so that training makes >= 1000 optimizer steps]")
+@click.option("--epochs", type=int, help="[auto: 12, more on small sets so that training makes >= --min-steps steps]")
+@click.option("--min-steps", type=int, help="Optimizer steps auto epochs aim for at least [600].")
 @click.option("--batch-size", type=int, help="Images per read, with all their ROIs [auto: 64 on CUDA, 8 on CPU].")
 @click.option("--rois-per-step", type=int, help="ROIs per optimizer step; a read is split into several "
               "steps [auto: 16 on CPU, 256 on CUDA].")

@@ -29,7 +29,8 @@ VARIANTS = {
     "no feature norm": {"feature_norm": "none"},
     "no flip": {"hflip": 0.0},
     "flip = mirrored map": {"hflip_source": "map"},
-    "64 ROIs/step": {"rois_per_step": 64},
+    "64 ROIs/step": {"rois_per_step": 64, "min_steps": 150},   # same epochs, 4x fewer steps
+    "min 1000 steps": {"min_steps": 1000},
     "Dice on class 2 too": {"dice_classes": [1, 2]},
     "no overlap boost": {"overlap_boost": 1},
     # the seed's ablations
@@ -46,6 +47,8 @@ HEADER = ("| variant | instance_mIoU [95% CI] | vs default [CI] | 3-class mIoU |
 
 
 def first_other_epoch(results, variant) -> str:
+    if variant == "no EMA":
+        return "n/a"
     curves = [r["other_curve"] for r in results if r["variant"] == variant]
     firsts = [next((e + 1 for e, v in enumerate(c) if v > 0.01), None) for c in curves]
     if any(f is None for f in firsts):
@@ -58,7 +61,7 @@ def main():
     ap.add_argument("--variants", default="all", help="comma-separated names (see VARIANTS) or all")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=0, help="0 = train's default (auto)")
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--only-folds", help="run only these folds of the k (e.g. 0,1,2: fewer runs, same "
                                          "split; every row, the default's too, is then over those persons)")
@@ -80,6 +83,12 @@ def main():
     roi_image = FeatureStore(store).tables["roi_image"]
     ref = cv.pooled_table(results, "default")
     rows, summary = [], {}
+    # EMA changes nothing in training: the default runs scored with their raw weights are "no EMA"
+    with_raw = [r for r in results if r["variant"] == "default" and "per_roi_raw" in r]
+    if len(with_raw) == len([r for r in results if r["variant"] == "default"]):
+        results = results + [{**r, "variant": "no EMA", "per_roi": r["per_roi_raw"]} for r in with_raw]
+        names = names + ["no EMA"]
+        VARIANTS["no EMA"] = {"ema": 0.0}
     for n in names:
         recs = cv.pooled_table(results, n)
         m = cv.metrics_of(list(recs.values()))

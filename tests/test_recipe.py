@@ -6,21 +6,21 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
 from featcache.cache import CacheConfig, run_cache
 from featcache.extractor import Extractor
 from featcache.images import Preprocess, load_rgb, preprocess
-from featcache.geometry import ResizePolicy
 from featcache.store import FeatureStore, StoreError
 from trainer.checkpoint import list_checkpoints, load_checkpoint
-from trainer.config import make_config
 from trainer.data import CacheIndex, PinnedStreamSource, ResidentSource, StreamingSource, epoch_batches
 from trainer.export import check_parity, export_decoder
 from trainer.loop import Trainer, expected_rois, scaled_lr
 from trainer.models import build_model
 from trainer.roi_targets import sample_roi_targets, union_packed
 from trainer.sampling import RoiSampling, image_rng, jitter_person_boxes, mirror_boxes, rois_with_others
+
+from test_train import _cfg
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +30,6 @@ def flip_store(synth, standin_onnx, tmp_path_factory):
                           out=out, feature_name="/model.34/Concat_output_0", provider="cpu", flip=True,
                           limit=10), progress=False)
     return out
-
-
-def _cfg(stores, out, **kw):
-    base = dict(train_store=str(stores["train"]), val_store=str(stores["val"]), out=str(out),
-                analysis=str(stores["analysis"]), hidden=16, roi_size=7, mask_size=28, epochs=2,
-                batch_size=4, workers=0, resident="cpu", tensorboard=False, visualize=False, lr=3e-3)
-    base.update(kw)
-    return make_config(**base)
 
 
 def test_feature_stats_exact_over_any_subset(stores):
@@ -227,3 +219,13 @@ def test_image_lists_select_part_of_a_store(stores):
     assert part.images.tolist() == full.images[:5].tolist()
     with pytest.raises(StoreError, match="not in"):
         CacheIndex(stores["train"], names + ["nope.jpg"])
+
+
+def test_auto_epochs_give_small_sets_enough_steps(stores, tmp_path):
+    from trainer.loop import auto_epochs
+    assert auto_epochs(60_000 * 12, 16, 600) == 12                 # full COCO: the plain 12
+    assert auto_epochs(616, 16, 600) == 16                         # a 48-image fold: 16 epochs, ~600 steps
+    t = Trainer(_cfg(stores, tmp_path / "a", epochs=0, min_steps=5000, rois_per_step=8))
+    assert t.cfg.epochs == max(12, -(-5000 * 8 // t.epoch_rois)) > 12
+    with pytest.raises(Exception, match="epochs must be"):
+        Trainer(_cfg(stores, tmp_path / "b", epochs=-1))

@@ -12,11 +12,12 @@ class TrainConfig:
     val_store: str = "cache/val2017.zarr"
     out: str = "checkpoints"
     model: str = "roialign"              # roialign | global | prior (learned mean shape, baseline)
-    hidden: int = 128
+    hidden: int = 0                      # 0 = auto: 128 for roialign, 32 for global (a U-Net over the whole map)
     roi_size: int = 14
     mask_size: int = 56
     classes: int = 3                     # 3: bg/target/other persons; 2: bg/target ablation
-    epochs: int = 0                      # 0 = auto: 12, more on small sets (>= MIN_STEPS optimizer steps)
+    epochs: int = 0                      # 0 = auto: 12, more on small sets (>= min_steps optimizer steps)
+    min_steps: int = 600                 # auto epochs: at least this many optimizer steps
     batch_size: int = 0                  # images per read (all their ROIs); 0 = auto: 64 on CUDA, 8 on CPU
     rois_per_step: int = 0               # ROIs per optimizer step; 0 = auto: 16 on CPU, 256 on CUDA
     lr: float = 1e-3                     # AdamW rate at 16 ROIs/step; scaled by sqrt(rois_per_step / 16)
