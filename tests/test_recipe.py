@@ -229,3 +229,19 @@ def test_auto_epochs_give_small_sets_enough_steps(stores, tmp_path):
     assert t.cfg.epochs == max(12, -(-5000 * 8 // t.epoch_rois)) > 12
     with pytest.raises(Exception, match="epochs must be"):
         Trainer(_cfg(stores, tmp_path / "b", epochs=-1))
+
+
+def test_second_run_gets_its_own_folder(stores, tmp_path):
+    out = tmp_path / "ck"
+    Trainer(_cfg(stores, out, epochs=1)).fit()
+    second = Trainer(_cfg(stores, out, epochs=1))
+    assert second.out == out / "run2"
+    second.fit()
+    assert [e for e, _ in list_checkpoints(out)] == [1] and [e for e, _ in list_checkpoints(out / "run2")] == [1]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    rows = (out / "run2" / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,loss,lr,mIoU,iou_background") and len(rows) == 2
+    import yaml
+    args = yaml.safe_load((out / "run2" / "args.yaml").read_text())
+    assert args["out"] == str(out / "run2") and args["epochs"] == 1 and args["hidden"] == 16
+    assert Trainer(_cfg(stores, out, epochs=2, resume="auto")).out == out   # --resume keeps its folder

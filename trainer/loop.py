@@ -72,6 +72,23 @@ def warmup_cosine(progress: float, epochs: int, warmup_epochs: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup_epochs) / span)))
 
 
+RUN_FILES = ("metrics.jsonl", "last.pth", "best.pth", "results.csv")
+
+
+def fresh_run_folder(out: Path) -> Path:
+    """``out`` if it holds no earlier run, else the first free ``out/run2``, ``out/run3``... (as
+    YOLO's train2): two runs never mix checkpoints or metrics.  Every rank computes the same folder
+    before anything is written."""
+    def used(d: Path) -> bool:
+        return d.is_dir() and (any(d.glob("checkpoint_epoch_*.pth")) or any((d / f).exists() for f in RUN_FILES))
+    if not used(out):
+        return out
+    k = 2
+    while used(out / f"run{k}"):
+        k += 1
+    return out / f"run{k}"
+
+
 def expected_rois(index: CacheIndex, images, sampling: RoiSampling) -> int:
     """Training ROIs one pass over ``images`` yields (what the LR schedule counts progress in)."""
     h, w = index.input_hw
@@ -148,7 +165,10 @@ class Trainer:
         val_sampling = dataclasses.replace(self.sampling, hflip=0.0)
         self.val_source = make_source(cfg.resident, self.val_index, val_sampling, cfg.mask_size, cfg.seed,
                                       cfg.workers, self.device, rank_images(self.val_index.images, r, w))
-        self.out = Path(cfg.out)
+        self.out = Path(cfg.out) if cfg.resume else fresh_run_folder(Path(cfg.out))
+        if str(self.out) != str(cfg.out) and self.dist.is_main:
+            log.warning("%s holds another run's checkpoints: this run writes to %s", cfg.out, self.out)
+        cfg.out = str(self.out)
         self._tb = None
         if self.dist.is_main:
             log.info("train: %d images (%s), val: %d images, model %s (%d params), device %s, world %d",
@@ -421,8 +441,19 @@ class Trainer:
 
     def _log(self, metrics: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
+        if not (self.out / "args.yaml").exists():
+            import yaml
+            (self.out / "args.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        row = {"epoch": metrics["epoch"], "loss": metrics["loss"], "lr": metrics["lr"], "mIoU": metrics["mIoU"],
+               **{f"iou_{k}": v for k, v in metrics["iou"].items()}, "instance_mIoU": metrics["instance_mIoU"],
+               "steps": metrics.get("steps"), "train_s": metrics["train_s"], "rois_per_s": metrics["rois_per_s"]}
+        csv = self.out / "results.csv"
+        with open(csv, "a") as f:
+            if csv.stat().st_size == 0:
+                f.write(",".join(row) + "\n")
+            f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()) + "\n")
         if not self.cfg.tensorboard:
             return
         if self._tb is None:
