@@ -204,10 +204,13 @@ def bootstrap_ci(recs: dict[int, dict], roi_image: np.ndarray, key: str, n: int 
 
 
 def curve_stability(results: list[dict], variant: str) -> dict:
-    """Fold/seed-averaged instance_mIoU curve: best epoch, and how far the last 5 epochs fall below it."""
-    curves = np.array([r["curve"] for r in results if r["variant"] == variant])
-    mean = curves.mean(0)
-    per_run = [float(c.max() - c[-5:].min()) for c in curves]
-    return {"curve": [round(float(v), 4) for v in mean], "best_epoch": int(mean.argmax()) + 1,
-            "best": float(mean.max()), "last5_min": float(mean[-5:].min()),
-            "last5_drop": float(mean.max() - mean[-5:].min()), "per_run_drop_max": max(per_run)}
+    """Per run: how far the last 5 epochs' instance_mIoU fall below the run's best epoch; and the
+    run-averaged curve (runs differ in length under auto epochs: aligned at their last epoch)."""
+    curves = [np.asarray(r["curve"]) for r in results if r["variant"] == variant]
+    drops = [float(c.max() - c[-5:].min()) for c in curves]
+    n = min(len(c) for c in curves)
+    mean = np.mean([c[-n:] for c in curves], 0)
+    return {"curve_from_end": [round(float(v), 4) for v in mean], "epochs": sorted({len(c) for c in curves}),
+            "best_epoch_from_end": int(n - mean.argmax()), "last5_drop": float(mean.max() - mean[-5:].min()),
+            "per_run_drop_mean": float(np.mean(drops)), "per_run_drop_max": float(np.max(drops)),
+            "best_epoch": int(np.mean([c.argmax() + 1 for c in curves]))}

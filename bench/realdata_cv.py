@@ -47,13 +47,13 @@ def variant_rows(results, variants, store, box, roi_image, ref="default", prior=
         cells = [v, f"**{fmt(m['instance_mIoU'])}** [{fmt(lo)}, {fmt(hi)}]", fmt(m["mIoU"]),
                  f"{fmt(m['iou_bg'])} / {fmt(m['iou_target'])} / {fmt(m['iou_other'])}",
                  f"{fmt(m['S'])} / {fmt(m['M'])} / {fmt(m['L'])}", fmt(m["overlapped"]), dp, db,
-                 f"{st['best_epoch']} / {fmt(st['last5_drop'])}"]
+                 f"{fmt(st['last5_drop'])} / {fmt(st['per_run_drop_mean'])} / {fmt(st['per_run_drop_max'])}"]
         rows.append("| " + " | ".join(cells) + " |")
     return rows, summary
 
 
 HEADER = ("| variant | instance_mIoU [95% CI] | 3-class mIoU | IoU bg / target / other | "
-          "instance S / M / L | overlapped | - prior [CI] | - box [CI] | best epoch / last-5 drop |\n"
+          "instance S / M / L | overlapped | - prior [CI] | - box [CI] | last-5 drop: mean curve / per run mean / max |\n"
           "|---|---|---|---|---|---|---|---|---|")
 
 
@@ -88,7 +88,7 @@ def main():
     rows, summary = variant_rows(results, list(variants), store, box, roi_image)
     brow, bm = box_row(box, cv.pooled_table(results, "default"), roi_image)
     table = "\n".join([HEADER, *rows, brow])
-    n_ep = len(results[0]["curve"])
+    n_ep = "-".join(str(e) for e in sorted({len(r["curve"]) for r in results}))
     title = (f"{a.folds}-fold CV by image over {len(np.unique(roi_image))} real images "
              f"({len(box)} persons), seeds {seeds}, {n_ep} epochs ({'auto' if not a.epochs else 'set'}), "
              f"final epoch, YOLOX-Nano features")
