@@ -149,7 +149,7 @@ Next, on real data (see README):
   1. put COCO person annotations in data/annotations/, images in data/images/{train,val}2017/,
      and the extractor at ext_extractor/yolov9_e_wholebody25_0100_1x3x640x640_featext.onnx
   2. uv run cli.py analyze
-  3. uv run cli.py cache --split train --subset 500 && uv run cli.py cache --split val
+  3. uv run cli.py cache --split train --subset 500 --flip && uv run cli.py cache --split val
   4. uv run cli.py train --subset 500
-  5. uv run cli.py visualize --epoch 12 ; uv run cli.py export --epoch 12""")
+  5. uv run cli.py visualize --checkpoint checkpoints/best.pth ; uv run cli.py export --checkpoint checkpoints/best.pth""")
     return summary
