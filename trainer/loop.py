@@ -34,7 +34,7 @@ from .weights import load_class_weights
 
 log = logging.getLogger(__name__)
 # Without stored mirrored features (cache --flip), whether mirroring the feature map is used instead.
-FLIP_MAP_BY_DEFAULT = False
+FLIP_MAP_BY_DEFAULT = True  # bench/ablate.py: within noise of stored flips, far better than none
 EpochHook = Callable[[int, Path, dict, "Trainer"], None]
 
 
