@@ -34,6 +34,13 @@ def save_checkpoint(state: dict, folder: str | Path, epoch: int, input_hw, miou:
     return path
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp name + rename: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def publish_alias(path: Path, alias: Path) -> Path:
     """Point ``alias`` (best.pth, last.pth) at checkpoint ``path`` atomically: a hard link when the
     file system allows one (no extra disk), else a copy; never a half-written file."""

@@ -21,11 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from featcache.geometry import ResizePolicy
 from featcache.store import FeatureStore, StoreError
 
 from .roi_targets import sample_roi_targets, union_packed
-from featcache.geometry import ResizePolicy
-
 from .sampling import ImageSample, RoiSampling, image_rng, mirror_boxes, rois_with_others, train_rois
 
 log = logging.getLogger(__name__)
@@ -102,8 +101,7 @@ class StoreDataset(Dataset):
         if self._store is None:  # opened lazily: once per worker process
             self._store = FeatureStore(self.index.path)
         smp = image_samples(self.index, i, epoch, train, self.sampling, self.seed)
-        stored_flip = smp.flip and not self.sampling.hflip_map
-        feats = torch.from_numpy(self._store.features(i, flipped=stored_flip))
+        feats = torch.from_numpy(self._store.features(i, flipped=smp.flip and uses_stored_flip(self.sampling)))
         if smp.flip and self.sampling.hflip_map:
             feats = feats.flip(-1)
         packed = torch.from_numpy(self._store.packed_masks(i).copy())

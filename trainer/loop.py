@@ -22,14 +22,15 @@ from featcache.store import FINGERPRINT_KEYS, FeatureStore, check_compatible
 from featcache.targets import native_crop
 
 from . import distributed as D
-from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, publish_alias, save_checkpoint
+from .checkpoint import (CheckpointError, find_checkpoint, load_checkpoint, publish_alias, save_checkpoint,
+                         write_text_atomic)
 from .config import TrainConfig
 from .data import CacheIndex, epoch_batches, make_source, rank_images
 from .losses import LossConfig, SegLoss
 from .metrics import IoUAccumulator, instance_iou
 from .models import build_model, load_decoder_state, paste_masks
 from .roi_targets import sample_roi_targets, union_packed
-from .sampling import RoiSampling
+from .sampling import RoiSampling, roi_copies
 from .weights import load_class_weights
 
 log = logging.getLogger(__name__)
@@ -91,14 +92,10 @@ def fresh_run_folder(out: Path) -> Path:
 
 def expected_rois(index: CacheIndex, images, sampling: RoiSampling) -> int:
     """Training ROIs one pass over ``images`` yields (what the LR schedule counts progress in)."""
-    h, w = index.input_hw
     total = 0
     for i in images:
         a, b = index.rois_of(int(i))
-        size = (index.padded_input[a:b, 2:] - index.padded_input[a:b, :2]) * np.array([w, h])
-        keep = (size >= sampling.min_roi_px).all(1)
-        copies = np.where(index.has_other[a:b], sampling.samples_per_roi * max(1, sampling.overlap_boost),
-                          sampling.samples_per_roi)[keep]
+        _, copies = roi_copies(index.padded_input[a:b], index.has_other[a:b], index.policy, sampling)
         n = len(copies)
         total += int(copies.sum() if n <= sampling.max_rois_per_image
                      else copies.mean() * sampling.max_rois_per_image)
@@ -389,9 +386,10 @@ class Trainer:
                     fill_background=False)[0, 0]
                 pred = (fg > 0.5).cpu().numpy()
                 rle = {"size": rles[local]["size"], "counts": rles[local]["counts"].encode()}
-                acc.add_instance(instance_iou(pred, (ox0, oy0, ox1, oy1), rle))
+                iou = instance_iou(pred, (ox0, oy0, ox1, oy1), rle)
+                acc.add_instance(iou)
                 if details:
-                    records[-1]["iou"] = float(acc.last_instance)
+                    records[-1]["iou"] = float(iou)
                 if self.cfg.coco_eval:
                     coco_dets.append((int(idx.tables["image_id"][i]), (ox0, oy0, ox1, oy1), pred,
                                       float(fg[fg > 0.5].mean()) if pred.any() else 0.0, (oh, ow)))
@@ -443,17 +441,16 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if not (self.out / "args.yaml").exists():
             import yaml
-            (self.out / "args.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            write_text_atomic(self.out / "args.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         row = {"epoch": metrics["epoch"], "loss": metrics["loss"], "lr": metrics["lr"], "mIoU": metrics["mIoU"],
                **{f"iou_{k}": v for k, v in metrics["iou"].items()}, "instance_mIoU": metrics["instance_mIoU"],
                "steps": metrics.get("steps"), "train_s": metrics["train_s"], "rois_per_s": metrics["rois_per_s"]}
         csv = self.out / "results.csv"
-        with open(csv, "a") as f:
-            if csv.stat().st_size == 0:
-                f.write(",".join(row) + "\n")
-            f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()) + "\n")
+        old = csv.read_text() if csv.exists() else ",".join(row) + "\n"
+        write_text_atomic(csv, old + ",".join(f"{v:.6g}" if isinstance(v, float) else str(v)
+                                              for v in row.values()) + "\n")
         if not self.cfg.tensorboard:
             return
         if self._tb is None:

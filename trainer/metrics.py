@@ -32,7 +32,6 @@ class IoUAccumulator:
         return iu
 
     def add_instance(self, iou: float) -> None:
-        self.last_instance = iou
         self.inst_iou_sum += iou
         self.inst_count += 1
 

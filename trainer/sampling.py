@@ -57,17 +57,26 @@ def jitter_person_boxes(boxes: np.ndarray, jitter: float, jitter_scale: float,
     return np.concatenate([centre - half, centre + half], 1).clip(0, 1)
 
 
+def roi_copies(padded_input: np.ndarray, has_other: np.ndarray, policy: ResizePolicy,
+               cfg: RoiSampling) -> tuple[np.ndarray, np.ndarray]:
+    """(ROIs large enough to train on [K], jittered copies each gets [K]); before the
+    ``max_rois_per_image`` draw."""
+    size_px = (padded_input[:, 2:] - padded_input[:, :2]) * np.array([policy.input_w, policy.input_h])
+    keep = np.flatnonzero((size_px >= cfg.min_roi_px).all(axis=1))
+    copies = np.where(has_other[keep], cfg.samples_per_roi * max(1, cfg.overlap_boost), cfg.samples_per_roi)
+    return keep, copies
+
+
 def train_rois(person_boxes: np.ndarray, padded_input: np.ndarray, has_other: np.ndarray,
                orig_wh, policy: ResizePolicy, padding: float, cfg: RoiSampling,
                rng: np.random.Generator) -> ImageSample:
     """One image's training ROIs.  ``person_boxes``: normalized original-frame person boxes [R, 4];
     ``padded_input``: their stored padded input-frame ROIs (size filter); ``has_other``: [R] another
     person inside the padded ROI (those ROIs teach class 2 and get ``overlap_boost`` x the copies)."""
-    size_px = (padded_input[:, 2:] - padded_input[:, :2]) * np.array([policy.input_w, policy.input_h])
-    keep = np.flatnonzero((size_px >= cfg.min_roi_px).all(axis=1))
+    keep, copies = roi_copies(padded_input, has_other, policy, cfg)
     if len(keep) > cfg.max_rois_per_image:
-        keep = np.sort(rng.choice(keep, cfg.max_rois_per_image, replace=False))
-    copies = np.where(has_other[keep], cfg.samples_per_roi * max(1, cfg.overlap_boost), cfg.samples_per_roi)
+        pick = np.sort(rng.choice(len(keep), cfg.max_rois_per_image, replace=False))
+        keep, copies = keep[pick], copies[pick]
     idx = np.repeat(keep, copies)
     jittered = jitter_person_boxes(person_boxes[idx].astype(np.float64), cfg.jitter, cfg.jitter_scale, rng)
     boxes = policy.norm_to_input_norm(pad_box(jittered, padding), *orig_wh)
