@@ -245,3 +245,13 @@ def test_second_run_gets_its_own_folder(stores, tmp_path):
     args = yaml.safe_load((out / "run2" / "args.yaml").read_text())
     assert args["out"] == str(out / "run2") and args["epochs"] == 1 and args["hidden"] == 16
     assert Trainer(_cfg(stores, out, epochs=2, resume="auto")).out == out   # --resume keeps its folder
+
+
+def test_bad_best_metric_fails_before_training(stores, tmp_path):
+    from click.testing import CliRunner
+    from cli import main
+    r = CliRunner().invoke(main, ["train", "--train-store", str(stores["train"]), "--val-store", str(stores["val"]),
+                                  "--analysis", str(stores["analysis"]), "--out", str(tmp_path / "x"),
+                                  "--best-metric", "accuracy", "--no-vis"])
+    assert r.exit_code == 1 and "not a validation metric" in r.output and "instance_mIoU" in r.output
+    assert not (tmp_path / "x").exists()

@@ -53,6 +53,7 @@ REFERENCE_ROIS_PER_STEP = 16
 # 0.5 ROIs/s on a CPU core (roialign: 28), 32 at 8.
 DEFAULT_HIDDEN = {"roialign": 128, "global": 32, "prior": 0}
 DEFAULT_EPOCHS = 12
+BEST_METRICS = ("instance_mIoU", "mIoU")   # higher is better
 
 
 def auto_epochs(epoch_rois: int, rois_per_step: int, min_steps: int) -> int:
@@ -113,6 +114,9 @@ class Trainer:
                          f"validation cache {cfg.val_store} vs training cache {cfg.train_store}")
         if cfg.classes not in (2, 3):
             raise FeatCacheError("--classes must be 2 or 3")
+        if cfg.best_metric not in BEST_METRICS:  # checked before training, not after epoch 1
+            raise FeatCacheError(f"--best-metric {cfg.best_metric!r} is not a validation metric "
+                                 f"({', '.join(BEST_METRICS)})")
         if cfg.hidden == 0:
             cfg.hidden = DEFAULT_HIDDEN.get(cfg.model, 128)
         if len(self.train_index.images) == 0 or len(self.val_index.images) == 0:
@@ -430,9 +434,6 @@ class Trainer:
         """last.pth = this epoch; best.pth = the best epoch so far by ``best_metric`` (ties: the earlier)."""
         publish_alias(path, self.out / "last.pth")
         key = self.cfg.best_metric
-        if key not in metrics:
-            raise FeatCacheError(f"--best-metric {key!r} is not a validation metric "
-                                 f"({', '.join(k for k, v in metrics.items() if isinstance(v, float))})")
         if all(metrics[key] > h.get(key, -math.inf) for h in self.history[:-1]) or not (self.out / "best.pth").exists():
             publish_alias(path, self.out / "best.pth")
             log.info("best.pth -> epoch %d (%s %.4f)", metrics["epoch"], key, metrics[key])
