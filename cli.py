@@ -257,8 +257,8 @@ def _checkpoint_from(epoch, checkpoint, folder) -> Path:
 def visualize(epoch, checkpoint, checkpoints, ann, images, onnx_path, provider, vis_images, out_dir):
     """Redraw an epoch's validation PNG from its checkpoint (live extractor, full resolution)."""
     from trainer.checkpoint import load_checkpoint
-    from trainer.predictor import Predictor
-    from trainer.visualize import write_validation_png
+    from trainer.inference.predictor import Predictor
+    from trainer.inference.visualize import write_validation_png
     path = _checkpoint_from(epoch, checkpoint, checkpoints)
     ck = load_checkpoint(path)
     val_meta = ck["cache_metadata"]["val"]
@@ -282,12 +282,11 @@ def visualize(epoch, checkpoint, checkpoints, ann, images, onnx_path, provider, 
 def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path):
     """Export the decoder to ONNX, check parity with PyTorch in ONNX Runtime, report latency."""
     from trainer.checkpoint import load_checkpoint
-    from trainer.export import check_parity, decoder_latency, export_decoder, export_end_to_end
-    from trainer.predictor import model_from_checkpoint
+    from trainer.inference.export import check_parity, decoder_latency, export_decoder, export_end_to_end
+    from trainer.inference.predictor import decoder_from_checkpoint
     path = _checkpoint_from(epoch, checkpoint, checkpoints)
     ck = load_checkpoint(path)
-    meta = ck["cache_metadata"]["train"]
-    model = model_from_checkpoint(ck)
+    model, meta = decoder_from_checkpoint(ck)
     c, hf, wf = meta["feature_shape"]
     out = Path(out or path.with_suffix(".decoder.onnx"))
     info = {"feature_name": meta["feature_name"], "preprocess": meta["preprocess"], "checkpoint": path.name,
@@ -299,7 +298,7 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path):
     lat = decoder_latency(out, c, (hf, wf))
     click.echo("decoder latency on CPU (ms): " + ", ".join(f"{n} ROIs {ms}" for n, ms in lat.items()))
     if end_to_end:
-        from trainer.predictor import open_extractor
+        from trainer.inference.predictor import open_extractor
         ext = Path(onnx_path or meta["onnx_path"])
         open_extractor(meta, ext, "cpu")  # same checks as inference: file exists, sha256 matches
         stem = out.name[: -len(".decoder.onnx")] if out.name.endswith(".decoder.onnx") else out.stem
@@ -316,7 +315,7 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path):
 @_user_errors
 def demo(folder, fresh, epochs, device):
     """Run the whole pipeline on built-in synthetic data (no downloads, a few minutes on a CPU)."""
-    from trainer.demo import DemoSettings, run_demo
+    from demo import DemoSettings, run_demo
     run_demo(folder, DemoSettings(epochs=epochs), fresh=fresh, device=device)
 
 

@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.realdata import IMAGES, ONNX  # noqa: E402
+from bench.realdata import ONNX  # noqa: E402
 from trainer.data import CacheIndex, PinnedStreamSource, ResidentSource, StreamingSource, epoch_batches  # noqa: E402
 from trainer.losses import LossConfig, SegLoss  # noqa: E402
 from trainer.models import build_model  # noqa: E402

@@ -25,8 +25,15 @@ def _shape_of(vi) -> list:
     return [_dim(d) for d in vi.type.tensor_type.shape.dim] if vi.type.tensor_type.HasField("shape") else []
 
 
-def expose_tensor(model: onnx.ModelProto, name: str, as_fp16: bool = False) -> onnx.ModelProto:
-    """Make ``name`` the graph's only output (in memory) so ORT prunes everything after it.
+def graph_outputs(model: onnx.ModelProto) -> dict[str, list]:
+    """The model's own outputs and their declared shapes (None / names for dynamic dims)."""
+    return {o.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+
+
+def expose_tensor(model: onnx.ModelProto, name: str, as_fp16: bool = False, keep: tuple = ()) -> onnx.ModelProto:
+    """Make ``name`` the graph's first output (in memory) so ORT prunes everything after it;
+    ``keep``: original outputs to keep after it (the detection head, for ``predict``).
 
     Unknown names raise with the list
     of tensors whose spatial size is input/8, so the user can pick one.
@@ -35,6 +42,7 @@ def expose_tensor(model: onnx.ModelProto, name: str, as_fp16: bool = False) -> o
     produced = {o for n in model.graph.node for o in n.output}
     if name not in produced and name not in outputs:
         raise ExtractorError(_unknown_tensor_message(model, name))
+    kept = [outputs[k] for k in keep]
     del model.graph.output[:]
     if as_fp16:
         # Clip to the fp16 range and cast inside the graph: vectorized in ORT, half the bytes out.
@@ -50,10 +58,12 @@ def expose_tensor(model: onnx.ModelProto, name: str, as_fp16: bool = False) -> o
         cast = onnx.helper.make_node("Cast", [clipped], [out], to=onnx.TensorProto.FLOAT16)
         model.graph.node.extend([clip, cast])
         model.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT16, None))
+        model.graph.output.extend(kept)
         return model
     # The real shape is read from the first run; ORT only needs the element type here.
     model.graph.output.append(outputs.get(name) or
                               onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    model.graph.output.extend(kept)
     return model
 
 
@@ -100,9 +110,11 @@ class Extractor:
     """One ORT session returning the named feature tensor for a batch of preprocessed images."""
 
     def __init__(self, onnx_path: str | Path, feature_name: str, provider: str = "auto",
-                 threads: int | None = None, trt_cache: Path | None = None, streams: int | None = None):
+                 threads: int | None = None, trt_cache: Path | None = None, streams: int | None = None,
+                 extra_outputs: tuple = ()):
         """``streams``: concurrent ``run`` calls the caller intends (CPU default: one per core,
-        each single-threaded); ``threads``: intra-op threads per run (default cores / streams)."""
+        each single-threaded); ``threads``: intra-op threads per run (default cores / streams);
+        ``extra_outputs``: original graph outputs also returned by :meth:`run_all`."""
         import onnxruntime as ort
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
@@ -111,7 +123,13 @@ class Extractor:
             model = onnx.load(str(onnx_path))
         except Exception as exc:
             raise ExtractorError(f"cannot read ONNX model {onnx_path}: {exc}") from exc
-        model = expose_tensor(model, feature_name, as_fp16=True)
+        self.outputs = graph_outputs(model)
+        missing = [o for o in extra_outputs if o not in self.outputs]
+        if missing:
+            raise ExtractorError(f"{onnx_path.name} has no output {missing[0]!r} (outputs: "
+                                 f"{', '.join(f'{k} {v}' for k, v in self.outputs.items())})")
+        self.extra_outputs = tuple(extra_outputs)
+        model = expose_tensor(model, feature_name, as_fp16=True, keep=self.extra_outputs)
         chain = _provider_chain(provider, trt_cache)
         on_cpu = chain[0] == "CPUExecutionProvider"
         cores = os.cpu_count() or 1
@@ -138,7 +156,8 @@ class Extractor:
         self.input_hw = (int(shp[2]), int(shp[3]))
         self.fixed_batch = shp[0] if isinstance(shp[0], int) else None
         self.feature_name = feature_name
-        feat = self.run(np.zeros((self.fixed_batch or 1, 3, *self.input_hw), np.float32))
+        feat, extra = self.run_all(np.zeros((self.fixed_batch or 1, 3, *self.input_hw), np.float32))
+        self.extra_shapes = {k: list(v.shape) for k, v in extra.items()}  # actual, not declared
         self.feature_shape = tuple(int(s) for s in feat.shape[1:])
         if len(self.feature_shape) != 3:
             raise ExtractorError(f"tensor {feature_name} has shape {list(feat.shape)}, expected [N,C,H,W]")
@@ -148,8 +167,14 @@ class Extractor:
     def run(self, batch: np.ndarray) -> np.ndarray:
         """``[B,3,H,W]`` float32 -> ``[B,C,Hf,Wf]`` float16 (clipped to its range); splits batches a
         fixed-batch model refuses."""
+        return self.run_all(batch)[0]
+
+    def run_all(self, batch: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Features and the ``extra_outputs`` (by name) of one batch, from one ORT run."""
         fb = self.fixed_batch
         if fb and batch.shape[0] != fb:
-            return np.concatenate([self.session.run(None, {self.input_name: batch[i:i + fb]})[0]
-                                   for i in range(0, batch.shape[0], fb)])
-        return self.session.run(None, {self.input_name: batch})[0]
+            parts = [self.run_all(batch[i:i + fb]) for i in range(0, batch.shape[0], fb)]
+            return (np.concatenate([p[0] for p in parts]),
+                    {k: np.concatenate([p[1][k] for p in parts]) for k in self.extra_outputs})
+        out = self.session.run(None, {self.input_name: batch})
+        return out[0], dict(zip(self.extra_outputs, out[1:]))

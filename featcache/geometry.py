@@ -65,14 +65,26 @@ def normalized_to_pixel(boxes_norm, width: int, height: int) -> np.ndarray:
     return np.asarray(boxes_norm, dtype=np.float64) * np.array([width, height, width, height])
 
 
-def pad_box(boxes_norm, padding: float) -> np.ndarray:
-    """Grow a normalized box by ``padding`` of its width/height on each side, clipped to the image."""
-    b = np.asarray(boxes_norm, dtype=np.float64)
-    w = b[..., 2] - b[..., 0]
-    h = b[..., 3] - b[..., 1]
-    out = np.stack([b[..., 0] - padding * w, b[..., 1] - padding * h,
-                    b[..., 2] + padding * w, b[..., 3] + padding * h], axis=-1)
-    return out.clip(0.0, 1.0)
+def pad_box(boxes, padding: float, lo=0.0, hi=1.0):
+    """Grow xyxy boxes by ``padding`` of their width/height on each side, clipped to [lo, hi].
+
+    The one ROI-padding rule: numpy arrays here (tables, predictor) and torch tensors inside the
+    exported ONNX graph run the same expression.  Normalized original-image boxes clip to [0, 1];
+    input-frame boxes clip to the image's content rectangle (``lo`` = its x1, y1 twice, ``hi`` =
+    x2, y2 twice), which is the same box, since the frame change is affine per axis."""
+    if hasattr(boxes, "new_tensor"):   # torch (export graph)
+        b = boxes
+        sign = b.new_tensor([-1.0, -1.0, 1.0, 1.0])
+    else:
+        b = np.asarray(boxes, dtype=np.float64)
+        sign = np.array([-1.0, -1.0, 1.0, 1.0])
+    wh = b[..., [2, 3, 2, 3]] - b[..., [0, 1, 0, 1]]
+    return (b + sign * padding * wh).clip(lo, hi)
+
+
+def content_rect(policy: "ResizePolicy", orig_w: int, orig_h: int) -> np.ndarray:
+    """The image content inside the input frame, normalized xyxy ([0, 0, 1, 1] unless letterboxed)."""
+    return policy.norm_to_input_norm(np.array([0.0, 0.0, 1.0, 1.0]), orig_w, orig_h)
 
 
 def pixel_center_span(lo: float, hi: float, limit: int) -> tuple[int, int]:

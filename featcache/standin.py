@@ -54,3 +54,15 @@ def build_standin_extractor(path: str | Path, channels: int = 1024, input_size: 
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def add_constant_output(src: str | Path, dst: str | Path, name: str, value: np.ndarray) -> Path:
+    """Copy of extractor ``src`` with an extra graph output ``name`` = ``value`` (a fixed
+    "detection head" for tests of detection decoding: known boxes in, the same boxes out)."""
+    model = onnx.load(str(src))
+    model.graph.node.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
+        np.asarray(value, np.float32), f"{name}__value")))
+    model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(np.shape(value))))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return Path(dst)

@@ -14,9 +14,8 @@ from featcache.images import Preprocess
 from featcache.standin import FEATURE_NAME
 from trainer.checkpoint import list_checkpoints
 from trainer.config import make_config
-from trainer.loop import Trainer
-from trainer.predictor import Predictor
-from trainer.visualize import (BOX_RED, CAPTION_H, CELL_H, CELL_W, MARGIN, TITLE_H, choose_images,
+from trainer.inference.predictor import Predictor
+from trainer.inference.visualize import (BOX_RED, CAPTION_H, CELL_H, CELL_W, MARGIN, TITLE_H, choose_images,
                                person_colour, render_validation_png)
 
 
@@ -51,16 +50,20 @@ def test_predictor_pastes_at_original_resolution(standin_onnx, size, mode):
     pred = Predictor(TargetEverywhere(), meta, Extractor(standin_onnx, FEATURE_NAME, "cpu"))
     boxes = np.array([[0.2, 0.3, 0.5, 0.7], [0.6, 0.1, 0.9, 0.4]])
     res = pred.predict(im, boxes)
-    assert res["probs"].shape == (2, 3, h, w) and res["masks"].shape == (2, h, w)
+    masks = res.full_masks()
+    assert masks.shape == (2, h, w) and len(res.probs) == 2
     for k, b in enumerate(boxes):
         bw, bh = b[2] - b[0], b[3] - b[1]
         roi = np.array([b[0] - 0.1 * bw, b[1] - 0.1 * bh, b[2] + 0.1 * bw, b[3] + 0.1 * bh]) * [w, h, w, h]
-        ys, xs = np.nonzero(res["masks"][k])
+        ys, xs = np.nonzero(masks[k])
         assert abs(xs.min() - roi[0]) <= 1 and abs(xs.max() + 1 - roi[2]) <= 1
         assert abs(ys.min() - roi[1]) <= 1 and abs(ys.max() + 1 - roi[3]) <= 1
+        x0, y0, x1, y1 = res.windows[k]   # the mask lives in its window only
+        assert res.probs[k].shape == (y1 - y0, x1 - x0)
     cx = pred.predict(im, [[0.35, 0.5, 0.3, 0.4]], box_format="cxcywh")
-    assert (cx["masks"][0] == res["masks"][0]).all()
-    assert pred.predict(im, np.zeros((0, 4)))["probs"].shape == (0, 3, h, w)
+    assert (cx.full_masks()[0] == masks[0]).all()
+    empty = pred.predict(im, np.zeros((0, 4)))
+    assert len(empty) == 0 and empty.full_masks().shape == (0, h, w)
 
 
 def test_validation_png_layout_and_colours(tmp_path):

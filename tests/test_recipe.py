@@ -14,7 +14,7 @@ from featcache.images import Preprocess, load_rgb, preprocess
 from featcache.store import FeatureStore, StoreError
 from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.data import CacheIndex, PinnedStreamSource, ResidentSource, StreamingSource, epoch_batches
-from trainer.export import check_parity, export_decoder
+from trainer.inference.export import check_parity, export_decoder
 from trainer.loop import Trainer, expected_rois, scaled_lr
 from trainer.models import build_model
 from trainer.roi_targets import sample_roi_targets, union_packed

@@ -12,24 +12,20 @@ from typing import Callable
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from featcache.errors import FeatCacheError
-from featcache.geometry import normalized_to_pixel
 from featcache.store import FINGERPRINT_KEYS, FeatureStore, check_compatible
-from featcache.targets import native_crop
 
 from . import distributed as D
 from .checkpoint import (CheckpointError, find_checkpoint, load_checkpoint, publish_alias, save_checkpoint,
                          write_text_atomic)
 from .config import TrainConfig
+from .inference.evaluator import RoiEvaluator
 from .data import CacheIndex, epoch_batches, make_source, rank_images
 from .losses import LossConfig, SegLoss
-from .metrics import IoUAccumulator, instance_iou
-from .models import build_model, load_decoder_state, paste_masks
-from .roi_targets import sample_roi_targets, union_packed
+from .models import build_model, load_decoder_state
 from .sampling import RoiSampling, roi_copies
 from .weights import load_class_weights
 
@@ -340,72 +336,20 @@ class Trainer:
         model = model or (self.ema.module if self.ema else self.model)
         was_training = model.training
         model.eval()
-        k = self.cfg.classes
-        acc = IoUAccumulator(k, self.device)
-        store = FeatureStore(self.val_index.path)
-        idx = self.val_index
-        h, w = self.input_hw
-        batches = epoch_batches(idx.images, 0, 0, self.batch_size, self.dist.rank, self.dist.world,
+        evaluator = self.evaluator().keep_records(details)
+        batches = epoch_batches(self.val_index.images, 0, 0, self.batch_size, self.dist.rank, self.dist.world,
                                 shuffle=False, pad=False)
-        coco_dets, records = [], []
         for batch in self.val_source.iterate(batches, 0, False):
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 logits = model(self._inputs(batch), batch["rois"])
-            probs = logits.float().softmax(1)
-            roi_ids = batch["roi_ids"].cpu().numpy()
-            masks_cache = {}
-            for r, rid in enumerate(roi_ids):
-                i = int(idx.tables["roi_image"][rid])
-                local = int(idx.tables["roi_inst"][rid])
-                if i not in masks_cache:
-                    p = torch.from_numpy(store.packed_masks(i).copy()).to(self.device)
-                    masks_cache[i] = (p, union_packed(p)[None], store.gt_rles(i))
-                packed, union, rles = masks_cache[i]
-                # mIoU: model-input resolution, the padded ROI's pixels
-                box = normalized_to_pixel(idx.padded_input[rid], w, h)
-                x0, y0, x1, y1 = native_crop(box, h, w)
-                if x1 <= x0 or y1 <= y0:
-                    continue
-                pasted = paste_masks(probs[r:r + 1], torch.as_tensor(
-                    box - [x0, y0, x0, y0], device=self.device)[None], y1 - y0, x1 - x0)
-                gt = sample_roi_targets(packed, union, torch.tensor([local], device=self.device),
-                                        torch.zeros(1, dtype=torch.long, device=self.device),
-                                        torch.tensor([[x0, y0, x1, y1]], device=self.device),
-                                        y1 - y0, x1 - x0, w)[0]
-                iu = acc.add_labels(pasted[0].argmax(0), self._targets(gt))
-                if details:
-                    records.append({"image": i, "roi": int(rid), "iu": iu.cpu().tolist(),
-                                    "area": float(mask_utils.area({"size": rles[local]["size"],
-                                                                   "counts": rles[local]["counts"].encode()})),
-                                    "has_other": bool(idx.has_other[rid]), "iou": 0.0})
-                # instance IoU: original resolution
-                oh, ow = (int(v) for v in idx.tables["orig_hw"][i])
-                obox = normalized_to_pixel(idx.tables["roi_padded"][rid].astype(np.float64), ow, oh)
-                ox0, oy0, ox1, oy1 = native_crop(obox, oh, ow)
-                if ox1 <= ox0 or oy1 <= oy0:
-                    acc.add_instance(0.0)
-                    continue
-                fg = paste_masks(probs[r:r + 1, 1:2], torch.as_tensor(
-                    obox - [ox0, oy0, ox0, oy0], device=self.device)[None], oy1 - oy0, ox1 - ox0,
-                    fill_background=False)[0, 0]
-                pred = (fg > 0.5).cpu().numpy()
-                rle = {"size": rles[local]["size"], "counts": rles[local]["counts"].encode()}
-                iou = instance_iou(pred, (ox0, oy0, ox1, oy1), rle)
-                acc.add_instance(iou)
-                if details:
-                    records[-1]["iou"] = float(iou)
-                if self.cfg.coco_eval:
-                    coco_dets.append((int(idx.tables["image_id"][i]), (ox0, oy0, ox1, oy1), pred,
-                                      float(fg[fg > 0.5].mean()) if pred.any() else 0.0, (oh, ow)))
-        D.all_reduce_(acc.tensors(), self.dist)
+            evaluator.process(batch["roi_ids"], logits.float().softmax(1))
+        D.all_reduce_(evaluator.tensors(), self.dist)
         model.train(was_training)
-        res = acc.result()
-        if self.cfg.coco_eval:
-            from .coco_eval import coco_mask_ap
-            res["coco_mask_AP"] = coco_mask_ap(store, coco_dets, idx.images)
-        if details:
-            res["per_roi"] = records
-        return res
+        return evaluator.result()
+
+    def evaluator(self) -> RoiEvaluator:
+        return RoiEvaluator(self.val_index, FeatureStore(self.val_index.path), self.cfg.classes, self.device,
+                            self.cfg.coco_eval)
 
     # ---- epochs --------------------------------------------------------------------------
     def fit(self) -> list[dict]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .config import TrainConfig
 from .loop import Trainer
-from .visualize import validation_png_hook
+from .inference.visualize import validation_png_hook
 
 
 def epoch_hooks(cfg: TrainConfig) -> list:

@@ -16,7 +16,7 @@ def coco_mask_ap(store, dets, images=None) -> dict:
     for i in (store.valid_images() if images is None else images):
         h, w = (int(v) for v in t["orig_hw"][i])
         gt["images"].append({"id": int(t["image_id"][i]), "width": w, "height": h})
-        a, b = int(t["image_roi_start"][i]), int(t["image_roi_start"][i + 1])
+        a = int(t["image_roi_start"][i])
         for k, rle in enumerate(store.gt_rles(i)):
             r = {"size": rle["size"], "counts": rle["counts"].encode()}
             gt["annotations"].append({"id": int(t["roi_ann_id"][a + k]), "image_id": int(t["image_id"][i]),

@@ -139,7 +139,7 @@ def build_columns(predictor, records: list[ImageRecord], image_dir: Path) -> lis
         boxes = np.array([i.box_norm for i in r.instances])
         pred = predictor.predict(im, boxes)
         cols.append({"file_name": r.file_name, "image": im, "gt_masks": decode_masks(r.instances),
-                     "boxes_px": boxes * [r.width, r.height, r.width, r.height], "pred_masks": pred["masks"]})
+                     "boxes_px": boxes * [r.width, r.height, r.width, r.height], "pred_masks": pred.full_masks()})
     return cols
 
 

@@ -45,12 +45,12 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
     from featcache.standin import build_standin_extractor
     from featcache.synthetic import make_synthetic_dataset
 
-    from .checkpoint import find_checkpoint, load_checkpoint
-    from .config import make_config
-    from .export import check_parity, decoder_latency, export_decoder, export_end_to_end
-    from .predictor import Predictor, model_from_checkpoint
-    from .run import run_training
-    from .visualize import write_validation_png
+    from trainer.checkpoint import find_checkpoint
+    from trainer.config import make_config
+    from trainer.inference.export import check_parity, decoder_latency, export_decoder, export_end_to_end
+    from trainer.inference.predictor import Predictor, decoder_from_checkpoint
+    from trainer.run import run_training
+    from trainer.inference.visualize import write_validation_png
 
     folder = Path(folder).resolve()
     t_start = time.perf_counter()
@@ -117,9 +117,7 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
     _done(t, f"-> {png.name}")
 
     t = _step(7, total, "export the decoder to ONNX and check it in ONNX Runtime")
-    ck = load_checkpoint(ck_path)
-    meta = ck["cache_metadata"]["train"]
-    model = model_from_checkpoint(ck)
+    model, meta = decoder_from_checkpoint(ck_path)
     c, hf, wf = meta["feature_shape"]
     dec = export_decoder(model, c, meta["input_hw"], (hf, wf), meta["roi_padding"],
                          folder / "export" / "decoder.onnx")

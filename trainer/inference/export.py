@@ -20,7 +20,7 @@ from torch import nn
 
 from featcache.errors import FeatCacheError
 
-from .models import paste_masks
+from ..models import paste_masks
 
 log = logging.getLogger(__name__)
 PARITY_TOL = 1e-3

@@ -1,0 +1,166 @@
+"""Full-resolution inference: original image + person boxes -> live extractor -> decoder -> masks.
+
+Uses the preprocessing recorded in the checkpoint's cache metadata, pads each box by the training
+ROI padding (``featcache.geometry.pad_box``), runs the decoder once for all persons of an image, and
+pastes each person's probability only inside its own window of the *original* image (detectron2's
+paste-back): memory and time grow with the persons' area, not N x the frame.
+
+Boxes come from the caller (normalized ``xyxy`` or ``cxcywh``) or, when none are given, from the
+extractor's own detection output in the same ONNX run (``detection.py``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from featcache.analyze import file_sha256
+from featcache.errors import FeatCacheError
+from featcache.extractor import Extractor
+from featcache.geometry import ResizePolicy, as_xyxy, pad_box
+from featcache.images import Preprocess, load_rgb, preprocess
+from featcache.targets import native_crop
+
+from ..checkpoint import load_checkpoint
+from ..models import build_model, load_decoder_state, paste_masks
+from .detection import DetectionSettings, decode, find_detection_output
+
+log = logging.getLogger(__name__)
+THRESHOLD = 0.5
+
+
+def decoder_from_checkpoint(ck: dict | str | Path, use_ema: bool = True) -> tuple[torch.nn.Module, dict]:
+    """(decoder in eval mode, the training cache's metadata: preprocessing, ROI padding, extractor).
+
+    The EMA weights when the checkpoint has them (what validation scored)."""
+    if not isinstance(ck, dict):
+        ck = load_checkpoint(ck)
+    model = build_model(ck["model_name"], ck["in_channels"], **ck["model_kwargs"])
+    state = ck["model"]
+    if use_ema and ck.get("ema"):
+        state = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}
+    load_decoder_state(model, state)
+    return model.eval(), ck["cache_metadata"]["train"]
+
+
+@dataclass
+class Prediction:
+    """One image's persons.  ``probs[k]`` is person k's class-1 probability on ``windows[k]``
+    (x0, y0, x1, y1 original pixels, the padded ROI's pixels); it is 0 everywhere else."""
+
+    size: tuple                  # (height, width) of the original image
+    boxes: np.ndarray            # [N, 4] person boxes, normalized xyxy
+    scores: np.ndarray           # [N] detector score (1 for given boxes without one)
+    rois: np.ndarray             # [N, 4] padded ROIs, normalized xyxy
+    windows: np.ndarray          # [N, 4] int
+    probs: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def window_masks(self, threshold: float = THRESHOLD) -> list[np.ndarray]:
+        return [p > threshold for p in self.probs]
+
+    def full_masks(self, threshold: float = THRESHOLD) -> np.ndarray:
+        """[N, H, W] bool at original resolution (for drawing a few persons)."""
+        out = np.zeros((len(self), *self.size), bool)
+        for k, (m, (x0, y0, x1, y1)) in enumerate(zip(self.window_masks(threshold), self.windows)):
+            out[k, y0:y1, x0:x1] = m
+        return out
+
+    def mask_scores(self, threshold: float = THRESHOLD) -> np.ndarray:
+        """Mean class-1 probability over each predicted mask (0 for an empty one)."""
+        return np.array([float(p[p > threshold].mean()) if (p > threshold).any() else 0.0 for p in self.probs])
+
+
+class Predictor:
+    def __init__(self, model: torch.nn.Module, meta: dict, extractor: Extractor, device="cpu",
+                 detection: DetectionSettings | None = None):
+        self.model = model.to(device).eval()
+        self.meta, self.extractor, self.device = meta, extractor, torch.device(device)
+        self.prep = Preprocess.from_dict(meta["preprocess"])
+        self.policy: ResizePolicy = self.prep.policy
+        self.roi_padding = float(meta["roi_padding"])
+        self.detection = detection
+        self.det_output = self.det_format = None
+        if detection is not None:
+            shapes = {**extractor.outputs, **getattr(extractor, "extra_shapes", {})}
+            self.det_output, self.det_format = find_detection_output(
+                shapes, extractor.feature_name, self.policy_hw, detection)
+            log.info("person boxes from %s (%s layout, class %d, conf %.2f, NMS IoU %.2f)", self.det_output,
+                     self.det_format, detection.person_class, detection.conf, detection.iou)
+
+    @property
+    def policy_hw(self) -> tuple[int, int]:
+        return self.policy.input_h, self.policy.input_w
+
+    @classmethod
+    def from_checkpoint(cls, path, onnx_path=None, provider="auto", device="cpu",
+                        detection: DetectionSettings | None = None) -> "Predictor":
+        model, meta = decoder_from_checkpoint(path)
+        return cls(model, meta, open_extractor(meta, onnx_path, provider, detection is not None), device,
+                   detection)
+
+    @torch.no_grad()
+    def predict(self, image, boxes=None, box_format: str = "xyxy", scores=None) -> Prediction:
+        """``image``: path or PIL image; ``boxes``: normalized person boxes [N, 4] of that image, or
+        None for the extractor's own detections."""
+        im = load_rgb(image) if not isinstance(image, Image.Image) else image.convert("RGB")
+        w, h = im.size
+        feats, extra = self.extractor.run_all(preprocess(im, self.prep)[None])
+        if boxes is None:
+            if self.det_output is None:
+                raise FeatCacheError("no person boxes given and no detection output configured")
+            px, scores = decode(extra[self.det_output], self.det_format, self.policy_hw, self.detection,
+                                self.det_output)
+            boxes = self.policy.input_norm_to_norm(px / [self.policy.input_w, self.policy.input_h] * 2, w, h)
+        boxes = as_xyxy(np.asarray(boxes, np.float64).reshape(-1, 4), box_format).clip(0, 1)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes = boxes[keep]
+        scores = np.ones(len(keep)) if scores is None else np.asarray(scores, np.float64).reshape(-1)
+        return self.predict_features(feats, (h, w), boxes, scores[keep])
+
+    @torch.no_grad()
+    def predict_features(self, feats: np.ndarray, size, boxes: np.ndarray, scores: np.ndarray) -> Prediction:
+        """Decoder + window paste for features of one image already extracted."""
+        h, w = size
+        rois = pad_box(boxes, self.roi_padding).reshape(-1, 4)
+        windows = np.array([native_crop(b, h, w) for b in rois * [w, h, w, h]], np.int64).reshape(-1, 4)
+        pred = Prediction((h, w), boxes, scores, rois, windows)
+        if len(rois) == 0:
+            return pred
+        rin = self.policy.norm_to_input_norm(rois, w, h)
+        r = torch.as_tensor(np.concatenate([np.zeros((len(rin), 1)), rin], 1), dtype=torch.float32,
+                            device=self.device)
+        fg = self.model(torch.from_numpy(feats).float().to(self.device), r).softmax(1)[:, 1:2]
+        # One paste into a frame as big as the largest window; each ROI keeps its own corner.
+        hmax = int((windows[:, 3] - windows[:, 1]).max())
+        wmax = int((windows[:, 2] - windows[:, 0]).max())
+        rel = rois * [w, h, w, h] - np.tile(windows[:, :2], 2)
+        pasted = paste_masks(fg, torch.as_tensor(rel, dtype=torch.float32, device=self.device),
+                             max(hmax, 1), max(wmax, 1), fill_background=False)[:, 0].cpu().numpy()
+        pred.probs = [pasted[k, : y1 - y0, : x1 - x0] for k, (x0, y0, x1, y1) in enumerate(windows)]
+        return pred
+
+
+def open_extractor(meta: dict, onnx_path=None, provider="auto", detections: bool = False) -> Extractor:
+    """The checkpoint's extractor (checked by sha256); ``detections``: also keep the model's own
+    outputs (its detection head) for automatic person boxes."""
+    path = Path(onnx_path or meta["onnx_path"])
+    if not path.is_file():
+        raise FeatCacheError(f"extractor ONNX not found: {path} (pass --onnx)")
+    if file_sha256(path) != meta["onnx_sha256"]:
+        raise FeatCacheError(f"{path} is not the extractor this decoder was trained on "
+                             f"(sha256 differs from the cache's {meta['onnx_sha256'][:12]}...)")
+    extra = ()
+    if detections:
+        import onnx
+
+        from featcache.extractor import graph_outputs
+        extra = tuple(k for k in graph_outputs(onnx.load(str(path), load_external_data=False))
+                      if k != meta["feature_name"])
+    return Extractor(path, meta["feature_name"], provider, streams=1, extra_outputs=extra)
