@@ -234,8 +234,15 @@ def train(config_file, subset, train_store, val_store, dice_on_others, classes, 
                    f"instance_mIoU {last['instance_mIoU']:.4f}")
 
 
-def _checkpoint_from(epoch, checkpoint, folder) -> Path:
+def _checkpoint_from(epoch, checkpoint, folder, default: str | None = None) -> Path:
+    """--checkpoint PATH | best | last (in --checkpoints), or --epoch N; ``default`` when neither."""
     from trainer.checkpoint import find_checkpoint
+    checkpoint = str(checkpoint) if checkpoint else (None if epoch is not None else default)
+    if checkpoint in ("best", "last") and not Path(checkpoint).is_file():
+        path = Path(folder) / f"{checkpoint}.pth"
+        if not path.is_file():
+            raise UserError(f"no {checkpoint}.pth in {folder} (pass --checkpoints DIR, --epoch N or --checkpoint PATH)")
+        return path
     if checkpoint:
         return Path(checkpoint)
     if epoch is None:
@@ -304,6 +311,129 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path):
         stem = out.name[: -len(".decoder.onnx")] if out.name.endswith(".decoder.onnx") else out.stem
         e2e = export_end_to_end(ext, meta["feature_name"], out, out.with_name(f"{stem}.e2e.onnx"))
         click.echo(f"wrote {e2e} (images [1,3,H,W] + rois -> probs, logits)")
+
+
+def _positive(name):
+    def check(ctx, param, value):
+        if value is not None and value <= 0:
+            raise click.BadParameter(f"must be > 0, got {value}")
+        return value
+    return check
+
+
+def _unit(ctx, param, value):
+    if value is not None and not 0 <= value <= 1:
+        raise click.BadParameter(f"must be in [0, 1], got {value}")
+    return value
+
+
+@main.command()
+@click.option("--source", required=True, help="Image file, image folder, video file or camera index (0, 1 ...).")
+@click.option("--checkpoint", help="Checkpoint file, or best / last in --checkpoints [best].")
+@click.option("--epoch", type=int, help="The checkpoint of this epoch in --checkpoints.")
+@click.option("--checkpoints", type=click.Path(path_type=Path), default=Path("checkpoints"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("predictions"), show_default=True,
+              help="Output folder: overlays, predictions.json, masks/.")
+@click.option("--boxes", default="auto", show_default=True,
+              help="auto = the extractor's own person detections; gt = persons of --ann; or a JSON file "
+                   "(COCO results, COCO annotations, or {file_name: normalized boxes}).")
+@click.option("--box-format", type=click.Choice(["xyxy", "cxcywh"]), default="xyxy", show_default=True,
+              help="Layout of normalized boxes in a {file_name: boxes} file.")
+@click.option("--ann", type=click.Path(path_type=Path),
+              help="COCO annotations: image ids for predictions.json (by file name), and the boxes of --boxes gt.")
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), help="Extractor ONNX [the checkpoint's].")
+@click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="Decoder device (cpu, cuda).")
+@click.option("--det-output", help="Detection output name [the first output of a known layout].")
+@click.option("--det-format", type=click.Choice(["auto", "yolov8", "yolox", "yolox-decoded", "nms"]),
+              default="auto", show_default=True, help="Detection output layout (see README).")
+@click.option("--person-class", type=int, default=0, show_default=True,
+              help="Class index of persons in the detector (0 = body for wholebody25, person for COCO).")
+@click.option("--conf", type=float, default=0.25, show_default=True, callback=_unit, help="Detection score threshold.")
+@click.option("--iou", type=float, default=0.65, show_default=True, callback=_unit, help="NMS IoU threshold.")
+@click.option("--max-det", type=int, default=100, show_default=True, callback=_positive("max-det"))
+@click.option("--threshold", type=float, default=0.5, show_default=True, callback=_unit,
+              help="Class-1 probability above which a pixel is the person.")
+@click.option("--save-masks", is_flag=True, help="One PNG per person (original resolution) in OUT/masks.")
+@click.option("--polygons", is_flag=True, help="Also OUT/predictions_polygons.json: COCO polygons (OpenCV contours).")
+@click.option("--no-overlays", is_flag=True, help="Do not write overlay images / video.")
+@click.option("--hide-boxes", is_flag=True, help="Overlays without person boxes.")
+@click.option("--hide-scores", is_flag=True, help="Overlays without scores.")
+@click.option("--max-frames", type=int, callback=_positive("max-frames"), help="Video/camera: stop after N frames.")
+@_user_errors
+def predict(source, checkpoint, epoch, checkpoints, out, boxes, box_format, ann, onnx_path, provider, device,
+            det_output, det_format, person_class, conf, iou, max_det, threshold, save_masks, polygons,
+            no_overlays, hide_boxes, hide_scores, max_frames):
+    """Person masks for new images, a video or a camera, with the extractor's own person boxes."""
+    from trainer.inference.detection import DetectionSettings
+    from trainer.inference.predict import PredictOptions, run_predict
+    path = _checkpoint_from(epoch, checkpoint, checkpoints, default="best")
+    opts = PredictOptions(source=source, out=out, checkpoint=path, onnx=onnx_path, provider=provider,
+                          device=device, boxes=boxes, box_format=box_format, ann=ann,
+                          detection=DetectionSettings(det_output, det_format, person_class, conf, iou, max_det),
+                          threshold=threshold, save_masks=save_masks, polygons=polygons,
+                          overlays=not no_overlays, show_boxes=not hide_boxes, show_scores=not hide_scores,
+                          max_frames=max_frames)
+    s = run_predict(opts)
+    click.echo(f"{s['images']} images, {s['persons']} persons in {s['seconds']:.1f}s "
+               f"({s['images_per_s']:.2f} images/s, extractor on {s['provider']}) -> {s['out']}")
+    if "instance_mIoU" in s:
+        click.echo(f"instance mIoU with the GT boxes: {s['instance_mIoU']:.4f}")
+    for line in s["skipped"][:20]:
+        click.echo(f"  skipped {line}")
+
+
+@main.command()
+@click.option("--checkpoint", "checkpoint_list", multiple=True,
+              help="Checkpoint file, glob ('checkpoints/*.pth'), best or last; repeat for a comparison table.")
+@click.option("--epoch", "epochs", type=int, multiple=True, help="Checkpoint of this epoch (repeatable).")
+@click.option("--checkpoints", type=click.Path(path_type=Path), default=Path("checkpoints"), show_default=True)
+@click.option("--val-store", type=click.Path(path_type=Path), help="Val cache [the one each checkpoint was trained with].")
+@click.option("--ann", type=click.Path(path_type=Path), help="Evaluate on these annotations instead (with --images).")
+@click.option("--images", type=click.Path(path_type=Path), help="Image folder of --ann.")
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), help="Extractor for --ann [the checkpoint's].")
+@click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--limit", type=int, callback=_positive("limit"), help="--ann: only the first N images.")
+@click.option("--work-dir", type=click.Path(path_type=Path), help="--ann: where the temporary store goes [system temp].")
+@click.option("--coco-eval", is_flag=True, help="Also COCO mask AP (pycocotools, GT boxes as detections).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=int, callback=_positive("batch-size"), help="Images per batch [64 CUDA, 8 CPU].")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write all metrics here.")
+@_user_errors
+def evaluate(checkpoint_list, epochs, checkpoints, val_store, ann, images, onnx_path, provider, limit, work_dir,
+             coco_eval, device, batch_size, json_out):
+    """Score one or more checkpoints: mIoU, class IoUs, instance mIoU (S/M/L, overlapped), box baseline."""
+    import glob
+    import json as _json
+
+    from trainer.checkpoint import write_text_atomic
+    from trainer.inference.evaluate import comparison_table, evaluate_checkpoint, live_store
+    paths = []
+    for spec in checkpoint_list:
+        if any(ch in spec for ch in "*?["):
+            found = sorted(p for p in glob.glob(spec) if p.endswith(".pth"))
+            if not found:
+                raise UserError(f"no checkpoint matches {spec}")
+            paths += [Path(p) for p in found]
+        else:
+            paths.append(_checkpoint_from(None, spec, checkpoints))
+    paths += [_checkpoint_from(e, None, checkpoints) for e in epochs]
+    if not paths:
+        paths = [_checkpoint_from(None, None, checkpoints, default="best")]
+    if (ann is None) != (images is None):
+        raise UserError("--ann and --images go together")
+    results = []
+    if ann is not None:
+        with live_store(paths[0], ann, images, work_dir, onnx_path, provider, limit) as store:
+            for p in paths:
+                results.append(evaluate_checkpoint(p, store, device=device, coco_eval=coco_eval, batch_size=batch_size))
+    else:
+        for p in paths:
+            results.append(evaluate_checkpoint(p, val_store, device=device, coco_eval=coco_eval, batch_size=batch_size))
+    click.echo(comparison_table(results))
+    if json_out:
+        write_text_atomic(Path(json_out), _json.dumps(results, indent=2))
+        click.echo(f"wrote {json_out}")
 
 
 @main.command()

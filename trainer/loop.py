@@ -22,6 +22,7 @@ from . import distributed as D
 from .checkpoint import (CheckpointError, find_checkpoint, load_checkpoint, publish_alias, save_checkpoint,
                          write_text_atomic)
 from .config import TrainConfig
+from .inference.evaluate import run_evaluator
 from .inference.evaluator import RoiEvaluator
 from .data import CacheIndex, epoch_batches, make_source, rank_images
 from .losses import LossConfig, SegLoss
@@ -334,17 +335,11 @@ class Trainer:
         ``details``: also ``per_roi`` records (image, ROI, instance IoU, per-class I/U, GT area,
         another person inside) for bootstrap statistics over images."""
         model = model or (self.ema.module if self.ema else self.model)
-        was_training = model.training
-        model.eval()
-        evaluator = self.evaluator().keep_records(details)
         batches = epoch_batches(self.val_index.images, 0, 0, self.batch_size, self.dist.rank, self.dist.world,
                                 shuffle=False, pad=False)
-        for batch in self.val_source.iterate(batches, 0, False):
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                logits = model(self._inputs(batch), batch["rois"])
-            evaluator.process(batch["roi_ids"], logits.float().softmax(1))
+        evaluator = run_evaluator(model, self.val_source.iterate(batches, 0, False),
+                                  self.evaluator().keep_records(details), self.amp, self.cfg.zero_features)
         D.all_reduce_(evaluator.tensors(), self.dist)
-        model.train(was_training)
         return evaluator.result()
 
     def evaluator(self) -> RoiEvaluator:

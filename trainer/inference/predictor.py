@@ -117,12 +117,11 @@ class Predictor:
                 raise FeatCacheError("no person boxes given and no detection output configured")
             px, scores = decode(extra[self.det_output], self.det_format, self.policy_hw, self.detection,
                                 self.det_output)
-            boxes = self.policy.input_norm_to_norm(px / [self.policy.input_w, self.policy.input_h] * 2, w, h)
+            iw, ih = self.policy.input_w, self.policy.input_h
+            boxes = self.policy.input_norm_to_norm(px / np.array([iw, ih, iw, ih]), w, h)
         boxes = as_xyxy(np.asarray(boxes, np.float64).reshape(-1, 4), box_format).clip(0, 1)
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        boxes = boxes[keep]
-        scores = np.ones(len(keep)) if scores is None else np.asarray(scores, np.float64).reshape(-1)
-        return self.predict_features(feats, (h, w), boxes, scores[keep])
+        scores = np.ones(len(boxes)) if scores is None else np.asarray(scores, np.float64).reshape(-1)
+        return self.predict_features(feats, (h, w), boxes, scores)
 
     @torch.no_grad()
     def predict_features(self, feats: np.ndarray, size, boxes: np.ndarray, scores: np.ndarray) -> Prediction:

@@ -1,0 +1,145 @@
+"""`cli.py evaluate`: score checkpoints on a val store (or straight from annotations + images).
+
+The same ``RoiEvaluator`` and the same batches as `train`'s validation, so evaluating a checkpoint
+on the val store it was trained with reproduces the metrics stored in it.  With ``--ann/--images``
+the images go through the checkpoint's own extractor and preprocessing into a temporary store first
+(the same code path as `cache`), which is then scored and deleted.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from featcache.errors import FeatCacheError
+from featcache.store import FeatureStore, check_compatible
+
+from ..checkpoint import load_checkpoint
+from ..data import CacheIndex, epoch_batches, make_source
+from ..sampling import RoiSampling
+from .evaluator import RoiEvaluator
+from .predictor import decoder_from_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def run_evaluator(model: torch.nn.Module, batches: Iterable[dict], evaluator: RoiEvaluator, amp: bool = False,
+                  zero_features: bool = False) -> RoiEvaluator:
+    """Feed every validation batch through ``model`` into ``evaluator`` (no per-ROI host sync)."""
+    was_training = model.training
+    model.eval()
+    evaluator.reset()
+    for batch in batches:
+        f = batch["features"]
+        f = torch.zeros_like(f) if zero_features else f
+        with torch.autocast(f.device.type, dtype=torch.float16, enabled=amp):
+            logits = model(f if amp else f.float(), batch["rois"])
+        evaluator.process(batch["roi_ids"], logits.float().softmax(1))
+    model.train(was_training)
+    return evaluator
+
+
+def val_batches(index: CacheIndex, device, batch_size: int, mask_size: int, resident: str = "auto",
+                workers: int = 0):
+    """Every stored padded ROI of ``index``'s images, in store order (as `train` validates)."""
+    source = make_source(resident, index, RoiSampling(hflip=0.0), mask_size, 0, workers, device, index.images)
+    batches = epoch_batches(index.images, 0, 0, batch_size, shuffle=False, pad=False)
+    return source.iterate(batches, 0, False)
+
+
+def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: list | None = None,
+                        device: str = "cpu", coco_eval: bool = False, batch_size: int | None = None,
+                        details: bool = False, index: CacheIndex | None = None) -> dict:
+    ck = load_checkpoint(path)
+    model, meta = decoder_from_checkpoint(ck)
+    cfg = ck.get("config", {})
+    if index is None:
+        store = Path(val_store or cfg.get("val_store") or "")
+        if not (store / ".zattrs").is_file():
+            raise FeatCacheError(f"val store not found: {store} (pass --val-store, or --ann and --images)")
+        index = CacheIndex(store, val_images if val_images is not None else
+                           (cfg.get("val_images") if val_store is None else None))
+    check_compatible(ck["cache_fingerprint"], {k: index.meta.get(k) for k in ck["cache_fingerprint"]},
+                     f"checkpoint {Path(path).name} vs val store {index.path}")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model.to(dev)
+    k = int(ck["model_kwargs"]["num_classes"])
+    ev = RoiEvaluator(index, FeatureStore(index.path), k, dev, coco_eval).keep_records(details)
+    bs = batch_size or (64 if dev.type == "cuda" else 8)
+    run_evaluator(model, val_batches(index, dev, bs, int(ck["model_kwargs"]["mask_size"])), ev,
+                  amp=bool(cfg.get("amp")) and dev.type == "cuda", zero_features=bool(cfg.get("zero_features")))
+    res = ev.result()
+    res.update({"checkpoint": str(path), "epoch": int(ck["epoch"]), "val_store": str(index.path),
+                "stored_metrics": {m: ck.get("metrics", {}).get(m) for m in ("mIoU", "instance_mIoU")}})
+    return res
+
+
+def live_store(ck_path: Path, ann: Path, images: Path, work_dir: Path | None, onnx: Path | None = None,
+               provider: str = "auto", limit: int | None = None):
+    """A temporary val store of ``ann``/``images`` built with the checkpoint's extractor and
+    preprocessing; a context manager yielding its path."""
+    from featcache.cache import CacheConfig, run_cache
+
+    from .predictor import open_extractor
+    meta = decoder_from_checkpoint(ck_path)[1]
+    open_extractor(meta, onnx, "cpu")  # the same extractor (sha256) before any work
+    prep = meta["preprocess"]
+
+    class _Ctx:
+        def __enter__(self):
+            self.tmp = tempfile.TemporaryDirectory(prefix="evaluate_", dir=work_dir)
+            out = Path(self.tmp.name) / "val.zarr"
+            run_cache(CacheConfig(ann=Path(ann), images=Path(images), onnx=Path(onnx or meta["onnx_path"]), out=out,
+                                  feature_name=meta["feature_name"], provider=provider,
+                                  channel_order=prep["channel_order"], scale=float(prep["scale"]),
+                                  resize=prep["policy"]["mode"], roi_padding=float(meta["roi_padding"]),
+                                  limit=limit), progress=True)
+            return out
+
+        def __exit__(self, *exc):
+            self.tmp.cleanup()
+    return _Ctx()
+
+
+ROW = [("epoch", "epoch", "{:>5}"), ("mIoU", "mIoU", "{:.4f}"), ("bg", ("iou", "background"), "{:.3f}"),
+       ("target", ("iou", "target"), "{:.3f}"), ("other", ("iou", "non_target"), "{:.3f}"),
+       ("inst", "instance_mIoU", "{:.4f}"), ("S", ("instance_subsets", "small", "instance_mIoU"), "{:.3f}"),
+       ("M", ("instance_subsets", "medium", "instance_mIoU"), "{:.3f}"),
+       ("L", ("instance_subsets", "large", "instance_mIoU"), "{:.3f}"),
+       ("overlap", ("instance_subsets", "overlapped", "instance_mIoU"), "{:.3f}"),
+       ("box", "box_instance_mIoU", "{:.4f}")]
+
+
+def _get(d, key):
+    for k in (key if isinstance(key, tuple) else (key,)):
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def comparison_table(results: list[dict]) -> str:
+    """One row per checkpoint: 3-class mIoU and class IoUs, instance mIoU (all, S/M/L, overlapped
+    persons), the box-filled baseline on the same persons, and mask AP when computed."""
+    cols = list(ROW) + ([("AP", ("coco_mask_AP", "AP"), "{:.4f}")] if any("coco_mask_AP" in r for r in results) else [])
+    names = [Path(r["checkpoint"]).name for r in results]
+    wn = max([10] + [len(n) for n in names])
+    head = f"{'checkpoint':<{wn}} " + " ".join(f"{c:>7}" for c, _, _ in cols)
+    lines = [head, "-" * len(head)]
+    for n, r in zip(names, results):
+        cells = []
+        for _, key, fmt in cols:
+            v = _get(r, key)
+            cells.append(f"{fmt.format(v) if v is not None else '-':>7}")
+        lines.append(f"{n:<{wn}} " + " ".join(cells))
+    if results:
+        s = results[0]["instance_subsets"]
+        lines.append(f"persons: {s['all']['persons']} (S {s['small']['persons']}, M {s['medium']['persons']}, "
+                     f"L {s['large']['persons']}, overlapped {s['overlapped']['persons']}); "
+                     f"box = the GT box filled as the mask")
+    return "\n".join(lines)
