@@ -298,9 +298,10 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path):
     out = Path(out or path.with_suffix(".decoder.onnx"))
     info = {"feature_name": meta["feature_name"], "preprocess": meta["preprocess"], "checkpoint": path.name,
             "classes": ck["model_kwargs"]["num_classes"]}
-    export_decoder(model, c, meta["input_hw"], (hf, wf), meta["roi_padding"], out, opset, info)
-    click.echo(f"wrote {out} (opset {opset})")
-    parity = check_parity(model, out, c, meta["input_hw"], (hf, wf), meta["roi_padding"])
+    letterbox = meta["preprocess"]["policy"]["mode"] == "letterbox"
+    export_decoder(model, c, meta["input_hw"], (hf, wf), meta["roi_padding"], out, opset, info, letterbox)
+    click.echo(f"wrote {out} (opset {opset}{', input image_rects: letterboxed' if letterbox else ''})")
+    parity = check_parity(model, out, c, meta["input_hw"], (hf, wf), meta["roi_padding"], letterbox=letterbox)
     click.echo("parity vs PyTorch (max abs diff): " + ", ".join(f"{k} {v:.2e}" for k, v in parity.items()))
     lat = decoder_latency(out, c, (hf, wf))
     click.echo("decoder latency on CPU (ms): " + ", ".join(f"{n} ROIs {ms}" for n, ms in lat.items()))
@@ -310,7 +311,7 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path):
         open_extractor(meta, ext, "cpu")  # same checks as inference: file exists, sha256 matches
         stem = out.name[: -len(".decoder.onnx")] if out.name.endswith(".decoder.onnx") else out.stem
         e2e = export_end_to_end(ext, meta["feature_name"], out, out.with_name(f"{stem}.e2e.onnx"))
-        click.echo(f"wrote {e2e} (images [1,3,H,W] + rois -> probs, logits)")
+        click.echo(f"wrote {e2e} (images [1,3,H,W] + rois{' + image_rects' if letterbox else ''} -> probs, logits, roi_boxes)")
 
 
 def _positive(name):

@@ -119,9 +119,10 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
     t = _step(7, total, "export the decoder to ONNX and check it in ONNX Runtime")
     model, meta = decoder_from_checkpoint(ck_path)
     c, hf, wf = meta["feature_shape"]
+    letterbox = meta["preprocess"]["policy"]["mode"] == "letterbox"
     dec = export_decoder(model, c, meta["input_hw"], (hf, wf), meta["roi_padding"],
-                         folder / "export" / "decoder.onnx")
-    parity = check_parity(model, dec, c, meta["input_hw"], (hf, wf), meta["roi_padding"])
+                         folder / "export" / "decoder.onnx", letterbox=letterbox)
+    parity = check_parity(model, dec, c, meta["input_hw"], (hf, wf), meta["roi_padding"], letterbox=letterbox)
     e2e = export_end_to_end(onnx_path, DEMO_FEATURE, dec, folder / "export" / "extractor_decoder.onnx")
     lat = decoder_latency(dec, c, (hf, wf), counts=(1, 5))
     click.echo("      parity (max abs diff): " + ", ".join(f"{k} {v:.1e}" for k, v in parity.items())

@@ -35,3 +35,16 @@ def stores(synth, standin_onnx, tmp_path_factory):
     out["analysis"] = d / "data_analyze.json"
     write_json_atomic(run_analyze(synth["train"], workers=1, progress=False), out["analysis"])
     return out
+
+
+@pytest.fixture(scope="session")
+def trained(stores, tmp_path_factory):
+    """One epoch of a tiny decoder on the synthetic stores (checkpoint folder)."""
+    from trainer.config import make_config
+    from trainer.run import run_training
+    out = tmp_path_factory.mktemp("ck")
+    cfg = make_config(train_store=str(stores["train"]), val_store=str(stores["val"]), out=str(out),
+                      analysis=str(stores["analysis"]), hidden=16, roi_size=7, mask_size=28, epochs=1,
+                      batch_size=4, workers=0, resident="cpu", tensorboard=False, visualize=True)
+    run_training(cfg)
+    return out

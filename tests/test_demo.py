@@ -24,7 +24,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     ck = load_checkpoint(s["checkpoint"])
     assert ck["epoch"] == 2 and "model" in ck
     sess = ort.InferenceSession(s["end_to_end_onnx"], providers=["CPUExecutionProvider"])
-    probs, logits = sess.run(None, {"images": np.random.rand(1, 3, 640, 640).astype(np.float32),
+    probs, logits, _ = sess.run(None, {"images": np.random.rand(1, 3, 640, 640).astype(np.float32),
                                     "rois": np.array([[0, 0.3, 0.2, 0.6, 0.9], [0, 0.1, 0.1, 0.2, 0.3]], np.float32)})
     assert probs.shape == (2, 3, 640, 640) and np.allclose(probs.sum(1), 1, atol=1e-4)
     dec = ort.InferenceSession(s["decoder_onnx"], providers=["CPUExecutionProvider"])

@@ -13,21 +13,9 @@ from featcache.geometry import ResizePolicy
 from featcache.images import Preprocess
 from featcache.standin import FEATURE_NAME
 from trainer.checkpoint import list_checkpoints
-from trainer.config import make_config
 from trainer.inference.predictor import Predictor
 from trainer.inference.visualize import (BOX_RED, CAPTION_H, CELL_H, CELL_W, MARGIN, TITLE_H, choose_images,
                                person_colour, render_validation_png)
-
-
-@pytest.fixture(scope="module")
-def trained(stores, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ck")
-    cfg = make_config(train_store=str(stores["train"]), val_store=str(stores["val"]), out=str(out),
-                      analysis=str(stores["analysis"]), hidden=16, roi_size=7, mask_size=28, epochs=1,
-                      batch_size=4, workers=0, resident="cpu", tensorboard=False, visualize=True)
-    from trainer.run import run_training
-    run_training(cfg)
-    return out
 
 
 class TargetEverywhere(torch.nn.Module):
@@ -130,12 +118,13 @@ def test_export_parity_dynamic_shapes_and_end_to_end(trained, synth, tmp_path):
     for b, n in ((1, 0), (2, 5), (3, 1)):
         feats = np.random.rand(b, 16, 80, 80).astype(np.float32)
         rois = np.array([[k % b, 0.1, 0.1, 0.5, 0.6] for k in range(n)], np.float32).reshape(n, 5)
-        probs, logits = s.run(None, {"features": feats, "rois": rois})
+        probs, logits, boxes = s.run(None, {"features": feats, "rois": rois})
+        assert boxes.shape == (n, 4)
         assert probs.shape == (n, 3, 640, 640) and logits.shape == (n, 3, 28, 28)
         if n:
             assert np.allclose(probs.sum(1), 1, atol=1e-4)
     e2e = ort.InferenceSession(str(tmp_path / "dec.e2e.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in e2e.get_inputs()] == ["images", "rois"]
-    probs, _ = e2e.run(None, {"images": np.random.rand(1, 3, 640, 640).astype(np.float32),
+    probs, _, _ = e2e.run(None, {"images": np.random.rand(1, 3, 640, 640).astype(np.float32),
                               "rois": np.array([[0, 0.2, 0.2, 0.6, 0.9]], np.float32)})
     assert probs.shape == (1, 3, 640, 640)

@@ -1,0 +1,251 @@
+"""predict / evaluate: detection decoding, COCO outputs, video, evaluate == stored metrics, padding parity."""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from pycocotools.coco import COCO
+
+from featcache.coco import load_person_records
+from featcache.extractor import Extractor
+from featcache.geometry import ResizePolicy, content_rect, pad_box
+from featcache.images import Preprocess
+from featcache.standin import FEATURE_NAME, add_constant_output
+from trainer.checkpoint import list_checkpoints, load_checkpoint
+from trainer.inference.detection import YOLOX_STRIDES, DetectionSettings
+from trainer.inference.export import DecoderExport, export_decoder
+from trainer.inference.predict import PredictOptions, run_predict
+from trainer.inference.predictor import Predictor, decoder_from_checkpoint
+
+# Two persons (class 1 of 3) in input pixels of a 640x640 frame, plus distractors below.
+PERSONS = np.array([[100.0, 120.0, 300.0, 500.0], [350.0, 80.0, 600.0, 400.0]])
+SCORES = np.array([0.9, 0.8])
+
+
+def _yolov8_head(person_class=1, nc=3, anchors=8400):
+    out = np.zeros((1, 4 + nc, anchors), np.float32)
+    rows = [(PERSONS[0], 0.9, person_class), (PERSONS[1], 0.8, person_class),
+            (PERSONS[0] + 6, 0.7, person_class),          # a duplicate NMS must remove
+            ([10, 10, 60, 60], 0.95, (person_class + 1) % nc),  # another class
+            ([400, 500, 450, 600], 0.1, person_class)]    # under --conf
+    for j, (b, s, c) in enumerate(rows):
+        b = np.asarray(b, np.float32)
+        out[0, :4, 100 + j] = [(b[0] + b[2]) / 2, (b[1] + b[3]) / 2, b[2] - b[0], b[3] - b[1]]
+        out[0, 4 + c, 100 + j] = s
+    return out
+
+
+def _yolox_head(raw: bool, person_class=1, nc=3):
+    v8 = _yolov8_head(person_class, nc)[0].T              # [A, 4+nc]
+    grid, stride = [], []
+    for s in YOLOX_STRIDES:
+        ys, xs = np.meshgrid(np.arange(640 // s), np.arange(640 // s), indexing="ij")
+        grid.append(np.stack([xs, ys], -1).reshape(-1, 2))
+        stride += [s] * (640 // s) ** 2
+    grid, stride = np.concatenate(grid).astype(np.float32), np.asarray(stride, np.float32)[:, None]
+    out = np.zeros((len(grid), 5 + nc), np.float32)
+    box = v8[:, :4].copy()
+    if raw:
+        box[:, :2] = box[:, :2] / stride - grid
+        box[:, 2:] = np.log(np.maximum(box[:, 2:], 1e-3) / stride)
+    out[:, :4] = box
+    cls = v8[:, 4:]
+    out[:, 4] = (cls.max(1) > 0).astype(np.float32)     # objectness 1 where anything is
+    out[:, 5:] = cls
+    return out[None]
+
+
+def _nms_rows(score_last: bool, person_class=1):
+    rows = [[0, person_class, SCORES[k], *PERSONS[k]] for k in range(2)] + [[0, 2, 0.99, 5, 5, 50, 50]]
+    rows = np.asarray(rows, np.float32)
+    if score_last:
+        rows = rows[:, [0, 1, 3, 4, 5, 6, 2]]
+    return rows
+
+
+HEADS = {
+    "yolov8": ("dets", lambda: _yolov8_head(), "auto"),
+    "yolox": ("output", lambda: _yolox_head(True), "auto"),
+    "yolox-decoded": ("output", lambda: _yolox_head(False), "yolox-decoded"),
+    "nms": ("batchno_classid_score_x1y1x2y2", lambda: _nms_rows(False), "auto"),
+    "nms-score-last": ("batchno_classid_x1y1x2y2_score", lambda: _nms_rows(True), "auto"),
+}
+
+
+class TargetEverywhere(torch.nn.Module):
+    num_classes = 3
+
+    def forward(self, features, rois):
+        out = torch.zeros(len(rois), 3, 28, 28)
+        out[:, 1] = 20.0
+        return out
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("mode", ["stretch", "letterbox"])
+def test_detection_heads_give_back_the_known_boxes(standin_onnx, tmp_path, head, mode):
+    name, make, fmt = HEADS[head]
+    onnx_path = add_constant_output(standin_onnx, tmp_path / "det.onnx", name, make())
+    ex = Extractor(onnx_path, FEATURE_NAME, "cpu", extra_outputs=(name,))
+    meta = {"preprocess": Preprocess(policy=ResizePolicy(640, 640, mode)).to_dict(), "roi_padding": 0.1}
+    pred = Predictor(TargetEverywhere(), meta, ex, detection=DetectionSettings(format=fmt, person_class=1))
+    assert pred.det_output == name
+    w, h = 640, 320
+    res = pred.predict(Image.new("RGB", (w, h)))
+    # input pixels -> original normalized (letterbox: content is rows 160..480 of the input frame)
+    expect = ResizePolicy(640, 640, mode).input_norm_to_norm(PERSONS / 640, w, h).clip(0, 1)
+    order = np.argsort(-res.scores)
+    assert len(res) == 2, res.boxes
+    assert np.allclose(res.boxes[order], expect, atol=1e-4)
+    assert np.allclose(res.scores[order], SCORES, atol=1e-5)
+
+
+def test_model_without_detection_output_is_a_clear_error(trained, tmp_path):
+    from cli import main
+    r = CliRunner().invoke(main, ["predict", "--source", str(tmp_path), "--checkpoint", str(trained / "best.pth")])
+    assert r.exit_code == 1 and "no detection output" in r.output and "--boxes" in r.output
+
+
+@pytest.fixture(scope="module")
+def det_predictor(trained, standin_onnx, tmp_path_factory):
+    """The trained decoder on an extractor whose NMS head 'detects' two fixed persons."""
+    onnx_path = add_constant_output(standin_onnx, tmp_path_factory.mktemp("det") / "det.onnx",
+                                    "batchno_classid_score_x1y1x2y2", _nms_rows(False, person_class=0))
+    model, meta = decoder_from_checkpoint(trained / "best.pth")
+    ex = Extractor(onnx_path, meta["feature_name"], "cpu", extra_outputs=("batchno_classid_score_x1y1x2y2",))
+    return Predictor(model, meta, ex, detection=DetectionSettings())
+
+
+def test_predict_folder_writes_coco_results_masks_polygons(det_predictor, synth, tmp_path):
+    recs, _ = load_person_records(synth["val"])
+    names = [r.file_name for r in recs[:2]]
+    opts = PredictOptions(source=synth["root"] / "images/val2017", out=tmp_path / "p", checkpoint=None,
+                          ann=synth["val"], only=names, save_masks=True, polygons=True, progress=False)
+    s = run_predict(opts, det_predictor)
+    assert s["images"] == 2 and s["persons"] == 4
+    res = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    ids = {r.file_name: r.image_id for r in recs[:2]}
+    assert sorted({r["image_id"] for r in res}) == sorted(ids.values())   # ids from --ann by file name
+    gt = COCO(str(synth["val"]))
+    dt = gt.loadRes(res)                          # pycocotools accepts the file
+    assert len(dt.getAnnIds()) == 4
+    masks = sorted((tmp_path / "p" / "masks").glob("*.png"))
+    assert len(masks) == 4
+    with Image.open(masks[0]) as m:
+        assert m.size == (recs[0].width, recs[0].height)
+    from pycocotools import mask as mask_utils
+    m0 = np.asarray(Image.open(masks[0])) > 0
+    assert (mask_utils.decode(res[0]["segmentation"]).astype(bool) == m0).all()
+    poly = json.loads((tmp_path / "p" / "predictions_polygons.json").read_text())
+    assert len(poly["annotations"]) >= 1 and len(poly["annotations"][0]["segmentation"][0]) >= 6
+    assert {(a["image_id"], tuple(a["bbox"])) for a in poly["annotations"]} <= \
+        {(r["image_id"], tuple(r["bbox"])) for r in res}
+    assert (tmp_path / "p" / names[0]).is_file()          # the overlay
+
+
+def test_polygons_rasterize_back_to_the_mask():
+    from pycocotools import mask as mask_utils
+
+    from trainer.inference.predict import polygons_of
+    h, w = 120, 160
+    yy, xx = np.mgrid[:h, :w]
+    m = ((yy - 60) ** 2 / 40 ** 2 + (xx - 50) ** 2 / 30 ** 2 <= 1) | ((yy > 20) & (yy < 90) & (xx > 100) & (xx < 140))
+    win = m[10:110, 5:150]
+    polys = polygons_of(win, (5, 10))
+    assert len(polys) == 2
+    rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+    assert mask_utils.iou([rle], [mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))], [0])[0, 0] > 0.95
+
+
+def test_predict_video_writes_a_video_with_every_frame(det_predictor, tmp_path):
+    import cv2
+    src = tmp_path / "clip.mp4"
+    vw = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"mp4v"), 5, (320, 240))
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        vw.write(rng.integers(0, 255, (240, 320, 3), np.uint8))
+    vw.release()
+    s = run_predict(PredictOptions(source=str(src), out=tmp_path / "v", checkpoint=None, progress=False), det_predictor)
+    assert s["images"] == 4
+    cap = cv2.VideoCapture(str(tmp_path / "v" / "clip.mp4"))
+    frames = 0
+    while cap.read()[0]:
+        frames += 1
+    assert frames == 4 and int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 320
+    res = json.loads((tmp_path / "v" / "predictions.json").read_text())
+    assert sorted({r["image_id"] for r in res}) == [0, 1, 2, 3]
+
+
+def test_evaluate_reproduces_stored_metrics_and_compares(trained, stores, tmp_path):
+    from cli import main
+    ck = list_checkpoints(trained)[0][1]
+    stored = load_checkpoint(ck)["metrics"]
+    out = tmp_path / "ev.json"
+    r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(ck), "--checkpoint", str(trained / "*.pth"),
+                                  "--json", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert len(res) == 1 + len(list(trained.glob("*.pth")))   # one row per checkpoint
+    assert res[0]["mIoU"] == pytest.approx(stored["mIoU"], abs=1e-9)
+    assert res[0]["instance_mIoU"] == pytest.approx(stored["instance_mIoU"], abs=1e-9)
+    assert res[0]["iou"] == pytest.approx(stored["iou"], abs=1e-9)
+    subsets = res[0]["instance_subsets"]
+    assert subsets["all"]["persons"] == subsets["small"]["persons"] + subsets["medium"]["persons"] + \
+        subsets["large"]["persons"]
+    assert 0 < res[0]["box_instance_mIoU"] < 1
+    assert "overlap" in r.output and ck.name in r.output
+
+
+def test_predict_with_gt_boxes_matches_evaluate(trained, synth, tmp_path):
+    from cli import main
+    from trainer.inference.evaluate import evaluate_checkpoint
+    ck = trained / "best.pth"
+    r = CliRunner().invoke(main, ["predict", "--source", str(synth["root"] / "images/val2017"), "--checkpoint",
+                                  str(ck), "--boxes", "gt", "--ann", str(synth["val"]), "--out", str(tmp_path / "g"),
+                                  "--provider", "cpu", "--no-overlays"])
+    assert r.exit_code == 0, r.output
+    got = float(r.output.split("instance mIoU with the GT boxes: ")[1].split()[0])
+    want = evaluate_checkpoint(ck)["instance_mIoU"]
+    assert got == pytest.approx(want, abs=2e-3)
+
+
+@pytest.mark.parametrize("size", [(1280, 640), (640, 1280), (640, 480)])
+@pytest.mark.parametrize("mode", ["stretch", "letterbox"])
+def test_exported_roi_padding_equals_pad_box(tmp_path, size, mode):
+    """Edge-touching boxes: the graph pads in the input frame and clips to the image content, which
+    must equal training's pad_box in the original image mapped to the input frame."""
+    w, h = size
+    policy = ResizePolicy(640, 640, mode)
+    boxes = np.array([[0.0, 0.0, 0.4, 0.5], [0.6, 0.3, 1.0, 1.0], [0.2, 0.0, 0.8, 1.0], [0.3, 0.3, 0.5, 0.6]])
+    want = policy.norm_to_input_norm(pad_box(boxes, 0.1), w, h) * 640
+    rin = policy.norm_to_input_norm(boxes, w, h)
+    letterbox = mode == "letterbox"
+    model = TargetEverywhere()
+    wrapper = DecoderExport(model, (640, 640), 0.1, letterbox)
+    feats = torch.zeros(1, 4, 80, 80)
+    rois = torch.tensor(np.concatenate([np.zeros((4, 1)), rin], 1), dtype=torch.float32)
+    rect = torch.tensor(content_rect(policy, w, h)[None], dtype=torch.float32)
+    args = (feats, rois, rect) if letterbox else (feats, rois)
+    assert np.allclose(wrapper(*args)[2].numpy(), want, atol=1e-3)
+    path = export_decoder(_Tiny(), 4, (640, 640), (80, 80), 0.1, tmp_path / "d.onnx", letterbox=letterbox)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    assert names == (["features", "rois", "image_rects"] if letterbox else ["features", "rois"])
+    got = sess.run(["roi_boxes"], dict(zip(names, [a.numpy() for a in args])))[0]
+    assert np.allclose(got, want, atol=1e-3)
+
+
+class _Tiny(torch.nn.Module):
+    """A real ROIAlign decoder, tiny (exports like the trained one)."""
+
+    def __init__(self):
+        super().__init__()
+        from trainer.models import build_model
+        self.m = build_model("roialign", 4, hidden=8, roi_size=7, mask_size=14)
+        self.num_classes = 3
+
+    def forward(self, f, r):
+        return self.m(f, r)
