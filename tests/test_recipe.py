@@ -241,6 +241,9 @@ def test_second_run_gets_its_own_folder(stores, tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     rows = (out / "run2" / "results.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,loss,lr,mIoU,iou_background") and len(rows) == 2
+    from PIL import Image
+    with Image.open(out / "run2" / "results.png") as im:     # the curves, drawn every epoch
+        assert im.format == "PNG" and im.size[0] > 800
     import yaml
     args = yaml.safe_load((out / "run2" / "args.yaml").read_text())
     assert args["out"] == str(out / "run2") and args["epochs"] == 1 and args["hidden"] == 16

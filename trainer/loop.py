@@ -26,6 +26,7 @@ from .inference.evaluate import run_evaluator
 from .inference.evaluator import RoiEvaluator
 from .data import CacheIndex, epoch_batches, make_source, rank_images
 from .losses import LossConfig, SegLoss
+from .plots import plot_results
 from .models import build_model, load_decoder_state
 from .sampling import RoiSampling, roi_copies
 from .weights import load_class_weights
@@ -391,6 +392,10 @@ class Trainer:
         old = csv.read_text() if csv.exists() else ",".join(row) + "\n"
         write_text_atomic(csv, old + ",".join(f"{v:.6g}" if isinstance(v, float) else str(v)
                                               for v in row.values()) + "\n")
+        try:
+            plot_results(csv)
+        except Exception as exc:  # a plot must never stop training
+            log.warning("results.png not drawn: %s", exc)
         if not self.cfg.tensorboard:
             return
         if self._tb is None:
