@@ -1,33 +1,33 @@
-"""The training loop: AdamW, warmup + cosine, AMP, clipping, EMA, per-epoch validation/checkpoint."""
+"""The training loop: AdamW, warmup + cosine, AMP, clipping, EMA; per epoch: train, validate, hooks.
+
+Pieces with one job each live beside it: ``checkpointer.py`` (what a checkpoint holds, resume),
+``hooks.py`` (checkpoint/best/last, logs and curves, the validation PNG), ``inference/evaluator.py``
+(the metrics, shared with `evaluate`)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import random
 import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from featcache.errors import FeatCacheError
-from featcache.store import FINGERPRINT_KEYS, FeatureStore, check_compatible
+from featcache.store import FeatureStore, check_compatible
 
 from . import distributed as D
-from .checkpoint import (CheckpointError, find_checkpoint, load_checkpoint, publish_alias, save_checkpoint,
-                         write_text_atomic)
+from .checkpointer import Checkpointer, fingerprint, model_kwargs
 from .config import TrainConfig
+from .data import CacheIndex, epoch_batches, make_source, rank_images
+from .hooks import CheckpointHook, LogHook, as_hook
 from .inference.evaluate import run_evaluator
 from .inference.evaluator import RoiEvaluator
-from .data import CacheIndex, epoch_batches, make_source, rank_images
 from .losses import LossConfig, SegLoss
-from .plots import plot_results
-from .models import build_model, load_decoder_state
+from .models import build_model
 from .sampling import RoiSampling, roi_copies
 from .weights import load_class_weights
 
@@ -35,15 +35,6 @@ log = logging.getLogger(__name__)
 # Without stored mirrored features (cache --flip), whether mirroring the feature map is used instead.
 FLIP_MAP_BY_DEFAULT = True  # bench/ablate.py: within noise of stored flips, far better than none
 EpochHook = Callable[[int, Path, dict, "Trainer"], None]
-
-
-def fingerprint(meta: dict) -> dict:
-    return {k: meta.get(k) for k in FINGERPRINT_KEYS}
-
-
-def model_kwargs(cfg: TrainConfig) -> dict:
-    return {"hidden": cfg.hidden, "roi_size": cfg.roi_size, "mask_size": cfg.mask_size,
-            "num_classes": cfg.classes}
 
 
 REFERENCE_ROIS_PER_STEP = 16
@@ -104,7 +95,10 @@ def expected_rois(index: CacheIndex, images, sampling: RoiSampling) -> int:
 class Trainer:
     def __init__(self, cfg: TrainConfig, hooks: list[EpochHook] | None = None):
         self.cfg = cfg
-        self.hooks = list(hooks or [])
+        # checkpoint and logs first: later hooks see this epoch's checkpoint
+        self.hooks = [CheckpointHook(), LogHook()] + [as_hook(h) for h in hooks or []]
+        self.checkpointer = Checkpointer(self)
+        self.last_checkpoint: Path | None = None
         self.dist, self.device = D.setup(cfg.device)
         self.train_index = CacheIndex(cfg.train_store, cfg.train_images)
         self.val_index = CacheIndex(cfg.val_store, cfg.val_images)
@@ -156,7 +150,7 @@ class Trainer:
         self.global_step = 0
         self.history: list[dict] = []
         if cfg.resume:
-            self._resume(cfg.resume)
+            self.checkpointer.resume(cfg.resume)
         self.net = DistributedDataParallel(self.model) if self.dist.enabled else self.model
         r, w = self.dist.rank, self.dist.world
         self.train_source = make_source(cfg.resident, self.train_index, self.sampling, cfg.mask_size, cfg.seed,
@@ -168,7 +162,6 @@ class Trainer:
         if str(self.out) != str(cfg.out) and self.dist.is_main:
             log.warning("%s holds another run's checkpoints: this run writes to %s", cfg.out, self.out)
         cfg.out = str(self.out)
-        self._tb = None
         if self.dist.is_main:
             log.info("train: %d images (%s), val: %d images, model %s (%d params), device %s, world %d",
                      len(self.train_index.images), self.train_source.kind, len(self.val_index.images),
@@ -211,54 +204,6 @@ class Trainer:
     def _flip_desc(self) -> str:
         s = self.sampling
         return "off" if s.hflip == 0 else f"p={s.hflip} ({'mirrored feature map' if s.hflip_map else 'stored mirrored features'})"
-
-    # ---- state ---------------------------------------------------------------------------
-    def state(self, epoch: int, metrics: dict) -> dict:
-        np_state = np.random.get_state()
-        return {
-            "epoch": epoch, "metrics": metrics, "config": self.cfg.to_dict(),
-            "model_name": self.cfg.model, "model_kwargs": model_kwargs(self.cfg),
-            "in_channels": self.train_index.feature_shape[0], "input_hw": list(self.input_hw),
-            "cache_fingerprint": fingerprint(self.train_index.meta),
-            "cache_metadata": {"train": self._plain(self.train_index.meta), "val": self._plain(self.val_index.meta)},
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"global_step": self.global_step}, "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
-            "history": self.history,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if self.cuda else [],
-                    "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-                    "python": random.getstate()},
-        }
-
-    @staticmethod
-    def _plain(meta: dict) -> dict:
-        return json.loads(json.dumps(meta))
-
-    def _resume(self, spec: str) -> None:
-        path = find_checkpoint(self.cfg.out) if spec == "auto" else Path(spec)
-        ck = load_checkpoint(path, map_location=self.device)
-        check_compatible(ck["cache_fingerprint"], fingerprint(self.train_index.meta),
-                         f"checkpoint {path.name} vs training cache {self.cfg.train_store}")
-        if ck["model_name"] != self.cfg.model or ck["model_kwargs"] != model_kwargs(self.cfg):
-            raise CheckpointError(f"checkpoint {path.name} holds model {ck['model_name']} "
-                                  f"{ck['model_kwargs']}, asked for {self.cfg.model} {model_kwargs(self.cfg)}")
-        load_decoder_state(self.model, ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.global_step = int(ck.get("scheduler", {}).get("global_step", 0))
-        self.scaler.load_state_dict(ck["scaler"])
-        if self.ema and ck.get("ema"):
-            self.ema.load_state_dict(ck["ema"])
-        rng = ck["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        if self.cuda and rng["cuda"]:
-            torch.cuda.set_rng_state_all([t.cpu() for t in rng["cuda"]])
-        n = rng["numpy"]
-        np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
-        self.history = list(ck.get("history", []))
-        self.start_epoch = int(ck["epoch"]) + 1
-        log.info("resumed from %s: continuing at epoch %d", path, self.start_epoch)
 
     # ---- steps ---------------------------------------------------------------------------
     def _inputs(self, batch: dict) -> torch.Tensor:
@@ -349,65 +294,18 @@ class Trainer:
 
     # ---- epochs --------------------------------------------------------------------------
     def fit(self) -> list[dict]:
+        """Epoch = train, validate, then the hooks: checkpoint, logs, and the caller's (rank 0)."""
         for epoch in range(self.start_epoch, self.cfg.epochs + 1):
-            tr = self.train_epoch(epoch)
-            val = self.validate()
-            metrics = {"epoch": epoch, **tr, **val}
+            metrics = {"epoch": epoch, **self.train_epoch(epoch), **self.validate()}
             self.history.append(metrics)
             if self.dist.is_main:
-                path = save_checkpoint(self.state(epoch, metrics), self.out, epoch, self.input_hw,
-                                       val["mIoU"])
-                self._publish(path, metrics)
-                self._log(metrics)
-                log.info("epoch %d: loss %.4f  mIoU %.4f (bg %.3f, target %.3f%s)  instance_mIoU %.4f  -> %s",
-                         epoch, tr["loss"], val["mIoU"], val["iou"]["background"], val["iou"]["target"],
-                         f", other {val['iou']['non_target']:.3f}" if "non_target" in val["iou"] else "",
-                         val["instance_mIoU"], path.name)
                 for hook in self.hooks:
-                    hook(epoch, path, metrics, self)
+                    hook.after_epoch(self, epoch, metrics)
             D.barrier(self.dist)
-        if self._tb:
-            self._tb.close()
+        for hook in self.hooks:
+            if hasattr(hook, "after_train"):
+                hook.after_train(self)
         return self.history
-
-    def _publish(self, path: Path, metrics: dict) -> None:
-        """last.pth = this epoch; best.pth = the best epoch so far by ``best_metric`` (ties: the earlier)."""
-        publish_alias(path, self.out / "last.pth")
-        key = self.cfg.best_metric
-        if all(metrics[key] > h.get(key, -math.inf) for h in self.history[:-1]) or not (self.out / "best.pth").exists():
-            publish_alias(path, self.out / "best.pth")
-            log.info("best.pth -> epoch %d (%s %.4f)", metrics["epoch"], key, metrics[key])
-
-    def _log(self, metrics: dict) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not (self.out / "args.yaml").exists():
-            import yaml
-            write_text_atomic(self.out / "args.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        row = {"epoch": metrics["epoch"], "loss": metrics["loss"], "lr": metrics["lr"], "mIoU": metrics["mIoU"],
-               **{f"iou_{k}": v for k, v in metrics["iou"].items()}, "instance_mIoU": metrics["instance_mIoU"],
-               "steps": metrics.get("steps"), "train_s": metrics["train_s"], "rois_per_s": metrics["rois_per_s"]}
-        csv = self.out / "results.csv"
-        old = csv.read_text() if csv.exists() else ",".join(row) + "\n"
-        write_text_atomic(csv, old + ",".join(f"{v:.6g}" if isinstance(v, float) else str(v)
-                                              for v in row.values()) + "\n")
-        try:
-            plot_results(csv)
-        except Exception as exc:  # a plot must never stop training
-            log.warning("results.png not drawn: %s", exc)
-        if not self.cfg.tensorboard:
-            return
-        if self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(self.out / "tb"))
-        e = metrics["epoch"]
-        for key in ("loss", "mIoU", "instance_mIoU", "rois_per_s", "lr"):
-            self._tb.add_scalar(f"{'train' if key in ('loss', 'rois_per_s', 'lr') else 'val'}/{key}",
-                                metrics[key], e)
-        for c, v in metrics["iou"].items():
-            self._tb.add_scalar(f"val/iou_{c}", v, e)
-        self._tb.flush()
 
     def close(self):
         D.teardown(self.dist)

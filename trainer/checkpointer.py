@@ -1,0 +1,86 @@
+"""Everything a resumable run saves and restores: model, optimizer, LR position, grad scaler, EMA,
+RNG states, history, and what the checkpoint was trained on (config, cache metadata)."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featcache.store import FINGERPRINT_KEYS, check_compatible
+
+from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from .models import load_decoder_state
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(meta: dict) -> dict:
+    return {k: meta.get(k) for k in FINGERPRINT_KEYS}
+
+
+def model_kwargs(cfg) -> dict:
+    return {"hidden": cfg.hidden, "roi_size": cfg.roi_size, "mask_size": cfg.mask_size,
+            "num_classes": cfg.classes}
+
+
+def _plain(meta: dict) -> dict:
+    return json.loads(json.dumps(meta))
+
+
+class Checkpointer:
+    def __init__(self, trainer):
+        self.t = trainer
+
+    def state(self, epoch: int, metrics: dict) -> dict:
+        t = self.t
+        np_state = np.random.get_state()
+        return {
+            "epoch": epoch, "metrics": metrics, "config": t.cfg.to_dict(),
+            "model_name": t.cfg.model, "model_kwargs": model_kwargs(t.cfg),
+            "in_channels": t.train_index.feature_shape[0], "input_hw": list(t.input_hw),
+            "cache_fingerprint": fingerprint(t.train_index.meta),
+            "cache_metadata": {"train": _plain(t.train_index.meta), "val": _plain(t.val_index.meta)},
+            "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+            "scheduler": {"global_step": t.global_step}, "scaler": t.scaler.state_dict(),
+            "ema": t.ema.state_dict() if t.ema else None,
+            "history": t.history,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if t.cuda else [],
+                    "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+                    "python": random.getstate()},
+        }
+
+    def save(self, epoch: int, metrics: dict) -> Path:
+        t = self.t
+        return save_checkpoint(self.state(epoch, metrics), t.out, epoch, t.input_hw, metrics["mIoU"])
+
+    def resume(self, spec: str) -> None:
+        """Restore a run from ``spec`` ("auto": the latest checkpoint in the run folder)."""
+        t = self.t
+        path = find_checkpoint(t.cfg.out) if spec == "auto" else Path(spec)
+        ck = load_checkpoint(path, map_location=t.device)
+        check_compatible(ck["cache_fingerprint"], fingerprint(t.train_index.meta),
+                         f"checkpoint {path.name} vs training cache {t.cfg.train_store}")
+        if ck["model_name"] != t.cfg.model or ck["model_kwargs"] != model_kwargs(t.cfg):
+            raise CheckpointError(f"checkpoint {path.name} holds model {ck['model_name']} "
+                                  f"{ck['model_kwargs']}, asked for {t.cfg.model} {model_kwargs(t.cfg)}")
+        load_decoder_state(t.model, ck["model"])
+        t.optimizer.load_state_dict(ck["optimizer"])
+        t.global_step = int(ck.get("scheduler", {}).get("global_step", 0))
+        t.scaler.load_state_dict(ck["scaler"])
+        if t.ema and ck.get("ema"):
+            t.ema.load_state_dict(ck["ema"])
+        rng = ck["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        if t.cuda and rng["cuda"]:
+            torch.cuda.set_rng_state_all([x.cpu() for x in rng["cuda"]])
+        n = rng["numpy"]
+        np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+        t.history = list(ck.get("history", []))
+        t.start_epoch = int(ck["epoch"]) + 1
+        log.info("resumed from %s: continuing at epoch %d", path, t.start_epoch)
