@@ -344,7 +344,7 @@ def _unit(ctx, param, value):
               help="COCO annotations: image ids for predictions.json (by file name), and the boxes of --boxes gt.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), help="Extractor ONNX [the checkpoint's].")
 @click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="Decoder device (cpu, cuda).")
+@click.option("--device", default="auto", show_default=True, help="Decoder device: auto (CUDA if present), cpu, cuda.")
 @click.option("--det-output", help="Detection output name [the first output of a known layout].")
 @click.option("--det-format", type=click.Choice(["auto", "yolov8", "yolox", "yolox-decoded", "nms"]),
               default="auto", show_default=True, help="Detection output layout (see README).")
@@ -369,6 +369,9 @@ def predict(source, checkpoint, epoch, checkpoints, out, boxes, box_format, ann,
     from trainer.inference.detection import DetectionSettings
     from trainer.inference.predict import PredictOptions, run_predict
     path = _checkpoint_from(epoch, checkpoint, checkpoints, default="best")
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     opts = PredictOptions(source=source, out=out, checkpoint=path, onnx=onnx_path, provider=provider,
                           device=device, boxes=boxes, box_format=box_format, ann=ann,
                           detection=DetectionSettings(det_output, det_format, person_class, conf, iou, max_det),
