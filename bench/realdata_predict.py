@@ -52,64 +52,104 @@ def _train(job: dict) -> str:
     return str(out / "last.pth")
 
 
-def train_folds(store: Path, folds: int, procs: int, variants=("default", "prior")) -> dict:
+def ck_dir(variant: str, fold: int, seed: int) -> Path:
+    return OUT / "ck" / (f"{variant}_f{fold}" + (f"_s{seed}" if seed else ""))
+
+
+def train_folds(store: Path, folds: int, procs: int, seeds, variants=("default", "prior")) -> dict:
     names = cv.make_folds(store, folds)
     jobs = []
-    for f in range(folds):
+    for f, seed in ((f, s) for s in seeds for f in range(folds)):
         train = sorted(n for g, fold in enumerate(names) if g != f for n in fold)
         analysis = OUT / f"fold{f}_analyze.json"
         if not analysis.exists():
             cv.fold_analysis(OUT, train, f)
         for v in variants:
             cfg = dict(train_store=str(store), val_store=str(store), train_images=train, val_images=names[f],
-                       analysis=str(analysis), seed=0, workers=0, resident="cpu", visualize=False,
-                       tensorboard=False, device="cpu", out=str(OUT / "ck" / f"{v}_f{f}"))
+                       analysis=str(analysis), seed=seed, workers=0, resident="cpu", visualize=False,
+                       tensorboard=False, device="cpu", out=str(ck_dir(v, f, seed)))
             if v != "default":
                 cfg["model"] = v
-            jobs.append({"fold": f, "variant": v, "config": cfg, "out": cfg["out"]})
+            jobs.append({"fold": f, "seed": seed, "variant": v, "config": cfg, "out": cfg["out"]})
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with ProcessPoolExecutor(procs) as pool:
         paths = list(pool.map(_train, jobs))
-    return {(j["variant"], j["fold"]): (p, names[j["fold"]]) for j, p in zip(jobs, paths)}
+    return {(j["variant"], j["fold"], j["seed"]): (p, names[j["fold"]]) for j, p in zip(jobs, paths)}
+
+
+def quiet_ap(gt: dict, results: list) -> np.ndarray:
+    """COCO mask AP stats[:6] of ``results`` against the annotation dict ``gt`` (pycocotools)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    with contextlib.redirect_stdout(io.StringIO()):
+        cg = COCO()
+        cg.dataset = gt
+        cg.createIndex()
+        e = COCOeval(cg, cg.loadRes(results) if results else COCO(), "segm")
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    return np.asarray(e.stats[:6])
+
+
+def resample(gt: dict, results: list, pick: np.ndarray) -> tuple[dict, list]:
+    """The data set made of images ``pick`` (repeats become new images with new ids)."""
+    ims = {im["id"]: im for im in gt["images"]}
+    anns, res = {}, {}
+    for a in gt["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    for r in results:
+        res.setdefault(r["image_id"], []).append(r)
+    ids = sorted(ims)
+    out_gt = {"images": [], "annotations": [], "categories": gt["categories"]}
+    out_res = []
+    for new_id, k in enumerate(pick, 1):
+        old = ids[k]
+        out_gt["images"].append({**ims[old], "id": new_id})
+        out_gt["annotations"] += [{**a, "image_id": new_id, "id": len(out_gt["annotations"]) + j + 1}
+                                  for j, a in enumerate(anns.get(old, []))]
+        out_res += [{**r, "image_id": new_id} for r in res.get(old, [])]
+    return out_gt, out_res
+
+
+def bootstrap_ap(gt: dict, runs: dict[str, list[list]], n: int, seed: int = 0) -> dict:
+    """AP (mean over seeds) of each protocol with a 95% CI over images, and the differences to
+    the baselines with the same resampled images.  ``runs``: name -> one results list per seed."""
+    rng = np.random.default_rng(seed)
+    n_img = len(gt["images"])
+    boots = {k: [] for k in runs}
+    for _ in range(n):
+        pick = rng.integers(0, n_img, n_img)
+        for k, per_seed in runs.items():
+            boots[k].append(np.mean([quiet_ap(*resample(gt, r, pick))[0] for r in per_seed]))
+    return {k: np.asarray(v) for k, v in boots.items()}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--boot", type=int, default=200, help="bootstrap resamples of the images")
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--conf", type=float, default=0.01, help="detection score threshold (low for AP, as YOLO val)")
     args = ap.parse_args()
+    seeds = [int(x) for x in args.seeds.split(",")]
     logging.basicConfig(level=logging.WARNING)
     OUT.mkdir(parents=True, exist_ok=True)
     store = OUT / "store.zarr"
     if not (store / ".zattrs").exists():
         cv.build_store(OUT)
-    cks = train_folds(store, args.folds, args.procs)
+    cks = train_folds(store, args.folds, args.procs, seeds)
     if args.train_only:
         return
     import torch
     torch.set_num_threads(2)
     from pycocotools import mask as mask_utils
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     from trainer.inference.detection import DetectionSettings
     from trainer.inference.evaluate import evaluate_checkpoint
     from trainer.inference.predict import PredictOptions, run_predict
-
-    results = {}
-
-    def score(pooled: list, key: str) -> dict:
-        with contextlib.redirect_stdout(io.StringIO()):
-            gt = COCO(str(ANN))
-            e = COCOeval(gt, gt.loadRes(pooled), "segm")
-            e.evaluate()
-            e.accumulate()
-            e.summarize()
-        results[key] = {"AP": e.stats[0], "AP50": e.stats[1], "AP75": e.stats[2], "AP_S": e.stats[3],
-                        "AP_M": e.stats[4], "AP_L": e.stats[5], "detections": len(pooled)}
-        return results[key]
 
     def box_filled(pooled: list) -> list:
         """The same detections with the box filled as the mask (baseline)."""
@@ -121,33 +161,64 @@ def main():
             out.append({**r, "segmentation": rle})
         return out
 
+    gt = json.loads(ANN.read_text())
+    runs, info = {}, {}
     for v in ("default", "prior"):
         for boxes in ("auto", "gt"):
-            pooled, iou_pred, iou_eval, seconds, images = [], [], [], 0.0, 0
-            for f in range(args.folds):
-                ck, names = cks[(v, f)]
-                out = OUT / "pred" / f"{v}_{boxes}_f{f}"
-                opts = PredictOptions(source=IMAGES, out=out, checkpoint=Path(ck), onnx=ONNX, boxes=boxes, ann=ANN,
-                                      only=names, overlays=f == 0 and v == "default",
-                                      detection=DetectionSettings(conf=args.conf), progress=False, provider="cpu")
-                summary = run_predict(opts)
-                seconds += summary["seconds"]
-                images += summary["images"]
-                pooled += json.loads((out / "predictions.json").read_text())
-                if boxes == "gt":
-                    iou_pred.append(summary["instance_mIoU"])
-                    iou_eval.append(evaluate_checkpoint(Path(ck), val_store=store, val_images=names)["instance_mIoU"])
             key = f"{v} / {boxes} boxes"
-            score(pooled, key)
-            results[key]["images_per_s"] = round(images / seconds, 2)
-            if iou_pred:
-                results[key]["predict_instance_mIoU_per_fold"] = iou_pred
-                results[key]["evaluate_instance_mIoU_per_fold"] = iou_eval
-            print(key, json.dumps(results[key]), flush=True)
+            runs[key], info[key] = [], {"images_per_s": [], "predict_vs_evaluate_max_diff": 0.0}
+            for seed in seeds:
+                pooled = []
+                for f in range(args.folds):
+                    ck, names = cks[(v, f, seed)]
+                    out = OUT / "pred" / f"{v}_{boxes}_f{f}_s{seed}"
+                    opts = PredictOptions(source=IMAGES, out=out, checkpoint=Path(ck), onnx=ONNX, boxes=boxes,
+                                          ann=ANN, only=names, overlays=f == 0 and v == "default" and seed == 0,
+                                          detection=DetectionSettings(conf=args.conf), progress=False,
+                                          provider="cpu")
+                    summary = run_predict(opts)
+                    info[key]["images_per_s"].append(summary["images_per_s"])
+                    pooled += json.loads((out / "predictions.json").read_text())
+                    if boxes == "gt":   # predict with GT boxes == evaluate on the cached fold
+                        ev = evaluate_checkpoint(Path(ck), val_store=store, val_images=names)["instance_mIoU"]
+                        info[key]["predict_vs_evaluate_max_diff"] = max(
+                            info[key]["predict_vs_evaluate_max_diff"], abs(summary["instance_mIoU"] - ev))
+                runs[key].append(pooled)
             if v == "default":
-                print(f"box filled / {boxes} boxes", json.dumps(score(box_filled(pooled), f"box filled / {boxes} boxes")),
-                      flush=True)
-    (OUT / "realdata_predict.json").write_text(json.dumps(results, indent=2))
+                runs[f"box filled / {boxes} boxes"] = [box_filled(p) for p in runs[key]]
+    results = {}
+    for key, per_seed in runs.items():
+        stats = np.mean([quiet_ap(gt, r) for r in per_seed], 0)
+        results[key] = {"AP": stats[0], "AP50": stats[1], "AP75": stats[2], "AP_S": stats[3], "AP_M": stats[4],
+                        "AP_L": stats[5], "detections_per_seed": len(per_seed[0]), **info.get(key, {})}
+    boots = bootstrap_ap(gt, runs, args.boot)
+    ci = lambda a: [float(np.percentile(a, 2.5)), float(np.percentile(a, 97.5))]  # noqa: E731
+    for key in runs:
+        results[key]["AP_CI"] = ci(boots[key])
+    for boxes in ("auto", "gt"):
+        d = f"default / {boxes} boxes"
+        for base in (f"box filled / {boxes} boxes", f"prior / {boxes} boxes"):
+            results[d][f"minus {base.split(' /')[0]}"] = [results[d]["AP"] - results[base]["AP"],
+                                                          *ci(boots[d] - boots[base])]
+    lines = ["| boxes | decoder | mask AP [95% CI] | AP50 | AP75 | AP S/M/L | images/s |", "|---|---|---|---|---|---|---|"]
+    for key, r in results.items():
+        v, boxes = key.split(" / ")
+        lines.append(f"| {boxes} | {v} | {r['AP']:.3f} [{r['AP_CI'][0]:.3f}, {r['AP_CI'][1]:.3f}] | {r['AP50']:.3f} | "
+                     f"{r['AP75']:.3f} | {r['AP_S']:.3f}/{r['AP_M']:.3f}/{r['AP_L']:.3f} | "
+                     f"{np.mean(r['images_per_s']):.1f} |" if "images_per_s" in r else
+                     f"| {boxes} | {v} | {r['AP']:.3f} [{r['AP_CI'][0]:.3f}, {r['AP_CI'][1]:.3f}] | {r['AP50']:.3f} | "
+                     f"{r['AP75']:.3f} | {r['AP_S']:.3f}/{r['AP_M']:.3f}/{r['AP_L']:.3f} | - |")
+    for boxes in ("auto", "gt"):
+        r = results[f"default / {boxes} boxes"]
+        for k in ("minus box filled", "minus prior"):
+            lines.append(f"\n{boxes} boxes, default {k}: {r[k][0]:+.3f} [{r[k][1]:+.3f}, {r[k][2]:+.3f}]")
+        if boxes == "gt":
+            lines.append(f"\npredict --boxes gt vs evaluate, instance mIoU: max |difference| over folds and seeds "
+                         f"{r['predict_vs_evaluate_max_diff']:.1e}")
+    text = "\n".join(lines)
+    print(text)
+    (OUT / "realdata_predict.md").write_text(text + "\n")
+    (OUT / "realdata_predict.json").write_text(json.dumps(results, indent=2, default=float))
 
 
 if __name__ == "__main__":

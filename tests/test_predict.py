@@ -249,3 +249,22 @@ class _Tiny(torch.nn.Module):
 
     def forward(self, f, r):
         return self.m(f, r)
+
+
+def test_evaluate_from_annotations_and_images_equals_the_store(trained, synth, tmp_path):
+    """--ann/--images caches the images with the checkpoint's extractor and preprocessing: the
+    same numbers as the val store built by `cache`, and the temporary store is removed."""
+    from cli import main
+    out = tmp_path / "live.json"
+    r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(trained / "best.pth"), "--ann", str(synth["val"]),
+                                  "--images", str(synth["root"] / "images/val2017"), "--work-dir", str(tmp_path),
+                                  "--provider", "cpu", "--device", "cpu", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    live = json.loads(out.read_text())[0]
+    from trainer.inference.evaluate import evaluate_checkpoint
+    ref = evaluate_checkpoint(trained / "best.pth")
+    assert live["mIoU"] == pytest.approx(ref["mIoU"], abs=1e-9)
+    assert live["instance_mIoU"] == pytest.approx(ref["instance_mIoU"], abs=1e-9)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live.json"]
+    r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(trained / "best.pth"), "--ann", str(synth["val"])])
+    assert r.exit_code == 1 and "--ann and --images go together" in r.output
