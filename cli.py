@@ -49,15 +49,36 @@ def main(verbose: bool):
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def _at_least(low: float, strict: bool = False):
+    """Option check: a number >= low (> low when strict); one message, exit code 1."""
+    def check(ctx, param, value):
+        if value is not None and (value <= low if strict else value < low):
+            raise UserError(f"--{param.name.replace('_', '-')} must be {'>' if strict else '>='} {low:g}, got {value}")
+        return value
+    return check
+
+
+def _unit(ctx, param, value):
+    if value is not None and not 0 <= value <= 1:
+        raise UserError(f"--{param.name.replace('_', '-')} must be in [0, 1], got {value}")
+    return value
+
+
+def _padding(ctx, param, value):
+    if value is not None and not 0 <= value < 1:
+        raise UserError(f"--roi-padding must be in [0, 1), got {value}")
+    return value
+
+
 @main.command()
 @click.option("--ann", type=click.Path(path_type=Path), default=ann_path("train", "full"),
               show_default=True, help="COCO person annotation file.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("data_analyze.json"),
               show_default=True, help="Output JSON.")
-@click.option("--roi-padding", type=float, default=0.1, show_default=True,
+@click.option("--roi-padding", type=float, default=0.1, show_default=True, callback=_padding,
               help="ROI = box grown by this fraction of its width/height on each side.")
-@click.option("--workers", type=int, default=None, help="Processes (default: all cores).")
-@click.option("--input-size", type=int, default=640, show_default=True,
+@click.option("--workers", type=int, default=None, callback=_at_least(1), help="Processes (default: all cores).")
+@click.option("--input-size", type=int, default=640, show_default=True, callback=_at_least(8),
               help="Model input side, for ROI size statistics.")
 @click.option("--resize", type=click.Choice(["stretch", "letterbox"]), default="stretch",
               show_default=True, help="Resize policy, for ROI size statistics.")
@@ -66,8 +87,6 @@ def analyze(ann, out, roi_padding, workers, input_size, resize):
     """Class pixel ratios inside padded ROIs -> data_analyze.json (loss weights)."""
     from featcache.analyze import run_analyze, write_json_atomic
     from featcache.geometry import ResizePolicy
-    if not 0 <= roi_padding < 1:
-        raise UserError("--roi-padding must be in [0, 1)")
     res = run_analyze(ann, roi_padding, workers, ResizePolicy(input_size, input_size, resize))
     write_json_atomic(res, out)
     c, r = res["counts"], res["pixel_ratios"]
@@ -113,13 +132,14 @@ SCALES = {"1/255": 1 / 255, "1": 1.0}
 @click.option("--scale", type=click.Choice(list(SCALES)), default="1/255", show_default=True,
               help="Pixel scale: 1/255 gives 0-1 floats, 1 gives 0-255.")
 @click.option("--resize", type=click.Choice(["stretch", "letterbox"]), default="stretch", show_default=True)
-@click.option("--roi-padding", type=float, default=0.1, show_default=True)
-@click.option("--limit", type=int, default=None, help="Only the first N images.")
+@click.option("--roi-padding", type=float, default=0.1, show_default=True, callback=_padding)
+@click.option("--limit", type=int, default=None, callback=_at_least(1), help="Only the first N images.")
 @click.option("--shard", callback=_parse_shard, default=None, metavar="I/N",
-              help="Fill only images i with i %% N == I (several processes/machines share one store).")
+              help="Fill only images i with i % N == I (several processes/machines share one store).")
 @click.option("--out", type=click.Path(path_type=Path), help="Store path (default cache/{split}2017[_subset].zarr).")
-@click.option("--workers", type=int, default=None, help="Decode threads (default min(4, cores)).")
-@click.option("--batch", type=int, default=8, show_default=True, help="Batch size for dynamic-batch models.")
+@click.option("--workers", type=int, default=None, callback=_at_least(1), help="Decode threads (default min(4, cores)).")
+@click.option("--batch", type=int, default=8, show_default=True, callback=_at_least(1),
+              help="Batch size for dynamic-batch models.")
 @click.option("--no-space-check", is_flag=True, help="Write even if the disk estimate says it will not fit.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out first.")
 @click.option("--flip", is_flag=True,
@@ -167,12 +187,12 @@ def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel
 @click.option("--rois-per-step", type=int, help="ROIs per optimizer step; a read is split into several "
               "steps [auto: 16 on CPU, 256 on CUDA].")
 @click.option("--lr", type=float, help="AdamW rate at 16 ROIs/step, scaled by sqrt(ROIs per step / 16) [1e-3].")
-@click.option("--weight-decay", type=float)
+@click.option("--weight-decay", type=float, help="AdamW weight decay [1e-4].")
 @click.option("--warmup-epochs", type=float, help="Linear warm-up, then cosine [0.5].")
 @click.option("--grad-clip", type=float, help="Max gradient norm, 0 = off [1.0].")
 @click.option("--amp/--no-amp", default=None, help="fp16 autocast on CUDA [on].")
-@click.option("--ema", type=float, help="EMA decay, 0 = off [0].")
-@click.option("--seed", type=int)
+@click.option("--ema", type=float, help="EMA decay per step, 0 = off; validation and best.pth use the EMA weights [0.99].")
+@click.option("--seed", type=int, help="Seed of sampling, jitter and initialization [0].")
 @click.option("--workers", type=int, help="DataLoader workers when streaming [2].")
 @click.option("--device", help="auto, cpu, cuda, cuda:1 [auto].")
 @click.option("--resident", type=click.Choice(["auto", "gpu", "cpu", "off"]),
@@ -189,8 +209,9 @@ def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel
               help="ROIs with another person inside get this many times the copies (class 2) [2].")
 @click.option("--min-roi-size", "min_roi_px", type=float, help="Skip training ROIs under this many input px [8].")
 @click.option("--analysis", type=click.Path(path_type=Path), help="data_analyze.json for class weights.")
-@click.option("--class-weights", type=click.Choice(["inverse_frequency", "log_scaled", "inverse_clipped", "none"]))
-@click.option("--dice-weight", type=float)
+@click.option("--class-weights", type=click.Choice(["inverse_frequency", "log_scaled", "inverse_clipped", "none"]),
+              help="CE class weights from --analysis [log_scaled].")
+@click.option("--dice-weight", type=float, help="Dice loss weight (on class 1; --dice-on-others adds 2) [1.0].")
 @click.option("--dice-on-others", is_flag=True, default=None, help="Dice on class 2 too.")
 @click.option("--focal-gamma", type=float, help="Focal CE gamma, 0 = plain CE [0].")
 @click.option("--boundary-weight", type=float, help="Extra CE on label boundaries [0].")
@@ -282,7 +303,8 @@ def visualize(epoch, checkpoint, checkpoints, ann, images, onnx_path, provider, 
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="A checkpoint file instead.")
 @click.option("--checkpoints", type=click.Path(path_type=Path), default=Path("checkpoints"), show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Decoder ONNX [<checkpoint>.decoder.onnx].")
-@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--opset", type=int, default=17, show_default=True, callback=_at_least(16),
+              help="ONNX opset (RoiAlign with half_pixel needs 16+).")
 @click.option("--end-to-end", is_flag=True, help="Also write extractor + decoder as one graph.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), help="Extractor ONNX for --end-to-end.")
 @_user_errors
@@ -314,20 +336,6 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path):
         click.echo(f"wrote {e2e} (images [1,3,H,W] + rois{' + image_rects' if letterbox else ''} -> probs, logits, roi_boxes)")
 
 
-def _positive(name):
-    def check(ctx, param, value):
-        if value is not None and value <= 0:
-            raise click.BadParameter(f"must be > 0, got {value}")
-        return value
-    return check
-
-
-def _unit(ctx, param, value):
-    if value is not None and not 0 <= value <= 1:
-        raise click.BadParameter(f"must be in [0, 1], got {value}")
-    return value
-
-
 @main.command()
 @click.option("--source", required=True, help="Image file, image folder, video file or camera index (0, 1 ...).")
 @click.option("--checkpoint", help="Checkpoint file, or best / last in --checkpoints [best].")
@@ -352,7 +360,7 @@ def _unit(ctx, param, value):
               help="Class index of persons in the detector (0 = body for wholebody25, person for COCO).")
 @click.option("--conf", type=float, default=0.25, show_default=True, callback=_unit, help="Detection score threshold.")
 @click.option("--iou", type=float, default=0.65, show_default=True, callback=_unit, help="NMS IoU threshold.")
-@click.option("--max-det", type=int, default=100, show_default=True, callback=_positive("max-det"))
+@click.option("--max-det", type=int, default=100, show_default=True, callback=_at_least(1))
 @click.option("--threshold", type=float, default=0.5, show_default=True, callback=_unit,
               help="Class-1 probability above which a pixel is the person.")
 @click.option("--save-masks", is_flag=True, help="One PNG per person (original resolution) in OUT/masks.")
@@ -360,7 +368,7 @@ def _unit(ctx, param, value):
 @click.option("--no-overlays", is_flag=True, help="Do not write overlay images / video.")
 @click.option("--hide-boxes", is_flag=True, help="Overlays without person boxes.")
 @click.option("--hide-scores", is_flag=True, help="Overlays without scores.")
-@click.option("--max-frames", type=int, callback=_positive("max-frames"), help="Video/camera: stop after N frames.")
+@click.option("--max-frames", type=int, callback=_at_least(1), help="Video/camera: stop after N frames.")
 @_user_errors
 def predict(source, checkpoint, epoch, checkpoints, out, boxes, box_format, ann, onnx_path, provider, device,
             det_output, det_format, person_class, conf, iou, max_det, threshold, save_masks, polygons,
@@ -397,11 +405,11 @@ def predict(source, checkpoint, epoch, checkpoints, out, boxes, box_format, ann,
 @click.option("--images", type=click.Path(path_type=Path), help="Image folder of --ann.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), help="Extractor for --ann [the checkpoint's].")
 @click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--limit", type=int, callback=_positive("limit"), help="--ann: only the first N images.")
+@click.option("--limit", type=int, callback=_at_least(1), help="--ann: only the first N images.")
 @click.option("--work-dir", type=click.Path(path_type=Path), help="--ann: where the temporary store goes [system temp].")
 @click.option("--coco-eval", is_flag=True, help="Also COCO mask AP (pycocotools, GT boxes as detections).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--batch-size", type=int, callback=_positive("batch-size"), help="Images per batch [64 CUDA, 8 CPU].")
+@click.option("--batch-size", type=int, callback=_at_least(1), help="Images per batch [64 CUDA, 8 CPU].")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write all metrics here.")
 @_user_errors
 def evaluate(checkpoint_list, epochs, checkpoints, val_store, ann, images, onnx_path, provider, limit, work_dir,
@@ -444,7 +452,7 @@ def evaluate(checkpoint_list, epochs, checkpoints, val_store, ann, images, onnx_
 @click.option("--dir", "folder", type=click.Path(path_type=Path), default=Path("demo_run"), show_default=True,
               help="Demo folder (data, ONNX, caches, checkpoints, exports all go here).")
 @click.option("--fresh", is_flag=True, help="Delete the demo folder first (otherwise data/caches are reused).")
-@click.option("--epochs", type=int, default=8, show_default=True)
+@click.option("--epochs", type=int, default=8, show_default=True, callback=_at_least(1))
 @click.option("--device", default="auto", show_default=True)
 @_user_errors
 def demo(folder, fresh, epochs, device):

@@ -25,7 +25,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from . import __version__
-from .coco import SkipReport, _parse_instance, load_coco, person_category_ids
+from .coco import AnnotationError, SkipReport, _parse_instance, load_coco, person_category_ids
 from .geometry import ResizePolicy, normalized_to_pixel, pad_box
 from .targets import native_crop
 
@@ -209,9 +209,27 @@ def run_analyze(ann_path: str | Path, roi_padding: float = 0.1, workers: int | N
                 "roi_padding": roi_padding, "pixel_count_resolution": "original",
                 "input_size": [policy.input_h, policy.input_w], "resize_policy": policy.mode}
     out = summarize(results, settings)
+    if not out["counts"]["instances"]:
+        raise AnnotationError(f"no usable person instances in {ann_path}: nothing to analyze "
+                              f"(category 'person', non-crowd, with a segmentation)")
+    out["image_ids"] = encode_ids(ids)  # lets `train` check the cache's images are among these
     out["elapsed_s"] = round(time.perf_counter() - t0, 3)
     _COCO = None
     return out
+
+
+def encode_ids(ids) -> str:
+    """Sorted image ids as base64 of zlib-compressed uint32 deltas (~1.5 bytes per COCO image)."""
+    import base64
+    import zlib
+    a = np.sort(np.asarray(list(ids), np.int64))
+    return base64.b64encode(zlib.compress(np.diff(a, prepend=0).astype(np.uint32).tobytes(), 9)).decode()
+
+
+def decode_ids(text: str) -> np.ndarray:
+    import base64
+    import zlib
+    return np.cumsum(np.frombuffer(zlib.decompress(base64.b64decode(text)), np.uint32).astype(np.int64))
 
 
 def write_json_atomic(obj: dict, path: str | Path) -> None:

@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import shutil
+import socket
 import threading
 import time
 from collections import deque
@@ -139,18 +140,45 @@ def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extract
     lock = out / ".create.lock"
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:  # another shard is creating it
+    except FileExistsError:  # another shard is creating it, or one died doing so
+        if stale_lock(lock):
+            log.warning("removing %s: the process that held it (%s) is gone", lock, lock.read_text().strip())
+            lock.unlink(missing_ok=True)
+            return open_or_create_store(cfg, meta, tables, ex)
         for _ in range(600):
             time.sleep(0.2)
             if not lock.exists():
                 return open_or_create_store(cfg, meta, tables, ex)
-        raise StoreError(f"{lock} exists: another `cache` is creating this store, or one died "
-                         f"while doing so (delete the lock file if none is running)")
+        raise StoreError(f"{lock} exists: another `cache` ({lock.read_text().strip() or 'unknown'}) is creating "
+                         f"this store; delete the lock file if none is running")
     try:
+        os.write(fd, f"pid {os.getpid()} host {socket.gethostname()}\n".encode())
         return FeatureStore.create(out, meta, tables, ex.feature_shape, ex.input_hw)
     finally:
         os.close(fd)
         lock.unlink()
+
+
+def stale_lock(lock: Path) -> bool:
+    """True when the lock names a process on this host that no longer runs (a kill -9)."""
+    try:
+        words = lock.read_text().split()
+        pid, host = int(words[1]), words[3]
+    except (OSError, ValueError, IndexError):
+        # written by an older version, or caught between create and write: judge by age
+        try:
+            return time.time() - lock.stat().st_mtime > 120
+        except OSError:
+            return False
+    if host != socket.gethostname():
+        return False  # another machine's shard: cannot tell, wait for it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def check_disk(out: Path, n_todo: int, feature_shape, input_hw, n_masks: int, enforce: bool,

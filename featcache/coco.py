@@ -102,9 +102,14 @@ def load_coco(path: str | Path) -> COCO:
         raise AnnotationError(f"annotation file not found: {path}")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
-            return COCO(str(path))
+            coco = COCO(str(path))
     except Exception as exc:  # json errors, missing keys
         raise AnnotationError(f"cannot read COCO annotations from {path}: {exc}") from exc
+    # pycocotools silently accepts a file without them (and everything downstream becomes empty)
+    missing = [k for k in ("images", "annotations") if not isinstance(coco.dataset.get(k), list)]
+    if missing:
+        raise AnnotationError(f"{path} is not a COCO instances file: no {' or '.join(repr(m) for m in missing)} list")
+    return coco
 
 
 def person_category_ids(coco: COCO) -> set[int]:

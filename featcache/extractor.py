@@ -163,6 +163,12 @@ class Extractor:
             raise ExtractorError(f"tensor {feature_name} has shape {list(feat.shape)}, expected [N,C,H,W]")
         log.info("extractor %s -> %s %s on %s", onnx_path.name, feature_name, list(self.feature_shape),
                  self.provider)
+        stride = self.input_hw[0] / self.feature_shape[1]
+        if stride != 8:
+            # ROIs are normalized, so any stride works; but masks come from 8x8-pixel cells by design
+            log.warning("%s has stride %g (input %d / map %d), not 8: the decoder runs on it, but coarser maps "
+                        "give coarser masks; the intended tensor is a stride-8 one (input/8)", feature_name,
+                        stride, self.input_hw[0], self.feature_shape[1])
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """``[B,3,H,W]`` float32 -> ``[B,C,Hf,Wf]`` float16 (clipped to its range); splits batches a

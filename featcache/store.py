@@ -26,6 +26,7 @@ import zarr
 
 from . import __version__
 from .errors import FeatCacheError
+from .store_check import check_store
 
 log = logging.getLogger(__name__)
 FORMAT = "featcache-store-v1"
@@ -82,6 +83,8 @@ class FeatureStore:
         self.path = Path(path)
         if mode == "r" and not (self.path / ".zattrs").is_file():
             raise StoreError(f"no feature cache at {self.path} (run `cli.py cache` first)")
+        if (self.path / ".zattrs").is_file():
+            check_store(self.path)   # untrusted input: codecs, dtypes, shapes before zarr decodes anything
         self.root = zarr.open_group(str(self.path), mode=mode)
         self.meta = dict(self.root.attrs.get("metadata", {}))
         if mode == "r" and self.meta.get("format") != FORMAT:

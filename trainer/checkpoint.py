@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, a self-describing name, and loading without arbitrary pickle."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -24,21 +25,56 @@ def checkpoint_name(epoch: int, input_hw, miou: float) -> str:
     return f"checkpoint_epoch_{epoch:04d}_{h}x{w}_{miou4(miou):04d}.pth"
 
 
+def tensor_digest(obj) -> str:
+    """sha256 over every tensor of a (nested) checkpoint, in a fixed order: names, dtypes, shapes
+    and bytes.  Saved with the checkpoint and checked on load, so a flipped bit is an error (torch
+    itself does not verify its zip records' CRCs)."""
+    h = hashlib.sha256()
+
+    def walk(x, name: str):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name}|{x.dtype}|{tuple(x.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                if name or k != "checksum":
+                    walk(x[k], f"{name}/{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{name}[{i}]")
+    walk(obj, "")
+    return h.hexdigest()
+
+
 def save_checkpoint(state: dict, folder: str | Path, epoch: int, input_hw, miou: float) -> Path:
+    """Write to a temp name and rename: a crash or a full disk never leaves a half-written
+    checkpoint, and earlier checkpoints are never touched."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / checkpoint_name(epoch, input_hw, miou)
     tmp = folder / f".{path.name}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+    state = {**state, "checksum": tensor_digest(state)}
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {path} ({exc.strerror or exc}); "
+                              f"earlier checkpoints in {folder} are kept") from exc
     return path
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Temp name + rename: a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def publish_alias(path: Path, alias: Path) -> Path:
@@ -58,10 +94,20 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or a full disk "
+                              f"while it was written elsewhere; use another checkpoint")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
+        raise CheckpointError(f"cannot load checkpoint {path} (damaged, truncated or not a checkpoint of "
+                              f"this project): {str(exc).splitlines()[0][:300]}") from exc
+    if not isinstance(ck, dict) or "model" not in ck:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no model state)")
+    if "checksum" in ck and tensor_digest(ck) != ck["checksum"]:
+        raise CheckpointError(f"checkpoint {path} is corrupted: its tensors do not match the checksum saved "
+                              f"with it (flipped bits or a damaged copy); use another checkpoint")
+    return ck
 
 
 def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:

@@ -27,6 +27,19 @@ def model_kwargs(cfg) -> dict:
             "num_classes": cfg.classes}
 
 
+def training_set(meta: dict, config: dict) -> dict:
+    """What identifies a run's training data beyond the extractor (checked on resume)."""
+    names = config.get("train_images")
+    return {"annotation_sha256": meta.get("annotation_sha256"), "images": meta.get("n_images"),
+            "limit": meta.get("limit"), "train_images": None if names is None else len(names),
+            "train_images_hash": None if names is None else hash_names(names)}
+
+
+def hash_names(names) -> str:
+    import hashlib
+    return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:16]
+
+
 def _plain(meta: dict) -> dict:
     return json.loads(json.dumps(meta))
 
@@ -65,6 +78,15 @@ class Checkpointer:
         ck = load_checkpoint(path, map_location=t.device)
         check_compatible(ck["cache_fingerprint"], fingerprint(t.train_index.meta),
                          f"checkpoint {path.name} vs training cache {t.cfg.train_store}")
+        # Same extractor is not enough: another training set (other annotations, another subset or
+        # image list) would continue a schedule that belongs to a different run.
+        have, want = training_set(ck["cache_metadata"]["train"], ck["config"]), \
+            training_set(t.train_index.meta, t.cfg.to_dict())
+        if have != want:
+            diffs = [f"{k}: checkpoint {have[k]!r}, now {want[k]!r}" for k in have if have[k] != want[k]]
+            raise CheckpointError(f"checkpoint {path.name} was trained on another training set:\n  "
+                                  + "\n  ".join(diffs) + "\nresume with the same training cache, or start a new run "
+                                  "(without --resume)")
         if ck["model_name"] != t.cfg.model or ck["model_kwargs"] != model_kwargs(t.cfg):
             raise CheckpointError(f"checkpoint {path.name} holds model {ck['model_name']} "
                                   f"{ck['model_kwargs']}, asked for {t.cfg.model} {model_kwargs(t.cfg)}")

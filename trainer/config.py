@@ -5,6 +5,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from featcache.errors import FeatCacheError
+
+
+class ConfigError(FeatCacheError, ValueError):
+    """A configuration value of the wrong type or out of range (one message, exit code 1)."""
+
 
 @dataclass
 class TrainConfig:
@@ -62,27 +68,121 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Allowed values: (low, high, low inclusive, high inclusive) or a tuple of choices.
+RANGES = {
+    "hidden": (0, None, True, None), "roi_size": (1, None, True, None), "mask_size": (1, None, True, None),
+    "classes": (2, 3), "epochs": (0, None, True, None), "min_steps": (1, None, True, None),
+    "batch_size": (0, None, True, None), "rois_per_step": (0, None, True, None), "lr": (0, None, False, None),
+    "weight_decay": (0, None, True, None), "warmup_epochs": (0, None, True, None), "grad_clip": (0, None, True, None),
+    "ema": (0, 1, True, False), "workers": (0, None, True, None), "hflip": (0, 1, True, True),
+    "jitter": (0, None, True, None), "jitter_scale": (0, None, True, None), "samples_per_roi": (1, None, True, None),
+    "overlap_boost": (1, None, True, None), "min_roi_px": (0, None, True, None),
+    "max_rois_per_image": (1, None, True, None), "dice_weight": (0, None, True, None),
+    "focal_gamma": (0, None, True, None), "boundary_weight": (0, None, True, None),
+    "model": ("roialign", "global", "prior"), "resident": ("auto", "gpu", "cpu", "off"),
+    "feature_norm": ("channel", "none"), "hflip_source": ("auto", "stored", "map"),
+    "class_weights": ("inverse_frequency", "log_scaled", "inverse_clipped", "none"),
+}
+_TYPES = {f.name: f.type.replace(" | None", "").replace("None | ", "") for f in dataclasses.fields(TrainConfig)}
+_NULLABLE = {f.name for f in dataclasses.fields(TrainConfig) if "None" in f.type}
+
+
+def _coerce(name: str, value):
+    """Convert one value to its field's type (YAML reads ``1e-3`` as a string) or explain why not."""
+    kind = _TYPES[name]
+    if value is None:
+        if name in _NULLABLE:
+            return None
+        raise ConfigError(f"{name}: a value is required")
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if kind in ("int", "float"):
+            if isinstance(value, bool):
+                raise ValueError
+            num = float(value) if kind == "float" else (int(value) if isinstance(value, (int, str)) else
+                                                         int(value) if float(value).is_integer() else None)
+            if num is None or (kind == "float" and num != num):
+                raise ValueError
+            return num
+        if kind == "str":
+            if isinstance(value, (str, Path)):
+                return str(value)
+            raise ValueError
+        if kind == "list":
+            if isinstance(value, (list, tuple)):
+                return list(value)
+            raise ValueError
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "list": "a list"}
+    raise ConfigError(f"{name}: expected {words.get(kind, kind)}, got {value!r}")
+
+
+def _check_range(name: str, value) -> None:
+    rule = RANGES.get(name)
+    if rule is None or value is None:
+        return
+    if isinstance(rule[0], str) or len(rule) == 2:
+        if value not in rule:
+            raise ConfigError(f"{name}: must be one of {', '.join(map(str, rule))}, got {value!r}")
+        return
+    lo, hi, lo_in, hi_in = rule
+    ok = (lo is None or (value >= lo if lo_in else value > lo)) and (hi is None or (value <= hi if hi_in else value < hi))
+    if not ok:
+        lo_s = "" if lo is None else f"{'>=' if lo_in else '>'} {lo}"
+        hi_s = "" if hi is None else f"{'<=' if hi_in else '<'} {hi}"
+        raise ConfigError(f"{name}: must be {' and '.join(x for x in (lo_s, hi_s) if x)}, got {value!r}")
+
+
 def load_config_file(path: str | Path) -> dict:
     path = Path(path)
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-        data = yaml.safe_load(text) or {}
-    else:
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        data = tomllib.loads(text)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        else:
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+    except Exception as exc:  # yaml.YAMLError, TOMLDecodeError: both say where
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("train", data), dict):
+        raise ConfigError(f"{path} must hold a table of train options (top level or [train])")
     data = data.get("train", data)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"unknown keys in {path}: {', '.join(unknown)}")
+        raise ConfigError(f"unknown keys in {path}: {', '.join(unknown)}")
     return data
 
 
 def make_config(file: str | Path | None = None, **overrides) -> TrainConfig:
+    """Defaults < ``file`` < ``overrides``; every value converted to its type and range-checked."""
     values = load_config_file(file) if file else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**values)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown options: {', '.join(unknown)}")
+    where = f" (in {file} or the command line)" if file else ""
+    out = {}
+    for k, v in values.items():
+        try:
+            out[k] = _coerce(k, v)
+            _check_range(k, out[k])
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}{where}") from None
+    return TrainConfig(**out)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -80,6 +82,24 @@ def fresh_run_folder(out: Path) -> Path:
     return out / f"run{k}"
 
 
+def check_output_folder(out: Path, checkpoint_bytes: int, keep: int = 3) -> None:
+    """Before epoch 1: the run folder is writable and has room for a few checkpoints (a read-only
+    or full folder would otherwise fail only after a whole epoch)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test{os.getpid()}"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as exc:
+        raise FeatCacheError(f"cannot write to the checkpoint folder {out} ({exc.strerror or exc}): "
+                             f"pass --out DIR with write access") from exc
+    free = shutil.disk_usage(out).free
+    if free < keep * checkpoint_bytes:
+        raise FeatCacheError(f"not enough disk space in {out}: {free / 1e6:.0f} MB free, a checkpoint takes "
+                             f"~{checkpoint_bytes / 1e6:.0f} MB and a run writes one per epoch; free space or "
+                             f"pass --out DIR")
+
+
 def expected_rois(index: CacheIndex, images, sampling: RoiSampling) -> int:
     """Training ROIs one pass over ``images`` yields (what the LR schedule counts progress in)."""
     total = 0
@@ -125,7 +145,8 @@ class Trainer:
         self.amp = cfg.amp and self.cuda
         if cfg.amp and not self.cuda and self.dist.is_main:
             log.info("AMP is a CUDA feature: training in fp32 on %s", self.device)
-        weights = load_class_weights(cfg.analysis, cfg.class_weights, cfg.classes, self.train_index.meta)
+        weights = load_class_weights(cfg.analysis, cfg.class_weights, cfg.classes, self.train_index.meta,
+                                     self.train_index.tables["image_id"][self.train_index.images])
         self.loss = SegLoss(LossConfig(tuple(weights) if weights else None, cfg.dice_weight,
                                        tuple(cfg.dice_classes), cfg.focal_gamma, cfg.boundary_weight),
                             cfg.classes).to(self.device)
@@ -163,6 +184,8 @@ class Trainer:
             log.warning("%s holds another run's checkpoints: this run writes to %s", cfg.out, self.out)
         cfg.out = str(self.out)
         if self.dist.is_main:
+            check_output_folder(self.out, self._checkpoint_bytes())
+        if self.dist.is_main:
             log.info("train: %d images (%s), val: %d images, model %s (%d params), device %s, world %d",
                      len(self.train_index.images), self.train_source.kind, len(self.val_index.images),
                      cfg.model, sum(p.numel() for p in self.model.parameters()), self.device, self.dist.world)
@@ -170,6 +193,10 @@ class Trainer:
                      "%d images per read, flip %s", cfg.epochs, self.epoch_rois, self.rois_per_step,
                      cfg.epochs * self.epoch_rois // self.rois_per_step, self.lr, cfg.lr,
                      self.rois_per_step, REFERENCE_ROIS_PER_STEP, self.batch_size, self._flip_desc())
+
+    def _checkpoint_bytes(self) -> int:
+        """About one checkpoint: weights, two Adam moments and the EMA copy, in fp32."""
+        return 4 * 4 * sum(p.numel() for p in self.model.parameters()) + (1 << 20)
 
     def _feature_stats(self):
         if self.cfg.feature_norm == "none":

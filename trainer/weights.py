@@ -5,14 +5,39 @@ import json
 import logging
 from pathlib import Path
 
-from featcache.analyze import class_weights, run_analyze, write_json_atomic
+import numpy as np
+
+from featcache.analyze import class_weights, decode_ids, run_analyze, write_json_atomic
 from featcache.errors import FeatCacheError
 
 log = logging.getLogger(__name__)
 VARIANTS = ("inverse_frequency", "log_scaled", "inverse_clipped", "none")
 
 
-def load_class_weights(analysis: str | Path, variant: str, num_classes: int, store_meta: dict) -> list | None:
+def check_provenance(path: Path, data: dict, store_meta: dict, image_ids=None) -> None:
+    """The analysis must describe the training data: the same annotation file, or one that holds
+    every training image (full-set weights for a subset).  Another dataset is refused."""
+    have = data.get("settings", {}).get("annotation_sha256")
+    want = store_meta.get("annotation_sha256")
+    if have is None or want is None or have == want:
+        return
+    src = data.get("settings", {}).get("annotation_file", "?")
+    fix = (f"run `uv run cli.py analyze --ann {store_meta.get('annotation_path', '<the cache annotation file>')} "
+           f"--out {path}`, pass --analysis FILE, or --class-weights none")
+    if "image_ids" not in data or image_ids is None:
+        log.warning("!! %s was computed from %s, not from the training cache's annotations %s: its class "
+                    "weights may belong to another dataset (%s)", path, src, store_meta.get("annotation_path"), fix)
+        return
+    known = decode_ids(data["image_ids"])
+    missing = np.setdiff1d(np.asarray(image_ids, np.int64), known)
+    if len(missing):
+        raise FeatCacheError(f"{path} was computed from {src}, which lacks {len(missing)} of the training cache's "
+                             f"{len(image_ids)} images (another dataset?): {fix}")
+    log.info("class weights from %s (%s, which holds all %d training images)", path.name, src, len(image_ids))
+
+
+def load_class_weights(analysis: str | Path, variant: str, num_classes: int, store_meta: dict,
+                       image_ids=None) -> list | None:
     if variant == "none":
         return None
     if variant not in VARIANTS:
@@ -26,7 +51,13 @@ def load_class_weights(analysis: str | Path, variant: str, num_classes: int, sto
                                  f"or pass --class-weights none")
         log.info("%s not found: computing it from %s", path, ann)
         write_json_atomic(run_analyze(ann, roi_padding=store_meta.get("roi_padding", 0.1)), path)
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+        data["roi_mean_ratios"], data["class_weights"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FeatCacheError(f"{path} is not a data_analyze.json written by `cli.py analyze` ({exc!r}): "
+                             f"re-run analyze or pass --class-weights none") from exc
+    check_provenance(path, data, store_meta, image_ids)
     pad = data.get("settings", {}).get("roi_padding")
     if pad is not None and abs(pad - store_meta.get("roi_padding", pad)) > 1e-9:
         log.warning("%s was computed with roi_padding %s, the cache uses %s", path, pad,

@@ -11,6 +11,7 @@ Softmax: all built natively by ONNX Runtime and TensorRT >= 8.6.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -88,16 +89,32 @@ def export_decoder(model, in_channels: int, input_hw, feat_hw, roi_padding: floa
     names = input_names(letterbox)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     dyn = {"features": {0: "B"}, "rois": {0: "N"}, "probs": {0: "N"}, "logits": {0: "N"}, "roi_boxes": {0: "N"}}
     if letterbox:
         dyn["image_rects"] = {0: "B"}
-    with torch.no_grad():
-        torch.onnx.export(wrapper, inputs, str(out), input_names=names, output_names=OUTPUTS,
-                          opset_version=opset, dynamo=False, dynamic_axes=dyn)
-    m = onnx.load(str(out))
-    for k, v in {"roi_padding": roi_padding, "input_hw": list(input_hw), **(meta or {})}.items():
-        m.metadata_props.append(onnx.StringStringEntryProto(key=str(k), value=str(v)))
-    onnx.save(m, str(out))
+    try:
+        with torch.no_grad():
+            torch.onnx.export(wrapper, inputs, str(tmp), input_names=names, output_names=OUTPUTS,
+                              opset_version=opset, dynamo=False, dynamic_axes=dyn)
+        m = onnx.load(str(tmp))
+        for k, v in {"roi_padding": roi_padding, "input_hw": list(input_hw), **(meta or {})}.items():
+            m.metadata_props.append(onnx.StringStringEntryProto(key=str(k), value=str(v)))
+        save_onnx_atomic(m, out, tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def save_onnx_atomic(model: onnx.ModelProto, out: Path, tmp: Path | None = None) -> Path:
+    """Temp name + rename: a full disk leaves the previous file at ``out``, never a truncated one."""
+    tmp = tmp or out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, out)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
@@ -155,8 +172,7 @@ def export_end_to_end(extractor_onnx: Path, feature_name: str, decoder_onnx: Pat
                                        outputs=[f"decoder/{o}" for o in OUTPUTS])
     _rename(merged.graph, {f"decoder/{k}": k for k in ["rois", "image_rects"] + OUTPUTS})
     onnx.checker.check_model(merged)
-    onnx.save(merged, str(out))
-    return out
+    return save_onnx_atomic(merged, Path(out))
 
 
 def _rename(graph, names: dict) -> None:

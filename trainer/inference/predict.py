@@ -294,7 +294,10 @@ def run_predict(opts: PredictOptions, predictor: Predictor | None = None) -> dic
             if opts.save_masks:
                 (out / "masks").mkdir(exist_ok=True)
                 for j, m in enumerate(pred.full_masks(opts.threshold)):
-                    Image.fromarray(m.astype(np.uint8) * 255).save(out / "masks" / f"{Path(name).stem}_{j:03d}.png")
+                    dst = out / "masks" / f"{Path(name).stem}_{j:03d}.png"
+                    tmp = dst.with_name(f".{dst.name}.tmp.png")
+                    Image.fromarray(m.astype(np.uint8) * 255).save(tmp)
+                    tmp.replace(dst)
             if opts.polygons:
                 h, w = pred.size
                 poly_images.append({"id": image_id, "file_name": name, "width": w, "height": h})

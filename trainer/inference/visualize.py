@@ -42,9 +42,10 @@ def _font(size: int, bold: bool = False):
         return ImageFont.load_default()
 
 
-def choose_images(records: list[ImageRecord], wanted: list[str] | None = None) -> list[ImageRecord]:
+def choose_images(records: list[ImageRecord], wanted: list[str] | None = None,
+                  quiet: bool = False) -> list[ImageRecord]:
     """The named images; a missing one is replaced by an unused image with the same person count
-    (closest count if none), and the replacement is logged once."""
+    (closest count if none), and the replacement is logged (unless ``quiet``: once per run)."""
     by_name = {r.file_name: r for r in records}
     wanted = wanted or list(VAL_VIS_IMAGES)
     chosen, used = [], set()
@@ -61,8 +62,11 @@ def choose_images(records: list[ImageRecord], wanted: list[str] | None = None) -
             break
         target = count if count is not None else 1
         pick = min(pool, key=lambda r: (abs(len(r.instances) - target), r.image_id))
-        log.info("%s is not in the val annotations: showing %s (%d persons) instead", name, pick.file_name,
-                 len(pick.instances))
+        k = len(pick.instances)
+        if not quiet:
+            log.info("%s is not in the val annotations: showing %s (%d person%s) instead%s", name, pick.file_name,
+                     k, "" if k == 1 else "s",
+                     f" - no unused image has {target} person{'' if target == 1 else 's'}" if k != target else "")
         used.add(pick.file_name)
         chosen.insert(wanted.index(name), pick)
     return chosen
@@ -144,9 +148,9 @@ def build_columns(predictor, records: list[ImageRecord], image_dir: Path) -> lis
 
 
 def write_validation_png(predictor, ann: Path, image_dir: Path, out_dir: Path, epoch: int,
-                         wanted: list[str] | None = None) -> Path:
+                         wanted: list[str] | None = None, quiet: bool = False) -> Path:
     records, _ = load_person_records(ann)
-    chosen = choose_images(records, wanted)
+    chosen = choose_images(records, wanted, quiet)
     cols = build_columns(predictor, chosen, image_dir)
     return render_validation_png(cols, Path(out_dir) / png_name(epoch),
                                  f"Validation Results - All Test Images (epoch {epoch})")
@@ -168,7 +172,10 @@ def validation_png_hook(cfg):
                 state["extractor"] = open_extractor(trainer.train_index.meta, cfg.vis_onnx, provider)
             model = trainer.ema.module if trainer.ema else trainer.model
             pred = Predictor(model, trainer.train_index.meta, state["extractor"], trainer.device)
-            path = write_validation_png(pred, ann, img_dir, trainer.out, epoch, cfg.vis_images)
+            # the fallback images are announced at the first epoch only
+            path = write_validation_png(pred, ann, img_dir, trainer.out, epoch, cfg.vis_images,
+                                        quiet=state.get("drawn", False))
+            state["drawn"] = True
             model.train()
             log.info("validation PNG: %s", path)
         except Exception as exc:  # a missing image or model must not stop training
