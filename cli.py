@@ -7,6 +7,10 @@ from pathlib import Path
 
 import click
 
+from featcache.threads import configure_threads
+
+configure_threads()  # before any command imports torch (OpenMP reads its wait policy once)
+
 log = logging.getLogger("cli")
 ANN_DIR = Path("data/annotations")
 DEFAULT_ONNX = Path("ext_extractor/yolov9_e_wholebody25_0100_1x3x640x640_featext.onnx")

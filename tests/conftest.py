@@ -5,6 +5,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from featcache.threads import configure_threads  # noqa: E402
+
+configure_threads()  # before the test modules import torch
 
 
 @pytest.fixture(scope="session")

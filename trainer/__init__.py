@@ -1,1 +1,5 @@
 """Decoder trainer over the feature cache."""
+
+from featcache.threads import configure_threads
+
+configure_threads()  # before torch is imported anywhere
