@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import cv  # noqa: E402
 
+EXTRA: list[str] = []       # train options on top of the defaults (--options)
 STORE = ROOT / "bench" / "out" / "predict" / "store.zarr"
 SETTINGS = {"default": {}, "stock": {"FEATCACHE_THREADS": "stock"}, "one": {"OMP_NUM_THREADS": "1", "FEATCACHE_THREADS": "stock"},
             "passive": {"OMP_WAIT_POLICY": "PASSIVE", "FEATCACHE_THREADS": "stock"}}
@@ -39,7 +40,7 @@ def job(tmp: Path, k: int, epochs: int) -> list[str]:
     analysis = ROOT / "bench" / "out" / "predict" / "fold0_analyze.json"
     return [sys.executable, str(ROOT / "cli.py"), "train", "--config", str(cfg), "--train-store", str(STORE),
             "--val-store", str(STORE), "--analysis", str(analysis), "--out", str(tmp / f"ck{k}"),
-            "--epochs", str(epochs), "--workers", "0", "--resident", "cpu", "--no-amp", "--vis-onnx",
+            "--epochs", str(epochs), *EXTRA, "--vis-onnx",
             str(cv.ONNX), "--vis-ann", str(cv.ANN), "--vis-image-dir", str(cv.IMAGES)]
 
 
@@ -66,7 +67,9 @@ def main():
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--settings", default="default,stock,one")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--options", default="", help="extra train options, e.g. '--resident off --workers 2'")
     args = ap.parse_args()
+    EXTRA[:] = args.options.split()
     res = {}
     for name in args.settings.split(","):
         alone = min(run(SETTINGS[name], 1, args.epochs)[0] for _ in range(args.repeat))

@@ -239,3 +239,36 @@ def test_help_texts():
                          ("--weight-decay", "[1e-4]"), ("--seed", "[0]"), ("--ema", "[0.99]")):
         block = r.output.split(opt, 1)[1].split("\n  --", 1)[0].replace("\n", " ")
         assert default in " ".join(block.split()), (opt, block)
+
+
+def test_fallback_images_logged_once_and_in_words(synth, caplog):
+    import logging
+    from featcache.coco import load_person_records
+    from trainer.inference.visualize import choose_images
+    recs, _ = load_person_records(synth["val"])
+    kept = [r for r in recs if r.file_name != "000000020992.jpg"]     # the 1-person image is missing
+    with caplog.at_level(logging.INFO):
+        choose_images(kept)
+        first = caplog.text
+        caplog.clear()
+        choose_images(kept, quiet=True)
+    assert "000000020992.jpg is not in the val annotations" in first and "(1 persons)" not in first
+    assert caplog.text == ""
+
+
+def test_stride_16_tensor_is_warned(standin_onnx, tmp_path, caplog):
+    import logging
+
+    import onnx
+    from onnx import helper
+
+    from featcache.extractor import Extractor
+    from featcache.standin import FEATURE_NAME
+    m = onnx.load(str(standin_onnx))
+    m.graph.node.append(helper.make_node("AveragePool", [FEATURE_NAME], ["/model.40/stride16"],
+                                         kernel_shape=[2, 2], strides=[2, 2]))
+    path = tmp_path / "s16.onnx"
+    onnx.save(m, str(path))
+    with caplog.at_level(logging.WARNING):
+        ex = Extractor(path, "/model.40/stride16", "cpu")
+    assert ex.feature_shape[1:] == (40, 40) and "stride 16" in caplog.text

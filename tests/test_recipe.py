@@ -227,7 +227,7 @@ def test_auto_epochs_give_small_sets_enough_steps(stores, tmp_path):
     assert auto_epochs(616, 16, 600) == 16                         # a 48-image fold: 16 epochs, ~600 steps
     t = Trainer(_cfg(stores, tmp_path / "a", epochs=0, min_steps=5000, rois_per_step=8))
     assert t.cfg.epochs == max(12, -(-5000 * 8 // t.epoch_rois)) > 12
-    with pytest.raises(Exception, match="epochs must be"):
+    with pytest.raises(Exception, match="epochs: must be >= 0"):
         Trainer(_cfg(stores, tmp_path / "b", epochs=-1))
 
 
