@@ -27,12 +27,17 @@ sys.path.insert(0, str(ROOT))
 from bench import cv  # noqa: E402
 
 EXTRA: list[str] = []       # train options on top of the defaults (--options)
+WORKLOAD: list[str] = []
 STORE = ROOT / "bench" / "out" / "predict" / "store.zarr"
 SETTINGS = {"default": {}, "stock": {"FEATCACHE_THREADS": "stock"}, "one": {"OMP_NUM_THREADS": "1", "FEATCACHE_THREADS": "stock"},
-            "passive": {"OMP_WAIT_POLICY": "PASSIVE", "FEATCACHE_THREADS": "stock"}}
+            "passive": {"OMP_WAIT_POLICY": "PASSIVE", "FEATCACHE_THREADS": "stock"},
+            "spin10k": {"GOMP_SPINCOUNT": "10000", "FEATCACHE_THREADS": "stock"}}
 
 
 def job(tmp: Path, k: int, epochs: int) -> list[str]:
+    if WORKLOAD == ["demo"]:   # the demo's small decoder: many tiny ops (data and caches reused)
+        return [sys.executable, str(ROOT / "cli.py"), "demo", "--dir", str(ROOT / "bench" / "out" / f"demo{k}"),
+                "--epochs", str(epochs)]
     names = cv.make_folds(STORE, 5)
     cfg = tmp / f"fold{k}.yaml"
     import yaml
@@ -47,7 +52,7 @@ def job(tmp: Path, k: int, epochs: int) -> list[str]:
 def run(settings: dict, n: int, epochs: int) -> list[float]:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
                                                                  "FEATCACHE_THREADS", "MKL_NUM_THREADS")}
         env.update(settings)
         t0 = time.perf_counter()
@@ -67,9 +72,14 @@ def main():
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--settings", default="default,stock,one")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--workload", choices=["train", "demo"], default="train",
+                    help="train: one real-data epoch; demo: `cli.py demo` (synthetic, tiny decoder)")
     ap.add_argument("--options", default="", help="extra train options, e.g. '--resident off --workers 2'")
     args = ap.parse_args()
     EXTRA[:] = args.options.split()
+    WORKLOAD[:] = [args.workload]
+    if args.workload == "demo":   # first run makes the demo folders' data and caches
+        run({}, 2, 1)
     res = {}
     for name in args.settings.split(","):
         alone = min(run(SETTINGS[name], 1, args.epochs)[0] for _ in range(args.repeat))
@@ -78,7 +88,7 @@ def main():
         res[name] = {"alone_s": round(alone, 1), "two_at_once_s": round(shared, 1),
                      "speed_shared_vs_alone": round(alone / shared, 2)}
         print(name, json.dumps(res[name]), flush=True)
-    (ROOT / "bench" / "out" / "contention.json").write_text(json.dumps(res, indent=2))
+    (ROOT / "bench" / "out" / f"contention_{args.workload}.json").write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":
