@@ -45,7 +45,7 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
     from featcache.standin import build_standin_extractor
     from featcache.synthetic import make_synthetic_dataset
 
-    from trainer.checkpoint import find_checkpoint
+    from trainer.checkpoint import find_checkpoint, write_text_atomic
     from trainer.config import make_config
     from trainer.inference.export import check_parity, decoder_latency, export_decoder, export_end_to_end
     from trainer.inference.predictor import Predictor, decoder_from_checkpoint
@@ -72,7 +72,7 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
             shutil.rmtree(folder / sub, ignore_errors=True)
         make_synthetic_dataset(data, settings.n_train, settings.n_val, seed=settings.seed)
         build_standin_extractor(onnx_path, channels=settings.channels)
-        stamp.write_text(want)
+        write_text_atomic(stamp, want)
     ann = {s: data / "annotations" / f"instances_{s}2017_person_only_no_crowd.json" for s in ("train", "val")}
     _done(t)
 
@@ -134,7 +134,7 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
                "checkpoint": str(ck_path), "png": str(png), "decoder_onnx": str(dec), "end_to_end_onnx": str(e2e),
                "analysis": str(analysis), "stores": {k: str(v) for k, v in stores.items()},
                "elapsed_s": round(time.perf_counter() - t_start, 1)}
-    (folder / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(folder / "demo_summary.json", json.dumps(summary, indent=2))
     click.secho(f"\nDemo finished in {summary['elapsed_s']:.0f}s. Outputs:", bold=True)
     click.echo(f"  {'best / last epoch':24s} {ck_dir / 'best.pth'}, {ck_dir / 'last.pth'}")
     for label, key in (("class ratios", "analysis"), ("last checkpoint", "checkpoint"), ("validation PNG", "png"),
