@@ -268,3 +268,45 @@ def test_evaluate_from_annotations_and_images_equals_the_store(trained, synth, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live.json"]
     r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(trained / "best.pth"), "--ann", str(synth["val"])])
     assert r.exit_code == 1 and "--ann and --images go together" in r.output
+
+
+def test_box_files_in_every_format_give_the_same_boxes(trained, synth, tmp_path):
+    """COCO detection results, COCO annotations and {file_name: normalized cxcywh} all place the
+    persons where the annotations do."""
+    from cli import main
+    recs, _ = load_person_records(synth["val"])
+    rec = recs[0]
+    w, h = rec.width, rec.height
+    src = tmp_path / "one"
+    src.mkdir()
+    (src / rec.file_name).write_bytes((synth["root"] / "images/val2017" / rec.file_name).read_bytes())
+    boxes = np.array([i.box_norm for i in rec.instances])
+    results = [{"image_id": rec.image_id, "category_id": 1, "score": 0.9,
+                "bbox": [b[0] * w, b[1] * h, (b[2] - b[0]) * w, (b[3] - b[1]) * h]} for b in boxes]
+    cxcywh = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1)
+    files = {"results.json": (results, []), "mapping.json": ({rec.file_name: cxcywh.tolist()},
+                                                             ["--box-format", "cxcywh"])}
+    want = sorted(np.round(boxes * [w, h, w, h], 1).tolist())
+    for name, (body, extra) in files.items():
+        f = tmp_path / name
+        f.write_text(json.dumps(body))
+        out = tmp_path / f"out_{name}"
+        r = CliRunner().invoke(main, ["predict", "--source", str(src), "--checkpoint", str(trained / "best.pth"),
+                                      "--boxes", str(f), "--ann", str(synth["val"]), "--out", str(out),
+                                      "--provider", "cpu", "--no-overlays", *extra])
+        assert r.exit_code == 0, r.output
+        got = json.loads((out / "predictions.json").read_text())
+        xyxy = sorted(np.round([[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b in (g["bbox"] for g in got)], 1).tolist())
+        assert np.allclose(xyxy, want, atol=0.1), name
+        assert all(g["image_id"] == rec.image_id for g in got)
+    r = CliRunner().invoke(main, ["predict", "--source", str(src), "--checkpoint", str(trained / "best.pth"),
+                                  "--boxes", str(synth["val"]), "--out", str(tmp_path / "o3"), "--provider", "cpu",
+                                  "--no-overlays"])   # COCO annotations as a box file, matched by file name
+    assert r.exit_code == 0, r.output
+    got = json.loads((tmp_path / "o3" / "predictions.json").read_text())
+    assert len(got) == len(rec.instances)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    r = CliRunner().invoke(main, ["predict", "--source", str(src), "--checkpoint", str(trained / "best.pth"),
+                                  "--boxes", str(bad)])
+    assert r.exit_code == 1 and "is not JSON" in r.output
