@@ -7,6 +7,7 @@ the images go through the checkpoint's own extractor and preprocessing into a te
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -79,31 +80,25 @@ def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: l
     return res
 
 
+@contextlib.contextmanager
 def live_store(ck_path: Path, ann: Path, images: Path, work_dir: Path | None, onnx: Path | None = None,
                provider: str = "auto", limit: int | None = None):
     """A temporary val store of ``ann``/``images`` built with the checkpoint's extractor and
-    preprocessing; a context manager yielding its path."""
+    preprocessing (the same code as `cache`); yields its path and deletes it afterwards."""
     from featcache.cache import CacheConfig, run_cache
 
     from .predictor import open_extractor
     meta = decoder_from_checkpoint(ck_path)[1]
     open_extractor(meta, onnx, "cpu")  # the same extractor (sha256) before any work
     prep = meta["preprocess"]
-
-    class _Ctx:
-        def __enter__(self):
-            self.tmp = tempfile.TemporaryDirectory(prefix="evaluate_", dir=work_dir)
-            out = Path(self.tmp.name) / "val.zarr"
-            run_cache(CacheConfig(ann=Path(ann), images=Path(images), onnx=Path(onnx or meta["onnx_path"]), out=out,
-                                  feature_name=meta["feature_name"], provider=provider,
-                                  channel_order=prep["channel_order"], scale=float(prep["scale"]),
-                                  resize=prep["policy"]["mode"], roi_padding=float(meta["roi_padding"]),
-                                  limit=limit), progress=True)
-            return out
-
-        def __exit__(self, *exc):
-            self.tmp.cleanup()
-    return _Ctx()
+    with tempfile.TemporaryDirectory(prefix="evaluate_", dir=work_dir) as tmp:
+        out = Path(tmp) / "val.zarr"
+        run_cache(CacheConfig(ann=Path(ann), images=Path(images), onnx=Path(onnx or meta["onnx_path"]), out=out,
+                              feature_name=meta["feature_name"], provider=provider,
+                              channel_order=prep["channel_order"], scale=float(prep["scale"]),
+                              resize=prep["policy"]["mode"], roi_padding=float(meta["roi_padding"]),
+                              limit=limit), progress=True)
+        yield out
 
 
 ROW = [("epoch", "epoch", "{:>5}"), ("mIoU", "mIoU", "{:.4f}"), ("bg", ("iou", "background"), "{:.3f}"),

@@ -80,6 +80,7 @@ class RoiEvaluator:
         self.roi_image, self.roi_inst = t["roi_image"], t["roi_inst"]
         self.orig_hw, self.image_id = t["orig_hw"], t["image_id"]
         self.roi_padded = t["roi_padded"].astype(np.float64)
+        self._keep_records = False
         self.reset()
 
     def reset(self) -> None:
@@ -206,8 +207,6 @@ class RoiEvaluator:
                     score = float(fg_h[j, : y1 - y0, : x1 - x0][m].mean()) if m.any() else 0.0
                     self.coco_dets.append((int(self.image_id[images[j]]), (x0, y0, x1, y1), m, score,
                                            tuple(int(v) for v in o_hw[j])))
-
-    _keep_records = False
 
     def keep_records(self, on: bool = True) -> "RoiEvaluator":
         """Also keep one record per ROI (for bootstrap statistics over images)."""
