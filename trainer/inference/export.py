@@ -5,7 +5,7 @@ xyxy, model-input frame; letterboxed decoders also take ``image_rects [B,4]``) -
 (padded by the training ROI padding with ``featcache.geometry.pad_box``, decoded and pasted back at
 model-input resolution inside the graph, like segment-anything's ``utils/onnx.py``), ``logits
 [N,K,M,M]`` (ROI grid) and ``roi_boxes [N,4]`` (the padded ROI in input pixels: where the grid lies).  Ops: RoiAlign (opset 16+, half_pixel = aligned=True),
-GridSample (paste-back), Conv/ConvTranspose, InstanceNormalization (GroupNorm at opset 17),
+MatMul (separable bilinear paste-back), Conv/ConvTranspose, InstanceNormalization (GroupNorm at opset 17),
 Softmax: all built natively by ONNX Runtime and TensorRT >= 8.6.
 """
 from __future__ import annotations
