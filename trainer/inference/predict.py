@@ -76,6 +76,8 @@ def list_images(source: Path, only=None) -> list[Path]:
 
 def video_frames(source, max_frames=None):
     """(frame index, PIL RGB frame) of a video file or camera index; and the stream's fps."""
+    import os
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")  # our message says what failed; no C++ warnings
     import cv2
     cap = cv2.VideoCapture(int(source) if is_camera(source) else str(source))
     if not cap.isOpened():
