@@ -14,3 +14,8 @@ for bs in ${BATCH_SIZES:-64}; do
       --rois-per-step ${ROIS_PER_STEP:-0} \
       2>&1 | grep -v "it/s\|img/s" | tee "$OUT/gpu_bench_train_bs$bs.txt"
 done
+# Validation speed at the real feature size (the vectorized evaluator; issue 10's "seconds on a GPU").
+if [ "${EVAL:-1}" = "1" ]; then
+  python3 bench/bench_eval.py --synthetic ${EVAL_IMAGES:-500} --channels 1024 --keep-store /tmp/bench_eval_store \
+      --device cuda --threads 8 2>&1 | grep -v "it/s\|img/s\|INFO" | tee "$OUT/gpu_bench_eval.txt"
+fi
