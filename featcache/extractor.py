@@ -111,10 +111,11 @@ class Extractor:
 
     def __init__(self, onnx_path: str | Path, feature_name: str, provider: str = "auto",
                  threads: int | None = None, trt_cache: Path | None = None, streams: int | None = None,
-                 extra_outputs: tuple = ()):
+                 extra_outputs: tuple | str = ()):
         """``streams``: concurrent ``run`` calls the caller intends (CPU default: one per core,
         each single-threaded); ``threads``: intra-op threads per run (default cores / streams);
-        ``extra_outputs``: original graph outputs also returned by :meth:`run_all`."""
+        ``extra_outputs``: original graph outputs also returned by :meth:`run_all` ("all": every
+        one but the feature, e.g. the detection head)."""
         import onnxruntime as ort
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
@@ -124,6 +125,8 @@ class Extractor:
         except Exception as exc:
             raise ExtractorError(f"cannot read ONNX model {onnx_path}: {exc}") from exc
         self.outputs = graph_outputs(model)
+        if extra_outputs == "all":
+            extra_outputs = tuple(k for k in self.outputs if k != feature_name)
         missing = [o for o in extra_outputs if o not in self.outputs]
         if missing:
             raise ExtractorError(f"{onnx_path.name} has no output {missing[0]!r} (outputs: "

@@ -51,3 +51,19 @@ def trained(stores, tmp_path_factory):
                       batch_size=4, workers=0, resident="cpu", tensorboard=False, visualize=True)
     run_training(cfg)
     return out
+
+
+@pytest.fixture
+def target_everywhere():
+    """A decoder that predicts 'target' on the whole ROI: what gets pasted is exactly the ROI's
+    geometry (tests of paste-back and padding)."""
+    import torch
+
+    class TargetEverywhere(torch.nn.Module):
+        num_classes = 3
+
+        def forward(self, features, rois):
+            out = torch.zeros(len(rois), 3, 28, 28)
+            out[:, 1] = 20.0
+            return out
+    return TargetEverywhere()

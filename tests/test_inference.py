@@ -3,7 +3,6 @@ import logging
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -18,24 +17,13 @@ from trainer.inference.visualize import (BOX_RED, CAPTION_H, CELL_H, CELL_W, MAR
                                person_colour, render_validation_png)
 
 
-class TargetEverywhere(torch.nn.Module):
-    """Predicts 'target' on the whole ROI: what gets pasted is exactly the ROI's geometry."""
-
-    num_classes = 3
-
-    def forward(self, features, rois):
-        out = torch.zeros(len(rois), 3, 28, 28)
-        out[:, 1] = 20.0
-        return out
-
-
 @pytest.mark.parametrize("size", [(640, 480), (300, 500), (800, 200)])
 @pytest.mark.parametrize("mode", ["stretch", "letterbox"])
-def test_predictor_pastes_at_original_resolution(standin_onnx, size, mode):
+def test_predictor_pastes_at_original_resolution(standin_onnx, target_everywhere, size, mode):
     w, h = size
     im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), np.uint8))
     meta = {"preprocess": Preprocess(policy=ResizePolicy(640, 640, mode)).to_dict(), "roi_padding": 0.1}
-    pred = Predictor(TargetEverywhere(), meta, Extractor(standin_onnx, FEATURE_NAME, "cpu"))
+    pred = Predictor(target_everywhere, meta, Extractor(standin_onnx, FEATURE_NAME, "cpu"))
     boxes = np.array([[0.2, 0.3, 0.5, 0.7], [0.6, 0.1, 0.9, 0.4]])
     res = pred.predict(im, boxes)
     masks = res.full_masks()

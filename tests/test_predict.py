@@ -75,23 +75,14 @@ HEADS = {
 }
 
 
-class TargetEverywhere(torch.nn.Module):
-    num_classes = 3
-
-    def forward(self, features, rois):
-        out = torch.zeros(len(rois), 3, 28, 28)
-        out[:, 1] = 20.0
-        return out
-
-
 @pytest.mark.parametrize("head", list(HEADS))
 @pytest.mark.parametrize("mode", ["stretch", "letterbox"])
-def test_detection_heads_give_back_the_known_boxes(standin_onnx, tmp_path, head, mode):
+def test_detection_heads_give_back_the_known_boxes(standin_onnx, target_everywhere, tmp_path, head, mode):
     name, make, fmt = HEADS[head]
     onnx_path = add_constant_output(standin_onnx, tmp_path / "det.onnx", name, make())
     ex = Extractor(onnx_path, FEATURE_NAME, "cpu", extra_outputs=(name,))
     meta = {"preprocess": Preprocess(policy=ResizePolicy(640, 640, mode)).to_dict(), "roi_padding": 0.1}
-    pred = Predictor(TargetEverywhere(), meta, ex, detection=DetectionSettings(format=fmt, person_class=1))
+    pred = Predictor(target_everywhere, meta, ex, detection=DetectionSettings(format=fmt, person_class=1))
     assert pred.det_output == name
     w, h = 640, 320
     res = pred.predict(Image.new("RGB", (w, h)))
@@ -214,7 +205,7 @@ def test_predict_with_gt_boxes_matches_evaluate(trained, synth, tmp_path):
 
 @pytest.mark.parametrize("size", [(1280, 640), (640, 1280), (640, 480)])
 @pytest.mark.parametrize("mode", ["stretch", "letterbox"])
-def test_exported_roi_padding_equals_pad_box(tmp_path, size, mode):
+def test_exported_roi_padding_equals_pad_box(tmp_path, target_everywhere, size, mode):
     """Edge-touching boxes: the graph pads in the input frame and clips to the image content, which
     must equal training's pad_box in the original image mapped to the input frame."""
     w, h = size
@@ -223,8 +214,7 @@ def test_exported_roi_padding_equals_pad_box(tmp_path, size, mode):
     want = policy.norm_to_input_norm(pad_box(boxes, 0.1), w, h) * 640
     rin = policy.norm_to_input_norm(boxes, w, h)
     letterbox = mode == "letterbox"
-    model = TargetEverywhere()
-    wrapper = DecoderExport(model, (640, 640), 0.1, letterbox)
+    wrapper = DecoderExport(target_everywhere, (640, 640), 0.1, letterbox)
     feats = torch.zeros(1, 4, 80, 80)
     rois = torch.tensor(np.concatenate([np.zeros((4, 1)), rin], 1), dtype=torch.float32)
     rect = torch.tensor(content_rect(policy, w, h)[None], dtype=torch.float32)

@@ -6,6 +6,7 @@ Pieces with one job each live beside it: ``checkpointer.py`` (what a checkpoint 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -311,11 +312,13 @@ class Trainer:
         batches = epoch_batches(self.val_index.images, 0, 0, self.batch_size, self.dist.rank, self.dist.world,
                                 shuffle=False, pad=False)
         evaluator = run_evaluator(model, self.val_source.iterate(batches, 0, False),
-                                  self.evaluator().keep_records(details), self.amp, self.cfg.zero_features)
+                                  self.evaluator.keep_records(details), self.amp, self.cfg.zero_features)
         D.all_reduce_(evaluator.tensors(), self.dist)
         return evaluator.result()
 
+    @functools.cached_property
     def evaluator(self) -> RoiEvaluator:
+        """One per run (``run_evaluator`` resets it): the val store is opened and checked once."""
         return RoiEvaluator(self.val_index, FeatureStore(self.val_index.path), self.cfg.classes, self.device,
                             self.cfg.coco_eval)
 

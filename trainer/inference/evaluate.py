@@ -88,7 +88,7 @@ def live_store(ck_path: Path, ann: Path, images: Path, work_dir: Path | None, on
     from featcache.cache import CacheConfig, run_cache
 
     from .predictor import open_extractor
-    meta = decoder_from_checkpoint(ck_path)[1]
+    meta = load_checkpoint(ck_path)["cache_metadata"]["train"]
     open_extractor(meta, onnx, "cpu")  # the same extractor (sha256) before any work
     prep = meta["preprocess"]
     with tempfile.TemporaryDirectory(prefix="evaluate_", dir=work_dir) as tmp:

@@ -24,6 +24,7 @@ from featcache.errors import FeatCacheError
 from featcache.geometry import coco_xywh_to_xyxy
 from featcache.images import ImageDecodeError, load_rgb
 
+from ..metrics import instance_iou
 from .detection import DetectionSettings
 from .predictor import THRESHOLD, Prediction, Predictor
 from .visualize import ALPHA, BOX_RED, _font, person_colour
@@ -283,7 +284,8 @@ def run_predict(opts: PredictOptions, predictor: Predictor | None = None) -> dic
             n_persons += len(pred)
             results += coco_results(pred, image_id, boxes.person_cat, opts.threshold, ann_ids)
             if ann_ids is not None and name in boxes.gt_rles:
-                ious += _instance_ious(pred, boxes.gt_rles[name], opts.threshold)
+                ious += [instance_iou(m, win, rle) for m, win, rle in
+                         zip(pred.window_masks(opts.threshold), pred.windows, boxes.gt_rles[name])]
             if opts.overlays:
                 vis = overlay(im, pred, opts.threshold, opts.show_boxes, opts.show_scores)
                 if video:
@@ -326,17 +328,6 @@ def run_predict(opts: PredictOptions, predictor: Predictor | None = None) -> dic
     if ious:
         summary["instance_mIoU"] = float(np.mean(ious))
     return summary
-
-
-def _instance_ious(pred: Prediction, rles: list, threshold: float) -> list[float]:
-    """IoU of each GT-box prediction with its own GT mask (the boxes are the annotations' order)."""
-    out = []
-    for m, (x0, y0, x1, y1), rle in zip(pred.window_masks(threshold), pred.windows, rles):
-        gt = mask_utils.decode(rle)
-        inter = int(np.logical_and(m, gt[y0:y1, x0:x1]).sum())
-        union = int(m.sum()) + int(gt.sum()) - inter
-        out.append(inter / union if union else 1.0)
-    return out
 
 
 def _video_writer(path: Path, fps: float, size):

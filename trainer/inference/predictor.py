@@ -88,7 +88,7 @@ class Predictor:
         self.detection = detection
         self.det_output = self.det_format = None
         if detection is not None:
-            shapes = {**extractor.outputs, **getattr(extractor, "extra_shapes", {})}
+            shapes = {**extractor.outputs, **extractor.extra_shapes}  # actual shapes over declared ones
             self.det_output, self.det_format = find_detection_output(
                 shapes, extractor.feature_name, self.policy_hw, detection)
             log.info("person boxes from %s (%s layout, class %d, conf %.2f, NMS IoU %.2f)", self.det_output,
@@ -155,11 +155,4 @@ def open_extractor(meta: dict, onnx_path=None, provider="auto", detections: bool
     if file_sha256(path) != meta["onnx_sha256"]:
         raise FeatCacheError(f"{path} is not the extractor this decoder was trained on "
                              f"(sha256 differs from the cache's {meta['onnx_sha256'][:12]}...)")
-    extra = ()
-    if detections:
-        import onnx
-
-        from featcache.extractor import graph_outputs
-        extra = tuple(k for k in graph_outputs(onnx.load(str(path), load_external_data=False))
-                      if k != meta["feature_name"])
-    return Extractor(path, meta["feature_name"], provider, streams=1, extra_outputs=extra)
+    return Extractor(path, meta["feature_name"], provider, streams=1, extra_outputs="all" if detections else ())
