@@ -311,25 +311,27 @@ def visualize(epoch, checkpoint, checkpoints, ann, images, onnx_path, provider, 
               help="ONNX opset (RoiAlign with half_pixel needs 16+).")
 @click.option("--end-to-end", is_flag=True, help="Also write extractor + decoder as one graph.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), help="Extractor ONNX for --end-to-end.")
+@click.option("--masks", "mask_format", type=click.Choice(["binary", "prob"]), default="binary", show_default=True,
+              help="masks output: uint8 0/1 at --threshold, or the fp16 class-1 probability.")
+@click.option("--threshold", type=float, default=0.5, show_default=True, callback=_unit,
+              help="Class-1 probability above which a pixel is the person (masks, instance_map).")
+@click.option("--full-probs", is_flag=True, help="Also output probs [N,3,H,W] (all classes, fp32: 12 bytes per pixel and ROI).")
+@click.option("--half", is_flag=True, help="fp16 weights and activations in the conv stack (GPU); parity is checked and reported.")
 @_user_errors
-def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path):
+def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path, mask_format, threshold, full_probs, half):
     """Export the decoder to ONNX, check parity with PyTorch in ONNX Runtime, report latency."""
-    from trainer.checkpoint import load_checkpoint
-    from trainer.inference.export import check_parity, decoder_latency, export_decoder, export_end_to_end
+    from trainer.inference.export import (ExportSpec, check_parity, decoder_latency, export_decoder,
+                                          export_end_to_end, format_parity, predictor_metadata)
     from trainer.inference.predictor import decoder_from_checkpoint
     path = _checkpoint_from(epoch, checkpoint, checkpoints)
-    ck = load_checkpoint(path)
-    model, meta = decoder_from_checkpoint(ck)
-    c, hf, wf = meta["feature_shape"]
-    out = Path(out or path.with_suffix(".decoder.onnx"))
-    info = {"feature_name": meta["feature_name"], "preprocess": meta["preprocess"], "checkpoint": path.name,
-            "classes": ck["model_kwargs"]["num_classes"]}
-    letterbox = meta["preprocess"]["policy"]["mode"] == "letterbox"
-    export_decoder(model, c, meta["input_hw"], (hf, wf), meta["roi_padding"], out, opset, info, letterbox)
-    click.echo(f"wrote {out} (opset {opset}{', input image_rects: letterboxed' if letterbox else ''})")
-    parity = check_parity(model, out, c, meta["input_hw"], (hf, wf), meta["roi_padding"], letterbox=letterbox)
-    click.echo("parity vs PyTorch (max abs diff): " + ", ".join(f"{k} {v:.2e}" for k, v in parity.items()))
-    lat = decoder_latency(out, c, (hf, wf))
+    model, meta = decoder_from_checkpoint(path)
+    spec = ExportSpec.from_meta(meta, masks=mask_format, threshold=threshold, full_probs=full_probs, half=half)
+    out = Path(out or path.with_suffix(".half.decoder.onnx" if half else ".decoder.onnx"))
+    export_decoder(model, spec, out, opset, predictor_metadata(meta, path.name))
+    click.echo(f"wrote {out} (opset {opset}{', fp16 conv stack' if half else ''}; inputs {', '.join(spec.inputs)} "
+               f"-> {', '.join(spec.outputs)})")
+    click.echo("parity vs PyTorch (max abs diff): " + format_parity(check_parity(model, out, spec)))
+    lat = decoder_latency(out, spec)
     click.echo("decoder latency on CPU (ms): " + ", ".join(f"{n} ROIs {ms}" for n, ms in lat.items()))
     if end_to_end:
         from trainer.inference.predictor import open_extractor
@@ -337,7 +339,7 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path):
         open_extractor(meta, ext, "cpu")  # same checks as inference: file exists, sha256 matches
         stem = out.name[: -len(".decoder.onnx")] if out.name.endswith(".decoder.onnx") else out.stem
         e2e = export_end_to_end(ext, meta["feature_name"], out, out.with_name(f"{stem}.e2e.onnx"))
-        click.echo(f"wrote {e2e} (images [1,3,H,W] + rois{' + image_rects' if letterbox else ''} -> probs, logits, roi_boxes)")
+        click.echo(f"wrote {e2e} (images [1,3,H,W] + {', '.join(spec.inputs[1:])} -> {', '.join(spec.outputs)})")
 
 
 @main.command()
@@ -345,6 +347,9 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path):
 @click.option("--checkpoint", help="Checkpoint file, or best / last in --checkpoints [best].")
 @click.option("--epoch", type=int, help="The checkpoint of this epoch in --checkpoints.")
 @click.option("--checkpoints", type=click.Path(path_type=Path), default=Path("checkpoints"), show_default=True)
+@click.option("--exported", type=click.Path(path_type=Path),
+              help="An exported decoder ONNX (with its extractor) or end-to-end ONNX instead of a checkpoint: "
+                   "ONNX Runtime only, no torch (end-to-end graphs need --boxes gt or a boxes file).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("predictions"), show_default=True,
               help="Output folder: overlays, predictions.json, masks/.")
 @click.option("--boxes", default="auto", show_default=True,
@@ -374,17 +379,19 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path):
 @click.option("--hide-scores", is_flag=True, help="Overlays without scores.")
 @click.option("--max-frames", type=int, callback=_at_least(1), help="Video/camera: stop after N frames.")
 @_user_errors
-def predict(source, checkpoint, epoch, checkpoints, out, boxes, box_format, ann, onnx_path, provider, device,
+def predict(source, checkpoint, epoch, checkpoints, exported, out, boxes, box_format, ann, onnx_path, provider, device,
             det_output, det_format, person_class, conf, iou, max_det, threshold, save_masks, polygons,
             no_overlays, hide_boxes, hide_scores, max_frames):
     """Person masks for new images, a video or a camera, with the extractor's own person boxes."""
     from trainer.inference.detection import DetectionSettings
     from trainer.inference.predict import PredictOptions, run_predict
-    path = _checkpoint_from(epoch, checkpoint, checkpoints, default="best")
-    if device == "auto":
+    if exported is not None and (checkpoint or epoch is not None):
+        raise UserError("give --exported or a checkpoint (--checkpoint/--epoch), not both")
+    path = None if exported is not None else _checkpoint_from(epoch, checkpoint, checkpoints, default="best")
+    if device == "auto" and exported is None:
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    opts = PredictOptions(source=source, out=out, checkpoint=path, onnx=onnx_path, provider=provider,
+    opts = PredictOptions(source=source, out=out, checkpoint=path, exported=exported, onnx=onnx_path, provider=provider,
                           device=device, boxes=boxes, box_format=box_format, ann=ann,
                           detection=DetectionSettings(det_output, det_format, person_class, conf, iou, max_det),
                           threshold=threshold, save_masks=save_masks, polygons=polygons,
@@ -392,7 +399,8 @@ def predict(source, checkpoint, epoch, checkpoints, out, boxes, box_format, ann,
                           max_frames=max_frames)
     s = run_predict(opts)
     click.echo(f"{s['images']} images, {s['persons']} persons in {s['seconds']:.1f}s "
-               f"({s['images_per_s']:.2f} images/s, extractor on {s['provider']}) -> {s['out']}")
+               f"({s['images_per_s']:.2f} images/s, image encoder on {s['provider']}, decoder on {s['decoder']}) "
+               f"-> {s['out']}")
     if "instance_mIoU" in s:
         click.echo(f"instance mIoU with the GT boxes: {s['instance_mIoU']:.4f}")
     for line in s["skipped"][:20]:

@@ -47,7 +47,8 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
 
     from trainer.checkpoint import find_checkpoint, write_text_atomic
     from trainer.config import make_config
-    from trainer.inference.export import check_parity, decoder_latency, export_decoder, export_end_to_end
+    from trainer.inference.export import (ExportSpec, check_parity, decoder_latency, export_decoder,
+                                          export_end_to_end, format_parity, predictor_metadata)
     from trainer.inference.predictor import Predictor, decoder_from_checkpoint
     from trainer.run import run_training
     from trainer.inference.visualize import write_validation_png
@@ -118,14 +119,13 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
 
     t = _step(7, total, "export the decoder to ONNX and check it in ONNX Runtime")
     model, meta = decoder_from_checkpoint(ck_path)
-    c, hf, wf = meta["feature_shape"]
-    letterbox = meta["preprocess"]["policy"]["mode"] == "letterbox"
-    dec = export_decoder(model, c, meta["input_hw"], (hf, wf), meta["roi_padding"],
-                         folder / "export" / "decoder.onnx", letterbox=letterbox)
-    parity = check_parity(model, dec, c, meta["input_hw"], (hf, wf), meta["roi_padding"], letterbox=letterbox)
+    spec = ExportSpec.from_meta(meta)
+    dec = export_decoder(model, spec, folder / "export" / "decoder.onnx",
+                         meta=predictor_metadata(meta, ck_path.name))
+    parity = check_parity(model, dec, spec)
     e2e = export_end_to_end(onnx_path, DEMO_FEATURE, dec, folder / "export" / "extractor_decoder.onnx")
-    lat = decoder_latency(dec, c, (hf, wf), counts=(1, 5))
-    click.echo("      parity (max abs diff): " + ", ".join(f"{k} {v:.1e}" for k, v in parity.items())
+    lat = decoder_latency(dec, spec, counts=(1, 5))
+    click.echo("      parity: " + format_parity(parity)
                + " | latency: " + ", ".join(f"{n} ROIs {ms} ms" for n, ms in lat.items()))
     _done(t)
 

@@ -19,3 +19,11 @@ if [ "${EVAL:-1}" = "1" ]; then
   python3 bench/bench_eval.py --synthetic ${EVAL_IMAGES:-500} --channels 1024 --keep-store /tmp/bench_eval_store \
       --device cuda --threads 8 2>&1 | grep -v "it/s\|img/s\|INFO" | tee "$OUT/gpu_bench_eval.txt"
 fi
+# Exported decoder on the GPU (issue 12): CUDA provider, then TensorRT when its libraries load
+# (the first TensorRT run builds engines: minutes; they are cached in cache/trt_engines).
+if [ "${EXPORT:-1}" = "1" ]; then
+  for p in cuda tensorrt; do
+    python3 bench/bench_export.py --provider $p --end-to-end --half --repeat 10 2>&1 | grep -v "Warning\|^ " \
+        | tee "$OUT/gpu_bench_export_$p.txt" || true
+  done
+fi

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from .errors import FeatCacheError
+from .providers import ProviderError, cuda_available, make_session
 
 log = logging.getLogger(__name__)
 
@@ -82,30 +83,6 @@ def _unknown_tensor_message(model, name) -> str:
             f"input/8 ({h // 8 if h else '?'}x{w // 8 if w else '?'}) you can pass to --feature-name:\n{listing}")
 
 
-def _provider_chain(provider: str, trt_cache: Path | None) -> list:
-    import onnxruntime as ort
-    try:
-        import torch  # loads the CUDA 12 libraries that onnxruntime-gpu needs
-        has_cuda = torch.cuda.is_available()
-    except Exception:
-        has_cuda = False
-    avail = set(ort.get_available_providers())
-    trt = ("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
-                                         "trt_engine_cache_path": str(trt_cache or "cache/trt_engines")})
-    chain = {"tensorrt": [trt, "CUDAExecutionProvider"], "cuda": ["CUDAExecutionProvider"], "cpu": []}
-    if provider == "auto":
-        if not has_cuda:
-            return ["CPUExecutionProvider"]
-        provider = "tensorrt" if "TensorrtExecutionProvider" in avail else "cuda"
-    if provider != "cpu" and not has_cuda:
-        raise ExtractorError(f"--provider {provider} needs a CUDA GPU, and none is visible "
-                             f"(use --provider cpu or auto)")
-    wanted = [p for p in chain[provider] if (p[0] if isinstance(p, tuple) else p) in avail]
-    if provider != "cpu" and not wanted:
-        raise ExtractorError(f"onnxruntime has no {provider} provider here (available: {sorted(avail)})")
-    return wanted + ["CPUExecutionProvider"]
-
-
 class Extractor:
     """One ORT session returning the named feature tensor for a batch of preprocessed images."""
 
@@ -133,8 +110,7 @@ class Extractor:
                                  f"{', '.join(f'{k} {v}' for k, v in self.outputs.items())})")
         self.extra_outputs = tuple(extra_outputs)
         model = expose_tensor(model, feature_name, as_fp16=True, keep=self.extra_outputs)
-        chain = _provider_chain(provider, trt_cache)
-        on_cpu = chain[0] == "CPUExecutionProvider"
+        on_cpu = provider == "cpu" or not cuda_available()
         cores = os.cpu_count() or 1
         self.streams = streams or (cores if on_cpu else 1)
         opts = ort.SessionOptions()
@@ -144,12 +120,9 @@ class Extractor:
         # No busy-waiting between ops: the cache's decode and write threads need those cycles.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(model.SerializeToString(), opts,
-                                                providers=chain)
-        except ExtractorError:
-            raise
-        except Exception as exc:
-            raise ExtractorError(f"onnxruntime cannot load {onnx_path}: {exc}") from exc
+            self.session = make_session(model, opts, provider, trt_cache, onnx_path.name)
+        except ProviderError as exc:
+            raise ExtractorError(str(exc)) from exc
         self.provider = self.session.get_providers()[0]
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name

@@ -1,3 +1,4 @@
+import json
 import logging
 
 import numpy as np
@@ -96,23 +97,41 @@ def test_training_writes_png_and_visualize_by_epoch(trained, tmp_path):
 
 
 def test_export_parity_dynamic_shapes_and_end_to_end(trained, synth, tmp_path):
+    """Compact outputs at every batch/ROI count: masks equal the full-probs paste's class 1 above
+    the threshold, the instance map points at the most probable person, logits/boxes as before."""
     from cli import main
     ck = list_checkpoints(trained)[0][1]
     out = tmp_path / "dec.onnx"
-    r = CliRunner().invoke(main, ["export", "--checkpoint", str(ck), "--out", str(out), "--end-to-end"])
+    r = CliRunner().invoke(main, ["export", "--checkpoint", str(ck), "--out", str(out), "--end-to-end",
+                                  "--full-probs"])
     assert r.exit_code == 0, r.output
     assert "parity vs PyTorch" in r.output and "latency" in r.output
     s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in s.get_outputs()] == ["masks", "instance_map", "logits", "roi_boxes", "probs"]
+    meta = s.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["mask_threshold"]) == 0.5 and meta["mask_format"] == "binary"
+    assert set(json.loads(meta["outputs"])) == {"masks", "instance_map", "logits", "roi_boxes", "probs"}
+    rng = np.random.default_rng(0)
     for b, n in ((1, 0), (2, 5), (3, 1)):
-        feats = np.random.rand(b, 16, 80, 80).astype(np.float32)
-        rois = np.array([[k % b, 0.1, 0.1, 0.5, 0.6] for k in range(n)], np.float32).reshape(n, 5)
-        probs, logits, boxes = s.run(None, {"features": feats, "rois": rois})
-        assert boxes.shape == (n, 4)
-        assert probs.shape == (n, 3, 640, 640) and logits.shape == (n, 3, 28, 28)
-        if n:
-            assert np.allclose(probs.sum(1), 1, atol=1e-4)
+        feats = rng.random((b, 16, 80, 80), np.float32)
+        rois = np.array([[k % b, 0.1 + 0.05 * k, 0.1, 0.5 + 0.05 * k, 0.6] for k in range(n)], np.float32).reshape(n, 5)
+        masks, inst, logits, boxes, probs = s.run(None, {"features": feats, "rois": rois})
+        assert boxes.shape == (n, 4) and logits.shape == (n, 3, 28, 28)
+        assert masks.shape == (n, 640, 640) and masks.dtype == np.uint8 and inst.shape == (b, 640, 640)
+        assert inst.dtype == np.int16 and probs.shape == (n, 3, 640, 640)
+        fg = probs[:, 1]
+        assert np.array_equal(masks, fg > 0.5)
+        for i in range(b):
+            mine = np.flatnonzero(rois[:, 0] == i)
+            want = np.zeros((640, 640), np.int16)
+            if len(mine):
+                score = np.where(fg[mine] > 0.5, fg[mine], 0)
+                want = np.where(score.max(0) > 0, mine[score.argmax(0)] + 1, 0)
+            assert np.array_equal(inst[i], want)
     e2e = ort.InferenceSession(str(tmp_path / "dec.e2e.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in e2e.get_inputs()] == ["images", "rois"]
-    probs, _, _ = e2e.run(None, {"images": np.random.rand(1, 3, 640, 640).astype(np.float32),
-                              "rois": np.array([[0, 0.2, 0.2, 0.6, 0.9]], np.float32)})
-    assert probs.shape == (1, 3, 640, 640)
+    assert e2e.get_modelmeta().custom_metadata_map["mask_format"] == "binary"
+    masks, inst, *_ = e2e.run(None, {"images": np.random.rand(1, 3, 640, 640).astype(np.float32),
+                                     "rois": np.array([[0, 0.2, 0.2, 0.6, 0.9]], np.float32)})
+    assert masks.shape == (1, 640, 640) and inst.shape == (1, 640, 640)
+    assert np.array_equal(inst[0] == 1, masks[0] == 1)

@@ -16,7 +16,7 @@ from featcache.images import Preprocess
 from featcache.standin import FEATURE_NAME, add_constant_output
 from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.inference.detection import YOLOX_STRIDES, DetectionSettings
-from trainer.inference.export import DecoderExport, export_decoder
+from trainer.inference.export import DecoderExport, ExportSpec, export_decoder
 from trainer.inference.predict import PredictOptions, run_predict
 from trainer.inference.predictor import Predictor, decoder_from_checkpoint
 
@@ -214,13 +214,14 @@ def test_exported_roi_padding_equals_pad_box(tmp_path, target_everywhere, size, 
     want = policy.norm_to_input_norm(pad_box(boxes, 0.1), w, h) * 640
     rin = policy.norm_to_input_norm(boxes, w, h)
     letterbox = mode == "letterbox"
-    wrapper = DecoderExport(target_everywhere, (640, 640), 0.1, letterbox)
+    spec = ExportSpec(4, (640, 640), (80, 80), 0.1, letterbox)
+    wrapper = DecoderExport(target_everywhere, spec, fold=False)
     feats = torch.zeros(1, 4, 80, 80)
     rois = torch.tensor(np.concatenate([np.zeros((4, 1)), rin], 1), dtype=torch.float32)
     rect = torch.tensor(content_rect(policy, w, h)[None], dtype=torch.float32)
     args = (feats, rois, rect) if letterbox else (feats, rois)
-    assert np.allclose(wrapper(*args)[2].numpy(), want, atol=1e-3)
-    path = export_decoder(_Tiny(), 4, (640, 640), (80, 80), 0.1, tmp_path / "d.onnx", letterbox=letterbox)
+    assert np.allclose(wrapper.decode(*args)["roi_boxes"].numpy(), want, atol=1e-3)
+    path = export_decoder(_Tiny(), spec, tmp_path / "d.onnx")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     assert names == (["features", "rois", "image_rects"] if letterbox else ["features", "rois"])

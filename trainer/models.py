@@ -59,6 +59,8 @@ class RoiAlignDecoder(nn.Module):
     Normalizing the ROIAlign output equals normalizing the map first (every sample of an in-image
     ROI is a convex combination of cells), at a fraction of the cost for large batches."""
 
+    HALF_STAGES = ("convs", "upsample", "classifier")   # what `export --half` runs in fp16
+
     def __init__(self, in_channels: int, hidden: int = 128, roi_size: int = 14, mask_size: int = 56,
                  num_classes: int = 3, num_convs: int = 4, sampling_ratio: int = 2):
         super().__init__()
@@ -80,6 +82,14 @@ class RoiAlignDecoder(nn.Module):
         self.upsample = nn.Sequential(*up)
         self.classifier = nn.Conv2d(ch, num_classes, 1)
 
+    @property
+    def norm_conv(self) -> nn.Conv2d:
+        """The 1x1 conv right after ``norm`` (export folds the normalization into it)."""
+        return self.convs[0][0]
+
+    def set_norm_conv(self, conv: nn.Conv2d) -> None:
+        self.convs[0][0] = conv
+
     def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         x = self.norm(roi_features(features, rois, self.roi_size, self.sampling_ratio))
         return self.classifier(self.upsample(self.convs(x)))
@@ -91,6 +101,8 @@ class GlobalContextDecoder(nn.Module):
     ROI channels: inside-ROI flag, x and y relative to the ROI (centre 0, edges +-1), and the ROI's
     width and height.  Logits are read back on the ROI grid with ROIAlign.
     """
+
+    HALF_STAGES = ("reduce", "enc1", "enc2", "enc3", "dec2", "dec1", "classifier")
 
     def __init__(self, in_channels: int, hidden: int = 64, mask_size: int = 56, num_classes: int = 3,
                  **_):
@@ -120,6 +132,13 @@ class GlobalContextDecoder(nn.Module):
         return torch.stack([inside, rx.clamp(-4, 4), ry.clamp(-4, 4),
                             bw.expand(-1, h, w), bh.expand(-1, h, w)], 1).to(dtype)
 
+    @property
+    def norm_conv(self) -> nn.Conv2d:
+        return self.reduce[0]
+
+    def set_norm_conv(self, conv: nn.Conv2d) -> None:
+        self.reduce[0] = conv
+
     def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         hw = features.shape[-2:]
         base = self.reduce(self.norm(features))[rois[:, 0].long()]
@@ -142,6 +161,7 @@ class MeanShapePrior(nn.Module):
     its optimum, so the map is ``GAIN`` x the parameter and converges within the decoder's schedule."""
 
     GAIN = 50.0
+    HALF_STAGES = ()
 
     def __init__(self, in_channels: int, mask_size: int = 56, num_classes: int = 3, **_):
         super().__init__()

@@ -19,8 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torchvision.ops import batched_nms
 
 from featcache.errors import FeatCacheError
 
@@ -137,6 +135,8 @@ def decode(output: np.ndarray, fmt: str, input_hw, settings: DetectionSettings, 
     box = np.concatenate([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], 1)
     if len(box) == 0:
         return np.zeros((0, 4)), np.zeros(0)
+    import torch  # torchvision's NMS; only the --boxes auto path needs it
+    from torchvision.ops import batched_nms
     bt, st = torch.from_numpy(box), torch.from_numpy(score)
     kept = batched_nms(bt, st, torch.zeros(len(bt), dtype=torch.long), settings.iou)[: settings.max_det]
     return box[kept.numpy()].astype(np.float64), score[kept.numpy()].astype(np.float64)

@@ -38,7 +38,8 @@ VIDEO_EXT = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 class PredictOptions:
     source: str | Path
     out: Path
-    checkpoint: Path
+    checkpoint: Path | None = None
+    exported: Path | None = None         # an exported decoder / end-to-end ONNX instead (ORT only)
     onnx: Path | None = None
     provider: str = "auto"
     device: str = "cpu"
@@ -241,8 +242,9 @@ def coco_results(pred: Prediction, image_id: int, category_id: int, threshold: f
 
 
 def _write_json(path: Path, obj) -> None:
-    from ..checkpoint import write_text_atomic
-    write_text_atomic(path, json.dumps(obj))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -251,9 +253,10 @@ def run_predict(opts: PredictOptions, predictor: Predictor | None = None) -> dic
     out.mkdir(parents=True, exist_ok=True)
     boxes = BoxSource(opts.boxes, opts.ann, opts.box_format)
     if predictor is None:
-        predictor = Predictor.from_checkpoint(opts.checkpoint, opts.onnx, opts.provider, opts.device,
-                                              opts.detection if opts.boxes == "auto" else None)
-    log.info("extractor %s on %s", predictor.extractor.feature_name, predictor.extractor.provider)
+        detection = opts.detection if opts.boxes == "auto" else None
+        predictor = (Predictor.from_onnx(opts.exported, opts.onnx, opts.provider, detection) if opts.exported else
+                     Predictor.from_checkpoint(opts.checkpoint, opts.onnx, opts.provider, opts.device, detection))
+    log.info("image encoder on %s, decoder on %s", predictor.provider, predictor.decoder.provider)
     results, poly_anns, poly_images, ious = [], [], [], []
     t0, n_done, n_persons = time.perf_counter(), 0, 0
     source = opts.source
@@ -324,7 +327,7 @@ def run_predict(opts: PredictOptions, predictor: Predictor | None = None) -> dic
     dt = time.perf_counter() - t0
     summary = {"images": n_done, "persons": n_persons, "seconds": round(dt, 2),
                "images_per_s": round(n_done / dt, 2) if dt else 0.0, "out": str(out), "skipped": skipped,
-               "provider": predictor.extractor.provider}
+               "provider": predictor.provider, "decoder": predictor.decoder.provider}
     if ious:
         summary["instance_mIoU"] = float(np.mean(ious))
     return summary

@@ -7,6 +7,9 @@ paste-back): memory and time grow with the persons' area, not N x the frame.
 
 Boxes come from the caller (normalized ``xyxy`` or ``cxcywh``) or, when none are given, from the
 extractor's own detection output in the same ONNX run (``detection.py``).
+
+The decoder is a checkpoint's PyTorch module or an exported ONNX graph run by ONNX Runtime alone
+(``Predictor.from_onnx``; ``backends.py``): that path imports no torch.
 """
 from __future__ import annotations
 
@@ -15,28 +18,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from featcache.analyze import file_sha256
 from featcache.errors import FeatCacheError
 from featcache.extractor import Extractor
-from featcache.geometry import ResizePolicy, as_xyxy, pad_box
+from featcache.geometry import ResizePolicy, as_xyxy, content_rect, pad_box
 from featcache.images import Preprocess, load_rgb, preprocess
 from featcache.targets import native_crop
 
-from ..checkpoint import load_checkpoint
-from ..models import build_model, load_decoder_state, paste_masks
+from .backends import OnnxDecoder, TorchDecoder
 from .detection import DetectionSettings, decode, find_detection_output
 
 log = logging.getLogger(__name__)
 THRESHOLD = 0.5
 
 
-def decoder_from_checkpoint(ck: dict | str | Path, use_ema: bool = True) -> tuple[torch.nn.Module, dict]:
-    """(decoder in eval mode, the training cache's metadata: preprocessing, ROI padding, extractor).
+def decoder_from_checkpoint(ck: dict | str | Path, use_ema: bool = True) -> tuple:
+    """(decoder ``nn.Module`` in eval mode, the training cache's metadata: preprocessing, ROI
+    padding, extractor).
 
     The EMA weights when the checkpoint has them (what validation scored)."""
+    from ..checkpoint import load_checkpoint
+    from ..models import build_model, load_decoder_state
     if not isinstance(ck, dict):
         ck = load_checkpoint(ck)
     model = build_model(ck["model_name"], ck["in_channels"], **ck["model_kwargs"])
@@ -78,16 +82,22 @@ class Prediction:
 
 
 class Predictor:
-    def __init__(self, model: torch.nn.Module, meta: dict, extractor: Extractor, device="cpu",
+    """``decoder``: a checkpoint's ``nn.Module`` (run on ``device``) or an ``OnnxDecoder``;
+    ``extractor``: None for an end-to-end graph, which takes the image itself."""
+
+    def __init__(self, decoder, meta: dict, extractor: Extractor | None, device="cpu",
                  detection: DetectionSettings | None = None):
-        self.model = model.to(device).eval()
-        self.meta, self.extractor, self.device = meta, extractor, torch.device(device)
+        self.decoder = decoder if isinstance(decoder, OnnxDecoder) else TorchDecoder(decoder, device)
+        self.meta, self.extractor = meta, extractor
         self.prep = Preprocess.from_dict(meta["preprocess"])
         self.policy: ResizePolicy = self.prep.policy
         self.roi_padding = float(meta["roi_padding"])
         self.detection = detection
         self.det_output = self.det_format = None
         if detection is not None:
+            if extractor is None:
+                raise FeatCacheError("an end-to-end graph takes the person boxes as input: give --boxes gt or a "
+                                     "boxes file, or use the decoder ONNX (with the extractor) for --boxes auto")
             shapes = {**extractor.outputs, **extractor.extra_shapes}  # actual shapes over declared ones
             self.det_output, self.det_format = find_detection_output(
                 shapes, extractor.feature_name, self.policy_hw, detection)
@@ -98,6 +108,11 @@ class Predictor:
     def policy_hw(self) -> tuple[int, int]:
         return self.policy.input_h, self.policy.input_w
 
+    @property
+    def provider(self) -> str:
+        """Where the image is encoded: the extractor's provider (the end-to-end graph's)."""
+        return self.extractor.provider if self.extractor is not None else self.decoder.provider
+
     @classmethod
     def from_checkpoint(cls, path, onnx_path=None, provider="auto", device="cpu",
                         detection: DetectionSettings | None = None) -> "Predictor":
@@ -105,13 +120,27 @@ class Predictor:
         return cls(model, meta, open_extractor(meta, onnx_path, provider, detection is not None), device,
                    detection)
 
-    @torch.no_grad()
+    @classmethod
+    def from_onnx(cls, exported, onnx_path=None, provider="auto",
+                  detection: DetectionSettings | None = None) -> "Predictor":
+        """An exported decoder ONNX (with the extractor ONNX it was trained on) or an end-to-end
+        ONNX; ONNX Runtime only."""
+        dec = OnnxDecoder(exported, provider)
+        extractor = None if dec.end_to_end else open_extractor(dec.meta, onnx_path, provider, detection is not None)
+        return cls(dec, dec.meta, extractor, "cpu", detection)
+
     def predict(self, image, boxes=None, box_format: str = "xyxy", scores=None) -> Prediction:
         """``image``: path or PIL image; ``boxes``: normalized person boxes [N, 4] of that image, or
         None for the extractor's own detections."""
         im = load_rgb(image) if not isinstance(image, Image.Image) else image.convert("RGB")
         w, h = im.size
-        feats, extra = self.extractor.run_all(preprocess(im, self.prep)[None])
+        x = preprocess(im, self.prep)[None]
+        if self.extractor is None:          # end-to-end graph: it encodes the image itself
+            if boxes is None:
+                raise FeatCacheError("an end-to-end graph needs the person boxes as input")
+            feats = x
+        else:
+            feats, extra = self.extractor.run_all(x)
         if boxes is None:
             if self.det_output is None:
                 raise FeatCacheError("no person boxes given and no detection output configured")
@@ -123,25 +152,22 @@ class Predictor:
         scores = np.ones(len(boxes)) if scores is None else np.asarray(scores, np.float64).reshape(-1)
         return self.predict_features(feats, (h, w), boxes, scores)
 
-    @torch.no_grad()
     def predict_features(self, feats: np.ndarray, size, boxes: np.ndarray, scores: np.ndarray) -> Prediction:
-        """Decoder + window paste for features of one image already extracted."""
+        """Decoder + window paste for features of one image already extracted (the preprocessed
+        image for an end-to-end graph)."""
         h, w = size
         rois = pad_box(boxes, self.roi_padding).reshape(-1, 4)
         windows = np.array([native_crop(b, h, w) for b in rois * [w, h, w, h]], np.int64).reshape(-1, 4)
         pred = Prediction((h, w), boxes, scores, rois, windows)
         if len(rois) == 0:
             return pred
-        rin = self.policy.norm_to_input_norm(rois, w, h)
-        r = torch.as_tensor(np.concatenate([np.zeros((len(rin), 1)), rin], 1), dtype=torch.float32,
-                            device=self.device)
-        fg = self.model(torch.from_numpy(feats).float().to(self.device), r).softmax(1)[:, 1:2]
         # One paste into a frame as big as the largest window; each ROI keeps its own corner.
-        hmax = int((windows[:, 3] - windows[:, 1]).max())
-        wmax = int((windows[:, 2] - windows[:, 0]).max())
+        hmax = max(int((windows[:, 3] - windows[:, 1]).max()), 1)
+        wmax = max(int((windows[:, 2] - windows[:, 0]).max()), 1)
         rel = rois * [w, h, w, h] - np.tile(windows[:, :2], 2)
-        pasted = paste_masks(fg, torch.as_tensor(rel, dtype=torch.float32, device=self.device),
-                             max(hmax, 1), max(wmax, 1), fill_background=False)[:, 0].cpu().numpy()
+        pasted = self.decoder(feats, self.policy.norm_to_input_norm(boxes, w, h),
+                              self.policy.norm_to_input_norm(rois, w, h), content_rect(self.policy, w, h),
+                              rel, (hmax, wmax))
         pred.probs = [pasted[k, : y1 - y0, : x1 - x0] for k, (x0, y0, x1, y1) in enumerate(windows)]
         return pred
 

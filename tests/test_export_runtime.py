@@ -1,0 +1,109 @@
+"""Exported graphs as the predictor's decoder: ONNX Runtime alone (no torch) gives the PyTorch
+path's masks, for the decoder graph with the extractor and for the end-to-end graph."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from featcache.analyze import file_sha256
+from featcache.extractor import Extractor
+from featcache.geometry import ResizePolicy
+from featcache.images import Preprocess
+from featcache.standin import FEATURE_NAME
+from trainer.inference.export import ExportSpec, check_parity, export_decoder, export_end_to_end, predictor_metadata
+from trainer.inference.predictor import Predictor
+from trainer.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_TORCH = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision'):
+            raise ImportError('torch is blocked in this test: ' + name)
+sys.meta_path.insert(0, _Block())
+sys.path.insert(0, {root!r})
+from cli import main
+main({args!r}, standalone_mode=False)
+assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')]
+"""
+
+
+@pytest.mark.parametrize("mode", ["stretch", "letterbox"])
+def test_onnx_decoder_and_end_to_end_equal_torch_predictor(standin_onnx, tmp_path, mode):
+    torch.manual_seed(0)
+    model = build_model("roialign", 16, hidden=16, roi_size=7, mask_size=28,
+                        feature_stats=(torch.randn(16), torch.rand(16) + 0.5)).eval()
+    meta = {"preprocess": Preprocess(policy=ResizePolicy(640, 640, mode)).to_dict(), "roi_padding": 0.1,
+            "feature_name": FEATURE_NAME, "feature_shape": [16, 80, 80], "input_hw": [640, 640],
+            "onnx_path": str(standin_onnx), "onnx_sha256": file_sha256(standin_onnx)}
+    spec = ExportSpec.from_meta(meta)
+    dec = export_decoder(model, spec, tmp_path / "d.onnx", meta=predictor_metadata(meta, "x.pth"))
+    check_parity(model, dec, spec)
+    e2e = export_end_to_end(standin_onnx, FEATURE_NAME, dec, tmp_path / "e2e.onnx")
+    ref = Predictor(model, meta, Extractor(standin_onnx, FEATURE_NAME, "cpu"))
+    im = Image.fromarray(np.random.default_rng(1).integers(0, 255, (360, 800, 3), np.uint8))
+    boxes = np.array([[0.0, 0.0, 0.3, 0.6], [0.5, 0.2, 1.0, 1.0], [0.3, 0.3, 0.45, 0.5]])
+    want = ref.predict(im, boxes)
+    for path in (dec, e2e):
+        pred = Predictor.from_onnx(path, provider="cpu")
+        assert (pred.extractor is None) == (path == e2e)
+        got = pred.predict(im, boxes)
+        assert np.array_equal(got.windows, want.windows)
+        for g, w in zip(got.probs, want.probs):
+            assert g.shape == w.shape and np.abs(g - w).max() < 1e-3
+    with pytest.raises(Exception, match="end-to-end graph"):
+        Predictor.from_onnx(e2e, provider="cpu").predict(im)
+
+
+def test_predict_on_exported_graphs_without_torch(trained, synth, tmp_path):
+    """`predict --exported` in a process where importing torch fails: same instance mIoU with the
+    GT boxes as the checkpoint path, for the end-to-end graph and the decoder graph."""
+    from cli import main
+    ck = trained / "best.pth"
+    r = CliRunner().invoke(main, ["export", "--checkpoint", str(ck), "--out", str(tmp_path / "m.decoder.onnx"),
+                                  "--end-to-end"])
+    assert r.exit_code == 0, r.output
+    common = ["--source", str(synth["root"] / "images/val2017"), "--boxes", "gt", "--ann", str(synth["val"]),
+              "--provider", "cpu", "--no-overlays"]
+    r = CliRunner().invoke(main, ["predict", "--checkpoint", str(ck), "--out", str(tmp_path / "t"), *common])
+    assert r.exit_code == 0, r.output
+    want = float(r.output.split("instance mIoU with the GT boxes: ")[1].split()[0])
+    for name in ("m.e2e.onnx", "m.decoder.onnx"):
+        out = tmp_path / name.split(".")[1]
+        args = ["predict", "--exported", str(tmp_path / name), "--out", str(out), *common]
+        p = subprocess.run([sys.executable, "-c", NO_TORCH.format(root=str(ROOT), args=args)],
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        got = float(p.stdout.split("instance mIoU with the GT boxes: ")[1].split()[0])
+        assert got == pytest.approx(want, abs=1e-3)
+        a = {(d["image_id"], tuple(d["bbox"])): d for d in json.loads((out / "predictions.json").read_text())}
+        b = {(d["image_id"], tuple(d["bbox"])): d for d in json.loads((tmp_path / "t/predictions.json").read_text())}
+        assert a.keys() == b.keys()
+
+
+def test_half_export_reports_parity(trained, tmp_path):
+    from cli import main
+    r = CliRunner().invoke(main, ["export", "--checkpoint", str(trained / "best.pth"), "--half", "--masks", "prob",
+                                  "--out", str(tmp_path / "h.onnx")])
+    assert r.exit_code == 0, r.output
+    assert "fp16 conv stack" in r.output and "(tolerance 0.01)" in r.output
+    import onnx
+    m = onnx.load(str(tmp_path / "h.onnx"))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in m.graph.initializer)
+    out = {o.name: o.type.tensor_type.elem_type for o in m.graph.output}
+    assert out["masks"] == onnx.TensorProto.FLOAT16 and out["logits"] == onnx.TensorProto.FLOAT
+    assert json.loads({p.key: p.value for p in m.metadata_props}["half"]) is True
+
+
+def test_export_without_metadata_is_refused_by_predict(tmp_path, standin_onnx):
+    from cli import main
+    r = CliRunner().invoke(main, ["predict", "--exported", str(standin_onnx), "--source", str(tmp_path),
+                                  "--boxes", "gt", "--ann", str(tmp_path / "none.json")])
+    assert r.exit_code == 1

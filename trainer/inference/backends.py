@@ -1,0 +1,79 @@
+"""Decoder backends of the predictor: the PyTorch decoder of a checkpoint, or an exported ONNX
+graph (decoder alone, or extractor + decoder end to end) run by ONNX Runtime without torch.
+
+Both take one image's input (features, or the preprocessed image for an end-to-end graph), the
+person boxes and their padded ROIs in the input frame, and return each person's class-1
+probability pasted into its window of the original image.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from featcache.errors import FeatCacheError
+
+from .paste import paste_numpy, softmax
+
+
+class TorchDecoder:
+    """A checkpoint's decoder (``nn.Module``) on ``device``."""
+
+    def __init__(self, model, device="cpu"):
+        import torch
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.provider = f"torch {self.device}"
+
+    def __call__(self, x: np.ndarray, boxes_in: np.ndarray, rois_in: np.ndarray, rect_in: np.ndarray,
+                 rel: np.ndarray, hw: tuple) -> np.ndarray:
+        import torch
+
+        from ..models import paste_masks
+        r = torch.as_tensor(np.concatenate([np.zeros((len(rois_in), 1)), rois_in], 1), dtype=torch.float32,
+                            device=self.device)
+        with torch.no_grad():
+            fg = self.model(torch.from_numpy(x).float().to(self.device), r).softmax(1)[:, 1:2]
+            pasted = paste_masks(fg, torch.as_tensor(rel, dtype=torch.float32, device=self.device), *hw,
+                                 fill_background=False)
+        return pasted[:, 0].cpu().numpy()
+
+
+class OnnxDecoder:
+    """An exported graph (``cli.py export``) in ONNX Runtime: the graph pads the person boxes itself
+    (clipped to ``image_rects`` when letterboxed) and its ``logits`` are pasted here with the same
+    weights as the PyTorch path.  ``end_to_end``: the graph takes the preprocessed image."""
+
+    def __init__(self, path, provider: str = "auto"):
+        import onnx
+
+        from featcache.providers import make_session
+        path = Path(path)
+        if not path.is_file():
+            raise FeatCacheError(f"exported ONNX not found: {path}")
+        try:
+            model = onnx.load(str(path))
+        except Exception as exc:
+            raise FeatCacheError(f"cannot read ONNX model {path}: {exc}") from exc
+        props = {p.key: p.value for p in model.metadata_props}
+        if "featcache" not in props:
+            raise FeatCacheError(f"{path} is not a decoder exported by `cli.py export` (no featcache metadata); "
+                                 f"re-export it from the checkpoint")
+        self.meta = json.loads(props["featcache"])
+        self.inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+        if "logits" not in [o.name for o in model.graph.output]:
+            raise FeatCacheError(f"{path} has no logits output")
+        self.end_to_end = self.inputs[0] != "features"
+        self.letterbox = "image_rects" in self.inputs
+        self.session = make_session(model, provider=provider, label=path.name)
+        self.provider = self.session.get_providers()[0]
+
+    def __call__(self, x: np.ndarray, boxes_in: np.ndarray, rois_in: np.ndarray, rect_in: np.ndarray,
+                 rel: np.ndarray, hw: tuple) -> np.ndarray:
+        feed = {self.inputs[0]: x.astype(np.float32),
+                "rois": np.concatenate([np.zeros((len(boxes_in), 1)), boxes_in], 1).astype(np.float32)}
+        if self.letterbox:
+            feed["image_rects"] = np.asarray(rect_in, np.float32).reshape(1, 4)
+        logits = self.session.run(["logits"], feed)[0]
+        return paste_numpy(softmax(logits)[:, 1], rel, *hw)
