@@ -70,7 +70,7 @@ def _unit(ctx, param, value):
 
 def _padding(ctx, param, value):
     if value is not None and not 0 <= value < 1:
-        raise UserError(f"--roi-padding must be in [0, 1), got {value}")
+        raise UserError(f"--{param.name.replace('_', '-')} must be in [0, 1), got {value}")
     return value
 
 
@@ -148,16 +148,25 @@ SCALES = {"1/255": 1 / 255, "1": 1.0}
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out first.")
 @click.option("--flip", is_flag=True,
               help="Also store features of the mirrored image, for flip augmentation (2x disk).")
+@click.option("--sparse", is_flag=True,
+              help="ROI-sparse: keep only the feature cells ROIs can read (~1/3 of dense raw size with zstd; "
+                   "not for train --model global).")
+@click.option("--sparse-margin", type=float, default=0.2, show_default=True, callback=_padding,
+              help="--sparse: the largest training jitter it supports (train --max-jitter), fraction of the box size.")
+@click.option("--codec", type=click.Choice(["auto", "lz4", "zstd"]), default="auto", show_default=True,
+              help="Feature compression: lz4 decodes fastest, zstd is ~25%% smaller; auto = zstd with --sparse, else lz4.")
 @_user_errors
 def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel_order, scale, resize,
-          roi_padding, limit, shard, out, workers, batch, no_space_check, overwrite, flip):
+          roi_padding, limit, shard, out, workers, batch, no_space_check, overwrite, flip, sparse, sparse_margin,
+          codec):
     """Run the ONNX extractor once per image -> fp16 chunked Zarr store + rasterized targets."""
     from featcache.cache import CacheConfig, run_cache
     cfg = CacheConfig(ann=ann or ann_path(split, subset), images=images or Path(f"data/images/{split}2017"),
                       onnx=onnx_path, out=out or default_store(split, subset), feature_name=feature_name,
                       provider=provider, channel_order=channel_order, scale=SCALES[scale], resize=resize,
                       roi_padding=roi_padding, limit=limit, shard=shard, batch=batch,
-                      space_check=not no_space_check, overwrite=overwrite, flip=flip)
+                      space_check=not no_space_check, overwrite=overwrite, flip=flip, sparse=sparse,
+                      sparse_margin=sparse_margin, codec=codec)
     if workers:
         cfg.workers = workers
     s = run_cache(cfg)
@@ -208,6 +217,8 @@ def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel
               help="Mirrored features: stored by `cache --flip`, or the mirrored map [auto: stored if cached].")
 @click.option("--jitter", type=float, help="Person-box centre jitter sigma, fraction of its size [0.05].")
 @click.option("--jitter-scale", type=float, help="Person-box log-size jitter sigma [0.1].")
+@click.option("--max-jitter", type=float, help="Jittered boxes stay within the person box grown by this "
+              "fraction of its size (at most a sparse cache's --sparse-margin) [0.2].")
 @click.option("--samples-per-roi", type=int, help="Jittered copies of each ROI per read [2].")
 @click.option("--overlap-boost", type=int,
               help="ROIs with another person inside get this many times the copies (class 2) [2].")

@@ -96,7 +96,7 @@ def session(path, provider):
 def time_graphs(sessions: dict, feeds: dict, repeat: int):
     """Best-of-``repeat`` ms per (graph, N), rounds interleaved across graphs so that this VM's
     speed drift hits all of them alike; MB of all outputs per N."""
-    ms = {g: {n: float("inf") for n in feeds} for g in sessions}
+    ms = {g: {n: float("inf") for n in feeds[g]} for g in sessions}
     mb = {g: {} for g in sessions}
     for g, sess in sessions.items():        # warm-up + output sizes
         for n, feed in feeds[g].items():

@@ -34,8 +34,10 @@ from .store import FINGERPRINT_KEYS, FeatureStore, StoreError, diff_metadata
 from .targets import rles_to_input_frame_packed
 
 log = logging.getLogger(__name__)
-# Stored / raw size of fp16 features with the store's codec (1.40x measured, bench/bench_codecs.py).
-STORED_FRACTION = 0.72
+# Stored / raw size of the fp16 cells a store keeps, per codec, rounded up from bench/bench_store.py
+# (61 real images; dense lz4 1.40x as in bench/bench_codecs.py).
+STORED_FRACTION = {"lz4": 0.80, "zstd": 0.66}
+DEFAULT_SPARSE_MARGIN = 0.2
 
 
 @dataclass
@@ -57,6 +59,13 @@ class CacheConfig:
     space_check: bool = True
     overwrite: bool = False
     flip: bool = False      # also store features of the horizontally mirrored input (flip augmentation)
+    sparse: bool = False    # keep only the cells ROIs can read (jitter margin ``sparse_margin``)
+    sparse_margin: float = DEFAULT_SPARSE_MARGIN
+    codec: str = "auto"     # lz4 | zstd | auto (zstd for sparse stores, lz4 for dense ones)
+
+    @property
+    def codec_name(self) -> str:
+        return ("zstd" if self.sparse else "lz4") if self.codec == "auto" else self.codec
 
 
 def build_tables(records: list[ImageRecord], policy: ResizePolicy, roi_padding: float) -> dict:
@@ -120,7 +129,8 @@ def _metadata(cfg: CacheConfig, ex: Extractor, prep: Preprocess) -> dict:
             "input_hw": list(ex.input_hw), "preprocess": prep.to_dict(),
             "resize_policy": prep.policy.mode, "roi_padding": cfg.roi_padding,
             "annotation_path": str(cfg.ann), "annotation_sha256": file_sha256(cfg.ann),
-            "images_dir": str(cfg.images), "limit": cfg.limit, "flip": cfg.flip}
+            "images_dir": str(cfg.images), "limit": cfg.limit, "flip": cfg.flip,
+            "sparse": {"margin": cfg.sparse_margin} if cfg.sparse else None, "codec": cfg.codec_name}
 
 
 def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extractor) -> FeatureStore:
@@ -129,8 +139,8 @@ def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extract
         shutil.rmtree(out)
     if (out / ".zattrs").is_file() and "metadata" in json.loads((out / ".zattrs").read_text()):
         store = FeatureStore(out, "r+")
-        keys = FINGERPRINT_KEYS + ("annotation_sha256", "limit", "flip")
-        diffs = diff_metadata({"flip": False, **store.meta}, meta, keys)
+        keys = FINGERPRINT_KEYS + ("annotation_sha256", "limit", "flip", "sparse", "codec")
+        diffs = diff_metadata({"flip": False, "sparse": None, "codec": "lz4", **store.meta}, meta, keys)
         if diffs:
             raise StoreError(f"the cache at {out} was built with other settings:\n  "
                              + "\n  ".join(diffs)
@@ -181,19 +191,25 @@ def stale_lock(lock: Path) -> bool:
     return False
 
 
-def check_disk(out: Path, n_todo: int, feature_shape, input_hw, n_masks: int, enforce: bool,
-               flip: bool = False) -> None:
-    """Print the size estimate for the images still to do; stop if the disk cannot hold it."""
-    per_image = int(np.prod(feature_shape)) * 2 * (2 if flip else 1)  # --flip: a second map per image
-    raw = n_todo * per_image + n_masks * input_hw[0] * input_hw[1] // 8 // 20
-    need = raw * STORED_FRACTION
+def check_disk(out: Path, kept_cells: np.ndarray, feature_shape, input_hw, n_masks: int, enforce: bool,
+               flip: bool = False, codec: str = "lz4") -> None:
+    """Print the size estimate for the images still to do; stop if the disk cannot hold it.
+    ``kept_cells``: per image (and per mirrored map with ``flip``) the fraction of cells stored
+    (1 for a dense store)."""
+    c, hf, wf = feature_shape
+    n_todo = len(kept_cells)
+    per_map = c * hf * wf * 2
+    raw = float(np.sum(kept_cells)) * per_map * (2 if flip else 1) + n_masks * input_hw[0] * input_hw[1] // 8 // 20
+    need = raw * STORED_FRACTION[codec]
     free = shutil.disk_usage(out if out.exists() else out.parent).free
-    print(f"estimated size: {raw / 1e9:.2f} GB raw fp16 (stored ~{need / 1e9:.2f} GB with lz4"
-          f"{', flipped maps included: 2x' if flip else ''}), free {free / 1e9:.2f} GB")
+    sparse = float(np.mean(kept_cells)) < 1 if n_todo else False
+    print(f"estimated size: {raw / 1e9:.2f} GB raw fp16{f' (sparse: {np.mean(kept_cells):.0%} of the cells)' if sparse else ''}"
+          f", stored ~{need / 1e9:.2f} GB with {codec}{', flipped maps included: 2x' if flip else ''}; free {free / 1e9:.2f} GB")
     if enforce and need > free:
         raise FeatCacheError(
             f"not enough disk space for {out}: about {need / 1e9:.1f} GB needed ({n_todo} images x "
-            f"{per_image / 1e6:.1f} MB raw fp16{' incl. flipped' if flip else ''}), {free / 1e9:.1f} GB free. Use --limit, --subset, "
+            f"{per_map * (2 if flip else 1) * STORED_FRACTION[codec] * float(np.mean(kept_cells)) / 1e6:.1f} MB"
+            f"{' incl. flipped' if flip else ''}), {free / 1e9:.1f} GB free. Use --sparse, --limit, --subset, "
             f"--shard, another --out, or --no-space-check.")
 
 
@@ -207,6 +223,10 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
     si, sn = cfg.shard
     if not (sn >= 1 and 0 <= si < sn):
         raise FeatCacheError(f"--shard must be I/N with 0 <= I < N, got {si}/{sn}")
+    if cfg.codec_name not in STORED_FRACTION:
+        raise FeatCacheError(f"--codec must be lz4, zstd or auto, not {cfg.codec!r}")
+    if cfg.sparse and not cfg.sparse_margin >= 0:
+        raise FeatCacheError(f"--sparse-margin must be >= 0, not {cfg.sparse_margin}")
     records, skips = load_person_records(cfg.ann)
     if cfg.limit:
         records = records[: cfg.limit]
@@ -224,8 +244,11 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
           f"{len(records)} images, {int(done.sum())} already cached, {len(todo)} to do"
           + (f" (shard {si}/{sn})" if sn > 1 else ""))
     if todo:
-        check_disk(cfg.out, len(todo), ex.feature_shape, ex.input_hw,
-                   int(sum(len(records[i].instances) for i in todo)), cfg.space_check, cfg.flip)
+        kept = np.ones(len(todo))
+        if cfg.sparse:
+            kept = np.array([store.readable(i).mean() for i in todo])
+        check_disk(cfg.out, kept, ex.feature_shape, ex.input_hw,
+                   int(sum(len(records[i].instances) for i in todo)), cfg.space_check, cfg.flip, cfg.codec_name)
     t_loop = time.perf_counter()
     newly_skipped = _process(cfg, records, todo, ex, prep, store, progress)
     t_loop = time.perf_counter() - t_loop

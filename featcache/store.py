@@ -1,6 +1,8 @@
 """The feature store: one Zarr v2 group per split/subset.
 
-    features   float16 [N, C, Hf, Wf]   one image per chunk (blosc lz4 + byte shuffle)
+    features   float16 [N, C, Hf, Wf]   one image per chunk (blosc lz4 + byte shuffle, or zstd: ``codec``);
+                                         a ROI-sparse store (``sparse``) holds zeros outside the cells
+                                         its ROIs can read (``featcache/sparse.py``)
     features_flip (only with ``cache --flip``) the same for the horizontally mirrored model input
     feature_stats float64 [N, 2, C]      per image: per-channel sum and sum of squares over Hf x Wf
                                          (exact mean/std over any image subset: k-fold, shards)
@@ -26,11 +28,14 @@ import zarr
 
 from . import __version__
 from .errors import FeatCacheError
+from .sparse import readable_cells, zero_unreadable
 from .store_check import check_store
 
 log = logging.getLogger(__name__)
 FORMAT = "featcache-store-v1"
-FEATURE_CODEC = numcodecs.Blosc("lz4", 5, numcodecs.Blosc.SHUFFLE)  # see bench/bench_codecs.py
+# Feature codecs (bench/bench_codecs.py, bench/bench_store.py): lz4 decodes fastest, zstd is smallest.
+CODECS = {"lz4": numcodecs.Blosc("lz4", 5, numcodecs.Blosc.SHUFFLE),
+          "zstd": numcodecs.Blosc("zstd", 3, numcodecs.Blosc.SHUFFLE)}
 MASK_CODEC = numcodecs.Zstd(3)
 # What must agree between a store and what is asked of it (cache re-runs, train/val pairs, resume).
 FINGERPRINT_KEYS = ("onnx_sha256", "feature_name", "feature_shape", "input_hw", "preprocess",
@@ -105,9 +110,12 @@ class FeatureStore:
             else:
                 root.create_dataset(k, data=np.asarray(v), overwrite=True)
         c, hf, wf = feature_shape
+        codec = meta.get("codec") or "lz4"
+        if codec not in CODECS:
+            raise StoreError(f"unknown feature codec {codec!r} (choose from {', '.join(CODECS)})")
         for name in ("features", "features_flip") if meta.get("flip") else ("features",):
             root.create_dataset(name, shape=(n, c, hf, wf), chunks=(1, c, hf, wf), dtype="f2",
-                                compressor=FEATURE_CODEC, fill_value=0, write_empty_chunks=True,
+                                compressor=CODECS[codec], fill_value=0, write_empty_chunks=True,
                                 overwrite=True)
         create_stats_array(root, n, c)
         for name, codec in (("masks", numcodecs.VLenBytes()), ("gt_rle", numcodecs.VLenUTF8()),
@@ -143,11 +151,16 @@ class FeatureStore:
                     features_flip: np.ndarray | None = None) -> None:
         self.root["masks"][i] = packed_masks
         self.root["gt_rle"][i] = json.dumps(gt_rle)
+        # statistics of the whole map: a sparse store normalizes exactly like a dense one
         self.root["feature_stats"][i] = channel_sums(features)
         if self.has_flip:
             if features_flip is None:
                 raise StoreError(f"{self.path} holds flipped features: pass them for image {i}")
+            if self.sparse:
+                features_flip = zero_unreadable(features_flip, self.readable(i, mirrored=True))
             self.root["features_flip"][i] = features_flip
+        if self.sparse:
+            features = zero_unreadable(features, self.readable(i))
         self.root["features"][i] = features  # last: marks the image done
 
     def write_skipped(self, i: int, reason: str) -> None:
@@ -161,6 +174,22 @@ class FeatureStore:
                 "image_id", "file_name", "orig_hw", "image_roi_start", "roi_image", "roi_inst",
                 "roi_ann_id", "roi_box", "roi_padded", "roi_box_input", "roi_padded_input")}
         return self._tables
+
+    @property
+    def sparse(self) -> dict | None:
+        """``{"margin": m}`` for a ROI-sparse store (``cache --sparse``), else None."""
+        return self.meta.get("sparse") or None
+
+    def readable(self, i: int, mirrored: bool = False) -> np.ndarray:
+        """[Hf, Wf] bool: the cells of image ``i`` that its ROIs can read (``featcache.sparse``)."""
+        from .images import Preprocess
+        t = self.tables
+        a, b = t["image_roi_start"][i], t["image_roi_start"][i + 1]
+        h, w = (int(v) for v in t["orig_hw"][i])
+        policy = Preprocess.from_dict(self.meta["preprocess"]).policy
+        margin = self.sparse["margin"] if self.sparse else 0.0
+        return readable_cells(t["roi_box"][a:b], (w, h), policy, margin, self.meta["roi_padding"],
+                              self.meta["feature_shape"][1:], mirrored)
 
     def features(self, i: int, flipped: bool = False) -> np.ndarray:
         return self.root["features_flip" if flipped else "features"][i]

@@ -41,6 +41,7 @@ class TrainConfig:
     hflip_source: str = "auto"           # auto | stored (cache --flip) | map (mirror the feature map)
     jitter: float = 0.05                 # person-box centre shift sigma (fraction of its size)
     jitter_scale: float = 0.10           # person-box log-size sigma
+    max_jitter: float = 0.2              # jittered boxes stay inside the person box grown by this (each side)
     samples_per_roi: int = 2
     overlap_boost: int = 2               # ROIs with another person inside get this many times the copies
     min_roi_px: float = 8.0
@@ -75,7 +76,8 @@ RANGES = {
     "batch_size": (0, None, True, None), "rois_per_step": (0, None, True, None), "lr": (0, None, False, None),
     "weight_decay": (0, None, True, None), "warmup_epochs": (0, None, True, None), "grad_clip": (0, None, True, None),
     "ema": (0, 1, True, False), "workers": (0, None, True, None), "hflip": (0, 1, True, True),
-    "jitter": (0, None, True, None), "jitter_scale": (0, None, True, None), "samples_per_roi": (1, None, True, None),
+    "jitter": (0, None, True, None), "jitter_scale": (0, None, True, None),
+    "max_jitter": (0, None, True, None), "samples_per_roi": (1, None, True, None),
     "overlap_boost": (1, None, True, None), "min_roi_px": (0, None, True, None),
     "max_rois_per_image": (1, None, True, None), "dice_weight": (0, None, True, None),
     "focal_gamma": (0, None, True, None), "boundary_weight": (0, None, True, None),

@@ -113,6 +113,20 @@ def expected_rois(index: CacheIndex, images, sampling: RoiSampling) -> int:
     return max(total, 1)
 
 
+def check_sparse_stores(cfg: TrainConfig, train_meta: dict, val_meta: dict) -> None:
+    """A ROI-sparse store holds only the cells its ROIs can read: the global model (whole maps) cannot
+    use one, and training may not jitter further than the store's margin."""
+    for what, meta in (("training", train_meta), ("validation", val_meta)):
+        if meta.get("sparse") and cfg.model == "global":
+            raise FeatCacheError(f"--model global reads whole feature maps, but the {what} cache is ROI-sparse "
+                                 f"(cache --sparse); cache it without --sparse for this model")
+    margin = (train_meta.get("sparse") or {}).get("margin")
+    if margin is not None and cfg.max_jitter > margin + 1e-9:
+        raise FeatCacheError(f"--max-jitter {cfg.max_jitter} exceeds the sparse training cache's margin {margin}: "
+                             f"its ROIs could read cells it does not hold (use --max-jitter {margin} or re-cache "
+                             f"with --sparse-margin {cfg.max_jitter})")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, hooks: list[EpochHook] | None = None):
         self.cfg = cfg
@@ -132,6 +146,7 @@ class Trainer:
                                  f"({', '.join(BEST_METRICS)})")
         if cfg.hidden == 0:
             cfg.hidden = DEFAULT_HIDDEN.get(cfg.model, 128)
+        check_sparse_stores(cfg, self.train_index.meta, self.val_index.meta)
         if len(self.train_index.images) == 0 or len(self.val_index.images) == 0:
             raise FeatCacheError("no cached images to train or validate on (check the stores / image lists)")
         self.input_hw = tuple(self.train_index.meta["input_hw"])
@@ -227,7 +242,7 @@ class Trainer:
                      cfg.train_store)
             p = 0.0
         return RoiSampling(cfg.jitter, cfg.jitter_scale, cfg.samples_per_roi, cfg.overlap_boost,
-                           cfg.min_roi_px, cfg.max_rois_per_image, p, use_map)
+                           cfg.min_roi_px, cfg.max_rois_per_image, p, use_map, cfg.max_jitter)
 
     def _flip_desc(self) -> str:
         s = self.sampling

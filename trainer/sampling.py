@@ -3,7 +3,9 @@ mirrored (deterministic per (seed, epoch, image), whatever the data path, worker
 
 Jitter imitates detector boxes: the *person* box (original image, before the ROI padding) moves its
 centre by N(0, jitter) x its size and scales each side by exp(N(0, jitter_scale)); it is then
-padded, clipped and mapped to the model-input frame exactly as at inference.
+clamped into the person box grown by ``max_jitter`` x its size (so a ROI-sparse store can hold every
+cell a training ROI reads: ``featcache/sparse.py``; at the defaults a side moves beyond it with
+probability ~0.2%), padded, clipped and mapped to the model-input frame exactly as at inference.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from featcache.geometry import ResizePolicy, pad_box
+from featcache.sparse import clamp_to_margin
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class RoiSampling:
     max_rois_per_image: int = 64
     hflip: float = 0.0            # probability that an image is used mirrored
     hflip_map: bool = False       # mirror the feature map itself instead of reading stored flipped features
+    max_jitter: float = 0.2       # jittered person boxes stay within the box grown by this (each side)
 
 
 @dataclass
@@ -78,7 +82,8 @@ def train_rois(person_boxes: np.ndarray, padded_input: np.ndarray, has_other: np
         pick = np.sort(rng.choice(len(keep), cfg.max_rois_per_image, replace=False))
         keep, copies = keep[pick], copies[pick]
     idx = np.repeat(keep, copies)
-    jittered = jitter_person_boxes(person_boxes[idx].astype(np.float64), cfg.jitter, cfg.jitter_scale, rng)
+    person = person_boxes[idx].astype(np.float64)
+    jittered = clamp_to_margin(jitter_person_boxes(person, cfg.jitter, cfg.jitter_scale, rng), person, cfg.max_jitter)
     boxes = policy.norm_to_input_norm(pad_box(jittered, padding), *orig_wh)
     flip = bool(rng.random() < cfg.hflip) if cfg.hflip > 0 else False
     return ImageSample(idx, boxes, flip)
