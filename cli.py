@@ -98,6 +98,10 @@ def analyze(ann, out, roi_padding, workers, input_size, resize):
                f"in {res['elapsed_s']:.1f}s")
     click.echo("pixel ratios  " + "  ".join(f"{k} {v:.4f}" for k, v in r.items()))
     click.echo("roi means     " + "  ".join(f"{k} {v:.4f}" for k, v in res["roi_mean_ratios"].items()))
+    sc = res["sparse_cells"]
+    if sc.get("mean") is not None:
+        click.echo(f"cache --sparse keeps {sc['mean']:.1%} of the stride-8 feature cells on average "
+                   f"(median {sc['p50']:.1%}, margin {sc['margin']})")
     click.echo(f"wrote {out}")
 
 
@@ -149,12 +153,12 @@ SCALES = {"1/255": 1 / 255, "1": 1.0}
 @click.option("--flip", is_flag=True,
               help="Also store features of the mirrored image, for flip augmentation (2x disk).")
 @click.option("--sparse", is_flag=True,
-              help="ROI-sparse: keep only the feature cells ROIs can read (~1/3 of dense raw size with zstd; "
-                   "not for train --model global).")
+              help="ROI-sparse: keep only the feature cells ROIs can read (full train2017 ~230 GB instead of "
+                   "~560 GB; not for train --model global).")
 @click.option("--sparse-margin", type=float, default=0.2, show_default=True, callback=_padding,
               help="--sparse: the largest training jitter it supports (train --max-jitter), fraction of the box size.")
-@click.option("--codec", type=click.Choice(["auto", "lz4", "zstd"]), default="auto", show_default=True,
-              help="Feature compression: lz4 decodes fastest, zstd is ~25%% smaller; auto = zstd with --sparse, else lz4.")
+@click.option("--codec", type=click.Choice(["lz4", "zstd"]), default="lz4", show_default=True,
+              help="Feature compression: lz4 decodes ~2.5x faster, zstd is ~20%% smaller (bench/bench_store.py).")
 @_user_errors
 def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel_order, scale, resize,
           roi_padding, limit, shard, out, workers, batch, no_space_check, overwrite, flip, sparse, sparse_margin,

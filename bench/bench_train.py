@@ -32,7 +32,7 @@ from trainer.sampling import RoiSampling  # noqa: E402
 
 
 
-def synthetic_store(n: int, channels: int, workers: int, keep: Path | None = None) -> Path:
+def synthetic_store(n: int, channels: int, workers: int, keep: Path | None = None, sparse: bool = False) -> Path:
     from featcache.cache import CacheConfig, run_cache
     from featcache.standin import build_standin_extractor
     from featcache.synthetic import make_synthetic_dataset
@@ -44,7 +44,8 @@ def synthetic_store(n: int, channels: int, workers: int, keep: Path | None = Non
     onnx = build_standin_extractor(d / "standin.onnx", channels=channels)
     out = d / "train.zarr"
     run_cache(CacheConfig(ann=syn["train"], images=d / "images/train2017", onnx=onnx, out=out,
-                          feature_name="/model.34/Concat_output_0", provider="cpu", workers=workers),
+                          feature_name="/model.34/Concat_output_0", provider="cpu", workers=workers,
+                          sparse=sparse),
               progress=False)
     return out
 
@@ -101,6 +102,7 @@ def main():
     ap.add_argument("--synthetic", type=int, default=0, help="build a synthetic store of N images instead")
     ap.add_argument("--channels", type=int, default=1024)
     ap.add_argument("--keep-store", type=Path, help="build the synthetic store here once and reuse it")
+    ap.add_argument("--sparse", action="store_true", help="the synthetic store ROI-sparse (cache --sparse)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -111,7 +113,7 @@ def main():
     ap.add_argument("--rois-per-step", type=int, default=0, help="split reads into steps of N ROIs (0: one step per read)")
     a = ap.parse_args()
     device = torch.device(a.device)
-    store = synthetic_store(a.synthetic, a.channels, a.workers, a.keep_store) if a.synthetic else a.store
+    store = synthetic_store(a.synthetic, a.channels, a.workers, a.keep_store, a.sparse) if a.synthetic else a.store
     index = CacheIndex(store)
     sampling = RoiSampling(samples_per_roi=a.samples_per_roi)
     amp = device.type == "cuda"

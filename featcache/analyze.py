@@ -27,7 +27,10 @@ from tqdm import tqdm
 from . import __version__
 from .coco import AnnotationError, SkipReport, _parse_instance, load_coco, person_category_ids
 from .geometry import ResizePolicy, normalized_to_pixel, pad_box
+from .sparse import readable_cells
 from .targets import native_crop
+
+SPARSE_MARGIN = 0.2   # cache --sparse-margin default
 
 CLASS_NAMES = ("background", "target", "non_target")
 SIZE_BINS_PX = (0, 16, 32, 64, 128, 256, 512, 10_000)
@@ -81,7 +84,11 @@ def analyze_image(image_id: int, roi_padding: float, policy: ResizePolicy) -> di
             counts = roi_counts(rles, union, t, native_crop(padded, h, w), h, w)
             size_in = ((padded[2] - padded[0]) * sx, (padded[3] - padded[1]) * sy)
             rois.append((*counts, *size_in))
-    return {"n_instances": len(insts), "rois": rois, "skips": dict(skips.counts)}
+    kept = None
+    if insts:   # what a `cache --sparse` store keeps of this image's stride-8 map
+        kept = float(readable_cells(np.array([i.box_norm for i in insts]), (w, h), policy, SPARSE_MARGIN,
+                                    roi_padding, (policy.input_h // 8, policy.input_w // 8)).mean())
+    return {"n_instances": len(insts), "rois": rois, "skips": dict(skips.counts), "kept_cells": kept}
 
 
 def _work(args):
@@ -132,6 +139,7 @@ def summarize(results: list[dict], settings: dict) -> dict:
     pixel_ratios = {c: float(v) for c, v in zip(CLASS_NAMES, counts / max(counts.sum(), 1))}
     roi_mean_ratios = {c: float(v) for c, v in zip(CLASS_NAMES, roi_mean)}
     n_hist = Counter(per_image)
+    kept = np.array([res["kept_cells"] for res in results if res.get("kept_cells") is not None])
     return {
         "tool": "featcache.analyze",
         "version": __version__,
@@ -165,6 +173,8 @@ def summarize(results: list[dict], settings: dict) -> dict:
                                               zip(*np.unique(rois[:, 3], return_counts=True))}},
             "overlap_share": _share(rois[:, 2] > 0),
         },
+        # `cache --sparse` (default margin): share of each image's stride-8 feature cells it stores
+        "sparse_cells": {"margin": SPARSE_MARGIN, **_quantiles(kept)},
     }
 
 

@@ -24,7 +24,7 @@ import numcodecs
 import numpy as np
 from tqdm import tqdm
 
-from .analyze import file_sha256
+from .analyze import SPARSE_MARGIN, file_sha256
 from .coco import ImageRecord, load_person_records
 from .errors import FeatCacheError
 from .extractor import Extractor
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 # Stored / raw size of the fp16 cells a store keeps, per codec, rounded up from bench/bench_store.py
 # (61 real images; dense lz4 1.40x as in bench/bench_codecs.py).
 STORED_FRACTION = {"lz4": 0.80, "zstd": 0.66}
-DEFAULT_SPARSE_MARGIN = 0.2
 
 
 @dataclass
@@ -60,12 +59,12 @@ class CacheConfig:
     overwrite: bool = False
     flip: bool = False      # also store features of the horizontally mirrored input (flip augmentation)
     sparse: bool = False    # keep only the cells ROIs can read (jitter margin ``sparse_margin``)
-    sparse_margin: float = DEFAULT_SPARSE_MARGIN
-    codec: str = "auto"     # lz4 | zstd | auto (zstd for sparse stores, lz4 for dense ones)
+    sparse_margin: float = SPARSE_MARGIN
+    codec: str = "lz4"      # lz4 (fastest decode) | zstd (~20% smaller, ~2.5x slower decode): bench/bench_store.py
 
     @property
     def codec_name(self) -> str:
-        return ("zstd" if self.sparse else "lz4") if self.codec == "auto" else self.codec
+        return self.codec
 
 
 def build_tables(records: list[ImageRecord], policy: ResizePolicy, roi_padding: float) -> dict:
@@ -224,7 +223,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
     if not (sn >= 1 and 0 <= si < sn):
         raise FeatCacheError(f"--shard must be I/N with 0 <= I < N, got {si}/{sn}")
     if cfg.codec_name not in STORED_FRACTION:
-        raise FeatCacheError(f"--codec must be lz4, zstd or auto, not {cfg.codec!r}")
+        raise FeatCacheError(f"--codec must be lz4 or zstd, not {cfg.codec!r}")
     if cfg.sparse and not cfg.sparse_margin >= 0:
         raise FeatCacheError(f"--sparse-margin must be >= 0, not {cfg.sparse_margin}")
     records, skips = load_person_records(cfg.ann)

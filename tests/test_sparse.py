@@ -86,8 +86,8 @@ def sparse_stores(synth, standin_onnx, stores, tmp_path_factory):
 
 def test_sparse_store_layout_and_size(sparse_stores, stores):
     sp, de = FeatureStore(sparse_stores["train"]), FeatureStore(stores["train"])
-    assert sp.meta["sparse"] == {"margin": 0.2} and sp.meta["codec"] == "zstd"
-    assert json.loads((sparse_stores["train"] / "features/.zarray").read_text())["compressor"]["cname"] == "zstd"
+    assert sp.meta["sparse"] == {"margin": 0.2} and sp.meta["codec"] == "lz4"
+    assert json.loads((sparse_stores["train"] / "features/.zarray").read_text())["compressor"]["cname"] == "lz4"
     for i in sp.valid_images()[:5]:
         keep = sp.readable(int(i))
         a, b = sp.features(int(i)), de.features(int(i))
@@ -135,14 +135,18 @@ def test_sparse_cache_by_shards_and_resume_equals_one_run(synth, standin_onnx, s
         run_cache(CacheConfig(**{**cfg, "sparse": False}), progress=False)
 
 
-def test_cache_cli_sparse_estimate_and_options(synth, standin_onnx, tmp_path):
+def test_cache_cli_sparse_estimate_and_options(synth, standin_onnx, sparse_stores, tmp_path):
+    sparse_store = sparse_stores["val"]
     from cli import main
     base = ["cache", "--ann", str(synth["val"]), "--images", str(synth["root"] / "images/val2017"), "--onnx",
             str(standin_onnx), "--feature-name", FEATURE_NAME, "--provider", "cpu"]
-    r = CliRunner().invoke(main, base + ["--out", str(tmp_path / "s.zarr"), "--sparse", "--codec", "lz4"])
+    r = CliRunner().invoke(main, base + ["--out", str(tmp_path / "s.zarr"), "--sparse", "--codec", "zstd"])
     assert r.exit_code == 0, r.output
-    assert "(sparse: " in r.output and "with lz4" in r.output
-    assert FeatureStore(tmp_path / "s.zarr").meta["codec"] == "lz4"
+    assert "(sparse: " in r.output and "with zstd" in r.output
+    st = FeatureStore(tmp_path / "s.zarr")
+    assert st.meta["codec"] == "zstd"
+    assert json.loads((tmp_path / "s.zarr/features/.zarray").read_text())["compressor"]["cname"] == "zstd"
+    assert np.array_equal(st.root["features"][:], FeatureStore(sparse_store).root["features"][:])
     r = CliRunner().invoke(main, base + ["--out", str(tmp_path / "t.zarr"), "--sparse", "--sparse-margin", "1.5"])
     assert r.exit_code == 1 and "--sparse-margin must be in [0, 1)" in r.output
 
