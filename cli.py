@@ -158,7 +158,7 @@ SCALES = {"1/255": 1 / 255, "1": 1.0}
 @click.option("--sparse-margin", type=float, default=0.2, show_default=True, callback=_padding,
               help="--sparse: the largest training jitter it supports (train --max-jitter), fraction of the box size.")
 @click.option("--codec", type=click.Choice(["lz4", "zstd"]), default="lz4", show_default=True,
-              help="Feature compression: lz4 decodes ~2.5x faster, zstd is ~20%% smaller (bench/bench_store.py).")
+              help="Feature compression: lz4 decodes ~2.5x faster, zstd is ~20% smaller (bench/bench_store.py).")
 @_user_errors
 def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel_order, scale, resize,
           roi_padding, limit, shard, out, workers, batch, no_space_check, overwrite, flip, sparse, sparse_margin,

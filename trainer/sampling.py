@@ -4,8 +4,8 @@ mirrored (deterministic per (seed, epoch, image), whatever the data path, worker
 Jitter imitates detector boxes: the *person* box (original image, before the ROI padding) moves its
 centre by N(0, jitter) x its size and scales each side by exp(N(0, jitter_scale)); it is then
 clamped into the person box grown by ``max_jitter`` x its size (so a ROI-sparse store can hold every
-cell a training ROI reads: ``featcache/sparse.py``; at the defaults a side moves beyond it with
-probability ~0.2%), padded, clipped and mapped to the model-input frame exactly as at inference.
+cell a training ROI reads: ``featcache/sparse.py``; at the defaults 0.4% of box sides reach it),
+padded, clipped and mapped to the model-input frame exactly as at inference.
 """
 from __future__ import annotations
 
