@@ -35,10 +35,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.realdata import ANN, FEATURE, IMAGES, ONNX  # noqa: E402
-from featcache.analyze import SPARSE_MARGIN  # noqa: E402
 from featcache.cache import CacheConfig, run_cache  # noqa: E402
 from featcache.geometry import ResizePolicy  # noqa: E402
-from featcache.sparse import readable_cells  # noqa: E402
+from featcache.sparse import DEFAULT_MARGIN, readable_cells  # noqa: E402
 from featcache.store import FeatureStore  # noqa: E402
 
 LAYOUTS = [("dense", "lz4"), ("dense", "zstd"), ("sparse", "lz4"), ("sparse", "zstd")]
@@ -51,7 +50,7 @@ def feature_files(store: Path) -> list[Path]:
 
 def rewrite(src: FeatureStore, dst: Path, sparse: bool, codec: str) -> tuple[FeatureStore, float]:
     """``src``'s images written into a new store of this layout; seconds spent writing."""
-    meta = {**src.meta, "sparse": {"margin": SPARSE_MARGIN} if sparse else None, "codec": codec}
+    meta = {**src.meta, "sparse": {"margin": DEFAULT_MARGIN} if sparse else None, "codec": codec}
     for k in ("format", "n_images", "n_rois", "mask_hw", "version", "created"):
         meta.pop(k, None)
     out = FeatureStore.create(dst, meta, {**src.tables, "file_name": list(src.tables["file_name"])},
@@ -138,7 +137,7 @@ def coco_scale_share(path: Path) -> tuple[int, float]:
             continue
         w, h = im["width"], im["height"]
         norm = np.stack([b[:, 0] / w, b[:, 1] / h, (b[:, 0] + b[:, 2]) / w, (b[:, 1] + b[:, 3]) / h], 1).clip(0, 1)
-        shares.append(readable_cells(norm, (w, h), policy, SPARSE_MARGIN, 0.1, (80, 80)).mean())
+        shares.append(readable_cells(norm, (w, h), policy, DEFAULT_MARGIN, 0.1, (80, 80)).mean())
     return len(shares), float(np.mean(shares))
 
 

@@ -27,10 +27,8 @@ from tqdm import tqdm
 from . import __version__
 from .coco import AnnotationError, SkipReport, _parse_instance, load_coco, person_category_ids
 from .geometry import ResizePolicy, normalized_to_pixel, pad_box
-from .sparse import readable_cells
+from .sparse import DEFAULT_MARGIN, readable_cells
 from .targets import native_crop
-
-SPARSE_MARGIN = 0.2   # cache --sparse-margin default
 
 CLASS_NAMES = ("background", "target", "non_target")
 SIZE_BINS_PX = (0, 16, 32, 64, 128, 256, 512, 10_000)
@@ -86,7 +84,7 @@ def analyze_image(image_id: int, roi_padding: float, policy: ResizePolicy) -> di
             rois.append((*counts, *size_in))
     kept = None
     if insts:   # what a `cache --sparse` store keeps of this image's stride-8 map
-        kept = float(readable_cells(np.array([i.box_norm for i in insts]), (w, h), policy, SPARSE_MARGIN,
+        kept = float(readable_cells(np.array([i.box_norm for i in insts]), (w, h), policy, DEFAULT_MARGIN,
                                     roi_padding, (policy.input_h // 8, policy.input_w // 8)).mean())
     return {"n_instances": len(insts), "rois": rois, "skips": dict(skips.counts), "kept_cells": kept}
 
@@ -174,7 +172,7 @@ def summarize(results: list[dict], settings: dict) -> dict:
             "overlap_share": _share(rois[:, 2] > 0),
         },
         # `cache --sparse` (default margin): share of each image's stride-8 feature cells it stores
-        "sparse_cells": {"margin": SPARSE_MARGIN, **_quantiles(kept)},
+        "sparse_cells": {"margin": DEFAULT_MARGIN, **_quantiles(kept)},
     }
 
 

@@ -24,12 +24,13 @@ import numcodecs
 import numpy as np
 from tqdm import tqdm
 
-from .analyze import SPARSE_MARGIN, file_sha256
+from .analyze import file_sha256
 from .coco import ImageRecord, load_person_records
 from .errors import FeatCacheError
 from .extractor import Extractor
 from .geometry import ResizePolicy, pad_box
 from .images import ImageDecodeError, Preprocess, load_rgb, preprocess
+from .sparse import DEFAULT_MARGIN
 from .store import FINGERPRINT_KEYS, FeatureStore, StoreError, diff_metadata
 from .targets import rles_to_input_frame_packed
 
@@ -59,12 +60,8 @@ class CacheConfig:
     overwrite: bool = False
     flip: bool = False      # also store features of the horizontally mirrored input (flip augmentation)
     sparse: bool = False    # keep only the cells ROIs can read (jitter margin ``sparse_margin``)
-    sparse_margin: float = SPARSE_MARGIN
+    sparse_margin: float = DEFAULT_MARGIN
     codec: str = "lz4"      # lz4 (fastest decode) | zstd (~20% smaller, ~2.5x slower decode): bench/bench_store.py
-
-    @property
-    def codec_name(self) -> str:
-        return self.codec
 
 
 def build_tables(records: list[ImageRecord], policy: ResizePolicy, roi_padding: float) -> dict:
@@ -129,7 +126,7 @@ def _metadata(cfg: CacheConfig, ex: Extractor, prep: Preprocess) -> dict:
             "resize_policy": prep.policy.mode, "roi_padding": cfg.roi_padding,
             "annotation_path": str(cfg.ann), "annotation_sha256": file_sha256(cfg.ann),
             "images_dir": str(cfg.images), "limit": cfg.limit, "flip": cfg.flip,
-            "sparse": {"margin": cfg.sparse_margin} if cfg.sparse else None, "codec": cfg.codec_name}
+            "sparse": {"margin": cfg.sparse_margin} if cfg.sparse else None, "codec": cfg.codec}
 
 
 def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extractor) -> FeatureStore:
@@ -193,12 +190,11 @@ def stale_lock(lock: Path) -> bool:
 def check_disk(out: Path, kept_cells: np.ndarray, feature_shape, input_hw, n_masks: int, enforce: bool,
                flip: bool = False, codec: str = "lz4") -> None:
     """Print the size estimate for the images still to do; stop if the disk cannot hold it.
-    ``kept_cells``: per image (and per mirrored map with ``flip``) the fraction of cells stored
-    (1 for a dense store)."""
-    c, hf, wf = feature_shape
+    ``kept_cells``: per image to do, the fraction of its cells stored (1 for a dense store; a
+    mirrored map with ``flip`` counts the same)."""
     n_todo = len(kept_cells)
-    per_map = c * hf * wf * 2
-    raw = float(np.sum(kept_cells)) * per_map * (2 if flip else 1) + n_masks * input_hw[0] * input_hw[1] // 8 // 20
+    per_image = int(np.prod(feature_shape)) * 2 * (2 if flip else 1) * float(np.mean(kept_cells))  # raw fp16
+    raw = n_todo * per_image + n_masks * input_hw[0] * input_hw[1] // 8 // 20
     need = raw * STORED_FRACTION[codec]
     free = shutil.disk_usage(out if out.exists() else out.parent).free
     sparse = float(np.mean(kept_cells)) < 1 if n_todo else False
@@ -207,7 +203,7 @@ def check_disk(out: Path, kept_cells: np.ndarray, feature_shape, input_hw, n_mas
     if enforce and need > free:
         raise FeatCacheError(
             f"not enough disk space for {out}: about {need / 1e9:.1f} GB needed ({n_todo} images x "
-            f"{per_map * (2 if flip else 1) * STORED_FRACTION[codec] * float(np.mean(kept_cells)) / 1e6:.1f} MB"
+            f"{per_image * STORED_FRACTION[codec] / 1e6:.1f} MB"
             f"{' incl. flipped' if flip else ''}), {free / 1e9:.1f} GB free. Use --sparse, --limit, --subset, "
             f"--shard, another --out, or --no-space-check.")
 
@@ -222,7 +218,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
     si, sn = cfg.shard
     if not (sn >= 1 and 0 <= si < sn):
         raise FeatCacheError(f"--shard must be I/N with 0 <= I < N, got {si}/{sn}")
-    if cfg.codec_name not in STORED_FRACTION:
+    if cfg.codec not in STORED_FRACTION:
         raise FeatCacheError(f"--codec must be lz4 or zstd, not {cfg.codec!r}")
     if cfg.sparse and not cfg.sparse_margin >= 0:
         raise FeatCacheError(f"--sparse-margin must be >= 0, not {cfg.sparse_margin}")
@@ -247,7 +243,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
         if cfg.sparse:
             kept = np.array([store.readable(i).mean() for i in todo])
         check_disk(cfg.out, kept, ex.feature_shape, ex.input_hw,
-                   int(sum(len(records[i].instances) for i in todo)), cfg.space_check, cfg.flip, cfg.codec_name)
+                   int(sum(len(records[i].instances) for i in todo)), cfg.space_check, cfg.flip, cfg.codec)
     t_loop = time.perf_counter()
     newly_skipped = _process(cfg, records, todo, ex, prep, store, progress)
     t_loop = time.perf_counter() - t_loop

@@ -83,6 +83,16 @@ def _unknown_tensor_message(model, name) -> str:
             f"input/8 ({h // 8 if h else '?'}x{w // 8 if w else '?'}) you can pass to --feature-name:\n{listing}")
 
 
+def read_onnx(path: Path, what: str = "ONNX model") -> onnx.ModelProto:
+    """Load an ONNX file; a missing or unreadable one is one clear error."""
+    if not path.is_file():
+        raise ExtractorError(f"{what} not found: {path}")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:
+        raise ExtractorError(f"cannot read {what} {path}: {exc}") from exc
+
+
 class Extractor:
     """One ORT session returning the named feature tensor for a batch of preprocessed images."""
 
@@ -95,12 +105,7 @@ class Extractor:
         one but the feature, e.g. the detection head)."""
         import onnxruntime as ort
         onnx_path = Path(onnx_path)
-        if not onnx_path.is_file():
-            raise ExtractorError(f"ONNX model not found: {onnx_path}")
-        try:
-            model = onnx.load(str(onnx_path))
-        except Exception as exc:
-            raise ExtractorError(f"cannot read ONNX model {onnx_path}: {exc}") from exc
+        model = read_onnx(onnx_path)
         self.outputs = graph_outputs(model)
         if extra_outputs == "all":
             extra_outputs = tuple(k for k in self.outputs if k != feature_name)

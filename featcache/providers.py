@@ -67,6 +67,13 @@ def load_tensorrt() -> str | None:
     return None
 
 
+def _tensorrt_missing(available: set) -> str | None:
+    """Why the TensorRT provider cannot run (one line), or None."""
+    if "TensorrtExecutionProvider" not in available:
+        return "this onnxruntime has no TensorRT provider"
+    return load_tensorrt()
+
+
 def provider_chain(provider: str = "auto", trt_options: dict | None = None) -> list:
     """Providers for ``InferenceSession``: the chosen one first, CPU last."""
     import onnxruntime as ort
@@ -80,15 +87,14 @@ def provider_chain(provider: str = "auto", trt_options: dict | None = None) -> l
         if not gpu:
             log.info("provider auto: no CUDA GPU visible -> CPU")
             return ["CPUExecutionProvider"]
-        why = (load_tensorrt() if "TensorrtExecutionProvider" in avail
-               else "this onnxruntime has no TensorRT provider")
+        why = _tensorrt_missing(avail)
         if why:
             log.warning("provider auto: TensorRT skipped (%s) -> CUDA", why)
         provider = "cuda" if why else "tensorrt"
     if not gpu:
         raise ProviderError(f"--provider {provider} needs a CUDA GPU, and none is visible (use --provider cpu or auto)")
     if provider == "tensorrt":
-        why = load_tensorrt() if "TensorrtExecutionProvider" in avail else "this onnxruntime has no TensorRT provider"
+        why = _tensorrt_missing(avail)
         if why:
             raise ProviderError(f"--provider tensorrt: {why}")
         trt = {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(TRT_CACHE),

@@ -4,11 +4,12 @@ A person box ``b`` (normalized, original image) is read by ROIs that training de
 box is jittered (``trainer.sampling``), the jittered box is clamped to ``b`` grown by ``margin`` x its
 size on each side (``clamp_to_margin``, applied by every store layout so sparse and dense training
 see the same ROIs), padded by the ROI padding (``pad_box``) and mapped to the model-input frame.
-So every ROI lies in the *readable region* ``R = grow(grow(b, margin), padding)`` (clipped to the
-image), and ROIAlign (aligned=True, bilinear) reads cells ``floor(x - 0.5)`` .. ``floor(x - 0.5) + 1``
-for samples ``x`` in it.  ``readable_cells`` marks those cells plus one cell of safety (float32
-rounding of ROI corners, and the mirrored-map flip's half-cell shift); a sparse store zeroes every
-other cell before compressing, so an image costs only its readable share.
+So every ROI lies in the *readable region* ``R = pad_box(pad_box(b, margin), padding)``, and
+ROIAlign (aligned=True, bilinear) reads cells ``floor(x - 0.5)`` and ``floor(x - 0.5) + 1`` for its
+samples ``x``, which lie strictly inside the ROI (at least 1/56 of its size from the edges, far more
+than float32 rounding of its corners).  The mirrored-map flip reads the same cells with non-zero
+weight.  ``readable_cells`` marks exactly those cells; a sparse store zeroes every other cell before
+compressing, so an image costs only its readable share.
 """
 from __future__ import annotations
 
@@ -16,27 +17,20 @@ import numpy as np
 
 from .geometry import ResizePolicy, pad_box
 
-SAFETY_CELLS = 0
-
-
-def grow(boxes: np.ndarray, frac: float) -> np.ndarray:
-    """Normalized xyxy boxes grown by ``frac`` of their size on each side (not clipped)."""
-    b = np.asarray(boxes, np.float64)
-    wh = b[..., [2, 3, 2, 3]] - b[..., [0, 1, 0, 1]]
-    return b + np.array([-1.0, -1.0, 1.0, 1.0]) * frac * wh
+DEFAULT_MARGIN = 0.2   # cache --sparse-margin and train --max-jitter
 
 
 def clamp_to_margin(jittered: np.ndarray, person: np.ndarray, margin: float) -> np.ndarray:
-    """Jittered person boxes clamped into their person box grown by ``margin`` (each side)."""
-    g = grow(person, margin)
+    """Jittered person boxes (within the image) clamped into their person box grown by ``margin``
+    (each side)."""
+    g = pad_box(person, margin)
     lo, hi = g[..., [0, 1, 0, 1]], g[..., [2, 3, 2, 3]]
     return np.minimum(np.maximum(jittered, lo), hi)
 
 
 def readable_regions(person_boxes: np.ndarray, margin: float, padding: float) -> np.ndarray:
     """[R, 4] normalized original-frame regions that contain every ROI of each person."""
-    g = grow(person_boxes, margin).clip(0, 1)
-    return pad_box(g, padding)
+    return pad_box(pad_box(person_boxes, margin), padding)
 
 
 def readable_cells(person_boxes: np.ndarray, orig_wh, policy: ResizePolicy, margin: float, padding: float,
@@ -52,10 +46,8 @@ def readable_cells(person_boxes: np.ndarray, orig_wh, policy: ResizePolicy, marg
     if mirrored:
         r = np.stack([1 - r[:, 2], r[:, 1], 1 - r[:, 0], r[:, 3]], 1)
     f = r * np.array([wf, hf, wf, hf])
-    lo = np.floor(f[:, :2] - 0.5).astype(np.int64) - SAFETY_CELLS
-    hi = np.floor(f[:, 2:] - 0.5).astype(np.int64) + 1 + SAFETY_CELLS
-    lo = np.maximum(lo, 0)
-    hi = np.minimum(hi, [wf - 1, hf - 1])
+    lo = np.maximum(np.floor(f[:, :2] - 0.5).astype(np.int64), 0)
+    hi = np.minimum(np.floor(f[:, 2:] - 0.5).astype(np.int64) + 1, [wf - 1, hf - 1])
     for (x0, y0), (x1, y1) in zip(lo, hi):
         keep[y0:y1 + 1, x0:x1 + 1] = True
     return keep

@@ -28,6 +28,7 @@ import zarr
 
 from . import __version__
 from .errors import FeatCacheError
+from .images import Preprocess
 from .sparse import readable_cells, zero_unreadable
 from .store_check import check_store
 
@@ -182,7 +183,6 @@ class FeatureStore:
 
     def readable(self, i: int, mirrored: bool = False) -> np.ndarray:
         """[Hf, Wf] bool: the cells of image ``i`` that its ROIs can read (``featcache.sparse``)."""
-        from .images import Preprocess
         t = self.tables
         a, b = t["image_roi_start"][i], t["image_roi_start"][i + 1]
         h, w = (int(v) for v in t["orig_hw"][i])

@@ -107,3 +107,14 @@ def test_export_without_metadata_is_refused_by_predict(tmp_path, standin_onnx):
     r = CliRunner().invoke(main, ["predict", "--exported", str(standin_onnx), "--source", str(tmp_path),
                                   "--boxes", "gt", "--ann", str(tmp_path / "none.json")])
     assert r.exit_code == 1
+
+
+def test_numpy_paste_equals_torch_paste():
+    """The ORT path's paste (trainer/inference/paste.py) is the PyTorch paste, without torch."""
+    from trainer.inference.paste import paste_numpy
+    from trainer.models import paste_masks
+    rng = np.random.default_rng(0)
+    maps = rng.random((4, 28, 28), np.float32)
+    boxes = np.array([[-10, 5, 120, 90], [0, 0, 200, 150], [30.5, 40.25, 31.5, 60], [150, 100, 260, 210]], np.float32)
+    want = paste_masks(torch.from_numpy(maps)[:, None], torch.from_numpy(boxes), 160, 200, fill_background=False)
+    assert np.abs(paste_numpy(maps, boxes, 160, 200) - want[:, 0].numpy()).max() < 1e-5

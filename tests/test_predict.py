@@ -215,7 +215,7 @@ def test_exported_roi_padding_equals_pad_box(tmp_path, target_everywhere, size, 
     rin = policy.norm_to_input_norm(boxes, w, h)
     letterbox = mode == "letterbox"
     spec = ExportSpec(4, (640, 640), (80, 80), 0.1, letterbox)
-    wrapper = DecoderExport(target_everywhere, spec, fold=False)
+    wrapper = DecoderExport(target_everywhere, spec, as_exported=False)
     feats = torch.zeros(1, 4, 80, 80)
     rois = torch.tensor(np.concatenate([np.zeros((4, 1)), rin], 1), dtype=torch.float32)
     rect = torch.tensor(content_rect(policy, w, h)[None], dtype=torch.float32)

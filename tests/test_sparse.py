@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from featcache.cache import CacheConfig, run_cache
 from featcache.errors import FeatCacheError
 from featcache.geometry import ResizePolicy, pad_box
-from featcache.sparse import grow, readable_cells, zero_unreadable
+from featcache.sparse import readable_cells, zero_unreadable
 from featcache.standin import FEATURE_NAME
 from featcache.store import FeatureStore
 from trainer.config import make_config
@@ -39,7 +39,7 @@ def _training_rois(policy, wh, margin, padding, rng, n=200):
                       max_rois_per_image=64, max_jitter=margin)
     drawn = train_rois(BOXES, policy.norm_to_input_norm(pad_box(BOXES, padding), *wh), np.zeros(len(BOXES), bool),
                        wh, policy, padding, cfg, rng).boxes
-    extreme = policy.norm_to_input_norm(pad_box(grow(BOXES, margin).clip(0, 1), padding), *wh)
+    extreme = policy.norm_to_input_norm(pad_box(pad_box(BOXES, margin), padding), *wh)
     val = policy.norm_to_input_norm(pad_box(BOXES, padding), *wh)
     return np.concatenate([drawn, extreme, val])
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featcache.errors import FeatCacheError
+from featcache.sparse import DEFAULT_MARGIN
 
 
 class ConfigError(FeatCacheError, ValueError):
@@ -41,7 +42,7 @@ class TrainConfig:
     hflip_source: str = "auto"           # auto | stored (cache --flip) | map (mirror the feature map)
     jitter: float = 0.05                 # person-box centre shift sigma (fraction of its size)
     jitter_scale: float = 0.10           # person-box log-size sigma
-    max_jitter: float = 0.2              # jittered boxes stay inside the person box grown by this (each side)
+    max_jitter: float = DEFAULT_MARGIN   # jittered boxes stay inside the person box grown by this (each side)
     samples_per_roi: int = 2
     overlap_boost: int = 2               # ROIs with another person inside get this many times the copies
     min_roi_px: float = 8.0

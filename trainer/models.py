@@ -195,7 +195,7 @@ def load_decoder_state(model: nn.Module, state: dict) -> None:
     model.load_state_dict(state)
 
 
-def _interp_weights(lo: torch.Tensor, hi: torch.Tensor, n_out: int, m: int, dtype) -> torch.Tensor:
+def interp_weights(lo: torch.Tensor, hi: torch.Tensor, n_out: int, m: int, dtype) -> torch.Tensor:
     """[N, n_out, m] bilinear weights from m ROI-grid cells to the n_out frame pixels along one
     axis: pixel centre -> grid coordinate ``src``; weight of cell j = relu(1 - |src - j|), which is
     0 outside the ROI (grid_sample, align_corners=False, zero padding)."""
@@ -218,8 +218,8 @@ def paste_masks(probs: torch.Tensor, boxes_px: torch.Tensor, height: int, width:
     """
     dt = probs.dtype
     b = boxes_px.to(dt)
-    ay = _interp_weights(b[:, 1], b[:, 3], height, probs.shape[-2], dt)[:, None]   # [N,1,H,M]
-    ax = _interp_weights(b[:, 0], b[:, 2], width, probs.shape[-1], dt)[:, None]    # [N,1,W,M]
+    ay = interp_weights(b[:, 1], b[:, 3], height, probs.shape[-2], dt)[:, None]   # [N,1,H,M]
+    ax = interp_weights(b[:, 0], b[:, 2], width, probs.shape[-1], dt)[:, None]    # [N,1,W,M]
     out = ay @ probs @ ax.transpose(-1, -2)
     if fill_background:
         missing = 1 - out.sum(1)

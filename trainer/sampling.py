@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from featcache.geometry import ResizePolicy, pad_box
-from featcache.sparse import clamp_to_margin
+from featcache.sparse import DEFAULT_MARGIN, clamp_to_margin
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class RoiSampling:
     max_rois_per_image: int = 64
     hflip: float = 0.0            # probability that an image is used mirrored
     hflip_map: bool = False       # mirror the feature map itself instead of reading stored flipped features
-    max_jitter: float = 0.2       # jittered person boxes stay within the box grown by this (each side)
+    max_jitter: float = DEFAULT_MARGIN   # jittered person boxes stay within the box grown by this (each side)
 
 
 @dataclass

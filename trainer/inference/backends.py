@@ -46,16 +46,10 @@ class OnnxDecoder:
     weights as the PyTorch path.  ``end_to_end``: the graph takes the preprocessed image."""
 
     def __init__(self, path, provider: str = "auto"):
-        import onnx
-
+        from featcache.extractor import read_onnx
         from featcache.providers import make_session
         path = Path(path)
-        if not path.is_file():
-            raise FeatCacheError(f"exported ONNX not found: {path}")
-        try:
-            model = onnx.load(str(path))
-        except Exception as exc:
-            raise FeatCacheError(f"cannot read ONNX model {path}: {exc}") from exc
+        model = read_onnx(path, "exported ONNX")
         props = {p.key: p.value for p in model.metadata_props}
         if "featcache" not in props:
             raise FeatCacheError(f"{path} is not a decoder exported by `cli.py export` (no featcache metadata); "

@@ -17,7 +17,7 @@ model-input resolution inside the graph (like segment-anything's ``utils/onnx.py
 Only the class-1 channel is pasted (separable bilinear matmuls, ``trainer.models.paste_masks``):
 compact outputs cost ~1 byte per pixel and ROI instead of 12.  Ops: RoiAlign (opset 16+,
 half_pixel = aligned=True), MatMul, Conv/ConvTranspose, InstanceNormalization (GroupNorm),
-Softmax, ArgMax/ReduceMax: all built natively by ONNX Runtime and TensorRT >= 8.6.
+Softmax, ArgMax: all built natively by ONNX Runtime and TensorRT >= 8.6.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from torch import nn
 from featcache.errors import FeatCacheError
 from featcache.geometry import pad_box
 
-from ..models import FeatureNorm, _interp_weights, paste_masks
+from ..models import FeatureNorm, interp_weights, paste_masks
 
 log = logging.getLogger(__name__)
 PARITY_TOL = 1e-3
@@ -120,8 +120,8 @@ def paste_minus(maps: torch.Tensor, boxes_px: torch.Tensor, height: int, width: 
     b = boxes_px.to(maps.dtype)
     ones_h = torch.ones(n, height, 1, dtype=maps.dtype, device=maps.device)
     ones_w = torch.ones(n, width, 1, dtype=maps.dtype, device=maps.device)
-    ay = torch.cat([_interp_weights(b[:, 1], b[:, 3], height, m, maps.dtype), ones_h], 2)    # [N,H,M+1]
-    ax = torch.cat([_interp_weights(b[:, 0], b[:, 2], width, m, maps.dtype), ones_w], 2)     # [N,W,M+1]
+    ay = torch.cat([interp_weights(b[:, 1], b[:, 3], height, m, maps.dtype), ones_h], 2)    # [N,H,M+1]
+    ax = torch.cat([interp_weights(b[:, 0], b[:, 2], width, m, maps.dtype), ones_w], 2)     # [N,W,M+1]
     corner = torch.zeros(m + 1, m + 1, dtype=maps.dtype, device=maps.device)
     corner[m, m] = -1.0
     return ay @ (F.pad(maps, (0, 1, 0, 1)) + corner * shift[:, None, None]) @ ax.transpose(1, 2)
@@ -158,11 +158,15 @@ class DecoderExport(nn.Module):
     frame, normalized xyxy; ``featcache.geometry.content_rect``) exactly as training clipped them
     to the original image."""
 
-    def __init__(self, model: nn.Module, spec: ExportSpec, fold: bool = True):
+    def __init__(self, model: nn.Module, spec: ExportSpec, as_exported: bool = True):
+        """``as_exported``: the normalization folded and ``spec.half`` applied, as in the written
+        graph; False: the model as trained (the parity reference)."""
         super().__init__()
         model = model.eval()
-        model = fold_feature_norm(model) if fold else model
-        self.model = half_conv_stack(model) if spec.half and fold else model
+        if as_exported:
+            model = fold_feature_norm(model)
+            model = half_conv_stack(model) if spec.half else model
+        self.model = model
         self.spec = spec
 
     def decode(self, features, rois, image_rects=None) -> dict:
@@ -298,7 +302,7 @@ def check_parity(model, onnx_path: Path, spec: ExportSpec, tol: float | None = N
     names = [o.name for o in sess.get_outputs()]
     if names != spec.outputs:
         raise ExportError(f"{onnx_path} has outputs {names}, expected {spec.outputs}")
-    ref_wrapper = DecoderExport(model.cpu().float(), spec, fold=False)
+    ref_wrapper = DecoderExport(model.cpu().float(), spec, as_exported=False)
     report = {"tolerance": tol}
     for n, batch in ((1, 1), (5, 2), (0, 2)):
         inputs = sample_inputs(spec, n, batch, seed=n + 1)
