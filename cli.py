@@ -38,14 +38,37 @@ def _user_errors(fn):
         except FeatCacheError as exc:
             raise UserError(str(exc)) from exc
         except OSError as exc:
+            from featcache.files import user_facing_name
+            name = user_facing_name(exc.filename)
             if getattr(exc, "errno", None) == 28:
-                raise UserError(f"disk full while writing ({exc.filename or 'output'}); finished work "
+                raise UserError(f"disk full while writing ({name or 'output'}); finished work "
                                 f"is kept - free space and re-run the same command") from exc
-            raise UserError(f"{exc.strerror or exc}: {exc.filename or ''}".strip()) from exc
+            raise UserError(f"{exc.strerror or exc}: {name or ''}".strip()) from exc
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class ExitOneGroup(click.Group):
+    """Usage errors (unknown option, bad choice, missing argument) exit 1 like every other user
+    error, not click's 2: one rule for scripts that call the CLI."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+MAX_PIXELS_HELP = "Images larger than this many pixels are skipped (decompression bombs) [89478485, Pillow's]."
+
+
+@click.group(cls=ExitOneGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool):
     """ROI-conditioned person segmentation: feature cache + decoder trainer."""
@@ -89,10 +112,13 @@ def _padding(ctx, param, value):
 @_user_errors
 def analyze(ann, out, roi_padding, workers, input_size, resize):
     """Class pixel ratios inside padded ROIs -> data_analyze.json (loss weights)."""
-    from featcache.analyze import run_analyze, write_json_atomic
+    from featcache.analyze import run_analyze
+    from featcache.files import write_json_atomic
+    from featcache.files import refuse_overlap
     from featcache.geometry import ResizePolicy
+    refuse_overlap({"--out": out}, {"--ann": ann})
     res = run_analyze(ann, roi_padding, workers, ResizePolicy(input_size, input_size, resize))
-    write_json_atomic(res, out)
+    write_json_atomic(out, res)
     c, r = res["counts"], res["pixel_ratios"]
     click.echo(f"{c['images']} images, {c['instances']} persons, {c['rois']} ROIs "
                f"in {res['elapsed_s']:.1f}s")
@@ -159,10 +185,13 @@ SCALES = {"1/255": 1 / 255, "1": 1.0}
               help="--sparse: the largest training jitter it supports (train --max-jitter), fraction of the box size.")
 @click.option("--codec", type=click.Choice(["lz4", "zstd"]), default="lz4", show_default=True,
               help="Feature compression: lz4 decodes ~2.5x faster, zstd is ~20% smaller (bench/bench_store.py).")
+@click.option("--verify", is_flag=True, help="First decode every finished image of the store (this shard) and "
+              "redo the damaged ones.")
+@click.option("--max-pixels", type=int, default=None, callback=_at_least(1), help=MAX_PIXELS_HELP)
 @_user_errors
 def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel_order, scale, resize,
           roi_padding, limit, shard, out, workers, batch, no_space_check, overwrite, flip, sparse, sparse_margin,
-          codec):
+          codec, verify, max_pixels):
     """Run the ONNX extractor once per image -> fp16 chunked Zarr store + rasterized targets."""
     from featcache.cache import CacheConfig, run_cache
     cfg = CacheConfig(ann=ann or ann_path(split, subset), images=images or Path(f"data/images/{split}2017"),
@@ -170,9 +199,11 @@ def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel
                       provider=provider, channel_order=channel_order, scale=SCALES[scale], resize=resize,
                       roi_padding=roi_padding, limit=limit, shard=shard, batch=batch,
                       space_check=not no_space_check, overwrite=overwrite, flip=flip, sparse=sparse,
-                      sparse_margin=sparse_margin, codec=codec)
+                      sparse_margin=sparse_margin, codec=codec, verify=verify)
     if workers:
         cfg.workers = workers
+    if max_pixels:
+        cfg.max_pixels = max_pixels
     s = run_cache(cfg)
     click.echo(f"{s['cached']}/{s['images']} images cached in {s['store']} ({s['elapsed_s']:.1f}s, "
                f"{s['processed_now']} this run, provider {s['provider']})")
@@ -263,15 +294,22 @@ def train(config_file, subset, train_store, val_store, dice_on_others, classes, 
     if no_vis:
         opts["visualize"] = False
     opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()}
+    base = None
+    if opts.get("resume"):   # the run's own settings; options given now override them
+        from trainer.checkpointer import run_settings
+        base = run_settings(opts["resume"], opts.get("out"))
     try:
-        cfg = make_config(config_file, **opts)
+        cfg = make_config(config_file, base=base, **opts)
     except (ValueError, TypeError) as exc:
         raise UserError(f"bad configuration: {exc}") from exc
-    history = run_training(cfg)
-    if history:
-        last = history[-1]
+    res = run_training(cfg)
+    if res.trained_epochs == 0:
+        click.echo(f"nothing to do: the run in {res.out} already finished epoch {res.epochs} of {res.epochs} "
+                   f"(pass --epochs N above {res.epochs} with --resume to train longer)")
+    elif res.history:
+        last = res.history[-1]
         click.echo(f"done: epoch {last['epoch']} mIoU {last['mIoU']:.4f} "
-                   f"instance_mIoU {last['instance_mIoU']:.4f}")
+                   f"instance_mIoU {last['instance_mIoU']:.4f} -> {res.out}")
 
 
 def _checkpoint_from(epoch, checkpoint, folder, default: str | None = None) -> Path:
@@ -306,9 +344,12 @@ def visualize(epoch, checkpoint, checkpoints, ann, images, onnx_path, provider, 
     from trainer.checkpoint import load_checkpoint
     from trainer.inference.predictor import Predictor
     from trainer.inference.visualize import write_validation_png
+    from featcache.files import refuse_overlap
     path = _checkpoint_from(epoch, checkpoint, checkpoints)
     ck = load_checkpoint(path)
     val_meta = ck["cache_metadata"]["val"]
+    refuse_overlap({"--out-dir": out_dir}, {"--checkpoint": path, "--ann": ann, "--images": images,
+                                            "--onnx": onnx_path}, inputs_inside_outputs=False)
     pred = Predictor.from_checkpoint(path, onnx_path, provider)
     wanted = [v.strip() for v in vis_images.split(",")] if vis_images else ck["config"].get("vis_images")
     png = write_validation_png(pred, Path(ann or val_meta["annotation_path"]),
@@ -322,8 +363,8 @@ def visualize(epoch, checkpoint, checkpoints, ann, images, onnx_path, provider, 
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="A checkpoint file instead.")
 @click.option("--checkpoints", type=click.Path(path_type=Path), default=Path("checkpoints"), show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Decoder ONNX [<checkpoint>.decoder.onnx].")
-@click.option("--opset", type=int, default=17, show_default=True, callback=_at_least(16),
-              help="ONNX opset (RoiAlign with half_pixel needs 16+).")
+@click.option("--opset", type=int, default=17, show_default=True,
+              help="ONNX opset: 16 (RoiAlign with half_pixel) up to what torch and ONNX Runtime support (20).")
 @click.option("--end-to-end", is_flag=True, help="Also write extractor + decoder as one graph.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), help="Extractor ONNX for --end-to-end.")
 @click.option("--masks", "mask_format", type=click.Choice(["binary", "prob"]), default="binary", show_default=True,
@@ -335,26 +376,34 @@ def visualize(epoch, checkpoint, checkpoints, ann, images, onnx_path, provider, 
 @_user_errors
 def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path, mask_format, threshold, full_probs, half):
     """Export the decoder to ONNX, check parity with PyTorch in ONNX Runtime, report latency."""
-    from trainer.inference.export import (ExportSpec, check_parity, decoder_latency, export_decoder,
-                                          export_end_to_end, format_parity, predictor_metadata)
-    from trainer.inference.predictor import decoder_from_checkpoint
+    from featcache.files import refuse_overlap
+    from trainer.inference.export import (ExportError, ExportSpec, check_opset, decoder_latency, export_checked,
+                                          format_parity, predictor_metadata)
+    from trainer.inference.predictor import decoder_from_checkpoint, open_extractor
     path = _checkpoint_from(epoch, checkpoint, checkpoints)
-    model, meta = decoder_from_checkpoint(path)
-    spec = ExportSpec.from_meta(meta, masks=mask_format, threshold=threshold, full_probs=full_probs, half=half)
     out = Path(out or path.with_suffix(".half.decoder.onnx" if half else ".decoder.onnx"))
-    export_decoder(model, spec, out, opset, predictor_metadata(meta, path.name))
+    stem = out.name[: -len(".decoder.onnx")] if out.name.endswith(".decoder.onnx") else out.stem
+    e2e = out.with_name(f"{stem}.e2e.onnx") if end_to_end else None
+    check_opset(opset)   # everything a user can get wrong is checked before any work
+    model, meta = decoder_from_checkpoint(path)
+    ext = Path(onnx_path or meta["onnx_path"]) if end_to_end else None
+    refuse_overlap({"--out": out, "the end-to-end graph": e2e}, {"--checkpoint": path, "--onnx": ext})
+    if end_to_end:
+        open_extractor(meta, ext, "cpu")  # same checks as inference: file exists, sha256 matches
+    spec = ExportSpec.from_meta(meta, masks=mask_format, threshold=threshold, full_probs=full_probs, half=half)
+    try:
+        report = export_checked(model, spec, out, opset, predictor_metadata(meta, path.name),
+                                (ext, meta["feature_name"], e2e) if end_to_end else None)
+    except ExportError as exc:
+        kept = [str(p) for p in (out, e2e) if p is not None and p.exists()]
+        raise UserError(f"{exc}\nnothing was written{'; kept as they were: ' + ', '.join(kept) if kept else ''}") from exc
     click.echo(f"wrote {out} (opset {opset}{', fp16 conv stack' if half else ''}; inputs {', '.join(spec.inputs)} "
                f"-> {', '.join(spec.outputs)})")
-    click.echo("parity vs PyTorch (max abs diff): " + format_parity(check_parity(model, out, spec)))
+    click.echo("parity vs PyTorch (max abs diff): " + format_parity(report))
+    if e2e is not None:
+        click.echo(f"wrote {e2e} (images [1,3,H,W] + {', '.join(spec.inputs[1:])} -> {', '.join(spec.outputs)})")
     lat = decoder_latency(out, spec)
     click.echo("decoder latency on CPU (ms): " + ", ".join(f"{n} ROIs {ms}" for n, ms in lat.items()))
-    if end_to_end:
-        from trainer.inference.predictor import open_extractor
-        ext = Path(onnx_path or meta["onnx_path"])
-        open_extractor(meta, ext, "cpu")  # same checks as inference: file exists, sha256 matches
-        stem = out.name[: -len(".decoder.onnx")] if out.name.endswith(".decoder.onnx") else out.stem
-        e2e = export_end_to_end(ext, meta["feature_name"], out, out.with_name(f"{stem}.e2e.onnx"))
-        click.echo(f"wrote {e2e} (images [1,3,H,W] + {', '.join(spec.inputs[1:])} -> {', '.join(spec.outputs)})")
 
 
 @main.command()
@@ -393,10 +442,14 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path, ma
 @click.option("--hide-boxes", is_flag=True, help="Overlays without person boxes.")
 @click.option("--hide-scores", is_flag=True, help="Overlays without scores.")
 @click.option("--max-frames", type=int, callback=_at_least(1), help="Video/camera: stop after N frames.")
+@click.option("--exif/--no-exif", default=None,
+              help="Apply the EXIF orientation of photos [on with --boxes auto; off with box files and --ann, "
+                   "whose coordinates refer to the pixels as stored].")
+@click.option("--max-pixels", type=int, default=None, callback=_at_least(1), help=MAX_PIXELS_HELP)
 @_user_errors
 def predict(source, checkpoint, epoch, checkpoints, exported, out, boxes, box_format, ann, onnx_path, provider, device,
             det_output, det_format, person_class, conf, iou, max_det, threshold, save_masks, polygons,
-            no_overlays, hide_boxes, hide_scores, max_frames):
+            no_overlays, hide_boxes, hide_scores, max_frames, exif, max_pixels):
     """Person masks for new images, a video or a camera, with the extractor's own person boxes."""
     from trainer.inference.detection import DetectionSettings
     from trainer.inference.predict import PredictOptions, run_predict
@@ -411,15 +464,21 @@ def predict(source, checkpoint, epoch, checkpoints, exported, out, boxes, box_fo
                           detection=DetectionSettings(det_output, det_format, person_class, conf, iou, max_det),
                           threshold=threshold, save_masks=save_masks, polygons=polygons,
                           overlays=not no_overlays, show_boxes=not hide_boxes, show_scores=not hide_scores,
-                          max_frames=max_frames)
+                          max_frames=max_frames, exif=exif)
+    if max_pixels:
+        opts.max_pixels = max_pixels
     s = run_predict(opts)
     click.echo(f"{s['images']} images, {s['persons']} persons in {s['seconds']:.1f}s "
                f"({s['images_per_s']:.2f} images/s, image encoder on {s['provider']}, decoder on {s['decoder']}) "
                f"-> {s['out']}")
     if "instance_mIoU" in s:
         click.echo(f"instance mIoU with the GT boxes: {s['instance_mIoU']:.4f}")
+    if s["boxes_skipped"]:
+        click.echo(s["boxes_skipped"])
+    if s["skipped"]:
+        click.echo(f"{len(s['skipped'])} image(s) skipped:")
     for line in s["skipped"][:20]:
-        click.echo(f"  skipped {line}")
+        click.echo(f"  {line}")
 
 
 @main.command()
@@ -445,7 +504,7 @@ def evaluate(checkpoint_list, epochs, checkpoints, val_store, ann, images, onnx_
     import glob
     import json as _json
 
-    from trainer.checkpoint import write_text_atomic
+    from featcache.files import write_text_atomic
     from trainer.inference.evaluate import comparison_table, evaluate_checkpoint, live_store
     paths = []
     for spec in checkpoint_list:
@@ -461,6 +520,10 @@ def evaluate(checkpoint_list, epochs, checkpoints, val_store, ann, images, onnx_
         paths = [_checkpoint_from(None, None, checkpoints, default="best")]
     if (ann is None) != (images is None):
         raise UserError("--ann and --images go together")
+    from featcache.files import refuse_overlap
+    refuse_overlap({"--json": json_out, "--work-dir": work_dir},
+                   {**{f"--checkpoint {p.name}": p for p in paths}, "--val-store": val_store, "--ann": ann,
+                    "--images": images, "--onnx": onnx_path}, inputs_inside_outputs=False)
     results = []
     if ann is not None:
         with live_store(paths[0], ann, images, work_dir, onnx_path, provider, limit) as store:

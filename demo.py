@@ -39,13 +39,15 @@ def _done(t0: float, what: str = "") -> None:
 
 def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool = False,
              device: str = "auto") -> dict:
-    from featcache.analyze import run_analyze, write_json_atomic
+    from featcache.analyze import run_analyze
+    from featcache.files import write_json_atomic
     from featcache.cache import CacheConfig, run_cache
     from featcache.store import StoreError
     from featcache.standin import build_standin_extractor
     from featcache.synthetic import make_synthetic_dataset
 
-    from trainer.checkpoint import find_checkpoint, write_text_atomic
+    from featcache.files import write_text_atomic
+    from trainer.checkpoint import find_checkpoint
     from trainer.config import make_config
     from trainer.inference.export import (ExportSpec, check_parity, decoder_latency, export_decoder,
                                           export_end_to_end, format_parity, predictor_metadata)
@@ -80,7 +82,7 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
     t = _step(2, total, "analyze: class pixel ratios -> data_analyze.json")
     analysis = folder / "data_analyze.json"
     res = run_analyze(ann["train"], progress=True)
-    write_json_atomic(res, analysis)
+    write_json_atomic(analysis, res)
     click.echo("      pixel ratios " + ", ".join(f"{k} {v:.3f}" for k, v in res["pixel_ratios"].items()))
     _done(t)
 
@@ -105,7 +107,7 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
                       analysis=str(analysis), epochs=settings.epochs, hidden=settings.hidden, roi_size=14,
                       mask_size=56, batch_size=4, samples_per_roi=1, workers=0, resident="auto",
                       device=device, seed=settings.seed)
-    history = run_training(cfg)
+    history = run_training(cfg).history
     first, last = history[0], history[-1]
     click.echo(f"      mIoU: epoch 1 {first['mIoU']:.4f} -> epoch {last['epoch']} {last['mIoU']:.4f}   "
                f"instance_mIoU: {first['instance_mIoU']:.4f} -> {last['instance_mIoU']:.4f}")

@@ -20,7 +20,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from bench.realdata import ANN, FEATURE, IMAGES, ONNX
-from featcache.analyze import run_analyze, write_json_atomic
+from featcache.analyze import run_analyze
+from featcache.files import write_json_atomic
 from featcache.cache import CacheConfig, run_cache
 from featcache.store import FeatureStore
 
@@ -50,7 +51,7 @@ def fold_analysis(out: Path, train_names: list[str], fold: int) -> Path:
     ann = out / f"fold{fold}_train.json"
     ann.write_text(json.dumps(sub))
     path = out / f"fold{fold}_analyze.json"
-    write_json_atomic(run_analyze(ann, workers=1, progress=False), path)
+    write_json_atomic(path, run_analyze(ann, workers=1, progress=False))
     return path
 
 

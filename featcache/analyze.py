@@ -11,8 +11,6 @@ Pixels belong to the ROI when their centres do (``geometry.pixel_center_span``).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import multiprocessing as mp
 import os
@@ -26,6 +24,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .coco import AnnotationError, SkipReport, _parse_instance, load_coco, person_category_ids
+from .files import file_sha256
 from .geometry import ResizePolicy, normalized_to_pixel, pad_box
 from .sparse import DEFAULT_MARGIN, readable_cells
 from .targets import native_crop
@@ -33,14 +32,6 @@ from .targets import native_crop
 CLASS_NAMES = ("background", "target", "non_target")
 SIZE_BINS_PX = (0, 16, 32, 64, 128, 256, 512, 10_000)
 _COCO = None  # set in the parent before forking workers (copy-on-write, no pickling)
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rect_rle(x0: int, y0: int, x1: int, y1: int, h: int, w: int) -> dict:
@@ -239,10 +230,3 @@ def decode_ids(text: str) -> np.ndarray:
     import zlib
     return np.cumsum(np.frombuffer(zlib.decompress(base64.b64decode(text)), np.uint32).astype(np.int64))
 
-
-def write_json_atomic(obj: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)

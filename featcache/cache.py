@@ -24,14 +24,14 @@ import numcodecs
 import numpy as np
 from tqdm import tqdm
 
-from .analyze import file_sha256
 from .coco import ImageRecord, load_person_records
 from .errors import FeatCacheError
 from .extractor import Extractor
+from .files import file_sha256, refuse_overlap
 from .geometry import ResizePolicy, pad_box
-from .images import ImageDecodeError, Preprocess, load_rgb, preprocess
+from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, load_rgb, preprocess
 from .sparse import DEFAULT_MARGIN
-from .store import FINGERPRINT_KEYS, FeatureStore, StoreError, diff_metadata
+from .store import FINGERPRINT_KEYS, FeatureStore, StoreError, diff_metadata, store_folder_kind
 from .targets import rles_to_input_frame_packed
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class CacheConfig:
     sparse: bool = False    # keep only the cells ROIs can read (jitter margin ``sparse_margin``)
     sparse_margin: float = DEFAULT_MARGIN
     codec: str = "lz4"      # lz4 (fastest decode) | zstd (~20% smaller, ~2.5x slower decode): bench/bench_store.py
+    verify: bool = False    # decode every finished image of this shard first and redo damaged ones
+    max_pixels: int = DEFAULT_MAX_PIXELS   # larger images are skipped (decompression bombs)
 
 
 def build_tables(records: list[ImageRecord], policy: ResizePolicy, roi_padding: float) -> dict:
@@ -88,9 +90,9 @@ def build_tables(records: list[ImageRecord], policy: ResizePolicy, roi_padding: 
     return out
 
 
-def prepare_image(rec: ImageRecord, images_dir: Path, prep: Preprocess):
+def prepare_image(rec: ImageRecord, images_dir: Path, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Worker: decode + preprocess one image and rasterize its masks in the input frame."""
-    im = load_rgb(images_dir / rec.file_name)
+    im = load_rgb(images_dir / rec.file_name, max_pixels)
     if (im.width, im.height) != (rec.width, rec.height):
         raise ImageDecodeError(f"{rec.file_name} is {im.width}x{im.height} but annotated as "
                                f"{rec.width}x{rec.height}")
@@ -208,6 +210,19 @@ def check_disk(out: Path, kept_cells: np.ndarray, feature_shape, input_hw, n_mas
             f"--shard, another --out, or --no-space-check.")
 
 
+def check_out_folder(cfg: CacheConfig) -> None:
+    """``--out`` is new, empty, or a store `cache` wrote (complete or interrupted): anything else
+    is refused, so ``--overwrite`` never deletes, and a store never mixes into, a folder of the user's."""
+    refuse_overlap({"--out": cfg.out}, {"--ann": cfg.ann, "--images": cfg.images, "--onnx": cfg.onnx})
+    if store_folder_kind(cfg.out) is None:
+        out = Path(cfg.out)
+        what = (f"holds {', '.join(sorted(os.listdir(out))[:5])}{' ...' if len(os.listdir(out)) > 5 else ''}"
+                if out.is_dir() else "is a file")
+        raise StoreError(f"--out {out} is not a feature store and not empty (it {what}): `cache` writes only into a "
+                         f"new or empty folder or a store it wrote{'; --overwrite deletes nothing else' if cfg.overwrite else ''}. "
+                         f"Pick another --out.")
+
+
 def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     for name, p in (("annotation file", cfg.ann), ("ONNX model", cfg.onnx)):
@@ -215,6 +230,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
             raise FeatCacheError(f"{name} not found: {p}")
     if not Path(cfg.images).is_dir():
         raise FeatCacheError(f"image folder not found: {cfg.images}")
+    check_out_folder(cfg)
     si, sn = cfg.shard
     if not (sn >= 1 and 0 <= si < sn):
         raise FeatCacheError(f"--shard must be I/N with 0 <= I < N, got {si}/{sn}")
@@ -234,6 +250,15 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
     store = open_or_create_store(cfg, _metadata(cfg, ex, prep), tables, ex)
 
     done = store.done_mask()
+    damaged = {}
+    if cfg.verify:
+        damaged = verify_images(store, [i for i in np.flatnonzero(done) if i % sn == si], cfg.workers, progress)
+        for i, array in damaged.items():
+            log.warning("image %d (%s): its %s chunk is damaged; redoing it", i, records[i].file_name, array)
+            store.forget(i)
+        print(f"verified {int(sum(done[i] for i in range(len(records)) if i % sn == si))} finished images: "
+              f"{len(damaged)} damaged" + (" (redone now)" if damaged else ""))
+        done = store.done_mask()
     todo = [i for i in range(len(records)) if not done[i] and i % sn == si]
     print(f"provider: {ex.provider} | feature {cfg.feature_name} {list(ex.feature_shape)} | "
           f"{len(records)} images, {int(done.sum())} already cached, {len(todo)} to do"
@@ -255,9 +280,19 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
                                                             for i, r in skipped.items()},
                "processed_now": len(todo), "newly_skipped": newly_skipped,
                "annotation_skips": dict(skips.counts), "elapsed_s": round(elapsed, 2),
-               "loop_s": round(t_loop, 3),
+               "loop_s": round(t_loop, 3), "damaged": {records[i].file_name: a for i, a in damaged.items()},
                "complete": n_done == len(records)}
     return summary
+
+
+def verify_images(store: FeatureStore, images, workers: int, progress: bool = True) -> dict[int, str]:
+    """Decode every chunk of ``images`` (skipped images have none): {image: damaged array}."""
+    skipped = store.skipped()
+    todo = [int(i) for i in images if int(i) not in skipped]
+    with ThreadPoolExecutor(max(1, workers)) as pool:   # blosc/zstd decode releases the GIL
+        found = list(tqdm(pool.map(store.verify, todo), total=len(todo), desc="verify", unit="img",
+                          disable=not progress, leave=False))
+    return {i: a for i, a in zip(todo, found) if a}
 
 
 def mirror_input(x: np.ndarray) -> np.ndarray:
@@ -266,12 +301,12 @@ def mirror_input(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x[..., ::-1])
 
 
-def _in_order(pool, todo, records, images_dir, prep, window):
+def _in_order(pool, todo, records, images_dir, prep, window, max_pixels=DEFAULT_MAX_PIXELS):
     """(image index, future) in order, with at most ``window`` decodes in flight: memory stays flat
     on 60k-image runs while the workers keep ahead of the model."""
     ahead: deque = deque()
     for i in todo:
-        ahead.append((i, pool.submit(prepare_image, records[i], images_dir, prep)))
+        ahead.append((i, pool.submit(prepare_image, records[i], images_dir, prep, max_pixels)))
         if len(ahead) >= window:
             yield ahead.popleft()
     while ahead:
@@ -320,7 +355,7 @@ def _process(cfg, records, todo, ex, prep, store, progress) -> int:
     try:
         with ThreadPoolExecutor(cfg.workers) as pool:
             window = max(4 * cfg.workers, 2 * batch)
-            for i, future in _in_order(pool, todo, records, cfg.images, prep, window):
+            for i, future in _in_order(pool, todo, records, cfg.images, prep, window, cfg.max_pixels):
                 try:
                     x, packed, rles = future.result()
                 except ImageDecodeError as exc:

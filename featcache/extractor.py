@@ -18,6 +18,10 @@ class ExtractorError(FeatCacheError):
     pass
 
 
+class UnknownTensorError(ExtractorError):
+    """The tensor name is not in the graph (the message lists the candidates for ``--feature-name``)."""
+
+
 def _dim(d) -> int | None:
     return d.dim_value if d.HasField("dim_value") else None
 
@@ -42,7 +46,7 @@ def expose_tensor(model: onnx.ModelProto, name: str, as_fp16: bool = False, keep
     outputs = {o.name: o for o in model.graph.output}
     produced = {o for n in model.graph.node for o in n.output}
     if name not in produced and name not in outputs:
-        raise ExtractorError(_unknown_tensor_message(model, name))
+        raise UnknownTensorError(_unknown_tensor_message(model, name))
     kept = [outputs[k] for k in keep]
     del model.graph.output[:]
     if as_fp16:

@@ -43,8 +43,44 @@ FINGERPRINT_KEYS = ("onnx_sha256", "feature_name", "feature_shape", "input_hw", 
                     "roi_padding")
 
 
+# Everything `cache` writes into a store folder: ``--overwrite`` deletes only folders made of these.
+ARRAYS = ("features", "features_flip", "feature_stats", "masks", "gt_rle", "skipped", "image_id", "file_name",
+          "orig_hw", "image_roi_start", "roi_image", "roi_inst", "roi_ann_id", "roi_box", "roi_padded",
+          "roi_box_input", "roi_padded_input")
+STORE_ENTRIES = frozenset(ARRAYS) | {".zgroup", ".zattrs", ".create.lock"}
+PER_IMAGE = ("masks", "gt_rle", "feature_stats", "features_flip", "features")   # features last: "done"
+
+
 class StoreError(FeatCacheError):
     pass
+
+
+class DamagedChunkError(StoreError):
+    """A chunk of one image cannot be decoded (a damaged file or copy)."""
+
+    def __init__(self, message: str, array: str = "", image: int = -1):
+        super().__init__(message)
+        self.array, self.image = array, image
+
+
+def store_folder_kind(path: Path) -> str | None:
+    """What ``path`` is: "missing", "empty", "store" (complete, metadata written), "partial" (a store
+    whose creation was interrupted: only entries `cache` writes), or None: something else."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    if not path.is_dir():
+        return None
+    names = set(os.listdir(path))
+    if not names:
+        return "empty"
+    if not names <= STORE_ENTRIES:
+        return None
+    try:
+        meta = json.loads((path / ".zattrs").read_text()).get("metadata")
+    except (OSError, ValueError, AttributeError):
+        meta = None
+    return "store" if isinstance(meta, dict) and meta.get("format") == FORMAT else "partial"
 
 
 def channel_sums(features: np.ndarray) -> np.ndarray:
@@ -68,9 +104,10 @@ def create_stats_array(root, n: int, c: int) -> None:
                         compressor=None, fill_value=0, write_empty_chunks=True, overwrite=True)
 
 
-def diff_metadata(have: dict, want: dict, keys=None) -> list[str]:
+def diff_metadata(have: dict, want: dict, keys=None, labels=("store has", "asked for")) -> list[str]:
+    """One line per key whose values differ: "key: <labels[0]> X, <labels[1]> Y"."""
     keys = keys or sorted(set(have) | set(want))
-    return [f"{k}: store has {have.get(k)!r}, asked for {want.get(k)!r}"
+    return [f"{k}: {labels[0]} {have.get(k)!r}, {labels[1]} {want.get(k)!r}"
             for k in keys if _norm(have.get(k)) != _norm(want.get(k))]
 
 
@@ -78,8 +115,9 @@ def _norm(v):
     return json.loads(json.dumps(v))
 
 
-def check_compatible(have: dict, want: dict, what: str, keys=FINGERPRINT_KEYS) -> None:
-    diffs = diff_metadata(have, want, keys)
+def check_compatible(have: dict, want: dict, what: str, keys=FINGERPRINT_KEYS,
+                     labels=("store has", "asked for")) -> None:
+    diffs = diff_metadata(have, want, keys, labels)
     if diffs:
         raise StoreError(f"{what} does not match:\n  " + "\n  ".join(diffs))
 
@@ -145,7 +183,57 @@ class FeatureStore:
     def skipped(self) -> dict[int, str]:
         d = self.path / "skipped"
         idx = [int(n) for n in os.listdir(d) if n.isdigit()] if d.is_dir() else []
-        return {i: self.root["skipped"][i] for i in sorted(idx)}
+        return {i: self._read("skipped", i) for i in sorted(idx)}
+
+    def _read(self, array: str, i: int, out=None):
+        """Image ``i``'s chunk of ``array``; a chunk that cannot be decoded is one clear error naming
+        the image, the array and the fix (``cache --verify`` redoes damaged images)."""
+        try:
+            if out is not None:
+                return self.root[array].get_basic_selection((i,), out=out)
+            return self.root[array][i]
+        except Exception as exc:  # blosc/zstd RuntimeError, UnicodeDecodeError, ValueError ...
+            raise self.damaged(array, i, exc) from exc
+
+    def damaged(self, array: str, i: int, exc: Exception) -> DamagedChunkError:
+        try:
+            name = f" ({self.tables['file_name'][i]})"
+        except Exception:  # noqa: BLE001 - the message must not fail too
+            name = ""
+        return DamagedChunkError(f"{self.path}: the {array!r} chunk of image {i}{name} cannot be decoded "
+                                 f"({type(exc).__name__}: {exc}); the store is damaged. Re-run the `cli.py cache` "
+                                 f"command that wrote it with --verify: it finds and redoes damaged images.", array, i)
+
+    def forget(self, i: int) -> None:
+        """Remove image ``i``'s chunks (features first: it is no longer done), so `cache` redoes it."""
+        for array in reversed(PER_IMAGE + ("skipped",)):
+            d = self.path / array
+            if d.is_dir():
+                for name in os.listdir(d):
+                    if name.split(".")[0] == str(i):
+                        (d / name).unlink(missing_ok=True)
+
+    def verify(self, i: int) -> str | None:
+        """Decode every chunk of image ``i`` (``cache --verify``): None when sound, else which array
+        is damaged."""
+        try:
+            self.packed_masks(i)
+            self.gt_rles(i)
+            f = self.features(i)
+            if self.has_flip:
+                self.features(i, flipped=True)
+        except DamagedChunkError as exc:
+            return exc.array
+        # feature_stats are stored uncompressed, so damage there fails no decode; in a dense store
+        # they must be the sums of the stored map (a sparse one keeps those of the whole map)
+        if "feature_stats" in self.root and not self.sparse:
+            try:
+                ok = np.array_equal(self._read("feature_stats", i), channel_sums(f))
+            except DamagedChunkError:
+                ok = False
+            if not ok:
+                return "feature_stats"
+        return None
 
     # --- writes (one image) ----------------------------------------------------------------
     def write_image(self, i: int, features: np.ndarray, packed_masks: bytes, gt_rle: list,
@@ -191,8 +279,9 @@ class FeatureStore:
         return readable_cells(t["roi_box"][a:b], (w, h), policy, margin, self.meta["roi_padding"],
                               self.meta["feature_shape"][1:], mirrored)
 
-    def features(self, i: int, flipped: bool = False) -> np.ndarray:
-        return self.root["features_flip" if flipped else "features"][i]
+    def features(self, i: int, flipped: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+        """Image ``i``'s map ``[C, Hf, Wf]`` fp16 (decoded into ``out`` when given)."""
+        return self._read("features_flip" if flipped else "features", i, out)
 
     @property
     def has_flip(self) -> bool:
@@ -224,7 +313,7 @@ class FeatureStore:
         sums = []
         for i in images:
             if i in have:
-                sums.append(self.root["feature_stats"][i])
+                sums.append(self._read("feature_stats", i))
                 continue
             s = channel_sums(self.features(i))
             if writable:
@@ -243,10 +332,17 @@ class FeatureStore:
     def packed_masks(self, i: int) -> np.ndarray:
         """Row-wise bit-packed masks ``[K, H, ceil(W/8)]`` uint8 (cheap to keep resident)."""
         h, w = self.meta["mask_hw"]
-        return np.frombuffer(self.root["masks"][i], np.uint8).reshape(-1, h, (w + 7) // 8)
+        raw = self._read("masks", i)
+        try:
+            return np.frombuffer(raw, np.uint8).reshape(-1, h, (w + 7) // 8)
+        except (TypeError, ValueError) as exc:
+            raise self.damaged("masks", i, exc) from exc
 
     def gt_rles(self, i: int) -> list[dict]:
-        return json.loads(self.root["gt_rle"][i])
+        try:
+            return json.loads(self._read("gt_rle", i))
+        except ValueError as exc:
+            raise self.damaged("gt_rle", i, exc) from exc
 
     def valid_images(self) -> np.ndarray:
         """Indices of images with features (skipped ones excluded)."""

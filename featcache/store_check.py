@@ -27,6 +27,28 @@ def _is_ints(v, n=None) -> bool:
         isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 16
+
+
+def check_preprocess(pre, where: str) -> None:
+    """The recorded preprocessing: channel order, pixel scale, resize policy (what ``Preprocess.from_dict``
+    reads), so a damaged or edited record is one message, not a crash or silently other pixels."""
+    def bad(key, want, got):
+        raise UntrustedStoreError(f"{where}: preprocess {key!r} must be {want}, found {got!r}")
+    if not isinstance(pre, dict):
+        bad("", "an object", pre)
+    if pre.get("channel_order") not in ("rgb", "bgr"):
+        bad("channel_order", "rgb or bgr", pre.get("channel_order"))
+    scale = pre.get("scale")
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < 1e6):
+        bad("scale", "a positive number", scale)
+    pol = pre.get("policy")
+    if not isinstance(pol, dict) or pol.get("mode") not in ("stretch", "letterbox") \
+            or not (_positive_int(pol.get("input_h")) and _positive_int(pol.get("input_w"))):
+        bad("policy", "{input_h, input_w, mode: stretch|letterbox}", pol)
+
+
 def check_metadata(meta, where: str) -> None:
     """Types and sizes of the store's metadata (a complete store)."""
     def bad(key, want):
@@ -50,6 +72,7 @@ def check_metadata(meta, where: str) -> None:
     for key in ("n_images", "feature_shape", "input_hw", "mask_hw", "roi_padding", "preprocess"):
         if key not in meta:
             raise UntrustedStoreError(f"{where}: metadata has no {key!r} (not a store written by `cache`)")
+    check_preprocess(meta["preprocess"], where)
 
 
 def _expected_shape(name: str, meta: dict):

@@ -26,7 +26,8 @@ def standin_onnx(tmp_path_factory):
 @pytest.fixture(scope="session")
 def stores(synth, standin_onnx, tmp_path_factory):
     """Train/val feature caches of the synthetic data + data_analyze.json."""
-    from featcache.analyze import run_analyze, write_json_atomic
+    from featcache.analyze import run_analyze
+    from featcache.files import write_json_atomic
     from featcache.cache import CacheConfig, run_cache
     d = tmp_path_factory.mktemp("stores")
     out = {}
@@ -36,7 +37,7 @@ def stores(synth, standin_onnx, tmp_path_factory):
                               onnx=standin_onnx, out=out[split], feature_name="/model.34/Concat_output_0",
                               provider="cpu", workers=2), progress=False)
     out["analysis"] = d / "data_analyze.json"
-    write_json_atomic(run_analyze(synth["train"], workers=1, progress=False), out["analysis"])
+    write_json_atomic(out["analysis"], run_analyze(synth["train"], workers=1, progress=False))
     return out
 
 

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from featcache.analyze import file_sha256
+from featcache.files import file_sha256
 from featcache.extractor import Extractor
 from featcache.geometry import ResizePolicy
 from featcache.images import Preprocess

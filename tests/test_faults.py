@@ -174,9 +174,10 @@ def test_analyze_refuses_files_without_persons(tmp_path):
 
 
 def test_analysis_of_another_dataset_is_refused(stores, synth, tmp_path):
-    from featcache.analyze import run_analyze, write_json_atomic
+    from featcache.analyze import run_analyze
+    from featcache.files import write_json_atomic
     other = tmp_path / "other_analyze.json"
-    write_json_atomic(run_analyze(synth["val"], workers=1, progress=False), other)   # val images only
+    write_json_atomic(other, run_analyze(synth["val"], workers=1, progress=False))   # val images only
     args = train_args(stores, tmp_path / "ck", "--epochs", "1")
     args[args.index("--analysis") + 1] = other
     r = run(*args)

@@ -96,7 +96,10 @@ def test_detection_heads_give_back_the_known_boxes(standin_onnx, target_everywhe
 
 def test_model_without_detection_output_is_a_clear_error(trained, tmp_path):
     from cli import main
-    r = CliRunner().invoke(main, ["predict", "--source", str(tmp_path), "--checkpoint", str(trained / "best.pth")])
+    (tmp_path / "src").mkdir()
+    Image.new("RGB", (64, 48)).save(tmp_path / "src" / "a.jpg")     # the source is checked first: give it an image
+    r = CliRunner().invoke(main, ["predict", "--source", str(tmp_path / "src"), "--checkpoint",
+                                  str(trained / "best.pth"), "--out", str(tmp_path / "out")])
     assert r.exit_code == 1 and "no detection output" in r.output and "--boxes" in r.output
 
 

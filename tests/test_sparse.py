@@ -108,7 +108,7 @@ def test_training_on_sparse_equals_dense(sparse_stores, stores, tmp_path, reside
                           analysis=str(st["analysis"]), hidden=16, roi_size=7, mask_size=28, epochs=1,
                           batch_size=4, workers=0, resident=resident, tensorboard=False, visualize=False,
                           device="cpu", hflip=0.5, hflip_source="map")
-        runs.append(run_training(cfg)[-1])
+        runs.append(run_training(cfg).history[-1])
     for k in ("mIoU", "instance_mIoU", "loss"):
         assert runs[0][k] == runs[1][k], k
 

@@ -116,7 +116,9 @@ def test_two_class_ablation_and_global_model(stores, tmp_path):
 
 def test_missing_analysis_is_computed(stores, tmp_path):
     t = Trainer(_cfg(stores, tmp_path / "w", analysis=str(tmp_path / "da.json"), epochs=1))
-    assert (tmp_path / "da.json").is_file() and t.loss.weight is not None
+    # saved in the run folder, where the run's args.yaml points; never where --analysis pointed
+    assert (t.out / "da.json").is_file() and not (tmp_path / "da.json").exists()
+    assert t.cfg.analysis == str(t.out / "da.json") and t.loss.weight is not None
 
 
 def test_cli_train_errors_clearly(tmp_path):

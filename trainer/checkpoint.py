@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from featcache.errors import FeatCacheError
+from featcache.files import atomic_write
 
 from .metrics import miou4
 
@@ -53,40 +54,25 @@ def save_checkpoint(state: dict, folder: str | Path, epoch: int, input_hw, miou:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / checkpoint_name(epoch, input_hw, miou)
-    tmp = folder / f".{path.name}.tmp{os.getpid()}"
     state = {**state, "checksum": tensor_digest(state)}
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            torch.save(state, tmp)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write checkpoint {path} ({exc.strerror or exc}); "
                               f"earlier checkpoints in {folder} are kept") from exc
     return path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Temp name + rename: a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def publish_alias(path: Path, alias: Path) -> Path:
     """Point ``alias`` (best.pth, last.pth) at checkpoint ``path`` atomically: a hard link when the
     file system allows one (no extra disk), else a copy; never a half-written file."""
-    tmp = alias.with_name(f".{alias.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(path, tmp)
-    except OSError:
-        shutil.copyfile(path, tmp)
-    os.replace(tmp, alias)
+    with atomic_write(alias) as tmp:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
     return alias
 
 
@@ -100,14 +86,25 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot load checkpoint {path} (damaged, truncated or not a checkpoint of "
-                              f"this project): {str(exc).splitlines()[0][:300]}") from exc
+        raise CheckpointError(f"cannot load checkpoint {path}: {_load_failure(exc)}") from exc
     if not isinstance(ck, dict) or "model" not in ck:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no model state)")
     if "checksum" in ck and tensor_digest(ck) != ck["checksum"]:
         raise CheckpointError(f"checkpoint {path} is corrupted: its tensors do not match the checksum saved "
                               f"with it (flipped bits or a damaged copy); use another checkpoint")
     return ck
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why ``torch.load`` failed, in the user's terms (PyTorch's own message advises turning its
+    safety check off, which a checkpoint of this project never needs)."""
+    text = str(exc)
+    if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+        return ("it holds Python objects other than tensors and plain values, so it is not a checkpoint of this "
+                "project (and loading it could run code): refused")
+    if "zip" in text.lower() or "central directory" in text or "magic number" in text or "EOF" in text:
+        return "the file is damaged or truncated, or not a checkpoint of this project"
+    return f"not a checkpoint of this project, or damaged ({type(exc).__name__})"
 
 
 def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featcache.errors import FeatCacheError
 from featcache.store import FINGERPRINT_KEYS, check_compatible
 
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
@@ -20,6 +21,16 @@ log = logging.getLogger(__name__)
 
 def fingerprint(meta: dict) -> dict:
     return {k: meta.get(k) for k in FINGERPRINT_KEYS}
+
+
+def check_decoder_on_store(model_name: str, ck_fingerprint: dict, store_meta: dict, what: str) -> None:
+    """The rules every command applies before a decoder reads a store (train, evaluate, predict):
+    the same extractor tensor, channels, preprocessing and ROI padding; and a ``global`` decoder,
+    which reads whole feature maps, never on a ROI-sparse store (its zeros would change the result)."""
+    check_compatible(ck_fingerprint, fingerprint(store_meta), what, labels=("checkpoint has", "store has"))
+    if model_name == "global" and store_meta.get("sparse"):
+        raise FeatCacheError(f"{what}: a --model global decoder reads whole feature maps, but the store is ROI-sparse "
+                             f"(cache --sparse): use a dense store (cache without --sparse)")
 
 
 def model_kwargs(cfg) -> dict:
@@ -38,6 +49,30 @@ def training_set(meta: dict, config: dict) -> dict:
 def hash_names(names) -> str:
     import hashlib
     return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:16]
+
+
+# Settings of where and how a run executes, not of what it trains: a resumed run takes them from
+# the command line (or their defaults), not from the run it continues.
+RUNTIME_KEYS = ("resume", "device", "workers", "resident")
+
+
+def run_settings(resume: str, out: str | None = None) -> dict:
+    """The settings a run was started with (its ``args.yaml``, else the checkpoint's own copy),
+    for ``train --resume``: the stores, model and recipe need not be repeated."""
+    path = find_checkpoint(out or "checkpoints") if resume == "auto" else Path(resume)
+    args = path.parent / "args.yaml"
+    saved = None
+    if args.is_file():
+        import yaml
+        try:
+            saved = yaml.safe_load(args.read_text())
+        except Exception as exc:  # noqa: BLE001 - a damaged args.yaml: use the checkpoint's copy
+            log.warning("%s is unreadable (%s): using the settings saved in %s", args, exc, path.name)
+    if not isinstance(saved, dict):
+        saved = load_checkpoint(path).get("config") or {}
+    settings = {k: v for k, v in saved.items() if k not in RUNTIME_KEYS}
+    settings["out"] = str(path.parent)
+    return settings
 
 
 def _plain(meta: dict) -> dict:
@@ -76,8 +111,8 @@ class Checkpointer:
         t = self.t
         path = find_checkpoint(t.cfg.out) if spec == "auto" else Path(spec)
         ck = load_checkpoint(path, map_location=t.device)
-        check_compatible(ck["cache_fingerprint"], fingerprint(t.train_index.meta),
-                         f"checkpoint {path.name} vs training cache {t.cfg.train_store}")
+        check_decoder_on_store(ck["model_name"], ck["cache_fingerprint"], t.train_index.meta,
+                               f"checkpoint {path.name} vs training cache {t.cfg.train_store}")
         # Same extractor is not enough: another training set (other annotations, another subset or
         # image list) would continue a schedule that belongs to a different run.
         have, want = training_set(ck["cache_metadata"]["train"], ck["config"]), \

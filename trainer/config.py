@@ -172,11 +172,13 @@ def load_config_file(path: str | Path) -> dict:
     return data
 
 
-def make_config(file: str | Path | None = None, **overrides) -> TrainConfig:
-    """Defaults < ``file`` < ``overrides``; every value converted to its type and range-checked."""
-    values = load_config_file(file) if file else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+def make_config(file: str | Path | None = None, base: dict | None = None, **overrides) -> TrainConfig:
+    """Defaults < ``base`` (a resumed run's saved settings) < ``file`` < ``overrides``; every value
+    converted to its type and range-checked."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in (base or {}).items() if k in known}   # a run saved by an older version
+    values.update(load_config_file(file) if file else {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown options: {', '.join(unknown)}")

@@ -8,7 +8,9 @@ import json
 import logging
 import math
 
-from .checkpoint import publish_alias, write_text_atomic
+from featcache.files import write_text_atomic
+
+from .checkpoint import publish_alias
 from .plots import plot_results
 
 log = logging.getLogger(__name__)
@@ -38,9 +40,11 @@ class LogHook:
     def after_epoch(self, trainer, epoch: int, metrics: dict) -> None:
         out, cfg = trainer.out, trainer.cfg
         out.mkdir(parents=True, exist_ok=True)
-        if not (out / "args.yaml").exists():
-            import yaml
-            write_text_atomic(out / "args.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        import yaml
+        args = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        # the run's current settings (a resume may extend --epochs): what the next --resume reads
+        if not (out / "args.yaml").is_file() or (out / "args.yaml").read_text() != args:
+            write_text_atomic(out / "args.yaml", args)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         self._csv(out / "results.csv", metrics)

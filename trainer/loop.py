@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from featcache.errors import FeatCacheError
+from featcache.files import refuse_overlap
 from featcache.store import FeatureStore, check_compatible
 
 from . import distributed as D
@@ -135,10 +136,17 @@ class Trainer:
         self.checkpointer = Checkpointer(self)
         self.last_checkpoint: Path | None = None
         self.dist, self.device = D.setup(cfg.device)
+        refuse_overlap({"--out": cfg.out}, {"--train-store": cfg.train_store, "--val-store": cfg.val_store,
+                                            "--analysis": cfg.analysis, "--vis-ann": cfg.vis_ann,
+                                            "--vis-image-dir": cfg.vis_image_dir, "--vis-onnx": cfg.vis_onnx},
+                       inputs_inside_outputs=False)
+        # every rank computes the same folder before anything is written
+        self.out = Path(cfg.out) if cfg.resume else fresh_run_folder(Path(cfg.out))
         self.train_index = CacheIndex(cfg.train_store, cfg.train_images)
         self.val_index = CacheIndex(cfg.val_store, cfg.val_images)
-        check_compatible(self.train_index.meta, fingerprint(self.val_index.meta),
-                         f"validation cache {cfg.val_store} vs training cache {cfg.train_store}")
+        check_compatible(fingerprint(self.train_index.meta), fingerprint(self.val_index.meta),
+                         f"validation cache {cfg.val_store} vs training cache {cfg.train_store}",
+                         labels=("training cache has", "validation cache has"))
         if cfg.classes not in (2, 3):
             raise FeatCacheError("--classes must be 2 or 3")
         if cfg.best_metric not in BEST_METRICS:  # checked before training, not after epoch 1
@@ -161,8 +169,10 @@ class Trainer:
         self.amp = cfg.amp and self.cuda
         if cfg.amp and not self.cuda and self.dist.is_main:
             log.info("AMP is a CUDA feature: training in fp32 on %s", self.device)
-        weights = load_class_weights(cfg.analysis, cfg.class_weights, cfg.classes, self.train_index.meta,
-                                     self.train_index.tables["image_id"][self.train_index.images])
+        weights, cfg.analysis = load_class_weights(cfg.analysis, cfg.class_weights, cfg.classes,
+                                                   self.train_index.meta,
+                                                   self.train_index.tables["image_id"][self.train_index.images],
+                                                   self.out, self.dist.is_main)
         self.loss = SegLoss(LossConfig(tuple(weights) if weights else None, cfg.dice_weight,
                                        tuple(cfg.dice_classes), cfg.focal_gamma, cfg.boundary_weight),
                             cfg.classes).to(self.device)
@@ -195,7 +205,6 @@ class Trainer:
         val_sampling = dataclasses.replace(self.sampling, hflip=0.0)
         self.val_source = make_source(cfg.resident, self.val_index, val_sampling, cfg.mask_size, cfg.seed,
                                       cfg.workers, self.device, rank_images(self.val_index.images, r, w))
-        self.out = Path(cfg.out) if cfg.resume else fresh_run_folder(Path(cfg.out))
         if str(self.out) != str(cfg.out) and self.dist.is_main:
             log.warning("%s holds another run's checkpoints: this run writes to %s", cfg.out, self.out)
         cfg.out = str(self.out)
@@ -340,6 +349,9 @@ class Trainer:
     # ---- epochs --------------------------------------------------------------------------
     def fit(self) -> list[dict]:
         """Epoch = train, validate, then the hooks: checkpoint, logs, and the caller's (rank 0)."""
+        if self.start_epoch > self.cfg.epochs and self.dist.is_main:
+            log.warning("nothing to do: the run in %s already finished epoch %d of %d", self.out,
+                        self.start_epoch - 1, self.cfg.epochs)
         for epoch in range(self.start_epoch, self.cfg.epochs + 1):
             metrics = {"epoch": epoch, **self.train_epoch(epoch), **self.validate()}
             self.history.append(metrics)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
+
+from featcache.files import atomic_write
 
 PANELS = [("train loss", ["loss"]), ("learning rate", ["lr"]), ("3-class mIoU", ["mIoU"]),
           ("instance mIoU", ["instance_mIoU"]), ("class IoU", ["iou_background", "iou_target", "iou_non_target"]),
@@ -41,8 +42,9 @@ def plot_results(csv_path: Path, out: Path | None = None) -> Path:
         ax.grid(alpha=0.3)
         if len(keys) > 1:
             ax.legend(fontsize=8)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_write(out, ".png") as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return out

@@ -1,6 +1,9 @@
 """Entry point of `cli.py train`: builds the Trainer with its epoch-end hooks and runs it."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 from .config import TrainConfig
 from .loop import Trainer
 from .inference.visualize import validation_png_hook
@@ -11,9 +14,19 @@ def epoch_hooks(cfg: TrainConfig) -> list:
     return [validation_png_hook(cfg)] if cfg.visualize else []
 
 
-def run_training(cfg: TrainConfig) -> list[dict]:
+@dataclass
+class TrainResult:
+    history: list[dict]          # every epoch of the run (a resumed run's earlier ones included)
+    trained_epochs: int          # epochs this call trained (0: a finished run was resumed)
+    out: Path                    # the run folder
+    epochs: int                  # the run's length
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
     trainer = Trainer(cfg, hooks=epoch_hooks(cfg))
     try:
-        return trainer.fit()
+        start = trainer.start_epoch
+        history = trainer.fit()
+        return TrainResult(history, max(0, trainer.cfg.epochs - start + 1), trainer.out, trainer.cfg.epochs)
     finally:
         trainer.close()

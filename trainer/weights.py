@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.analyze import class_weights, decode_ids, run_analyze, write_json_atomic
+from featcache.analyze import class_weights, decode_ids, run_analyze
+from featcache.files import write_json_atomic
 from featcache.errors import FeatCacheError
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,12 @@ def check_provenance(path: Path, data: dict, store_meta: dict, image_ids=None) -
 
 
 def load_class_weights(analysis: str | Path, variant: str, num_classes: int, store_meta: dict,
-                       image_ids=None) -> list | None:
+                       image_ids=None, run_folder: Path | None = None, write: bool = True) -> tuple[list | None, str]:
+    """(CE class weights or None, the analysis file used).  A missing ``analysis`` is computed from
+    the training cache's annotation file and saved in ``run_folder`` (never into the working
+    directory, where a later run on other data would find it), and the run records that path."""
     if variant == "none":
-        return None
+        return None, str(analysis)
     if variant not in VARIANTS:
         raise FeatCacheError(f"unknown class weight variant {variant!r}; choose from {VARIANTS}")
     path = Path(analysis)
@@ -49,14 +53,15 @@ def load_class_weights(analysis: str | Path, variant: str, num_classes: int, sto
             raise FeatCacheError(f"{path} not found and the cache's annotation file {ann} is not "
                                  f"here to compute it: run `uv run cli.py analyze --out {path}` "
                                  f"or pass --class-weights none")
-        log.info("%s not found: computing it from %s", path, ann)
-        write_json_atomic(run_analyze(ann, roi_padding=store_meta.get("roi_padding", 0.1)), path)
-    try:
-        data = json.loads(path.read_text())
-        data["roi_mean_ratios"], data["class_weights"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FeatCacheError(f"{path} is not a data_analyze.json written by `cli.py analyze` ({exc!r}): "
-                             f"re-run analyze or pass --class-weights none") from exc
+        data = run_analyze(ann, roi_padding=store_meta.get("roi_padding", 0.1), progress=False)
+        if run_folder is not None:
+            path = Path(run_folder) / path.name
+            if write:
+                write_json_atomic(path, data)
+        log.info("%s not found: class weights computed from %s%s", analysis, ann,
+                 f" and saved as {path}" if run_folder is not None else "")
+    else:
+        data = _read_analysis(path)
     check_provenance(path, data, store_meta, image_ids)
     pad = data.get("settings", {}).get("roi_padding")
     if pad is not None and abs(pad - store_meta.get("roi_padding", pad)) > 1e-9:
@@ -70,4 +75,14 @@ def load_class_weights(analysis: str | Path, variant: str, num_classes: int, sto
         w = data["class_weights"][variant]
     weights = [float(w[k]) for k in ratios]
     log.info("class weights (%s from %s): %s", variant, path.name, [round(x, 4) for x in weights])
-    return weights
+    return weights, str(path)
+
+
+def _read_analysis(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        data["roi_mean_ratios"], data["class_weights"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FeatCacheError(f"{path} is not a data_analyze.json written by `cli.py analyze` ({exc!r}): "
+                             f"re-run analyze or pass --class-weights none") from exc
+    return data

@@ -40,6 +40,45 @@ class TorchDecoder:
         return pasted[:, 0].cpu().numpy()
 
 
+def export_contract(props: dict, path: Path) -> dict:
+    """The ``featcache`` metadata of an exported graph (what predict needs: extractor tensor and
+    sha256, preprocessing, ROI padding, shapes), checked against its schema before anything uses
+    it; the ROI padding must be the one the graph itself applies (the top-level ``roi_padding``)."""
+    from featcache.store_check import UntrustedStoreError, check_preprocess
+
+    def bad(what: str):
+        raise FeatCacheError(f"{path}: its featcache metadata {what}; re-export it with `cli.py export`")
+    if "featcache" not in props:
+        raise FeatCacheError(f"{path} is not a decoder exported by `cli.py export` (no featcache metadata); "
+                             f"re-export it from the checkpoint")
+    try:
+        meta = json.loads(props["featcache"])
+    except ValueError:
+        bad("is not JSON")
+    if not isinstance(meta, dict):
+        bad(f"is not a JSON object (a {type(meta).__name__})")
+    ints = lambda v, n: isinstance(v, list) and len(v) == n and all(  # noqa: E731
+        isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+    checks = {"feature_name": lambda v: isinstance(v, str) and v != "",
+              "feature_shape": lambda v: ints(v, 3), "input_hw": lambda v: ints(v, 2),
+              "onnx_sha256": lambda v: isinstance(v, str) and len(v) == 64,
+              "roi_padding": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1}
+    for key, ok in checks.items():
+        if key not in meta or not ok(meta[key]):
+            bad(f"has {key} = {meta.get(key)!r}")
+    try:
+        check_preprocess(meta.get("preprocess"), str(path))
+    except UntrustedStoreError as exc:
+        raise FeatCacheError(f"{exc}; re-export it with `cli.py export`") from None
+    try:
+        graph_padding = float(json.loads(props.get("roi_padding", "nan")))
+    except (TypeError, ValueError):
+        graph_padding = float("nan")
+    if not abs(graph_padding - meta["roi_padding"]) < 1e-9:
+        bad(f"says roi_padding {meta['roi_padding']}, but the graph pads by {props.get('roi_padding')}")
+    return meta
+
+
 class OnnxDecoder:
     """An exported graph (``cli.py export``) in ONNX Runtime: the graph pads the person boxes itself
     (clipped to ``image_rects`` when letterboxed) and its ``logits`` are pasted here with the same
@@ -50,11 +89,7 @@ class OnnxDecoder:
         from featcache.providers import make_session
         path = Path(path)
         model = read_onnx(path, "exported ONNX")
-        props = {p.key: p.value for p in model.metadata_props}
-        if "featcache" not in props:
-            raise FeatCacheError(f"{path} is not a decoder exported by `cli.py export` (no featcache metadata); "
-                                 f"re-export it from the checkpoint")
-        self.meta = json.loads(props["featcache"])
+        self.meta = export_contract({p.key: p.value for p in model.metadata_props}, path)
         self.inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
         if "logits" not in [o.name for o in model.graph.output]:
             raise FeatCacheError(f"{path} has no logits output")

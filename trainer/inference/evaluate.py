@@ -16,9 +16,10 @@ from typing import Iterable
 import torch
 
 from featcache.errors import FeatCacheError
-from featcache.store import FeatureStore, check_compatible
+from featcache.store import FeatureStore
 
 from ..checkpoint import load_checkpoint
+from ..checkpointer import check_decoder_on_store
 from ..data import CacheIndex, epoch_batches, make_source
 from ..sampling import RoiSampling
 from .evaluator import RoiEvaluator
@@ -64,8 +65,10 @@ def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: l
             raise FeatCacheError(f"val store not found: {store} (pass --val-store, or --ann and --images)")
         index = CacheIndex(store, val_images if val_images is not None else
                            (cfg.get("val_images") if val_store is None else None))
-    check_compatible(ck["cache_fingerprint"], {k: index.meta.get(k) for k in ck["cache_fingerprint"]},
-                     f"checkpoint {Path(path).name} vs val store {index.path}")
+    check_decoder_on_store(ck["model_name"], ck["cache_fingerprint"], index.meta,
+                           f"checkpoint {Path(path).name} vs val store {index.path}")
+    if len(index.images) == 0:
+        raise FeatCacheError(f"{index.path} holds no cached image to evaluate on")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model.to(dev)
@@ -91,13 +94,19 @@ def live_store(ck_path: Path, ann: Path, images: Path, work_dir: Path | None, on
     meta = load_checkpoint(ck_path)["cache_metadata"]["train"]
     open_extractor(meta, onnx, "cpu")  # the same extractor (sha256) before any work
     prep = meta["preprocess"]
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="evaluate_", dir=work_dir) as tmp:
         out = Path(tmp) / "val.zarr"
-        run_cache(CacheConfig(ann=Path(ann), images=Path(images), onnx=Path(onnx or meta["onnx_path"]), out=out,
-                              feature_name=meta["feature_name"], provider=provider,
-                              channel_order=prep["channel_order"], scale=float(prep["scale"]),
-                              resize=prep["policy"]["mode"], roi_padding=float(meta["roi_padding"]),
-                              limit=limit), progress=True)
+        s = run_cache(CacheConfig(ann=Path(ann), images=Path(images), onnx=Path(onnx or meta["onnx_path"]), out=out,
+                                  feature_name=meta["feature_name"], provider=provider,
+                                  channel_order=prep["channel_order"], scale=float(prep["scale"]),
+                                  resize=prep["policy"]["mode"], roi_padding=float(meta["roi_padding"]),
+                                  limit=limit), progress=True)
+        if s["cached"] == 0:
+            reasons = "\n  ".join(f"{k}: {v}" for k, v in list(s["skipped"].items())[:5])
+            raise FeatCacheError(f"none of the {s['images']} images of --ann {ann} could be read from --images "
+                                 f"{images}:\n  {reasons}")
         yield out
 
 

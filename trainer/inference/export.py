@@ -24,8 +24,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featcache.errors import FeatCacheError
+from featcache.files import atomic_write
 from featcache.geometry import pad_box
 
 from ..models import FeatureNorm, interp_weights, paste_masks
@@ -233,46 +234,93 @@ def predictor_metadata(meta: dict, checkpoint: str) -> dict:
     return {"checkpoint": checkpoint, "featcache": {k: meta[k] for k in keep if k in meta}}
 
 
+MIN_OPSET = 16     # RoiAlign with coordinate_transformation_mode=half_pixel (aligned=True)
+
+
+def supported_opsets() -> range:
+    """Opsets this installation can both write (torch's TorchScript exporter) and run (ONNX Runtime)."""
+    from functools import lru_cache
+
+    @lru_cache(maxsize=1)
+    def ort_max() -> int:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+        best = MIN_OPSET
+        for v in range(MIN_OPSET, 40):
+            g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+            m = helper.make_model(g, opset_imports=[helper.make_opsetid("", v)], ir_version=8)
+            try:
+                ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            except Exception:  # noqa: BLE001 - the first opset it refuses ends the range
+                break
+            best = v
+        return best
+    try:
+        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as torch_max
+    except ImportError:
+        torch_max = 20
+    return range(MIN_OPSET, min(torch_max, ort_max()) + 1)
+
+
+def check_opset(opset: int) -> None:
+    ok = supported_opsets()
+    if opset not in ok:
+        raise ExportError(f"--opset {opset} is not supported here: torch writes and ONNX Runtime runs opsets "
+                          f"{ok.start}-{ok.stop - 1} (RoiAlign needs 16+)")
+
+
 def export_decoder(model, spec: ExportSpec, out: Path, opset: int = 17, meta: dict | None = None) -> Path:
-    """Write the decoder graph to ``out`` (temp file + rename)."""
+    """Write the decoder graph to ``out`` (temp file + rename; ``export_checked`` also validates
+    before the rename)."""
     wrapper = DecoderExport(model.cpu().float(), spec)
     inputs = sample_inputs(spec, 6)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     dyn = {"features": {0: "B"}, "rois": {0: "N"}, "image_rects": {0: "B"}, "instance_map": {0: "B"},
            **{k: {0: "N"} for k in ("masks", "logits", "roi_boxes", "probs")}}
     dyn = {k: v for k, v in dyn.items() if k in spec.inputs + spec.outputs}
-    try:
-        with torch.no_grad():
+    with atomic_write(out) as tmp:
+        # the tracer's notes (constant folding, Python values in the graph) are about its internals
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, inputs, str(tmp), input_names=spec.inputs, output_names=spec.outputs,
                               opset_version=opset, dynamo=False, dynamic_axes=dyn)
         m = onnx.load(str(tmp))
         for k, v in export_metadata(spec, meta).items():
             m.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-        save_onnx_atomic(m, out, tmp)
-    finally:
-        tmp.unlink(missing_ok=True)
+        onnx.save(m, str(tmp))
     return out
 
 
-def save_onnx_atomic(model: onnx.ModelProto, out: Path, tmp: Path | None = None) -> Path:
-    """Temp name + rename: a full disk leaves the previous file at ``out``, never a truncated one."""
-    tmp = tmp or out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        onnx.save(model, str(tmp))
-        os.replace(tmp, out)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+def export_checked(model, spec: ExportSpec, out: Path, opset: int, meta: dict | None = None,
+                   end_to_end: tuple | None = None) -> dict:
+    """Write the decoder graph (and, with ``end_to_end`` = (extractor ONNX, feature name, path), the
+    joined graph), check parity with PyTorch and that ONNX Runtime loads each, all on temp files;
+    rename them into place only when everything passed, so a failure keeps the previous files."""
+    check_opset(opset)
+    out = Path(out)
+    with atomic_write(out) as tmp_dec:
+        export_decoder(model, spec, tmp_dec, opset, meta)
+        report = check_parity(model, tmp_dec, spec)
+        if end_to_end is not None:
+            ext, feature_name, e2e = end_to_end
+            with atomic_write(e2e) as tmp_e2e:
+                export_end_to_end(ext, feature_name, tmp_dec, tmp_e2e)
+                _session(tmp_e2e)
+    return report
 
 
 def _session(path: Path):
+    """A CPU session of an exported graph; one that ONNX Runtime cannot load is an ``ExportError``."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+        raise ExportError(f"ONNX Runtime cannot load the exported graph: {str(exc).splitlines()[0][:300]}") from exc
 
 
 def _ambiguous_pixels(fg: np.ndarray, idx: np.ndarray, batch: int, t: float, tol: float) -> np.ndarray:
@@ -376,7 +424,9 @@ def export_end_to_end(extractor_onnx: Path, feature_name: str, decoder_onnx: Pat
                                        outputs=[f"decoder/{o}" for o in outputs])
     _rename(merged.graph, {f"decoder/{k}": k for k in ["rois", "image_rects"] + outputs})
     onnx.checker.check_model(merged)
-    return save_onnx_atomic(merged, Path(out))
+    with atomic_write(out) as tmp:
+        onnx.save(merged, str(tmp))
+    return Path(out)
 
 
 def _rename(graph, names: dict) -> None:

@@ -1,17 +1,21 @@
 """`cli.py predict`: images, folders, videos or a camera -> person masks.
 
 image -> extractor (features + its own detection output, one ORT run) -> person boxes (or boxes from
-a file / the annotations) -> decoder over all persons at once -> each mask pasted in its window.
-Writes an overlay per input (a video for video/camera input), ``predictions.json`` (COCO results:
-RLE + bbox + score, what pycocotools' ``loadRes`` reads), optionally one PNG per person
-(``--save-masks``) and COCO polygons (``--polygons``: OpenCV ``findContours``, outer contours).
+a file / the annotations: ``boxes.py``) -> decoder over all persons at once -> each mask pasted in
+its window.  Writes an overlay per input (a video for video/camera input), ``predictions.json``
+(COCO results: RLE + bbox + score + file name, what pycocotools' ``loadRes`` reads), optionally one
+PNG per person (``--save-masks``) and COCO polygons (``--polygons``: OpenCV ``findContours``).
+
+Before anything runs, the source, the boxes and the output folder are checked: an output never
+replaces an input, a used ``--out`` gives ``out2``, ``out3`` ... (two runs never mix), and a bad
+image is skipped with its reason while the others go on.
 """
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,13 +25,14 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from featcache.errors import FeatCacheError
-from featcache.geometry import coco_xywh_to_xyxy
-from featcache.images import ImageDecodeError, load_rgb
+from featcache.files import atomic_write, refuse_overlap, write_json_atomic
+from featcache.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
 
 from ..metrics import instance_iou
+from .boxes import BoxSource
 from .detection import DetectionSettings
 from .predictor import THRESHOLD, Prediction, Predictor
-from .visualize import ALPHA, BOX_RED, _font, person_colour
+from .visualize import ALPHA, BOX_RED, font, person_colour
 
 log = logging.getLogger(__name__)
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -56,6 +61,14 @@ class PredictOptions:
     max_frames: int | None = None
     only: list | None = None             # restrict a folder to these file names
     progress: bool = True
+    exif: bool | None = None             # apply EXIF orientation; None: only with boxes from the extractor
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @property
+    def apply_exif(self) -> bool:
+        """Boxes from files and annotations refer to the pixels as stored (COCO's convention), so
+        rotating the image would misplace them; the extractor's own boxes follow the image."""
+        return self.exif if self.exif is not None else self.boxes == "auto"
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -63,17 +76,67 @@ def is_camera(source) -> bool:
     return isinstance(source, int) or (isinstance(source, str) and source.isdigit())
 
 
+@dataclass
+class Source:
+    """What ``--source`` names: image files (``files``), a video file or a camera."""
+    kind: str                      # images | video | camera
+    spec: str | Path
+    files: list = field(default_factory=list)
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.kind == "camera" else Path(self.spec)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.files]
+
+
+def open_source(source, only=None) -> Source:
+    """Check ``--source`` before any model loads."""
+    if source is None or str(source).strip() == "":
+        raise FeatCacheError("--source is empty: give an image, a folder, a video file or a camera index")
+    if is_camera(source):
+        return Source("camera", source)
+    path = Path(str(source))
+    if path.suffix.lower() in VIDEO_EXT:
+        if not path.is_file():
+            raise FeatCacheError(f"--source not found: {path}")
+        return Source("video", path)
+    return Source("images", path, list_images(path, only))
+
+
 def list_images(source: Path, only=None) -> list[Path]:
     if source.is_file():
         return [source]
     if not source.is_dir():
         raise FeatCacheError(f"--source not found: {source}")
-    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXT)
+    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXT and p.is_file())
     if only is not None:
         files = [p for p in files if p.name in set(only)]
     if not files:
         raise FeatCacheError(f"no images ({', '.join(sorted(IMAGE_EXT))}) in {source}")
     return files
+
+
+def output_stems(names: list[str]) -> dict[str, str]:
+    """File name -> the stem of its outputs: the stem, or the whole name when two files share a
+    stem (``a.png``, ``a.webp`` -> ``a.png``, ``a.webp``), so no output replaces another's."""
+    clash = Counter(Path(n).stem for n in names)
+    return {n: Path(n).stem if clash[Path(n).stem] == 1 else n for n in names}
+
+
+def fresh_output_folder(out: Path) -> Path:
+    """``out`` when it is new or empty, else the first free ``out2``, ``out3`` ...: two runs
+    never mix their files."""
+    def used(d: Path) -> bool:
+        return d.exists() and (not d.is_dir() or any(d.iterdir()))
+    if not used(out):
+        return out
+    k = 2
+    while used(out.with_name(f"{out.name}{k}")):
+        k += 1
+    return out.with_name(f"{out.name}{k}")
 
 
 def video_frames(source, max_frames=None):
@@ -100,94 +163,6 @@ def video_frames(source, max_frames=None):
     return frames(), fps, int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
 
 
-# ---- boxes ------------------------------------------------------------------------------------
-class BoxSource:
-    """Person boxes per image: ``auto`` (None: the extractor detects), ``gt`` (persons of ``--ann``),
-    or a JSON file: COCO detection results (``image_id``, ``bbox`` [x, y, w, h] pixels, ``score``;
-    images matched by id), COCO annotations (matched by file name), or ``{file_name: [[4 normalized
-    numbers], ...]}`` in ``box_format`` (``xyxy`` or ``cxcywh``)."""
-
-    def __init__(self, spec: str, ann: Path | None, box_format: str = "xyxy"):
-        self.spec, self.fmt = spec, box_format
-        self.ids: dict[str, int] = {}          # file name -> image id (from --ann)
-        self.person_cat = 1
-        self.by_name: dict[str, tuple] = {}    # normalized boxes, scores, annotation ids
-        self.by_id: dict[int, list] = {}       # pixel boxes + scores (COCO results)
-        self.gt_rles: dict[str, list] = {}
-        if spec == "gt" and ann is None:
-            raise FeatCacheError("--boxes gt needs --ann (the annotation file with the person boxes)")
-        if ann is not None:
-            self._load_ann(Path(ann))
-        if spec not in ("auto", "gt"):
-            self._load_file(Path(spec))
-
-    def _load_ann(self, ann: Path) -> None:
-        from featcache.coco import load_person_records
-        if not ann.is_file():
-            raise FeatCacheError(f"--ann not found: {ann}")
-        records, _ = load_person_records(ann, keep_empty_images=True)
-        for r in records:
-            self.ids[r.file_name] = r.image_id
-            if self.spec == "gt":
-                self.by_name[r.file_name] = (np.array([i.box_norm for i in r.instances]).reshape(-1, 4),
-                                             np.ones(len(r.instances)), [i.ann_id for i in r.instances])
-                self.gt_rles[r.file_name] = [i.rle for i in r.instances]
-        cats = [c["id"] for c in json.loads(ann.read_text()).get("categories", []) if c.get("name") == "person"]
-        self.person_cat = cats[0] if cats else 1
-
-    def _load_file(self, path: Path) -> None:
-        if not path.is_file():
-            raise FeatCacheError(f"--boxes: not an existing file, 'auto' or 'gt': {path}")
-        try:
-            d = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise FeatCacheError(f"--boxes {path} is not JSON: {exc}") from exc
-        try:
-            if isinstance(d, dict) and "annotations" in d:            # COCO annotations
-                ims = {im["id"]: im for im in d.get("images", [])}
-                for a in d["annotations"]:
-                    if a.get("iscrowd"):
-                        continue
-                    im = ims[a["image_id"]]
-                    w, h = im["width"], im["height"]
-                    b, s, _ = self.by_name.setdefault(im["file_name"], ([], [], None))
-                    b.append(coco_xywh_to_xyxy(a["bbox"]) / [w, h, w, h])
-                    s.append(float(a.get("score", 1.0)))
-                self.by_name = {k: (np.array(b).reshape(-1, 4), np.array(s), None) for k, (b, s, _) in self.by_name.items()}
-            elif isinstance(d, list):                                   # COCO detection results
-                for a in d:
-                    self.by_id.setdefault(int(a["image_id"]), []).append((a["bbox"], float(a.get("score", 1.0))))
-            elif isinstance(d, dict):                                   # {file_name: normalized boxes}
-                from featcache.geometry import as_xyxy
-                for name, boxes in d.items():
-                    b = as_xyxy(np.asarray(boxes, np.float64).reshape(-1, 4), self.fmt)
-                    self.by_name[name] = (b, np.ones(len(b)), None)
-            else:
-                raise TypeError(type(d).__name__)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FeatCacheError(f"--boxes {path}: expected COCO detection results, COCO annotations or "
-                                 f"{{file_name: [[4 normalized numbers], ...]}} ({exc!r})") from exc
-
-    def boxes_for(self, name: str, image_id: int, size) -> tuple | None:
-        """(normalized xyxy [N,4], scores [N], annotation ids or None); None for ``auto``."""
-        if self.spec == "auto":
-            return None
-        if self.by_id:
-            h, w = size
-            rows = self.by_id.get(image_id, [])
-            boxes = np.array([coco_xywh_to_xyxy(b) / [w, h, w, h] for b, _ in rows]).reshape(-1, 4)
-            return boxes, np.array([s for _, s in rows], np.float64), None
-        return self.by_name.get(name, (np.zeros((0, 4)), np.zeros(0), None))
-
-
-def image_id_of(name: str, ids: dict, fallback: int) -> int:
-    """The annotation's id (by file name), else the number in the file name, else ``fallback``."""
-    if name in ids:
-        return int(ids[name])
-    digits = re.findall(r"\d+", Path(name).stem)
-    return int(digits[-1]) if digits else fallback
-
-
 # ---- outputs ----------------------------------------------------------------------------------
 def overlay(im: Image.Image, pred: Prediction, threshold: float, boxes: bool = True, scores: bool = True) -> Image.Image:
     """Masks in per-person colours (blended inside each window only), boxes and scores optional."""
@@ -198,12 +173,12 @@ def overlay(im: Image.Image, pred: Prediction, threshold: float, boxes: bool = T
     out = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
     if boxes and len(pred):
         draw = ImageDraw.Draw(out)
-        font = _font(max(11, out.height // 45), True)
+        label_font = font(max(11, out.height // 45), True)
         h, w = pred.size
         for k, b in enumerate(pred.boxes * [w, h, w, h]):
             draw.rectangle(list(b), outline=person_colour(k) if not scores else BOX_RED, width=2)
             if scores:
-                draw.text((b[0] + 3, b[1] + 2), f"{k} {pred.scores[k]:.2f}", fill=BOX_RED, font=font)
+                draw.text((b[0] + 3, b[1] + 2), f"{k} {pred.scores[k]:.2f}", fill=BOX_RED, font=label_font)
     return out
 
 
@@ -219,7 +194,7 @@ def polygons_of(mask: np.ndarray, offset=(0, 0), min_area: float = 4.0) -> list[
 
 
 def coco_results(pred: Prediction, image_id: int, category_id: int, threshold: float,
-                 ann_ids=None) -> list[dict]:
+                 ann_ids=None, file_name: str | None = None) -> list[dict]:
     """One COCO result per person: full-image RLE, person bbox [x, y, w, h] and score.  The score
     is the detector's for detected boxes, else the mask's mean probability."""
     h, w = pred.size
@@ -235,102 +210,68 @@ def coco_results(pred: Prediction, image_id: int, category_id: int, threshold: f
         r = {"image_id": image_id, "category_id": category_id, "segmentation": rle,
              "bbox": [round(float(v), 2) for v in (bx[0], bx[1], bx[2] - bx[0], bx[3] - bx[1])],
              "score": round(score, 5)}
+        if file_name is not None:
+            r["file_name"] = file_name
         if ann_ids is not None:
             r["gt_ann_id"] = int(ann_ids[k])
         out.append(r)
     return out
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)
+class Outputs:
+    """Everything one predict run writes into its folder, one image at a time; ``close`` writes the
+    JSON files (also after an error, for the images done before it)."""
 
+    def __init__(self, out: Path, opts: PredictOptions, category_id: int, stems: dict[str, str]):
+        self.out, self.opts, self.cat, self.stems = out, opts, category_id, stems
+        self.results: list[dict] = []
+        self.poly_images: list[dict] = []
+        self.poly_anns: list[dict] = []
+        self.video = None
+        out.mkdir(parents=True, exist_ok=True)
 
-# ---- the run ----------------------------------------------------------------------------------
-def run_predict(opts: PredictOptions, predictor: Predictor | None = None) -> dict:
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    boxes = BoxSource(opts.boxes, opts.ann, opts.box_format)
-    if predictor is None:
-        detection = opts.detection if opts.boxes == "auto" else None
-        predictor = (Predictor.from_onnx(opts.exported, opts.onnx, opts.provider, detection) if opts.exported else
-                     Predictor.from_checkpoint(opts.checkpoint, opts.onnx, opts.provider, opts.device, detection))
-    log.info("image encoder on %s, decoder on %s", predictor.provider, predictor.decoder.provider)
-    results, poly_anns, poly_images, ious = [], [], [], []
-    t0, n_done, n_persons = time.perf_counter(), 0, 0
-    source = opts.source
-    video = is_camera(source) or Path(str(source)).suffix.lower() in VIDEO_EXT
-    writer = None
-    if video:
-        frames, fps, total = video_frames(source, opts.max_frames)
-        stem = f"camera{source}" if is_camera(source) else Path(str(source)).stem
-        items = ((f"{stem}_{k:06d}", im, k) for k, im in frames)
-    else:
-        files = list_images(Path(source), opts.only)
-        total = len(files)
-        items = ((p.name, p, k) for k, p in enumerate(files))
-    bar = tqdm(items, total=total or None, unit="img", desc="predict", disable=not opts.progress)
-    skipped = []
-    try:
-        for name, item, k in bar:
-            try:
-                im = load_rgb(item) if isinstance(item, Path) else item
-            except ImageDecodeError as exc:
-                skipped.append(f"{name}: {exc}")
-                continue
-            image_id = k if video else image_id_of(name, boxes.ids, k)
-            given = boxes.boxes_for(name, image_id, (im.height, im.width))
-            pred = predictor.predict(im) if given is None else predictor.predict(im, given[0], scores=given[1])
-            ann_ids = given[2] if given is not None else None
-            n_done += 1
-            n_persons += len(pred)
-            results += coco_results(pred, image_id, boxes.person_cat, opts.threshold, ann_ids)
-            if ann_ids is not None and name in boxes.gt_rles:
-                ious += [instance_iou(m, win, rle) for m, win, rle in
-                         zip(pred.window_masks(opts.threshold), pred.windows, boxes.gt_rles[name])]
-            if opts.overlays:
-                vis = overlay(im, pred, opts.threshold, opts.show_boxes, opts.show_scores)
-                if video:
-                    writer = writer or _video_writer(out / f"{stem}.mp4", fps, vis.size)
-                    writer.write(np.asarray(vis)[..., ::-1])
-                else:
-                    tmp = out / f".{Path(name).stem}.tmp.jpg"
+    def add(self, name: str, im: Image.Image, pred: Prediction, image_id: int, ann_ids=None,
+            video: tuple | None = None) -> None:
+        o = self.opts
+        results = coco_results(pred, image_id, self.cat, o.threshold, ann_ids, None if video else name)
+        self.results += results
+        stem = self.stems.get(name, Path(name).stem)
+        if o.overlays:
+            vis = overlay(im, pred, o.threshold, o.show_boxes, o.show_scores)
+            if video:
+                self.video = self.video or _video_writer(self.out / video[0], video[1], vis.size)
+                self.video.write(np.asarray(vis)[..., ::-1])
+            else:
+                with atomic_write(self.out / f"{stem}.jpg", ".jpg") as tmp:
                     vis.save(tmp, quality=90)
-                    tmp.replace(out / f"{Path(name).stem}.jpg")
-            if opts.save_masks:
-                (out / "masks").mkdir(exist_ok=True)
-                for j, m in enumerate(pred.full_masks(opts.threshold)):
-                    dst = out / "masks" / f"{Path(name).stem}_{j:03d}.png"
-                    tmp = dst.with_name(f".{dst.name}.tmp.png")
+        if o.save_masks:
+            (self.out / "masks").mkdir(exist_ok=True)
+            for j, m in enumerate(pred.full_masks(o.threshold)):
+                with atomic_write(self.out / "masks" / f"{stem}_{j:03d}.png", ".png") as tmp:
                     Image.fromarray(m.astype(np.uint8) * 255).save(tmp)
-                    tmp.replace(dst)
-            if opts.polygons:
-                h, w = pred.size
-                poly_images.append({"id": image_id, "file_name": name, "width": w, "height": h})
-                for j, (m, win) in enumerate(zip(pred.window_masks(opts.threshold), pred.windows)):
-                    segs = polygons_of(m, win[:2])
-                    if segs:
-                        poly_anns.append({"id": len(poly_anns) + 1, "image_id": image_id,
-                                          "category_id": boxes.person_cat, "segmentation": segs,
-                                          "area": float(m.sum()), "bbox": results[-len(pred) + j]["bbox"],
-                                          "iscrowd": 0, "score": results[-len(pred) + j]["score"]})
-            bar.set_postfix(persons=n_persons)
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.release()
-    _write_json(out / "predictions.json", results)
-    if opts.polygons:
-        _write_json(out / "predictions_polygons.json", {"images": poly_images, "annotations": poly_anns,
-                                                        "categories": [{"id": boxes.person_cat, "name": "person"}]})
-    dt = time.perf_counter() - t0
-    summary = {"images": n_done, "persons": n_persons, "seconds": round(dt, 2),
-               "images_per_s": round(n_done / dt, 2) if dt else 0.0, "out": str(out), "skipped": skipped,
-               "provider": predictor.provider, "decoder": predictor.decoder.provider}
-    if ious:
-        summary["instance_mIoU"] = float(np.mean(ious))
-    return summary
+        if o.polygons:
+            self._polygons(name, pred, image_id, results)
+
+    def _polygons(self, name: str, pred: Prediction, image_id: int, results: list[dict]) -> None:
+        h, w = pred.size
+        self.poly_images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+        for r, m, win in zip(results, pred.window_masks(self.opts.threshold), pred.windows):
+            segs = polygons_of(m, win[:2])
+            if segs:
+                self.poly_anns.append({"id": len(self.poly_anns) + 1, "image_id": image_id,
+                                       "category_id": self.cat, "segmentation": segs, "area": float(m.sum()),
+                                       "bbox": r["bbox"], "iscrowd": 0, "score": r["score"]})
+
+    def close(self, write: bool) -> None:
+        if self.video is not None:
+            self.video.release()
+        if not write:
+            return
+        write_json_atomic(self.out / "predictions.json", self.results, indent=None)
+        if self.opts.polygons:
+            write_json_atomic(self.out / "predictions_polygons.json",
+                              {"images": self.poly_images, "annotations": self.poly_anns,
+                               "categories": [{"id": self.cat, "name": "person"}]}, indent=None)
 
 
 def _video_writer(path: Path, fps: float, size):
@@ -339,3 +280,82 @@ def _video_writer(path: Path, fps: float, size):
     if not w.isOpened():
         raise FeatCacheError(f"cannot write video {path}")
     return w
+
+
+# ---- the run ----------------------------------------------------------------------------------
+def _items(source: Source, opts: PredictOptions, boxes: BoxSource):
+    """((name, image loader, image id) ..., count, (video file name, fps) or None).  Image ids are
+    the annotation's (by file name), else a running index (video: the frame index); never guessed
+    from digits in file names, which collide (``cam1_0001``, ``cam2_0001``)."""
+    if source.kind == "images":
+        files = source.files
+        ids = [boxes.ids.get(p.name, k) for k, p in enumerate(files)]
+        return ((((p.name, lambda p=p: load_rgb(p, opts.max_pixels, opts.apply_exif), i)
+                  for p, i in zip(files, ids))), len(files), None)
+    frames, fps, total = video_frames(source.spec, opts.max_frames)
+    stem = f"camera{source.spec}" if source.kind == "camera" else Path(str(source.spec)).stem
+    return (((f"{stem}_{k:06d}", lambda im=im: im, k) for k, im in frames), total or None, (f"{stem}.mp4", fps))
+
+
+def _inputs(opts: PredictOptions, source: Source) -> dict:
+    return {"--source": source.path, "--checkpoint": opts.checkpoint, "--exported": opts.exported,
+            "--onnx": opts.onnx, "--ann": opts.ann,
+            "--boxes": opts.boxes if opts.boxes not in ("auto", "gt") else None}
+
+
+def run_predict(opts: PredictOptions, predictor: Predictor | None = None) -> dict:
+    source = open_source(opts.source, opts.only)
+    boxes = BoxSource(opts.boxes, opts.ann, opts.box_format)
+    if source.kind == "images":
+        boxes.check_matches(source.names)
+    refuse_overlap({"--out": opts.out}, _inputs(opts, source))
+    out = fresh_output_folder(Path(opts.out))
+    if out != Path(opts.out):
+        log.warning("%s holds an earlier run: writing to %s", opts.out, out)
+    if predictor is None:
+        detection = opts.detection if opts.boxes == "auto" else None
+        predictor = (Predictor.from_onnx(opts.exported, opts.onnx, opts.provider, detection) if opts.exported else
+                     Predictor.from_checkpoint(opts.checkpoint, opts.onnx, opts.provider, opts.device, detection))
+    log.info("image encoder on %s, decoder on %s", predictor.provider, predictor.decoder.provider)
+    items, total, video = _items(source, opts, boxes)
+    sink = Outputs(out, opts, boxes.person_cat, output_stems(source.names))
+    t0, n_done, n_persons, skipped, ious = time.perf_counter(), 0, 0, [], []
+    bar = tqdm(items, total=total, unit="img", desc="predict", disable=not opts.progress)
+    try:
+        for name, load, image_id in bar:
+            try:
+                im = load()
+            except ImageDecodeError as exc:
+                skipped.append(f"{name}: {exc}")
+                continue
+            given = boxes.boxes_for(name, (im.height, im.width))
+
+            def moving(done, n):       # thousands of boxes: the bar shows persons as they are decoded
+                bar.set_postfix(persons=f"{n_persons + done}" + (f" ({done}/{n} of this image)" if n > done else ""))
+            pred = (predictor.predict(im, progress=moving) if given is None else
+                    predictor.predict(im, given[0], scores=given[1], progress=moving))
+            sink.add(name, im, pred, image_id, given[2] if given is not None else None, video)
+            n_done += 1
+            n_persons += len(pred)
+            if given is not None and given[2] is not None and name in boxes.gt_rles:
+                gt = {a: r for a, r in zip(boxes.by_name[name][2], boxes.gt_rles[name])}
+                ious += [instance_iou(m, win, gt[a]) for m, win, a in
+                         zip(pred.window_masks(opts.threshold), pred.windows, given[2])]
+            bar.set_postfix(persons=n_persons)
+    except BaseException:
+        if n_done:
+            log.warning("stopped by an error: predictions of the %d image(s) done before it are in %s", n_done, out)
+        raise
+    finally:
+        bar.close()
+        sink.close(write=n_done > 0)
+    if n_done == 0:
+        raise FeatCacheError("no image could be read from --source:\n  " + "\n  ".join(skipped[:20]))
+    dt = time.perf_counter() - t0
+    summary = {"images": n_done, "persons": n_persons, "seconds": round(dt, 2),
+               "images_per_s": round(n_done / dt, 2) if dt else 0.0, "out": str(out), "skipped": skipped,
+               "boxes_skipped": boxes.skipped_summary(),
+               "provider": predictor.provider, "decoder": predictor.decoder.provider}
+    if ious:
+        summary["instance_mIoU"] = float(np.mean(ious))
+    return summary

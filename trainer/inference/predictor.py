@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from featcache.analyze import file_sha256
+from featcache.files import file_sha256
 from featcache.errors import FeatCacheError
-from featcache.extractor import Extractor
+from featcache.extractor import Extractor, UnknownTensorError
 from featcache.geometry import ResizePolicy, as_xyxy, content_rect, pad_box
-from featcache.images import Preprocess, load_rgb, preprocess
+from featcache.images import Preprocess, load_rgb, preprocess, to_rgb8
 from featcache.targets import native_crop
 
 from .backends import OnnxDecoder, TorchDecoder
@@ -85,6 +85,10 @@ class Predictor:
     """``decoder``: a checkpoint's ``nn.Module`` (run on ``device``) or an ``OnnxDecoder``;
     ``extractor``: None for an end-to-end graph, which takes the image itself."""
 
+    # ROIs per decoder run: an image with thousands of boxes is decoded in pieces (memory stays
+    # bounded, and the caller's progress callback moves between them)
+    max_rois_per_run = 64
+
     def __init__(self, decoder, meta: dict, extractor: Extractor | None, device="cpu",
                  detection: DetectionSettings | None = None):
         self.decoder = decoder if isinstance(decoder, OnnxDecoder) else TorchDecoder(decoder, device)
@@ -129,10 +133,11 @@ class Predictor:
         extractor = None if dec.end_to_end else open_extractor(dec.meta, onnx_path, provider, detection is not None)
         return cls(dec, dec.meta, extractor, "cpu", detection)
 
-    def predict(self, image, boxes=None, box_format: str = "xyxy", scores=None) -> Prediction:
+    def predict(self, image, boxes=None, box_format: str = "xyxy", scores=None, progress=None) -> Prediction:
         """``image``: path or PIL image; ``boxes``: normalized person boxes [N, 4] of that image, or
-        None for the extractor's own detections."""
-        im = load_rgb(image) if not isinstance(image, Image.Image) else image.convert("RGB")
+        None for the extractor's own detections; ``progress(done, total)``: called as persons are
+        decoded."""
+        im = load_rgb(image) if not isinstance(image, Image.Image) else to_rgb8(image)
         w, h = im.size
         x = preprocess(im, self.prep)[None]
         if self.extractor is None:          # end-to-end graph: it encodes the image itself
@@ -150,26 +155,34 @@ class Predictor:
             boxes = self.policy.input_norm_to_norm(px / np.array([iw, ih, iw, ih]), w, h)
         boxes = as_xyxy(np.asarray(boxes, np.float64).reshape(-1, 4), box_format).clip(0, 1)
         scores = np.ones(len(boxes)) if scores is None else np.asarray(scores, np.float64).reshape(-1)
-        return self.predict_features(feats, (h, w), boxes, scores)
+        return self.predict_features(feats, (h, w), boxes, scores, progress)
 
-    def predict_features(self, feats: np.ndarray, size, boxes: np.ndarray, scores: np.ndarray) -> Prediction:
+    def predict_features(self, feats: np.ndarray, size, boxes: np.ndarray, scores: np.ndarray,
+                         progress=None) -> Prediction:
         """Decoder + window paste for features of one image already extracted (the preprocessed
-        image for an end-to-end graph)."""
+        image for an end-to-end graph), ``max_rois_per_run`` persons at a time."""
         h, w = size
         rois = pad_box(boxes, self.roi_padding).reshape(-1, 4)
         windows = np.array([native_crop(b, h, w) for b in rois * [w, h, w, h]], np.int64).reshape(-1, 4)
         pred = Prediction((h, w), boxes, scores, rois, windows)
-        if len(rois) == 0:
-            return pred
-        # One paste into a frame as big as the largest window; each ROI keeps its own corner.
+        for a in range(0, len(rois), self.max_rois_per_run):
+            pred.probs += self._decode(feats, (h, w), boxes[a:a + self.max_rois_per_run],
+                                       rois[a:a + self.max_rois_per_run], windows[a:a + self.max_rois_per_run])
+            if progress is not None:
+                progress(len(pred.probs), len(rois))
+        return pred
+
+    def _decode(self, feats, size, boxes, rois, windows) -> list[np.ndarray]:
+        """Each person's class-1 probability on its window: one paste into a frame as big as the
+        largest window, each ROI keeping its own corner."""
+        h, w = size
         hmax = max(int((windows[:, 3] - windows[:, 1]).max()), 1)
         wmax = max(int((windows[:, 2] - windows[:, 0]).max()), 1)
         rel = rois * [w, h, w, h] - np.tile(windows[:, :2], 2)
         pasted = self.decoder(feats, self.policy.norm_to_input_norm(boxes, w, h),
                               self.policy.norm_to_input_norm(rois, w, h), content_rect(self.policy, w, h),
                               rel, (hmax, wmax))
-        pred.probs = [pasted[k, : y1 - y0, : x1 - x0] for k, (x0, y0, x1, y1) in enumerate(windows)]
-        return pred
+        return [pasted[k, : y1 - y0, : x1 - x0] for k, (x0, y0, x1, y1) in enumerate(windows)]
 
 
 def open_extractor(meta: dict, onnx_path=None, provider="auto", detections: bool = False) -> Extractor:
@@ -181,4 +194,12 @@ def open_extractor(meta: dict, onnx_path=None, provider="auto", detections: bool
     if file_sha256(path) != meta["onnx_sha256"]:
         raise FeatCacheError(f"{path} is not the extractor this decoder was trained on "
                              f"(sha256 differs from the cache's {meta['onnx_sha256'][:12]}...)")
-    return Extractor(path, meta["feature_name"], provider, streams=1, extra_outputs="all" if detections else ())
+    try:
+        ex = Extractor(path, meta["feature_name"], provider, streams=1, extra_outputs="all" if detections else ())
+    except UnknownTensorError:
+        raise FeatCacheError(f"the decoder was trained on the tensor {meta['feature_name']!r}, which {path} does "
+                             f"not have: its metadata does not belong to this extractor") from None
+    if list(ex.feature_shape) != list(meta["feature_shape"]):     # channels and map size the decoder expects
+        raise FeatCacheError(f"{path} gives {meta['feature_name']} as {list(ex.feature_shape)}, but the decoder was "
+                             f"trained on {list(meta['feature_shape'])}")
+    return ex

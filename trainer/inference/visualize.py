@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from featcache.coco import ImageRecord, decode_masks, load_person_records
+from featcache.files import atomic_write
 from featcache.synthetic import VAL_VIS_IMAGES
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def person_colour(k: int) -> tuple:
     return PALETTE[k % len(PALETTE)]
 
 
-def _font(size: int, bold: bool = False):
+def font(size: int, bold: bool = False):
     for name in (("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"),
                  "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"):
         try:
@@ -99,7 +100,7 @@ def render_validation_png(columns: list[dict], out_path: str | Path, title: str)
     height = TITLE_H + 2 * (CAPTION_H + CELL_H) + 2 * MARGIN
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    f_title, f_cap, f_num = _font(26, True), _font(15, True), _font(13, True)
+    f_title, f_cap, f_num = font(26, True), font(15, True), font(13, True)
     draw.text((width // 2, TITLE_H // 2), title, fill="black", font=f_title, anchor="mm")
     for c, col in enumerate(columns):
         x0 = MARGIN + c * (CELL_W + MARGIN)
@@ -125,9 +126,8 @@ def render_validation_png(columns: list[dict], out_path: str | Path, title: str)
                     draw.text((bx[0] + 3, bx[1] + 2), str(i), fill=BOX_RED, font=f_num)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    canvas.save(tmp)
-    tmp.replace(out_path)
+    with atomic_write(out_path, ".png") as tmp:
+        canvas.save(tmp)
     return out_path
 
 
