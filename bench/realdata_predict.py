@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -43,7 +44,6 @@ def _train(job: dict) -> str:
     out = Path(job["out"])
     if (out / "done").exists():
         return str(out / "last.pth")
-    import shutil
     shutil.rmtree(out, ignore_errors=True)
     tr = Trainer(make_config(**job["config"]))
     tr.fit()
@@ -176,9 +176,10 @@ def main():
                                           ann=ANN, only=names, overlays=f == 0 and v == "default" and seed == 0,
                                           detection=DetectionSettings(conf=args.conf), progress=False,
                                           provider="cpu")
+                    shutil.rmtree(out, ignore_errors=True)   # predict would start out2 next to a used folder
                     summary = run_predict(opts)
                     info[key]["images_per_s"].append(summary["images_per_s"])
-                    pooled += json.loads((out / "predictions.json").read_text())
+                    pooled += json.loads((Path(summary["out"]) / "predictions.json").read_text())
                     if boxes == "gt":   # predict with GT boxes == evaluate on the cached fold
                         ev = evaluate_checkpoint(Path(ck), val_store=store, val_images=names)["instance_mIoU"]
                         info[key]["predict_vs_evaluate_max_diff"] = max(

@@ -17,7 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+    """The CLI in-process; whatever the outcome, never an unhandled exception (a traceback)."""
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exception is None or isinstance(r.exception, SystemExit), f"unhandled {r.exception!r}\n{r.output}"
+    assert "Traceback" not in r.output, r.output
+    return r
 
 
 def train_args(stores, out, *extra):

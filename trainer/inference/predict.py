@@ -12,7 +12,6 @@ image is skipped with its reason while the others go on.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
