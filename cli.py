@@ -526,7 +526,9 @@ def evaluate(checkpoint_list, epochs, checkpoints, val_store, ann, images, onnx_
                     "--images": images, "--onnx": onnx_path}, inputs_inside_outputs=False)
     results = []
     if ann is not None:
-        with live_store(paths[0], ann, images, work_dir, onnx_path, provider, limit) as store:
+        from featcache.providers import device_id_for
+        gpu = device_id_for(device) if str(device).startswith("cuda") else None   # the decoder's GPU
+        with live_store(paths[0], ann, images, work_dir, onnx_path, provider, limit, gpu) as store:
             for p in paths:
                 results.append(evaluate_checkpoint(p, store, device=device, coco_eval=coco_eval, batch_size=batch_size))
     else:

@@ -63,6 +63,8 @@ class CacheConfig:
     sparse_margin: float = DEFAULT_MARGIN
     codec: str = "lz4"      # lz4 (fastest decode) | zstd (~20% smaller, ~2.5x slower decode): bench/bench_store.py
     verify: bool = False    # decode every finished image of this shard first and redo damaged ones
+    trt_cache: Path | None = None          # TensorRT engines (default: <out's folder>/trt_engines)
+    device_id: int | None = None           # GPU (default: LOCAL_RANK under torchrun, else 0)
     max_pixels: int = DEFAULT_MAX_PIXELS   # larger images are skipped (decompression bombs)
 
 
@@ -128,7 +130,9 @@ def _metadata(cfg: CacheConfig, ex: Extractor, prep: Preprocess) -> dict:
             "resize_policy": prep.policy.mode, "roi_padding": cfg.roi_padding,
             "annotation_path": str(cfg.ann), "annotation_sha256": file_sha256(cfg.ann),
             "images_dir": str(cfg.images), "limit": cfg.limit, "flip": cfg.flip,
-            "sparse": {"margin": cfg.sparse_margin} if cfg.sparse else None, "codec": cfg.codec}
+            "sparse": {"margin": cfg.sparse_margin} if cfg.sparse else None, "codec": cfg.codec,
+            # not part of the fingerprint: the same features up to the provider's rounding
+            "extractor_provider": ex.provider, "extractor_precision": ex.precision}
 
 
 def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extractor) -> FeatureStore:
@@ -143,6 +147,10 @@ def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extract
             raise StoreError(f"the cache at {out} was built with other settings:\n  "
                              + "\n  ".join(diffs)
                              + "\nUse --out for a new store, or --overwrite to rebuild this one.")
+        made = (store.meta.get("extractor_provider"), store.meta.get("extractor_precision"))
+        if made[0] and made != (meta["extractor_provider"], meta["extractor_precision"]):
+            log.warning("%s was started with %s (%s); this run uses %s (%s): its images differ by that rounding",
+                        out, *made, meta["extractor_provider"], meta["extractor_precision"])
         return store
     out.mkdir(parents=True, exist_ok=True)
     lock = out / ".create.lock"
@@ -243,7 +251,8 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
         records = records[: cfg.limit]
     if not records:
         raise FeatCacheError(f"no usable person annotations in {cfg.ann}")
-    ex = Extractor(cfg.onnx, cfg.feature_name, cfg.provider, trt_cache=cfg.out.parent / "trt_engines")
+    ex = Extractor(cfg.onnx, cfg.feature_name, cfg.provider, trt_cache=cfg.trt_cache or cfg.out.parent / "trt_engines",
+                   batch_max=max(1, cfg.batch) * (2 if cfg.flip else 1), device_id=cfg.device_id)
     policy = ResizePolicy(ex.input_hw[0], ex.input_hw[1], cfg.resize)
     prep = Preprocess(cfg.channel_order, cfg.scale, policy)
     tables = build_tables(records, policy, cfg.roi_padding)

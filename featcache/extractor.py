@@ -102,11 +102,12 @@ class Extractor:
 
     def __init__(self, onnx_path: str | Path, feature_name: str, provider: str = "auto",
                  threads: int | None = None, trt_cache: Path | None = None, streams: int | None = None,
-                 extra_outputs: tuple | str = ()):
+                 extra_outputs: tuple | str = (), batch_max: int = 8, device_id: int | None = None):
         """``streams``: concurrent ``run`` calls the caller intends (CPU default: one per core,
         each single-threaded); ``threads``: intra-op threads per run (default cores / streams);
         ``extra_outputs``: original graph outputs also returned by :meth:`run_all` ("all": every
-        one but the feature, e.g. the detection head)."""
+        one but the feature, e.g. the detection head); ``batch_max``: the largest batch the caller
+        sends (TensorRT's profile); ``device_id``: the GPU (default: ``providers.device_id_for()``)."""
         import onnxruntime as ort
         onnx_path = Path(onnx_path)
         model = read_onnx(onnx_path)
@@ -129,10 +130,13 @@ class Extractor:
         # No busy-waiting between ops: the cache's decode and write threads need those cycles.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = make_session(model, opts, provider, trt_cache, onnx_path.name)
+            self.session = make_session(model, opts, provider, trt_cache, onnx_path.name, batch_max=batch_max,
+                                        fp16=True, device_id=device_id)
         except ProviderError as exc:
             raise ExtractorError(str(exc)) from exc
         self.provider = self.session.get_providers()[0]
+        # fp16 engines compute the features in half precision; a store records what made it
+        self.precision = "fp16" if self.provider == "TensorrtExecutionProvider" else "fp32"
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         shp = inp.shape

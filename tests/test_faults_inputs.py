@@ -367,3 +367,15 @@ def test_exported_metadata_naming_a_missing_tensor(exported, synth, tmp_path):
     r = user_error(cli("predict", "--source", synth["root"] / "images/val2017", "--exported", path, "--boxes", "gt",
                        "--ann", synth["val"], "--out", tmp_path / "o", "--provider", "cpu"), "/model.99/Nope_output_0")
     assert "--feature-name" not in r.output          # predict has no such option
+
+
+def test_damaged_chunk_read_by_a_dataloader_worker(stores, tmp_path):
+    """Worker processes: the DataLoader would re-raise with the worker's traceback in the text."""
+    bad = tmp_path / "train.zarr"
+    shutil.copytree(stores["train"], bad)
+    _damage(bad, "features", 1)
+    r = cli("train", "--train-store", bad, "--val-store", stores["val"], "--analysis", stores["analysis"], "--out",
+            tmp_path / "ck", "--epochs", "1", "--hidden", "8", "--roi-size", "7", "--mask-size", "14",
+            "--batch-size", "4", "--workers", "1", "--no-vis", "--resident", "off", "--feature-norm", "none")
+    user_error(r, "image 1", "features", "--verify")
+    assert "DataLoader worker" not in r.output and "Original Traceback" not in r.output

@@ -29,7 +29,7 @@ def test_tensorrt_without_its_libraries(monkeypatch, caplog):
     with pytest.raises(ProviderError, match="uv sync --extra tensorrt"):
         provider_chain("tensorrt")
     with caplog.at_level(logging.WARNING, logger="featcache.providers"):
-        assert provider_chain("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        assert provider_chain("auto") == [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
     assert [r.message for r in caplog.records] == [
         "provider auto: TensorRT skipped (the TensorRT libraries are not installed (uv sync --extra tensorrt)) -> CUDA"]
 

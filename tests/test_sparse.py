@@ -1,9 +1,6 @@
 """ROI-sparse stores: every ROI training or validation can draw reads only stored cells, so ROIAlign
 on a sparse map equals ROIAlign on the dense map exactly, and training is identical."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,12 +149,10 @@ def test_cache_cli_sparse_estimate_and_options(synth, standin_onnx, sparse_store
 
 
 def test_ddp_on_sparse_store(sparse_stores, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
-           str(ROOT / "cli.py"), "train", "--train-store", str(sparse_stores["train"]), "--val-store",
-           str(sparse_stores["val"]), "--out", str(tmp_path / "ddp"), "--analysis", str(sparse_stores["analysis"]),
-           "--epochs", "1", "--hidden", "16", "--roi-size", "7", "--mask-size", "28", "--batch-size", "2",
-           "--workers", "0", "--device", "cpu", "--resident", "off", "--no-vis"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       timeout=280)
+    from clikit import torchrun
+    p = torchrun(2, "train", "--train-store", sparse_stores["train"], "--val-store", sparse_stores["val"], "--out",
+                 tmp_path / "ddp", "--analysis", sparse_stores["analysis"], "--epochs", "1", "--hidden", "16",
+                 "--roi-size", "7", "--mask-size", "28", "--batch-size", "2", "--workers", "0", "--device", "cpu",
+                 "--resident", "off", "--no-vis")
     assert p.returncode == 0, p.stderr[-3000:]
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 1

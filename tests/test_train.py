@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -141,13 +138,11 @@ def test_config_file_and_overrides(tmp_path):
 
 def test_ddp_two_cpu_processes(stores, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           str(ROOT / "cli.py"), "train", "--train-store", str(stores["train"]), "--val-store", str(stores["val"]),
-           "--out", str(out), "--analysis", str(stores["analysis"]), "--epochs", "1", "--hidden", "16",
-           "--roi-size", "7", "--mask-size", "28", "--batch-size", "2", "--workers", "0", "--device", "cpu",
-           "--resident", "cpu", "--no-vis"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=280)
+    from clikit import torchrun
+    p = torchrun(2, "train", "--train-store", stores["train"], "--val-store", stores["val"], "--out", out,
+                 "--analysis", stores["analysis"], "--epochs", "1", "--hidden", "16", "--roi-size", "7",
+                 "--mask-size", "28", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--resident", "cpu",
+                 "--no-vis")
     assert p.returncode == 0, p.stderr[-3000:]
     n_train = len(CacheIndex(stores["train"]).images)
     assert p.stderr.count(f"resident cache: {n_train // 2} images") == 2   # each rank holds only its shard

@@ -79,6 +79,42 @@ def _plain(meta: dict) -> dict:
     return json.loads(json.dumps(meta))
 
 
+def to_host(x):
+    """Every tensor of a (nested) checkpoint on the CPU, wherever a loader put it."""
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, dict):
+        return {k: to_host(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_host(v) for v in x)
+    return x
+
+
+def restore_rng(rng: dict, cuda: bool) -> None:
+    """torch, CUDA (as many devices as both runs have), numpy and Python RNG states, from tensors
+    on any device."""
+    torch.set_rng_state(rng["torch"].cpu())
+    states = [x.cpu() for x in rng.get("cuda") or []]
+    if cuda and states:
+        n = min(len(states), torch.cuda.device_count())
+        for d in range(n):
+            torch.cuda.set_rng_state(states[d], d)
+    n = rng["numpy"]
+    np.random.set_state((n[0], n[1].cpu().numpy().astype(np.uint32), *n[2:]))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+
+
+def restore_scaler(scaler, state: dict) -> None:
+    """AMP's grad scaler across AMP on/off: a run saved without AMP (CPU, --no-amp) has an empty
+    state, with which an enabled scaler starts fresh; a disabled scaler ignores a saved one."""
+    if not scaler.is_enabled():
+        return
+    if not state:
+        log.info("the checkpoint was trained without AMP: the grad scaler starts at its initial scale")
+        return
+    scaler.load_state_dict(state)
+
+
 class Checkpointer:
     def __init__(self, trainer):
         self.t = trainer
@@ -110,7 +146,9 @@ class Checkpointer:
         """Restore a run from ``spec`` ("auto": the latest checkpoint in the run folder)."""
         t = self.t
         path = find_checkpoint(t.cfg.out) if spec == "auto" else Path(spec)
-        ck = load_checkpoint(path, map_location=t.device)
+        # on the host: the RNG states must be CPU tensors (numpy, torch.set_rng_state), and
+        # load_state_dict moves weights and optimizer state to the parameters' device itself
+        ck = to_host(load_checkpoint(path, map_location="cpu"))
         check_decoder_on_store(ck["model_name"], ck["cache_fingerprint"], t.train_index.meta,
                                f"checkpoint {path.name} vs training cache {t.cfg.train_store}")
         # Same extractor is not enough: another training set (other annotations, another subset or
@@ -126,18 +164,12 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path.name} holds model {ck['model_name']} "
                                   f"{ck['model_kwargs']}, asked for {t.cfg.model} {model_kwargs(t.cfg)}")
         load_decoder_state(t.model, ck["model"])
-        t.optimizer.load_state_dict(ck["optimizer"])
+        t.optimizer.load_state_dict(ck["optimizer"])   # moves its state to the parameters' device
         t.global_step = int(ck.get("scheduler", {}).get("global_step", 0))
-        t.scaler.load_state_dict(ck["scaler"])
+        restore_scaler(t.scaler, ck["scaler"])
         if t.ema and ck.get("ema"):
             t.ema.load_state_dict(ck["ema"])
-        rng = ck["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        if t.cuda and rng["cuda"]:
-            torch.cuda.set_rng_state_all([x.cpu() for x in rng["cuda"]])
-        n = rng["numpy"]
-        np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+        restore_rng(ck["rng"], t.cuda)
         t.history = list(ck.get("history", []))
         t.start_epoch = int(ck["epoch"]) + 1
         log.info("resumed from %s: continuing at epoch %d", path, t.start_epoch)

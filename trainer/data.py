@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featcache.geometry import ResizePolicy
+from featcache.errors import FeatCacheError
 from featcache.store import FeatureStore, StoreError
 
 from .roi_targets import sample_roi_targets, union_packed
@@ -97,7 +98,12 @@ class StoreDataset(Dataset):
         return len(self.index.images)
 
     def __getitem__(self, item):
-        i, epoch, train = item
+        try:
+            return self._item(*item)
+        except FeatCacheError as exc:  # a damaged chunk: its message reaches the user whole, not a
+            return {"error": str(exc)}  # worker traceback re-raised by the DataLoader
+
+    def _item(self, i, epoch, train):
         if self._store is None:  # opened lazily: once per worker process
             self._store = FeatureStore(self.index.path)
         smp = image_samples(self.index, i, epoch, train, self.sampling, self.seed)
@@ -116,6 +122,9 @@ class StoreDataset(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
+    errors = [it["error"] for it in items if "error" in it]
+    if errors:
+        return {"error": errors[0]}
     rois = [torch.cat([torch.full((len(it["boxes"]), 1), float(b)), it["boxes"]], 1)
             for b, it in enumerate(items)]
     return {"features": torch.stack([it["features"] for it in items]),
@@ -161,6 +170,8 @@ class StreamingSource:
                             prefetch_factor=self.prefetch if self.workers else None,
                             persistent_workers=False)
         for batch in loader:
+            if "error" in batch:
+                raise StoreError(batch["error"])
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -300,9 +311,7 @@ class PinnedStreamSource(ResidentSource):
 
     def __init__(self, index, sampling, mask_size, seed, device, images=None, threads: int = 8, depth: int = 3):
         super().__init__(index, sampling, mask_size, seed, device, images=images)
-        root = FeatureStore(index.path).root
-        self.feat = {False: root["features"],
-                     True: root["features_flip"] if uses_stored_flip(sampling) else None}
+        self.store = FeatureStore(index.path)
         self.threads, self.depth = threads, depth
 
     def iterate(self, batches, epoch, train):
@@ -330,7 +339,7 @@ class PinnedStreamSource(ResidentSource):
                         arr = bufs[slot].numpy()
                         host = self.host_parts[(list(b), epoch, train)]
                         stored = host["flip"].numpy() & uses_stored_flip(self.sampling)
-                        jobs = [pool.submit(self.feat[bool(fl)].get_basic_selection, (int(i),), arr[j])
+                        jobs = [pool.submit(self.store.features, int(i), bool(fl), arr[j])
                                 for j, (i, fl) in enumerate(zip(b, stored))]
                         if cuda:
                             host = {key: v.pin_memory() for key, v in host.items()}
@@ -350,8 +359,7 @@ class PinnedStreamSource(ResidentSource):
                 slot, n, host = item
                 feats = bufs[slot][:n].to(self.device, non_blocking=True)
                 if cuda:
-                    events[slot] = torch.cuda.Event()
-                    events[slot].record()
+                    events[slot] = copy_done_event(self.device)
                 if held is not None:  # the previous batch's step is over: its buffer may be refilled
                     free.release()
                 held = slot
@@ -362,27 +370,57 @@ class PinnedStreamSource(ResidentSource):
             free.release()
 
 
+def copy_done_event(device: torch.device):
+    """A CUDA event recorded on the stream that queued the host-to-``device`` copy: the current
+    stream of ``device`` (a copy to cuda:1 is queued there even when cuda:0 is the current device;
+    an event on the current device's stream would let the pinned buffer be refilled mid-copy)."""
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
 def uses_stored_flip(sampling: RoiSampling) -> bool:
     return sampling.hflip > 0 and not sampling.hflip_map
 
 
-def choose_resident(mode: str, index: CacheIndex, device: torch.device, n_images: int | None = None,
-                    copies: int = 1) -> str:
-    """auto: GPU if the features fit in 60% of free GPU memory, else CPU RAM if in 50%, else off.
-    ``copies``: 2 when the mirrored maps are kept too."""
-    n = len(index.images) if n_images is None else n_images
-    need = n * int(np.prod(index.feature_shape)) * 2 * 1.1 * copies
+def resident_bytes(index: CacheIndex, n_images: int, copies: int = 1) -> tuple[int, int]:
+    """(feature bytes, mask bytes) of ``n_images`` resident: fp16 maps (``copies``: 2 with the
+    stored mirrored maps) and, on the same device, the bit-packed instance masks and per-image
+    unions (``ResidentSource``), estimated from the ROI table's persons per image."""
+    h, w = index.input_hw
+    per_mask = h * ((w + 7) // 8)
+    persons = len(index.padded_input) / max(len(index.roi_start) - 1, 1)
+    feats = n_images * int(np.prod(index.feature_shape)) * 2 * copies
+    return feats, int(n_images * (persons + 1) * per_mask)
+
+
+def resident_choice(mode: str, need: int, device_type: str, gpu_free: int, ram_available: int,
+                    local_ranks: int = 1) -> str:
+    """auto: GPU if ``need`` (features and masks, with 10% headroom) fits in 60% of free GPU memory,
+    else CPU RAM if it fits in 50% of this rank's share of the available RAM (``local_ranks``
+    processes of one node share it), else off (streaming)."""
     if mode != "auto":
         return mode
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if need < 0.6 * free:
-            return "gpu"
+    need = need * 1.1
+    if device_type == "cuda" and need < 0.6 * gpu_free:
+        return "gpu"
+    return "cpu" if need < 0.5 * ram_available / max(1, local_ranks) else "off"
+
+
+def choose_resident(mode: str, index: CacheIndex, device: torch.device, n_images: int | None = None,
+                    copies: int = 1) -> str:
+    """``resident_choice`` with this machine's free GPU memory and RAM; ``copies``: 2 when the
+    mirrored maps are kept too."""
+    if mode != "auto":
+        return mode
+    feats, masks = resident_bytes(index, len(index.images) if n_images is None else n_images, copies)
+    gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         avail = 0
-    return "cpu" if need < 0.5 * avail else "off"
+    return resident_choice(mode, feats + masks, device.type, gpu_free, avail,
+                           int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 
 
 def make_source(mode: str, index, sampling, mask_size, seed, workers, device, images=None):

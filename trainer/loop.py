@@ -27,6 +27,7 @@ from . import distributed as D
 from .checkpointer import Checkpointer, fingerprint, model_kwargs
 from .config import TrainConfig
 from .data import CacheIndex, epoch_batches, make_source, rank_images
+from .ema import Ema
 from .hooks import CheckpointHook, LogHook, as_hook
 from .inference.evaluate import run_evaluator
 from .inference.evaluator import RoiEvaluator
@@ -114,6 +115,12 @@ def expected_rois(index: CacheIndex, images, sampling: RoiSampling) -> int:
     return max(total, 1)
 
 
+def rois_before_step(counts: list[int], k: int, j: int) -> int:
+    """Training ROIs of all ranks in the steps before step ``j`` of a read that every rank splits
+    into ``k`` steps (``torch.tensor_split``: the first ``n % k`` steps get one ROI more)."""
+    return sum(j * (n // k) + min(j, n % k) for n in counts)
+
+
 def check_sparse_stores(cfg: TrainConfig, train_meta: dict, val_meta: dict) -> None:
     """A ROI-sparse store holds only the cells its ROIs can read: the global model (whole maps) cannot
     use one, and training may not jitter further than the store's margin."""
@@ -181,18 +188,17 @@ class Trainer:
         self.model = build_model(cfg.model, in_ch, self._feature_stats(), **model_kwargs(cfg)).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=cfg.weight_decay)
         self.sampling = self._sampling()
-        self.epoch_rois = expected_rois(self.train_index, rank_images(self.train_index.images, self.dist.rank,
-                                                                      self.dist.world), self.sampling)
+        # The LR schedule's progress counts ROIs of all ranks together: every replica then steps
+        # with the same rate (DDP averages gradients, not rates).
+        self.epoch_rois = D.sum_int(expected_rois(self.train_index, rank_images(
+            self.train_index.images, self.dist.rank, self.dist.world), self.sampling), self.dist, self.device)
         if cfg.epochs < 0:
             raise FeatCacheError(f"--epochs must be >= 1 (0 = auto), got {cfg.epochs}")
-        if cfg.epochs == 0:
-            cfg.epochs = auto_epochs(self.epoch_rois, self.rois_per_step, cfg.min_steps)
+        if cfg.epochs == 0:   # the same on every rank: from the global count
+            cfg.epochs = auto_epochs(self.epoch_rois // self.dist.world, self.rois_per_step, cfg.min_steps)
         self.schedule_epochs = cfg.epochs  # the LR schedule's length, fixed at start
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.ema = None
-        if cfg.ema > 0:
-            self.ema = torch.optim.swa_utils.AveragedModel(
-                self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
+        self.ema = Ema(self.model, cfg.ema) if cfg.ema > 0 else None
         self.start_epoch = 1
         self.global_step = 0
         self.history: list[dict] = []
@@ -273,59 +279,76 @@ class Trainer:
             g["lr"] = lr
         return lr
 
-    def _chunks(self, n: int, epoch: int, read: int) -> list[torch.Tensor]:
-        """A read's ROIs, shuffled, in steps of ``rois_per_step`` to 2x that (every rank the same
-        number of steps under DDP)."""
+    def _chunks(self, n: int, epoch: int, read: int) -> tuple[list[torch.Tensor], list[int]]:
+        """A read's ROIs, shuffled, in steps of ``rois_per_step`` to 2x that, and every rank's ROI
+        count of this read.  Under DDP every rank takes the same number of steps (the fewest any
+        rank can make), and a rank whose read has no trainable ROI takes them with empty selections:
+        skipping them would leave the others waiting in their gradient all-reduce (a hang)."""
         k = max(1, n // self.rois_per_step)
+        counts = [n]
         if self.dist.enabled:
-            t = torch.tensor([k], device=self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-            k = int(t)
+            both = D.all_gather_ints([k, n], self.dist, self.device)
+            k, counts = min(r[0] for r in both), [r[1] for r in both]
+        if sum(counts) == 0:   # no rank has anything to learn from this read
+            return [], counts
         g = torch.Generator().manual_seed(hash((self.cfg.seed, epoch, read, self.dist.rank)) % 2 ** 62)
         order = torch.randperm(n, generator=g).to(self.device)
-        return list(torch.tensor_split(order, k)) if n else []
+        return list(torch.tensor_split(order, k)), counts
 
     def train_epoch(self, epoch: int) -> dict:
         self.net.train()
         batches = epoch_batches(self.train_index.images, epoch, self.cfg.seed, self.batch_size,
                                 self.dist.rank, self.dist.world)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        steps = rois = 0
+        steps = loss_steps = rois = 0
+        done = 0      # training ROIs of all ranks before this read: the LR schedule's clock
         t0 = time.perf_counter()
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}", unit="read", disable=not self.dist.is_main,
                    leave=False)
         lr = self._set_lr(epoch - 1)
+        losses = None
         for read, batch in enumerate(self.train_source.iterate(batches, epoch, True)):
             feats = self._inputs(batch)
             targets = self._targets(batch["targets"])
-            for sel in self._chunks(batch["rois"].shape[0], epoch, read):
-                lr = self._set_lr(epoch - 1 + min(1.0, rois / self.epoch_rois))
+            chunks, counts = self._chunks(batch["rois"].shape[0], epoch, read)
+            for j, sel in enumerate(chunks):
+                lr = self._set_lr(epoch - 1 + min(1.0, (done + rois_before_step(counts, len(chunks), j))
+                                                  / self.epoch_rois))
                 with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                     logits = self.net(feats, batch["rois"][sel])
-                losses = self.loss(logits, targets[sel])
+                if len(sel):
+                    losses = self.loss(logits, targets[sel])
+                    loss = losses["loss"]
+                else:   # nothing to learn here: a zero loss still runs DDP's gradient all-reduce
+                    loss = logits.float().sum() * 0.0
                 self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(losses["loss"]).backward()
+                self.scaler.scale(loss).backward()
                 if self.cfg.grad_clip > 0:
                     self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 if self.ema:
-                    self.ema.update_parameters(self.model)
-                loss_sum += losses["loss"].detach()  # no .item(): a host sync per step would stall the GPU
+                    self.ema.update(self.model)
+                if len(sel):
+                    loss_sum += loss.detach()  # no .item(): a host sync per step would stall the GPU
+                    loss_steps += 1
                 steps += 1
                 self.global_step += 1
                 rois += len(sel)
+            done += sum(counts)
             bar.update(1)
-            if read % 5 == 0 and steps:
+            if read % 5 == 0 and losses is not None:
                 bar.set_postfix(loss=f"{losses['loss'].item():.4f}", lr=f"{lr:.2e}", steps=steps)
         bar.close()
-        sums = torch.stack([loss_sum, loss_sum.new_tensor(steps), loss_sum.new_tensor(rois)])
+        sums = torch.stack([loss_sum, loss_sum.new_tensor(loss_steps), loss_sum.new_tensor(rois)])
         D.all_reduce_([sums], self.dist)
         dt = time.perf_counter() - t0
-        return {"loss": float(sums[0] / sums[1].clamp_min(1)), "train_rois": int(sums[2]),
-                "steps": int(sums[1]) // max(1, self.dist.world),
-                "train_s": round(dt, 2), "rois_per_s": round(float(sums[2]) / dt, 1), "lr": lr}
+        out = {"loss": float(sums[0] / sums[1].clamp_min(1)), "train_rois": int(sums[2]), "steps": steps,
+               "train_s": round(dt, 2), "rois_per_s": round(float(sums[2]) / dt, 1), "lr": lr}
+        if self.dist.enabled:   # DDP keeps replicas equal only if every rank did the same: check it
+            out["replicas"] = D.check_replicas(self.model, self.optimizer, self.dist)
+        return out
 
     @torch.no_grad()
     def validate(self, model: torch.nn.Module | None = None, details: bool = False) -> dict:
@@ -338,6 +361,9 @@ class Trainer:
         evaluator = run_evaluator(model, self.val_source.iterate(batches, 0, False),
                                   self.evaluator.keep_records(details), self.amp, self.cfg.zero_features)
         D.all_reduce_(evaluator.tensors(), self.dist)
+        if self.dist.enabled:   # per-ROI records and COCO detections of every rank's share of the images
+            evaluator.records = D.all_gather_lists(evaluator.records, self.dist)
+            evaluator.coco_dets = D.all_gather_lists(evaluator.coco_dets, self.dist)
         return evaluator.result()
 
     @functools.cached_property

@@ -29,10 +29,21 @@ def rois_to_feature_boxes(rois: torch.Tensor, feat_hw) -> torch.Tensor:
     return rois * scale
 
 
+def roi_align_fp32_boxes(features: torch.Tensor, boxes: torch.Tensor, size: int, sampling_ratio: int = 2):
+    """torchvision's ROIAlign with the boxes kept in fp32 whatever the features' dtype: in fp16 a
+    box edge near cell 60 is only good to 1/32 cell.  Under autocast torchvision computes in fp32
+    (its autocast kernel); outside it, half features are aligned in fp32 and cast back."""
+    boxes = boxes.float()
+    if features.dtype != torch.float32 and not torch.is_autocast_enabled(features.device.type):
+        out = roi_align(features.float(), boxes, size, spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=True)
+        return out.to(features.dtype)
+    return roi_align(features, boxes, size, spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=True)
+
+
 def roi_features(features: torch.Tensor, rois: torch.Tensor, size: int, sampling_ratio: int = 2) -> torch.Tensor:
     """ROIAlign of normalized input-frame ROIs: bin (i, j) covers exactly the box's (i, j) sub-cell."""
-    boxes = rois_to_feature_boxes(rois.to(features.dtype), features.shape[-2:])
-    return roi_align(features, boxes, size, spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=True)
+    boxes = rois_to_feature_boxes(rois.float(), features.shape[-2:])
+    return roi_align_fp32_boxes(features, boxes, size, sampling_ratio)
 
 
 class FeatureNorm(nn.Module):
@@ -147,9 +158,9 @@ class GlobalContextDecoder(nn.Module):
         x3 = self.enc3(F.max_pool2d(x2, 2))
         d2 = self.dec2(torch.cat([F.interpolate(x3, size=x2.shape[-2:]), x2], 1))
         d1 = self.dec1(torch.cat([F.interpolate(d2, size=x1.shape[-2:]), x1], 1))
-        boxes = rois_to_feature_boxes(rois.to(d1.dtype), hw)
-        boxes[:, 0] = torch.arange(len(rois), device=rois.device, dtype=d1.dtype)
-        crop = roi_align(d1, boxes, self.mask_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        boxes = rois_to_feature_boxes(rois.float(), hw)
+        boxes[:, 0] = torch.arange(len(rois), device=rois.device, dtype=boxes.dtype)
+        crop = roi_align_fp32_boxes(d1, boxes, self.mask_size)
         return self.classifier(crop)
 
 

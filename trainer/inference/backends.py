@@ -84,7 +84,7 @@ class OnnxDecoder:
     (clipped to ``image_rects`` when letterboxed) and its ``logits`` are pasted here with the same
     weights as the PyTorch path.  ``end_to_end``: the graph takes the preprocessed image."""
 
-    def __init__(self, path, provider: str = "auto"):
+    def __init__(self, path, provider: str = "auto", device_id: int | None = None):
         from featcache.extractor import read_onnx
         from featcache.providers import make_session
         path = Path(path)
@@ -95,7 +95,8 @@ class OnnxDecoder:
             raise FeatCacheError(f"{path} has no logits output")
         self.end_to_end = self.inputs[0] != "features"
         self.letterbox = "image_rects" in self.inputs
-        self.session = make_session(model, provider=provider, label=path.name)
+        # fp32 engines: the graph's geometry and paste must stay fp32 (export --half puts fp16 in the graph)
+        self.session = make_session(model, provider=provider, label=path.name, fp16=False, device_id=device_id)
         self.provider = self.session.get_providers()[0]
 
     def __call__(self, x: np.ndarray, boxes_in: np.ndarray, rois_in: np.ndarray, rect_in: np.ndarray,

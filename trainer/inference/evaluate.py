@@ -85,10 +85,12 @@ def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: l
 
 @contextlib.contextmanager
 def live_store(ck_path: Path, ann: Path, images: Path, work_dir: Path | None, onnx: Path | None = None,
-               provider: str = "auto", limit: int | None = None):
+               provider: str = "auto", limit: int | None = None, device_id: int | None = None):
     """A temporary val store of ``ann``/``images`` built with the checkpoint's extractor and
-    preprocessing (the same code as `cache`); yields its path and deletes it afterwards."""
+    preprocessing (the same code as `cache`); yields its path and deletes it afterwards.  TensorRT
+    engines go to the persistent engine cache, not the temporary folder: a rebuild takes minutes."""
     from featcache.cache import CacheConfig, run_cache
+    from featcache.providers import TRT_CACHE
 
     from .predictor import open_extractor
     meta = load_checkpoint(ck_path)["cache_metadata"]["train"]
@@ -102,7 +104,7 @@ def live_store(ck_path: Path, ann: Path, images: Path, work_dir: Path | None, on
                                   feature_name=meta["feature_name"], provider=provider,
                                   channel_order=prep["channel_order"], scale=float(prep["scale"]),
                                   resize=prep["policy"]["mode"], roi_padding=float(meta["roi_padding"]),
-                                  limit=limit), progress=True)
+                                  limit=limit, trt_cache=TRT_CACHE, device_id=device_id), progress=True)
         if s["cached"] == 0:
             reasons = "\n  ".join(f"{k}: {v}" for k, v in list(s["skipped"].items())[:5])
             raise FeatCacheError(f"none of the {s['images']} images of --ann {ann} could be read from --images "

@@ -23,6 +23,7 @@ from featcache.targets import native_crop
 
 from ..models import paste_masks
 from ..roi_targets import sample_roi_targets, union_packed
+from .coco_eval import coco_result
 
 CLASS_NAMES = ("background", "target", "non_target")
 # COCO's size ranges on the GT mask area (original pixels).
@@ -205,8 +206,8 @@ class RoiEvaluator:
                     x0, y0, x1, y1 = o_win[j]
                     m = pred_h[j, : y1 - y0, : x1 - x0]
                     score = float(fg_h[j, : y1 - y0, : x1 - x0][m].mean()) if m.any() else 0.0
-                    self.coco_dets.append((int(self.image_id[images[j]]), (x0, y0, x1, y1), m, score,
-                                           tuple(int(v) for v in o_hw[j])))
+                    self.coco_dets.append(coco_result(int(self.image_id[images[j]]), (x0, y0, x1, y1), m, score,
+                                                      tuple(int(v) for v in o_hw[j])))
 
     def keep_records(self, on: bool = True) -> "RoiEvaluator":
         """Also keep one record per ROI (for bootstrap statistics over images)."""

@@ -23,6 +23,7 @@ from PIL import Image
 from featcache.files import file_sha256
 from featcache.errors import FeatCacheError
 from featcache.extractor import Extractor, UnknownTensorError
+from featcache.providers import device_id_for
 from featcache.geometry import ResizePolicy, as_xyxy, content_rect, pad_box
 from featcache.images import Preprocess, load_rgb, preprocess, to_rgb8
 from featcache.targets import native_crop
@@ -121,7 +122,7 @@ class Predictor:
     def from_checkpoint(cls, path, onnx_path=None, provider="auto", device="cpu",
                         detection: DetectionSettings | None = None) -> "Predictor":
         model, meta = decoder_from_checkpoint(path)
-        return cls(model, meta, open_extractor(meta, onnx_path, provider, detection is not None), device,
+        return cls(model, meta, open_extractor(meta, onnx_path, provider, detection is not None, device), device,
                    detection)
 
     @classmethod
@@ -185,9 +186,11 @@ class Predictor:
         return [pasted[k, : y1 - y0, : x1 - x0] for k, (x0, y0, x1, y1) in enumerate(windows)]
 
 
-def open_extractor(meta: dict, onnx_path=None, provider="auto", detections: bool = False) -> Extractor:
+def open_extractor(meta: dict, onnx_path=None, provider="auto", detections: bool = False,
+                   device=None) -> Extractor:
     """The checkpoint's extractor (checked by sha256); ``detections``: also keep the model's own
-    outputs (its detection head) for automatic person boxes."""
+    outputs (its detection head) for automatic person boxes; ``device``: the torch device the
+    decoder runs on (the extractor uses the same GPU)."""
     path = Path(onnx_path or meta["onnx_path"])
     if not path.is_file():
         raise FeatCacheError(f"extractor ONNX not found: {path} (pass --onnx)")
@@ -195,7 +198,8 @@ def open_extractor(meta: dict, onnx_path=None, provider="auto", detections: bool
         raise FeatCacheError(f"{path} is not the extractor this decoder was trained on "
                              f"(sha256 differs from the cache's {meta['onnx_sha256'][:12]}...)")
     try:
-        ex = Extractor(path, meta["feature_name"], provider, streams=1, extra_outputs="all" if detections else ())
+        ex = Extractor(path, meta["feature_name"], provider, streams=1, extra_outputs="all" if detections else (),
+                       batch_max=1, device_id=None if device is None else device_id_for(device))
     except UnknownTensorError:
         raise FeatCacheError(f"the decoder was trained on the tensor {meta['feature_name']!r}, which {path} does "
                              f"not have: its metadata does not belong to this extractor") from None

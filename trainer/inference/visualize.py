@@ -169,7 +169,8 @@ def validation_png_hook(cfg):
             if "extractor" not in state:
                 # CUDA, not TensorRT: four images an epoch never repay a TensorRT engine build.
                 provider = "cuda" if trainer.cuda else "cpu"
-                state["extractor"] = open_extractor(trainer.train_index.meta, cfg.vis_onnx, provider)
+                state["extractor"] = open_extractor(trainer.train_index.meta, cfg.vis_onnx, provider,
+                                                    device=trainer.device)
             model = trainer.ema.module if trainer.ema else trainer.model
             pred = Predictor(model, trainer.train_index.meta, state["extractor"], trainer.device)
             # the fallback images are announced at the first epoch only
