@@ -2,6 +2,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import onnxruntime as ort
 from click.testing import CliRunner
 from PIL import Image
@@ -9,6 +10,7 @@ from PIL import Image
 from trainer.checkpoint import load_checkpoint
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, monkeypatch):
     from cli import main
     monkeypatch.chdir(tmp_path)          # anything written outside --dir would land here
@@ -31,4 +33,8 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     assert logits.shape[:2] == (2, 3) and set(np.unique(inst)) <= {0, 1, 2}
     dec = ort.InferenceSession(s["decoder_onnx"], providers=["CPUExecutionProvider"])
     assert [i.name for i in dec.get_inputs()] == ["features", "rois"]
-    assert 0 <= s["final_mIoU"] <= 1
+    # it learns: the second epoch is far better than the first (0.27 -> 0.55 when written; the
+    # demo is seeded), and the summary reports the checkpoint's own metric
+    assert s["final_mIoU"] == ck["metrics"]["mIoU"]
+    assert s["final_mIoU"] > s["first_epoch_mIoU"] + 0.1
+    assert s["final_instance_mIoU"] > s["first_instance_mIoU"]

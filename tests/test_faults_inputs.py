@@ -276,6 +276,7 @@ def test_evaluate_creates_its_work_dir(trained, synth, tmp_path):
     assert work.is_dir() and not any(work.iterdir())
 
 
+@pytest.mark.slow
 def test_global_checkpoint_on_a_sparse_store_is_refused_everywhere(stores, synth, standin_onnx, tmp_path):
     sparse = tmp_path / "sparse.zarr"
     succeeded(cli("cache", "--ann", synth["val"], "--images", synth["root"] / "images/val2017", "--onnx", standin_onnx,

@@ -292,6 +292,7 @@ def test_ema_update_never_syncs_with_the_host(monkeypatch):
 
 
 # ---- DDP with gloo: equal replicas, no hang on empty reads, metrics equal one process -----------------
+@pytest.mark.slow
 def test_ddp_empty_reads_identical_replicas_and_one_process_metrics(stores, tmp_path):
     """Two gloo ranks, one image per read, and a --min-roi-size that leaves some images without a
     trainable ROI: a rank whose read is empty must still take the others' steps (it used to skip them:

@@ -96,6 +96,7 @@ def test_training_writes_png_and_visualize_by_epoch(trained, tmp_path):
     assert r.exit_code == 1 and "no checkpoint for epoch 9" in r.output
 
 
+@pytest.mark.slow
 def test_export_parity_dynamic_shapes_and_end_to_end(trained, synth, tmp_path):
     """Compact outputs at every batch/ROI count: masks equal the full-probs paste's class 1 above
     the threshold, the instance map points at the most probable person, logits/boxes as before."""

@@ -191,12 +191,16 @@ def test_steps_are_counted_in_rois_and_lr_scales(stores, tmp_path):
 
 
 def test_prior_model_ignores_features():
+    """One learned map for every ROI, whatever the features or the box: GAIN x its parameter."""
     m = build_model("prior", 4, mask_size=14)
+    torch.nn.init.normal_(m.logits)
     rois = torch.tensor([[0, 0.1, 0.1, 0.5, 0.5], [0, 0.5, 0.5, 0.9, 0.9]])
-    a, b = m(torch.randn(1, 4, 8, 8), rois), m(torch.randn(1, 4, 8, 8), rois)
+    a, b = m(torch.randn(1, 4, 8, 8), rois), m(torch.randn(1, 4, 8, 8) * 100, rois)
     assert a.shape == (2, 3, 14, 14) and torch.equal(a, b)
+    assert torch.allclose(a[0], m.GAIN * m.logits) and torch.equal(a[0], a[1]) and a.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_best_and_last_follow_the_metric_across_resume(stores, tmp_path):
     out = tmp_path / "bl"
     first = Trainer(_cfg(stores, out, epochs=3))
@@ -232,6 +236,7 @@ def test_auto_epochs_give_small_sets_enough_steps(stores, tmp_path):
         Trainer(_cfg(stores, tmp_path / "b", epochs=-1))
 
 
+@pytest.mark.slow
 def test_second_run_gets_its_own_folder(stores, tmp_path):
     out = tmp_path / "ck"
     Trainer(_cfg(stores, out, epochs=1)).fit()

@@ -96,6 +96,7 @@ def test_sparse_store_layout_and_size(sparse_stores, stores):
     assert size(sparse_stores["train"]) < size(stores["train"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resident", ["cpu", "off"])
 def test_training_on_sparse_equals_dense(sparse_stores, stores, tmp_path, resident):
     from trainer.run import run_training
@@ -148,6 +149,7 @@ def test_cache_cli_sparse_estimate_and_options(synth, standin_onnx, sparse_store
     assert r.exit_code == 1 and "--sparse-margin must be in [0, 1)" in r.output
 
 
+@pytest.mark.slow
 def test_ddp_on_sparse_store(sparse_stores, tmp_path):
     from clikit import torchrun
     p = torchrun(2, "train", "--train-store", sparse_stores["train"], "--val-store", sparse_stores["val"], "--out",

@@ -54,6 +54,7 @@ def test_epoch_batches_shard_evenly():
     assert sum(r1, []) != later                       # reshuffled
 
 
+@pytest.mark.slow
 def test_train_checkpoints_and_resume_identical(stores, tmp_path):
     full = Trainer(_cfg(stores, tmp_path / "a"))
     hist = full.fit()
@@ -103,6 +104,7 @@ def test_mismatched_val_cache_refused(stores, synth, standin_onnx, tmp_path):
         Trainer(_cfg(stores, tmp_path / "x", val_store=str(other)))
 
 
+@pytest.mark.slow
 def test_two_class_ablation_and_global_model(stores, tmp_path):
     t = Trainer(_cfg(stores, tmp_path / "g", model="global", classes=2, epochs=1, hidden=8,
                      boundary_weight=0.5, focal_gamma=1.0, ema=0.9, coco_eval=True))
@@ -136,6 +138,7 @@ def test_config_file_and_overrides(tmp_path):
     assert c.epochs == 5 and c.lr == 0.02 and c.model == "global"
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(stores, tmp_path):
     out = tmp_path / "ddp"
     from clikit import torchrun
