@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from featcache.threads import configure_threads
+from roiseg.featcache.threads import configure_threads
 
 configure_threads()  # before any command imports torch (OpenMP reads its wait policy once)
 
@@ -32,13 +32,13 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from featcache.errors import FeatCacheError
+        from roiseg.featcache.errors import FeatCacheError
         try:
             return fn(*args, **kwargs)
         except FeatCacheError as exc:
             raise UserError(str(exc)) from exc
         except OSError as exc:
-            from featcache.files import user_facing_name
+            from roiseg.featcache.files import user_facing_name
             name = user_facing_name(exc.filename)
             if getattr(exc, "errno", None) == 28:
                 raise UserError(f"disk full while writing ({name or 'output'}); finished work "
@@ -112,10 +112,9 @@ def _padding(ctx, param, value):
 @_user_errors
 def analyze(ann, out, roi_padding, workers, input_size, resize):
     """Class pixel ratios inside padded ROIs -> data_analyze.json (loss weights)."""
-    from featcache.analyze import run_analyze
-    from featcache.files import write_json_atomic
-    from featcache.files import refuse_overlap
-    from featcache.geometry import ResizePolicy
+    from roiseg.featcache.analyze import run_analyze
+    from roiseg.featcache.files import refuse_overlap, write_json_atomic
+    from roiseg.featcache.geometry import ResizePolicy
     refuse_overlap({"--out": out}, {"--ann": ann})
     res = run_analyze(ann, roi_padding, workers, ResizePolicy(input_size, input_size, resize))
     write_json_atomic(out, res)
@@ -193,7 +192,7 @@ def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel
           roi_padding, limit, shard, out, workers, batch, no_space_check, overwrite, flip, sparse, sparse_margin,
           codec, verify, max_pixels):
     """Run the ONNX extractor once per image -> fp16 chunked Zarr store + rasterized targets."""
-    from featcache.cache import CacheConfig, run_cache
+    from roiseg.featcache.cache import CacheConfig, run_cache
     cfg = CacheConfig(ann=ann or ann_path(split, subset), images=images or Path(f"data/images/{split}2017"),
                       onnx=onnx_path, out=out or default_store(split, subset), feature_name=feature_name,
                       provider=provider, channel_order=channel_order, scale=SCALES[scale], resize=resize,
@@ -277,8 +276,8 @@ def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel
 @_user_errors
 def train(config_file, subset, train_store, val_store, dice_on_others, classes, vis_images, no_vis, **opts):
     """Train the decoder from the cache only; checkpoint (+ validation PNG) every epoch."""
-    from trainer.config import make_config
-    from trainer.run import run_training
+    from roiseg.trainer.training.config import make_config
+    from roiseg.trainer.training.run import run_training
     if subset:
         opts["train_store"] = str(default_store("train", subset))
     if train_store:
@@ -296,13 +295,14 @@ def train(config_file, subset, train_store, val_store, dice_on_others, classes, 
     opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()}
     base = None
     if opts.get("resume"):   # the run's own settings; options given now override them
-        from trainer.checkpointer import run_settings
+        from roiseg.trainer.training.run_state import run_settings
         base = run_settings(opts["resume"], opts.get("out"))
     try:
         cfg = make_config(config_file, base=base, **opts)
     except (ValueError, TypeError) as exc:
         raise UserError(f"bad configuration: {exc}") from exc
-    res = run_training(cfg)
+    from roiseg.trainer.inference.visualize import training_hooks
+    res = run_training(cfg, training_hooks(cfg))
     if res.trained_epochs == 0:
         click.echo(f"nothing to do: the run in {res.out} already finished epoch {res.epochs} of {res.epochs} "
                    f"(pass --epochs N above {res.epochs} with --resume to train longer)")
@@ -314,7 +314,7 @@ def train(config_file, subset, train_store, val_store, dice_on_others, classes, 
 
 def _checkpoint_from(epoch, checkpoint, folder, default: str | None = None) -> Path:
     """--checkpoint PATH | best | last (in --checkpoints), or --epoch N; ``default`` when neither."""
-    from trainer.checkpoint import find_checkpoint
+    from roiseg.trainer.checkpoint import find_checkpoint
     checkpoint = str(checkpoint) if checkpoint else (None if epoch is not None else default)
     if checkpoint in ("best", "last") and not Path(checkpoint).is_file():
         path = Path(folder) / f"{checkpoint}.pth"
@@ -341,16 +341,16 @@ def _checkpoint_from(epoch, checkpoint, folder, default: str | None = None) -> P
 @_user_errors
 def visualize(epoch, checkpoint, checkpoints, ann, images, onnx_path, provider, vis_images, out_dir):
     """Redraw an epoch's validation PNG from its checkpoint (live extractor, full resolution)."""
-    from trainer.checkpoint import load_checkpoint
-    from trainer.inference.predictor import Predictor
-    from trainer.inference.visualize import write_validation_png
-    from featcache.files import refuse_overlap
+    from roiseg.featcache.files import refuse_overlap
+    from roiseg.trainer.checkpoint import load_checkpoint
+    from roiseg.trainer.inference.torch_decoder import predictor_from_checkpoint
+    from roiseg.trainer.inference.visualize import write_validation_png
     path = _checkpoint_from(epoch, checkpoint, checkpoints)
     ck = load_checkpoint(path)
     val_meta = ck["cache_metadata"]["val"]
     refuse_overlap({"--out-dir": out_dir}, {"--checkpoint": path, "--ann": ann, "--images": images,
                                             "--onnx": onnx_path}, inputs_inside_outputs=False)
-    pred = Predictor.from_checkpoint(path, onnx_path, provider)
+    pred = predictor_from_checkpoint(path, onnx_path, provider)
     wanted = [v.strip() for v in vis_images.split(",")] if vis_images else ck["config"].get("vis_images")
     png = write_validation_png(pred, Path(ann or val_meta["annotation_path"]),
                                Path(images or val_meta["images_dir"]), Path(out_dir or path.parent),
@@ -376,10 +376,18 @@ def visualize(epoch, checkpoint, checkpoints, ann, images, onnx_path, provider, 
 @_user_errors
 def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path, mask_format, threshold, full_probs, half):
     """Export the decoder to ONNX, check parity with PyTorch in ONNX Runtime, report latency."""
-    from featcache.files import refuse_overlap
-    from trainer.inference.export import (ExportError, ExportSpec, check_opset, decoder_latency, export_checked,
-                                          format_parity, predictor_metadata)
-    from trainer.inference.predictor import decoder_from_checkpoint, open_extractor
+    from roiseg.featcache.files import refuse_overlap
+    from roiseg.trainer.checkpoint import decoder_from_checkpoint
+    from roiseg.trainer.inference.export import (
+        ExportError,
+        ExportSpec,
+        check_opset,
+        decoder_latency,
+        export_checked,
+        format_parity,
+        predictor_metadata,
+    )
+    from roiseg.trainer.runtime.pipeline import open_extractor
     path = _checkpoint_from(epoch, checkpoint, checkpoints)
     out = Path(out or path.with_suffix(".half.decoder.onnx" if half else ".decoder.onnx"))
     stem = out.name[: -len(".decoder.onnx")] if out.name.endswith(".decoder.onnx") else out.stem
@@ -451,8 +459,8 @@ def predict(source, checkpoint, epoch, checkpoints, exported, out, boxes, box_fo
             det_output, det_format, person_class, conf, iou, max_det, threshold, save_masks, polygons,
             no_overlays, hide_boxes, hide_scores, max_frames, exif, max_pixels):
     """Person masks for new images, a video or a camera, with the extractor's own person boxes."""
-    from trainer.inference.detection import DetectionSettings
-    from trainer.inference.predict import PredictOptions, run_predict
+    from roiseg.trainer.runtime.detection import DetectionSettings
+    from roiseg.trainer.runtime.predict import PredictOptions, run_predict
     if exported is not None and (checkpoint or epoch is not None):
         raise UserError("give --exported or a checkpoint (--checkpoint/--epoch), not both")
     path = None if exported is not None else _checkpoint_from(epoch, checkpoint, checkpoints, default="best")
@@ -467,7 +475,9 @@ def predict(source, checkpoint, epoch, checkpoints, exported, out, boxes, box_fo
                           max_frames=max_frames, exif=exif)
     if max_pixels:
         opts.max_pixels = max_pixels
-    s = run_predict(opts)
+    if exported is None:
+        from roiseg.trainer.inference.torch_decoder import checkpoint_predictor
+    s = run_predict(opts, None if exported is not None else checkpoint_predictor(opts))
     click.echo(f"{s['images']} images, {s['persons']} persons in {s['seconds']:.1f}s "
                f"({s['images_per_s']:.2f} images/s, image encoder on {s['provider']}, decoder on {s['decoder']}) "
                f"-> {s['out']}")
@@ -504,8 +514,12 @@ def evaluate(checkpoint_list, epochs, checkpoints, val_store, ann, images, onnx_
     import glob
     import json as _json
 
-    from featcache.files import write_text_atomic
-    from trainer.inference.evaluate import comparison_table, evaluate_checkpoint, live_store
+    from roiseg.featcache.files import write_text_atomic
+    from roiseg.trainer.inference.evaluate import (
+        comparison_table,
+        evaluate_checkpoint,
+        live_store,
+    )
     paths = []
     for spec in checkpoint_list:
         if any(ch in spec for ch in "*?["):
@@ -520,13 +534,13 @@ def evaluate(checkpoint_list, epochs, checkpoints, val_store, ann, images, onnx_
         paths = [_checkpoint_from(None, None, checkpoints, default="best")]
     if (ann is None) != (images is None):
         raise UserError("--ann and --images go together")
-    from featcache.files import refuse_overlap
+    from roiseg.featcache.files import refuse_overlap
     refuse_overlap({"--json": json_out, "--work-dir": work_dir},
                    {**{f"--checkpoint {p.name}": p for p in paths}, "--val-store": val_store, "--ann": ann,
                     "--images": images, "--onnx": onnx_path}, inputs_inside_outputs=False)
     results = []
     if ann is not None:
-        from featcache.providers import device_id_for
+        from roiseg.featcache.providers import device_id_for
         gpu = device_id_for(device) if str(device).startswith("cuda") else None   # the decoder's GPU
         with live_store(paths[0], ann, images, work_dir, onnx_path, provider, limit, gpu) as store:
             for p in paths:
@@ -549,7 +563,7 @@ def evaluate(checkpoint_list, epochs, checkpoints, val_store, ann, images, onnx_
 @_user_errors
 def demo(folder, fresh, epochs, device):
     """Run the whole pipeline on built-in synthetic data (no downloads, a few minutes on a CPU)."""
-    from demo import DemoSettings, run_demo
+    from roiseg.demo import DemoSettings, run_demo
     run_demo(folder, DemoSettings(epochs=epochs), fresh=fresh, device=device)
 
 

@@ -39,21 +39,26 @@ def _done(t0: float, what: str = "") -> None:
 
 def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool = False,
              device: str = "auto") -> dict:
-    from featcache.analyze import run_analyze
-    from featcache.files import write_json_atomic
-    from featcache.cache import CacheConfig, run_cache
-    from featcache.store import StoreError
-    from featcache.standin import build_standin_extractor
-    from featcache.synthetic import make_synthetic_dataset
-
-    from featcache.files import write_text_atomic
-    from trainer.checkpoint import find_checkpoint
-    from trainer.config import make_config
-    from trainer.inference.export import (ExportSpec, check_parity, decoder_latency, export_decoder,
-                                          export_end_to_end, format_parity, predictor_metadata)
-    from trainer.inference.predictor import Predictor, decoder_from_checkpoint
-    from trainer.run import run_training
-    from trainer.inference.visualize import write_validation_png
+    from roiseg.featcache.analyze import run_analyze
+    from roiseg.featcache.cache import CacheConfig, run_cache
+    from roiseg.featcache.files import write_json_atomic, write_text_atomic
+    from roiseg.featcache.standin import build_standin_extractor
+    from roiseg.featcache.store import StoreError
+    from roiseg.featcache.synthetic import make_synthetic_dataset
+    from roiseg.trainer.checkpoint import decoder_from_checkpoint, find_checkpoint
+    from roiseg.trainer.inference.export import (
+        ExportSpec,
+        check_parity,
+        decoder_latency,
+        export_decoder,
+        export_end_to_end,
+        format_parity,
+        predictor_metadata,
+    )
+    from roiseg.trainer.inference.torch_decoder import predictor_from_checkpoint
+    from roiseg.trainer.inference.visualize import training_hooks, write_validation_png
+    from roiseg.trainer.training.config import make_config
+    from roiseg.trainer.training.run import run_training
 
     folder = Path(folder).resolve()
     t_start = time.perf_counter()
@@ -107,7 +112,7 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
                       analysis=str(analysis), epochs=settings.epochs, hidden=settings.hidden, roi_size=14,
                       mask_size=56, batch_size=4, samples_per_roi=1, workers=0, resident="auto",
                       device=device, seed=settings.seed)
-    history = run_training(cfg).history
+    history = run_training(cfg, training_hooks(cfg)).history
     first, last = history[0], history[-1]
     click.echo(f"      mIoU: epoch 1 {first['mIoU']:.4f} -> epoch {last['epoch']} {last['mIoU']:.4f}   "
                f"instance_mIoU: {first['instance_mIoU']:.4f} -> {last['instance_mIoU']:.4f}")
@@ -115,7 +120,7 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
 
     t = _step(6, total, "visualize: redraw the last epoch's validation PNG from its checkpoint")
     ck_path = find_checkpoint(ck_dir, last["epoch"])
-    pred = Predictor.from_checkpoint(ck_path, provider="cpu")
+    pred = predictor_from_checkpoint(ck_path, provider="cpu")
     png = write_validation_png(pred, ann["val"], data / "images" / "val2017", ck_dir, last["epoch"])
     _done(t, f"-> {png.name}")
 

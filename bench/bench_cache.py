@@ -15,15 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.realdata import ANN, FEATURE, IMAGES, ONNX  # noqa: E402
-from featcache.cache import CacheConfig, run_cache  # noqa: E402
-from featcache.coco import load_person_records  # noqa: E402
-from featcache.extractor import Extractor  # noqa: E402
-from featcache.images import Preprocess, load_rgb, preprocess  # noqa: E402
-
+from roiseg.featcache.cache import CacheConfig, run_cache  # noqa: E402
+from roiseg.featcache.coco import load_person_records  # noqa: E402
+from roiseg.featcache.extractor import Extractor  # noqa: E402
+from roiseg.featcache.images import Preprocess, load_rgb, preprocess  # noqa: E402
 
 
 def main():

@@ -29,10 +29,17 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from featcache.geometry import pad_box  # noqa: E402
-from trainer.inference.export import (DecoderExport, ExportSpec, check_parity, export_decoder,  # noqa: E402
-                                      export_end_to_end, format_parity, sample_inputs)
-from trainer.models import build_model  # noqa: E402
+from roiseg.featcache.geometry import pad_box  # noqa: E402
+from roiseg.trainer.inference.export import (  # noqa: E402
+    DecoderExport,
+    ExportSpec,
+    check_parity,
+    export_decoder,
+    export_end_to_end,
+    format_parity,
+    sample_inputs,
+)
+from roiseg.trainer.models import build_model  # noqa: E402
 
 
 def grid_sample_paste(probs, boxes_px, height, width):
@@ -87,7 +94,8 @@ def export_module(module, spec, out_names, path):
 def session(path, provider):
     import onnx
     import onnxruntime as ort
-    from featcache.providers import make_session
+
+    from roiseg.featcache.providers import make_session
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return make_session(onnx.load(str(path)), opts, provider, label=Path(path).name)
@@ -146,7 +154,7 @@ def main():
             sessions = {name: session(path, a.provider) for name, path in graphs.items()}
             all_feeds = {name: feeds for name in graphs}
             if a.end_to_end:
-                from featcache.standin import build_standin_extractor
+                from roiseg.featcache.standin import build_standin_extractor
                 ext = build_standin_extractor(d / "ext.onnx", channels=c)
                 e2e = export_end_to_end(ext, "/model.34/Concat_output_0", graphs["default"], d / "e2e.onnx")
                 sessions["end-to-end (stand-in extractor)"] = session(e2e, a.provider)

@@ -35,10 +35,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.realdata import ANN, FEATURE, IMAGES, ONNX  # noqa: E402
-from featcache.cache import CacheConfig, run_cache  # noqa: E402
-from featcache.geometry import ResizePolicy  # noqa: E402
-from featcache.sparse import DEFAULT_MARGIN, readable_cells  # noqa: E402
-from featcache.store import FeatureStore  # noqa: E402
+from roiseg.featcache.cache import CacheConfig, run_cache  # noqa: E402
+from roiseg.featcache.geometry import ResizePolicy  # noqa: E402
+from roiseg.featcache.sparse import DEFAULT_MARGIN, readable_cells  # noqa: E402
+from roiseg.featcache.store import FeatureStore  # noqa: E402
 
 LAYOUTS = [("dense", "lz4"), ("dense", "zstd"), ("sparse", "lz4"), ("sparse", "zstd")]
 RAW_1024 = 1024 * 80 * 80 * 2
@@ -161,8 +161,8 @@ def main():
         print("real images (YOLOX-Nano, 128 x 80 x 80):")
         report["real"] = measure("real", FeatureStore(work / "real.zarr"), work, a.threads, a.repeat)
         if a.synthetic:
-            from featcache.standin import FEATURE_NAME, build_standin_extractor
-            from featcache.synthetic import make_synthetic_dataset
+            from roiseg.featcache.standin import FEATURE_NAME, build_standin_extractor
+            from roiseg.featcache.synthetic import make_synthetic_dataset
             syn = make_synthetic_dataset(work / "syn", n_train=a.synthetic, n_val=1, seed=0, subsets=())
             onnx = build_standin_extractor(work / "standin1024.onnx", channels=1024)
             run_cache(CacheConfig(ann=syn["train"], images=syn["root"] / "images/train2017", onnx=onnx,

@@ -20,10 +20,10 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from bench.realdata import ANN, FEATURE, IMAGES, ONNX
-from featcache.analyze import run_analyze
-from featcache.files import write_json_atomic
-from featcache.cache import CacheConfig, run_cache
-from featcache.store import FeatureStore
+from roiseg.featcache.analyze import run_analyze
+from roiseg.featcache.cache import CacheConfig, run_cache
+from roiseg.featcache.files import write_json_atomic
+from roiseg.featcache.store import FeatureStore
 
 log = logging.getLogger("cv")
 AREA_S, AREA_M = 32 ** 2, 96 ** 2     # COCO small / medium limits (original pixels)
@@ -75,8 +75,8 @@ def _train_job(job: dict) -> dict:
     """One (variant, fold, seed) training run in its own single-threaded process."""
     import torch
     torch.set_num_threads(1)
-    from trainer.config import make_config
-    from trainer.loop import Trainer
+    from roiseg.trainer.training.config import make_config
+    from roiseg.trainer.training.loop import Trainer
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
     shutil.rmtree(job["out"], ignore_errors=True)

@@ -50,11 +50,11 @@ def cli(*args, env=None, torchrun: int = 0) -> subprocess.CompletedProcess:
 
 def data(work: Path) -> dict:
     """A small synthetic set, a 64-channel stand-in extractor and its CPU-provider stores."""
-    from featcache.analyze import run_analyze
-    from featcache.cache import CacheConfig, run_cache
-    from featcache.files import write_json_atomic
-    from featcache.standin import build_standin_extractor
-    from featcache.synthetic import make_synthetic_dataset
+    from roiseg.featcache.analyze import run_analyze
+    from roiseg.featcache.cache import CacheConfig, run_cache
+    from roiseg.featcache.files import write_json_atomic
+    from roiseg.featcache.standin import build_standin_extractor
+    from roiseg.featcache.synthetic import make_synthetic_dataset
     d = make_synthetic_dataset(work / "data", n_train=48, n_val=12, seed=3)
     onnx = build_standin_extractor(work / "standin.onnx", channels=64)
     stores = {}
@@ -129,8 +129,8 @@ def _ort_providers() -> list:
 def check_ort_cuda(s: dict, work: Path) -> None:
     import numpy as np
 
-    from featcache.extractor import Extractor
-    from featcache.standin import FEATURE_NAME
+    from roiseg.featcache.extractor import Extractor
+    from roiseg.featcache.standin import FEATURE_NAME
     if "CUDAExecutionProvider" not in _ort_providers():
         report("SKIP", "ort_cuda", f"this onnxruntime has no CUDA provider ({_ort_providers()})")
         return
@@ -145,9 +145,9 @@ def check_ort_cuda(s: dict, work: Path) -> None:
 def check_trt_engines(s: dict, work: Path) -> None:
     import numpy as np
 
-    from featcache.extractor import Extractor
-    from featcache.providers import load_tensorrt
-    from featcache.standin import FEATURE_NAME, build_standin_extractor
+    from roiseg.featcache.extractor import Extractor
+    from roiseg.featcache.providers import load_tensorrt
+    from roiseg.featcache.standin import FEATURE_NAME, build_standin_extractor
     why = load_tensorrt() if "TensorrtExecutionProvider" in _ort_providers() else "no TensorRT provider in onnxruntime"
     if why:
         report("SKIP", "trt_engines", why)

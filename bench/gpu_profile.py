@@ -1,14 +1,17 @@
 """Where does a resident training step spend its time on the GPU? (one-off diagnosis)"""
-import sys, time
+import sys
+import time
 from pathlib import Path
+
 import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.bench_train import synthetic_store
-from trainer.data import CacheIndex, ResidentSource, epoch_batches
-from trainer.losses import LossConfig, SegLoss
-from trainer.models import build_model
-from trainer.sampling import RoiSampling
+from roiseg.trainer.data import CacheIndex, ResidentSource, epoch_batches
+from roiseg.trainer.models import build_model
+from roiseg.trainer.sampling import RoiSampling
+from roiseg.trainer.training.losses import LossConfig, SegLoss
 
 dev = torch.device("cuda")
 idx = CacheIndex(synthetic_store(200, 1024, 12))

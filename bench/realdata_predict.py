@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import cv  # noqa: E402
@@ -39,8 +38,8 @@ def _train(job: dict) -> str:
     import torch
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    from trainer.config import make_config
-    from trainer.loop import Trainer
+    from roiseg.trainer.training.config import make_config
+    from roiseg.trainer.training.loop import Trainer
     out = Path(job["out"])
     if (out / "done").exists():
         return str(out / "last.pth")
@@ -147,9 +146,10 @@ def main():
     torch.set_num_threads(2)
     from pycocotools import mask as mask_utils
 
-    from trainer.inference.detection import DetectionSettings
-    from trainer.inference.evaluate import evaluate_checkpoint
-    from trainer.inference.predict import PredictOptions, run_predict
+    from roiseg.trainer.inference.evaluate import evaluate_checkpoint
+    from roiseg.trainer.inference.torch_decoder import checkpoint_predictor
+    from roiseg.trainer.runtime.detection import DetectionSettings
+    from roiseg.trainer.runtime.predict import PredictOptions, run_predict
 
     def box_filled(pooled: list) -> list:
         """The same detections with the box filled as the mask (baseline)."""
@@ -177,7 +177,7 @@ def main():
                                           detection=DetectionSettings(conf=args.conf), progress=False,
                                           provider="cpu")
                     shutil.rmtree(out, ignore_errors=True)   # predict would start out2 next to a used folder
-                    summary = run_predict(opts)
+                    summary = run_predict(opts, checkpoint_predictor(opts))
                     info[key]["images_per_s"].append(summary["images_per_s"])
                     pooled += json.loads((Path(summary["out"]) / "predictions.json").read_text())
                     if boxes == "gt":   # predict with GT boxes == evaluate on the cached fold

@@ -7,9 +7,9 @@ import io
 import numpy as np
 from pycocotools.coco import COCO
 
-from featcache.coco import _parse_instance, SkipReport
-from featcache.geometry import normalized_to_pixel, pad_box
-from featcache.targets import labels_from_masks, native_crop
+from roiseg.featcache.coco import SkipReport, _parse_instance
+from roiseg.featcache.geometry import normalized_to_pixel, pad_box
+from roiseg.featcache.rasterize import labels_from_masks, native_crop
 
 
 def reference_counts(ann_path, roi_padding: float = 0.1, image_ids=None) -> np.ndarray:

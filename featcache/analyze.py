@@ -23,11 +23,17 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from . import __version__
-from .coco import AnnotationError, SkipReport, _parse_instance, load_coco, person_category_ids
+from .coco import (
+    AnnotationError,
+    SkipReport,
+    _parse_instance,
+    load_coco,
+    person_category_ids,
+)
 from .files import file_sha256
 from .geometry import ResizePolicy, normalized_to_pixel, pad_box
+from .rasterize import native_crop
 from .sparse import DEFAULT_MARGIN, readable_cells
-from .targets import native_crop
 
 CLASS_NAMES = ("background", "target", "non_target")
 SIZE_BINS_PX = (0, 16, 32, 64, 128, 256, 512, 10_000)

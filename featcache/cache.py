@@ -29,10 +29,22 @@ from .errors import FeatCacheError
 from .extractor import Extractor
 from .files import file_sha256, refuse_overlap
 from .geometry import ResizePolicy, pad_box
-from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, load_rgb, preprocess
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    Preprocess,
+    load_rgb,
+    preprocess,
+)
+from .rasterize import rles_to_input_frame_packed
 from .sparse import DEFAULT_MARGIN
-from .store import FINGERPRINT_KEYS, FeatureStore, StoreError, diff_metadata, store_folder_kind
-from .targets import rles_to_input_frame_packed
+from .store import (
+    FINGERPRINT_KEYS,
+    FeatureStore,
+    StoreError,
+    diff_metadata,
+    store_folder_kind,
+)
 
 log = logging.getLogger(__name__)
 # Stored / raw size of the fp16 cells a store keeps, per codec, rounded up from bench/bench_store.py

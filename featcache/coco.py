@@ -21,6 +21,10 @@ from .errors import FeatCacheError
 from .geometry import clip_xyxy, coco_xywh_to_xyxy, pixel_to_normalized
 
 log = logging.getLogger(__name__)
+# The four COCO val2017 images the validation PNG shows by default, with their person counts
+# (1, 2, 3, 5 persons; the synthetic data set of the demo and the tests names four images so too).
+VALIDATION_PNG_IMAGES = {"000000020992.jpg": 1, "000000413552.jpg": 2,
+                         "000000109118.jpg": 3, "000000162732.jpg": 5}
 
 
 @dataclass

@@ -11,6 +11,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,13 +32,13 @@ class ProviderError(FeatCacheError):
 
 @lru_cache(maxsize=1)
 def cuda_available() -> bool:
-    """A CUDA GPU is visible.  Through torch when it is installed (which also loads the CUDA 12
-    libraries onnxruntime-gpu needs), else through the driver and ``onnxruntime.preload_dlls``."""
-    try:
-        import torch
+    """A CUDA GPU is visible.  In a process that has torch loaded (training, a checkpoint's
+    predictor) torch answers, and it has loaded the CUDA 12 libraries onnxruntime-gpu needs; this
+    package never imports torch itself (an import contract checks that), so elsewhere the driver
+    answers and ``onnxruntime.preload_dlls`` loads those libraries."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
         return bool(torch.cuda.is_available())
-    except ImportError:
-        pass
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
         count = ctypes.c_int(0)

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-# The four fixed validation images of the user's visualization, with their person counts.
-VAL_VIS_IMAGES = {"000000020992.jpg": 1, "000000413552.jpg": 2,
-                  "000000109118.jpg": 3, "000000162732.jpg": 5}
+from .coco import VALIDATION_PNG_IMAGES
+
 ANN_NAME = "instances_{split}2017_person_only_no_crowd{suffix}.json"
 
 _BODY = np.array([(0.42, 0.22), (0.58, 0.22), (0.85, 0.28), (0.95, 0.58), (0.84, 0.61),
@@ -99,7 +98,7 @@ def make_synthetic_dataset(root: str | Path, n_train: int = 40, n_val: int = 12,
         img_dir.mkdir(parents=True, exist_ok=True)
         names = []
         if split == "val":
-            names += [(f, c) for f, c in VAL_VIS_IMAGES.items()]
+            names += [(f, c) for f, c in VALIDATION_PNG_IMAGES.items()]
         base_id = 1_000_000 if split == "train" else 2_000_000
         while len(names) < n:
             names.append((f"{base_id + len(names):012d}.jpg", int(rng.integers(1, max_persons + 1))))

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from cli import main
+from roiseg.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

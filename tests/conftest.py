@@ -1,11 +1,6 @@
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from featcache.threads import configure_threads  # noqa: E402
+from roiseg.featcache.threads import configure_threads
 
 configure_threads()  # before the test modules import torch
 
@@ -13,22 +8,22 @@ configure_threads()  # before the test modules import torch
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory):
     """Small synthetic COCO person dataset (train 24 / val 8 images)."""
-    from featcache.synthetic import make_synthetic_dataset
+    from roiseg.featcache.synthetic import make_synthetic_dataset
     return make_synthetic_dataset(tmp_path_factory.mktemp("synth"), n_train=24, n_val=8, seed=1)
 
 
 @pytest.fixture(scope="session")
 def standin_onnx(tmp_path_factory):
-    from featcache.standin import build_standin_extractor
+    from roiseg.featcache.standin import build_standin_extractor
     return build_standin_extractor(tmp_path_factory.mktemp("onnx") / "standin.onnx", channels=16)
 
 
 @pytest.fixture(scope="session")
 def stores(synth, standin_onnx, tmp_path_factory):
     """Train/val feature caches of the synthetic data + data_analyze.json."""
-    from featcache.analyze import run_analyze
-    from featcache.files import write_json_atomic
-    from featcache.cache import CacheConfig, run_cache
+    from roiseg.featcache.analyze import run_analyze
+    from roiseg.featcache.cache import CacheConfig, run_cache
+    from roiseg.featcache.files import write_json_atomic
     d = tmp_path_factory.mktemp("stores")
     out = {}
     for split in ("train", "val"):
@@ -44,13 +39,14 @@ def stores(synth, standin_onnx, tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(stores, tmp_path_factory):
     """One epoch of a tiny decoder on the synthetic stores (checkpoint folder)."""
-    from trainer.config import make_config
-    from trainer.run import run_training
+    from roiseg.trainer.inference.visualize import training_hooks
+    from roiseg.trainer.training.config import make_config
+    from roiseg.trainer.training.run import run_training
     out = tmp_path_factory.mktemp("ck")
     cfg = make_config(train_store=str(stores["train"]), val_store=str(stores["val"]), out=str(out),
                       analysis=str(stores["analysis"]), hidden=16, roi_size=7, mask_size=28, epochs=1,
                       batch_size=4, workers=0, resident="cpu", tensorboard=False, visualize=True)
-    run_training(cfg)
+    run_training(cfg, training_hooks(cfg))      # as `cli.py train` runs it: with the validation PNG
     return out
 
 

@@ -3,10 +3,10 @@ import json
 import numpy as np
 from click.testing import CliRunner
 
-from featcache.analyze import run_analyze
-from featcache.coco import decode_masks, load_person_records
-from featcache.geometry import normalized_to_pixel, pad_box
-from featcache.targets import roi_target
+from roiseg.featcache.analyze import run_analyze
+from roiseg.featcache.coco import decode_masks, load_person_records
+from roiseg.featcache.geometry import normalized_to_pixel, pad_box
+from roiseg.featcache.rasterize import roi_target
 
 
 def _independent_counts(ann, padding):
@@ -50,7 +50,7 @@ def test_class_weights_favour_rare_classes(synth):
 
 
 def test_cli_analyze_writes_json(synth, tmp_path):
-    from cli import main
+    from roiseg.cli import main
     out = tmp_path / "da.json"
     r = CliRunner().invoke(main, ["analyze", "--ann", str(synth["val"]), "--out", str(out),
                                   "--workers", "1"])

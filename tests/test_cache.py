@@ -9,15 +9,15 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from featcache.cache import CacheConfig, run_cache
-from featcache.coco import decode_masks, load_person_records
-from featcache.errors import FeatCacheError
-from featcache.extractor import Extractor, ExtractorError
-from featcache.geometry import ResizePolicy
-from featcache.images import Preprocess, load_rgb, preprocess
-from featcache.standin import FEATURE_NAME, build_standin_extractor
-from featcache.store import FeatureStore, StoreError
-from featcache.targets import masks_to_input_frame
+from roiseg.featcache.cache import CacheConfig, run_cache
+from roiseg.featcache.coco import decode_masks, load_person_records
+from roiseg.featcache.errors import FeatCacheError
+from roiseg.featcache.extractor import Extractor, ExtractorError
+from roiseg.featcache.geometry import ResizePolicy
+from roiseg.featcache.images import Preprocess, load_rgb, preprocess
+from roiseg.featcache.rasterize import masks_to_input_frame
+from roiseg.featcache.standin import FEATURE_NAME, build_standin_extractor
+from roiseg.featcache.store import FeatureStore, StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,8 @@ def test_store_features_equal_direct_ort(synth, standin_onnx, val_store):
     s = FeatureStore(out)
     assert s.meta["feature_shape"] == [16, 80, 80] and s.meta["input_hw"] == [640, 640]
     import onnx
-    from featcache.extractor import expose_tensor
+
+    from roiseg.featcache.extractor import expose_tensor
     sess = ort.InferenceSession(expose_tensor(onnx.load(str(standin_onnx)), FEATURE_NAME).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
     prep = Preprocess()
@@ -90,7 +91,7 @@ def test_kill9_midway_then_resume_equals_uninterrupted(synth, standin_onnx, val_
     script = f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
-from featcache import store
+from roiseg.featcache import store
 orig = store.FeatureStore.write_image
 n = [0]
 def write(self, *a):
@@ -99,7 +100,7 @@ def write(self, *a):
     if n[0] == 3:
         os.kill(os.getpid(), signal.SIGKILL)
 store.FeatureStore.write_image = write
-from cli import main
+from roiseg.cli import main
 main(["cache", "--ann", {str(synth['val'])!r}, "--images", {str(synth['root'] / 'images/val2017')!r},
       "--onnx", {str(standin_onnx)!r}, "--out", {str(out)!r}, "--provider", "cpu", "--workers", "1"])
 """
@@ -146,7 +147,8 @@ def test_bad_images_skipped_and_reported(synth, standin_onnx, tmp_path):
 
 def test_cli_cache_errors(synth, standin_onnx, tmp_path):
     from click.testing import CliRunner
-    from cli import main
+
+    from roiseg.cli import main
     base = ["cache", "--ann", str(synth["val"]), "--images", str(synth["root"] / "images/val2017"),
             "--provider", "cpu"]
     r = CliRunner().invoke(main, base + ["--onnx", str(standin_onnx), "--feature-name", "/nope",
@@ -159,7 +161,7 @@ def test_cli_cache_errors(synth, standin_onnx, tmp_path):
 
 
 def test_disk_space_check(synth, standin_onnx, tmp_path, monkeypatch):
-    import featcache.cache as cache_mod
+    import roiseg.featcache.cache as cache_mod
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda p: Usage(10**9, 10**9, 1000))
     with pytest.raises(FeatCacheError, match="not enough disk space"):

@@ -2,17 +2,17 @@ import json
 import os
 
 import numpy as np
-import pytest
 import onnxruntime as ort
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from trainer.checkpoint import load_checkpoint
+from roiseg.trainer.checkpoint import load_checkpoint
 
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, monkeypatch):
-    from cli import main
+    from roiseg.cli import main
     monkeypatch.chdir(tmp_path)          # anything written outside --dir would land here
     r = CliRunner().invoke(main, ["demo", "--dir", "demo", "--epochs", "2"])
     assert r.exit_code == 0, r.output

@@ -11,14 +11,21 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from featcache.files import file_sha256
-from featcache.extractor import Extractor
-from featcache.geometry import ResizePolicy
-from featcache.images import Preprocess
-from featcache.standin import FEATURE_NAME
-from trainer.inference.export import ExportSpec, check_parity, export_decoder, export_end_to_end, predictor_metadata
-from trainer.inference.predictor import Predictor
-from trainer.models import build_model
+from roiseg.featcache.extractor import Extractor
+from roiseg.featcache.files import file_sha256
+from roiseg.featcache.geometry import ResizePolicy
+from roiseg.featcache.images import Preprocess
+from roiseg.featcache.standin import FEATURE_NAME
+from roiseg.trainer.inference.export import (
+    ExportSpec,
+    check_parity,
+    export_decoder,
+    export_end_to_end,
+    predictor_metadata,
+)
+from roiseg.trainer.inference.torch_decoder import TorchDecoder
+from roiseg.trainer.models import build_model
+from roiseg.trainer.runtime.pipeline import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_TORCH = """
@@ -29,7 +36,7 @@ class _Block:
             raise ImportError('torch is blocked in this test: ' + name)
 sys.meta_path.insert(0, _Block())
 sys.path.insert(0, {root!r})
-from cli import main
+from roiseg.cli import main
 main({args!r}, standalone_mode=False)
 assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')]
 """
@@ -47,7 +54,7 @@ def test_onnx_decoder_and_end_to_end_equal_torch_predictor(standin_onnx, tmp_pat
     dec = export_decoder(model, spec, tmp_path / "d.onnx", meta=predictor_metadata(meta, "x.pth"))
     check_parity(model, dec, spec)
     e2e = export_end_to_end(standin_onnx, FEATURE_NAME, dec, tmp_path / "e2e.onnx")
-    ref = Predictor(model, meta, Extractor(standin_onnx, FEATURE_NAME, "cpu"))
+    ref = Predictor(TorchDecoder(model), meta, Extractor(standin_onnx, FEATURE_NAME, "cpu"))
     im = Image.fromarray(np.random.default_rng(1).integers(0, 255, (360, 800, 3), np.uint8))
     boxes = np.array([[0.0, 0.0, 0.3, 0.6], [0.5, 0.2, 1.0, 1.0], [0.3, 0.3, 0.45, 0.5]])
     want = ref.predict(im, boxes)
@@ -66,7 +73,7 @@ def test_onnx_decoder_and_end_to_end_equal_torch_predictor(standin_onnx, tmp_pat
 def test_predict_on_exported_graphs_without_torch(trained, synth, tmp_path):
     """`predict --exported` in a process where importing torch fails: same instance mIoU with the
     GT boxes as the checkpoint path, for the end-to-end graph and the decoder graph."""
-    from cli import main
+    from roiseg.cli import main
     ck = trained / "best.pth"
     r = CliRunner().invoke(main, ["export", "--checkpoint", str(ck), "--out", str(tmp_path / "m.decoder.onnx"),
                                   "--end-to-end"])
@@ -90,7 +97,7 @@ def test_predict_on_exported_graphs_without_torch(trained, synth, tmp_path):
 
 
 def test_half_export_reports_parity(trained, tmp_path):
-    from cli import main
+    from roiseg.cli import main
     r = CliRunner().invoke(main, ["export", "--checkpoint", str(trained / "best.pth"), "--half", "--masks", "prob",
                                   "--out", str(tmp_path / "h.onnx")])
     assert r.exit_code == 0, r.output
@@ -113,8 +120,8 @@ def test_export_without_metadata_is_refused_by_predict(tmp_path, standin_onnx, s
 
 def test_numpy_paste_equals_torch_paste():
     """The ORT path's paste (trainer/inference/paste.py) is the PyTorch paste, without torch."""
-    from trainer.inference.paste import paste_numpy
-    from trainer.models import paste_masks
+    from roiseg.trainer.models import paste_masks
+    from roiseg.trainer.runtime.paste import paste_numpy
     rng = np.random.default_rng(0)
     maps = rng.random((4, 28, 28), np.float32)
     boxes = np.array([[-10, 5, 120, 90], [0, 0, 200, 150], [30.5, 40.25, 31.5, 60], [150, 100, 260, 210]], np.float32)

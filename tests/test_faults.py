@@ -10,8 +10,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from trainer.checkpoint import list_checkpoints, load_checkpoint
+from roiseg.cli import main
+from roiseg.trainer.checkpoint import list_checkpoints, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +64,7 @@ def test_pickle_filter_store_is_refused_without_decoding(stores, tmp_path):
     shutil.copytree(stores["val"], bad2)
     spec["shape"][1] = 3
     (bad2 / "features" / ".zarray").write_text(json.dumps(spec))
-    from featcache.store import FeatureStore
+    from roiseg.featcache.store import FeatureStore
     with pytest.raises(Exception, match="shape"):
         FeatureStore(bad2)
 
@@ -154,8 +154,9 @@ def test_bad_config_files(stores, tmp_path, text, msg):
 
 def test_yaml_strings_are_converted():
     """YAML reads 1e-3 as a string: converted, not a crash later."""
-    from trainer.config import load_config_file, make_config
     import tempfile
+
+    from roiseg.trainer.training.config import load_config_file, make_config
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write("lr: 1e-3\nepochs: '3'\nhflip: 0\namp: 'false'\n")
     cfg = make_config(f.name)
@@ -178,8 +179,8 @@ def test_analyze_refuses_files_without_persons(tmp_path):
 
 
 def test_analysis_of_another_dataset_is_refused(stores, synth, tmp_path):
-    from featcache.analyze import run_analyze
-    from featcache.files import write_json_atomic
+    from roiseg.featcache.analyze import run_analyze
+    from roiseg.featcache.files import write_json_atomic
     other = tmp_path / "other_analyze.json"
     write_json_atomic(other, run_analyze(synth["val"], workers=1, progress=False))   # val images only
     args = train_args(stores, tmp_path / "ck", "--epochs", "1")
@@ -248,8 +249,9 @@ def test_help_texts():
 
 def test_fallback_images_logged_once_and_in_words(synth, caplog):
     import logging
-    from featcache.coco import load_person_records
-    from trainer.inference.visualize import choose_images
+
+    from roiseg.featcache.coco import load_person_records
+    from roiseg.trainer.inference.visualize import choose_images
     recs, _ = load_person_records(synth["val"])
     kept = [r for r in recs if r.file_name != "000000020992.jpg"]     # the 1-person image is missing
     with caplog.at_level(logging.INFO):
@@ -267,8 +269,8 @@ def test_stride_16_tensor_is_warned(standin_onnx, tmp_path, caplog):
     import onnx
     from onnx import helper
 
-    from featcache.extractor import Extractor
-    from featcache.standin import FEATURE_NAME
+    from roiseg.featcache.extractor import Extractor
+    from roiseg.featcache.standin import FEATURE_NAME
     m = onnx.load(str(standin_onnx))
     m.graph.node.append(helper.make_node("AveragePool", [FEATURE_NAME], ["/model.40/stride16"],
                                          kernel_shape=[2, 2], strides=[2, 2]))

@@ -6,7 +6,6 @@ import os
 import shutil
 
 import pytest
-
 from clikit import cli, succeeded, user_error
 
 

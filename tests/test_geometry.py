@@ -1,8 +1,16 @@
 import numpy as np
 import pytest
 
-from featcache.geometry import (ResizePolicy, as_xyxy, cxcywh_to_xyxy, normalized_to_pixel, pad_box,
-                                pixel_center_span, pixel_to_normalized, xyxy_to_cxcywh)
+from roiseg.featcache.geometry import (
+    ResizePolicy,
+    as_xyxy,
+    cxcywh_to_xyxy,
+    normalized_to_pixel,
+    pad_box,
+    pixel_center_span,
+    pixel_to_normalized,
+    xyxy_to_cxcywh,
+)
 
 
 def test_xyxy_cxcywh_round_trip():

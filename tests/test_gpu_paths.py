@@ -9,8 +9,8 @@ import onnx
 import pytest
 import torch
 
-from featcache import providers
-from featcache.standin import build_standin_extractor
+from roiseg.featcache import providers
+from roiseg.featcache.standin import build_standin_extractor
 
 
 # ---- ONNX Runtime providers: the options the code builds ----------------------------------------
@@ -58,7 +58,7 @@ def test_engine_cache_is_per_model_not_per_graph_shape(fake_gpu, tmp_path):
 
 def test_profiles_cover_every_batch_the_cache_sends(fake_gpu, tmp_path, synth):
     """cache --flip runs 2 x --batch images at once on a dynamic-batch extractor."""
-    from featcache.cache import CacheConfig, run_cache
+    from roiseg.featcache.cache import CacheConfig, run_cache
     dyn = build_standin_extractor(tmp_path / "dyn.onnx", channels=8, dynamic_batch=True)
     cfg = CacheConfig(ann=synth["val"], images=synth["root"] / "images/val2017", onnx=dyn, out=tmp_path / "s.zarr",
                       provider="tensorrt", batch=12, flip=True, limit=1)
@@ -79,9 +79,9 @@ def exported_decoder(trained, tmp_path_factory):
 def test_fp16_only_where_the_graph_allows_it(exported_decoder, fake_gpu, tmp_path):
     """The extractor may run in fp16 (its features are stored as fp16); the exported decoder's fp32
     geometry and paste may not: TensorRT must not be told to use fp16 for it."""
-    from featcache.extractor import Extractor
-    from featcache.standin import FEATURE_NAME
-    from trainer.inference.backends import OnnxDecoder
+    from roiseg.featcache.extractor import Extractor
+    from roiseg.featcache.standin import FEATURE_NAME
+    from roiseg.trainer.runtime.onnx_decoder import OnnxDecoder
     with pytest.raises(Exception):   # the fake session cannot run: only the options matter here
         Extractor(build_standin_extractor(tmp_path / "e.onnx", channels=8), FEATURE_NAME, "tensorrt")
     assert _options(fake_gpu.made[-1], "TensorrtExecutionProvider")["trt_fp16_enable"] is True
@@ -115,7 +115,7 @@ def test_device_id_follows_the_torch_device_and_local_rank(fake_gpu, tmp_path, m
 
 
 def test_evaluate_keeps_tensorrt_engines_out_of_its_temp_folder(trained, synth, tmp_path, monkeypatch):
-    from featcache import cache as cache_mod
+    from roiseg.featcache import cache as cache_mod
     seen = {}
     real = cache_mod.run_cache
 
@@ -123,14 +123,14 @@ def test_evaluate_keeps_tensorrt_engines_out_of_its_temp_folder(trained, synth, 
         seen["cfg"] = cfg
         return real(cfg, progress)
     monkeypatch.setattr(cache_mod, "run_cache", spy)
-    from trainer.inference.evaluate import live_store
+    from roiseg.trainer.inference.evaluate import live_store
     with live_store(trained / "best.pth", synth["val"], synth["root"] / "images/val2017", tmp_path, None, "cpu", 1):
         pass
     assert seen["cfg"].trt_cache == providers.TRT_CACHE and tmp_path not in seen["cfg"].trt_cache.parents
 
 
 def test_store_records_the_provider_and_precision(stores):
-    from featcache.store import FeatureStore
+    from roiseg.featcache.store import FeatureStore
     meta = FeatureStore(stores["val"]).meta
     assert meta["extractor_provider"] == "CPUExecutionProvider" and meta["extractor_precision"] == "fp32"
 
@@ -159,9 +159,9 @@ def _on_gpu(x):
 def test_resume_from_a_checkpoint_mapped_to_another_device(trained, stores, tmp_path, monkeypatch):
     """load_checkpoint(map_location=cuda) put the numpy RNG state on the GPU and every resume on a
     GPU crashed; restoring must work whatever device the loader put the tensors on."""
-    from trainer import checkpointer
-    from trainer.config import make_config
-    from trainer.loop import Trainer
+    from roiseg.trainer.training import run_state as checkpointer
+    from roiseg.trainer.training.config import make_config
+    from roiseg.trainer.training.loop import Trainer
     real = checkpointer.load_checkpoint
     monkeypatch.setattr(checkpointer, "load_checkpoint", lambda *a, **k: _on_gpu(real(*a, **k)))
     ck = real(trained / "last.pth")
@@ -182,7 +182,7 @@ def test_resume_from_a_checkpoint_mapped_to_another_device(trained, stores, tmp_
 def test_grad_scaler_across_amp_on_and_off(saved_amp, now_amp):
     """A CPU or --no-amp run saves an empty scaler state: resuming it with AMP starts a fresh
     scaler; an AMP run resumed without AMP ignores the saved one.  (CPU GradScalers stand in for CUDA.)"""
-    from trainer.checkpointer import restore_scaler
+    from roiseg.trainer.training.run_state import restore_scaler
     saved = torch.amp.GradScaler("cpu", enabled=saved_amp, init_scale=1024.0)
     if saved_amp:
         saved.scale(torch.ones(()))       # lazily creates the scale tensor
@@ -197,7 +197,7 @@ def test_grad_scaler_across_amp_on_and_off(saved_amp, now_amp):
 def test_roi_geometry_stays_fp32_under_autocast():
     """Boxes cast to fp16/bf16 move by up to ~1/32 cell (bf16: 1/4 cell near 60); a map whose value is
     the x coordinate shows where ROIAlign sampled."""
-    from trainer.models import roi_features
+    from roiseg.trainer.models import roi_features
     hw = 80
     xs = (torch.arange(hw, dtype=torch.float32) + 0.5 - 58.0)         # values near 0: fine in bf16
     feats = xs.expand(1, 1, hw, hw).contiguous()
@@ -212,7 +212,7 @@ def test_roi_geometry_stays_fp32_under_autocast():
 
 
 def test_losses_accumulate_in_fp32():
-    from trainer.losses import LossConfig, SegLoss
+    from roiseg.trainer.training.losses import LossConfig, SegLoss
     loss = SegLoss(LossConfig((0.5, 1.0, 2.0), 1.0, (1, 2), 0.0, 0.5), 3)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 3, 56, 56, generator=g)
@@ -225,7 +225,7 @@ def test_losses_accumulate_in_fp32():
 
 # ---- data paths -------------------------------------------------------------------------------------
 def test_resident_auto_counts_masks_and_shares_ram_between_local_ranks(stores):
-    from trainer.data import CacheIndex, resident_bytes, resident_choice
+    from roiseg.trainer.data import CacheIndex, resident_bytes, resident_choice
     idx = CacheIndex(stores["train"])
     feats, masks = resident_bytes(idx, len(idx.images))
     assert feats == len(idx.images) * int(np.prod(idx.feature_shape)) * 2 and masks > 0
@@ -243,7 +243,7 @@ def test_resident_auto_counts_masks_and_shares_ram_between_local_ranks(stores):
 def test_pinned_copy_event_is_recorded_on_the_copying_devices_stream(monkeypatch):
     """The H2D copy to cuda:1 is queued on cuda:1's current stream; recording the event on the
     current device's (cuda:0) stream would let the pinned buffer be refilled mid-copy."""
-    from trainer import data
+    from roiseg.trainer import data
     calls = {}
 
     class Stream:
@@ -263,8 +263,8 @@ def test_pinned_copy_event_is_recorded_on_the_copying_devices_stream(monkeypatch
 def test_ema_update_never_syncs_with_the_host(monkeypatch):
     """torch's AveragedModel tests a tensor counter every step (a GPU->host sync); the EMA must not
     turn any tensor into a Python value while updating."""
-    from trainer.ema import Ema
-    from trainer.models import build_model
+    from roiseg.trainer.models import build_model
+    from roiseg.trainer.training.ema import Ema
     model = build_model("roialign", 8, hidden=8, roi_size=7, mask_size=14)
     ema = Ema(model, 0.9)
 
@@ -301,7 +301,8 @@ def test_ddp_empty_reads_identical_replicas_and_one_process_metrics(stores, tmp_
     import json
 
     from clikit import torchrun
-    from trainer.data import CacheIndex, epoch_batches
+
+    from roiseg.trainer.data import CacheIndex, epoch_batches
     idx = CacheIndex(stores["train"])
     h, w = idx.input_hw
     size = (idx.padded_input[:, 2:] - idx.padded_input[:, :2]) * [w, h]     # what --min-roi-size compares
@@ -323,6 +324,7 @@ def test_ddp_empty_reads_identical_replicas_and_one_process_metrics(stores, tmp_
     # thread count in the last bit, which can flip a pixel sitting exactly at a decision)
     import subprocess
     import sys
+
     from clikit import ROOT
     subprocess.run([sys.executable, str(ROOT / "cli.py"), "evaluate", "--checkpoint", out / "last.pth",
                     "--coco-eval", "--batch-size", "1", "--json", tmp_path / "one.json"], check=True, cwd=ROOT,

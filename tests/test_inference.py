@@ -7,15 +7,25 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from featcache.coco import load_person_records
-from featcache.extractor import Extractor
-from featcache.geometry import ResizePolicy
-from featcache.images import Preprocess
-from featcache.standin import FEATURE_NAME
-from trainer.checkpoint import list_checkpoints
-from trainer.inference.predictor import Predictor
-from trainer.inference.visualize import (BOX_RED, CAPTION_H, CELL_H, CELL_W, MARGIN, TITLE_H, choose_images,
-                               person_colour, render_validation_png)
+from roiseg.featcache.coco import load_person_records
+from roiseg.featcache.extractor import Extractor
+from roiseg.featcache.geometry import ResizePolicy
+from roiseg.featcache.images import Preprocess
+from roiseg.featcache.standin import FEATURE_NAME
+from roiseg.trainer.checkpoint import list_checkpoints
+from roiseg.trainer.inference.torch_decoder import TorchDecoder
+from roiseg.trainer.inference.visualize import (
+    BOX_RED,
+    CAPTION_H,
+    CELL_H,
+    CELL_W,
+    MARGIN,
+    TITLE_H,
+    choose_images,
+    person_colour,
+    render_validation_png,
+)
+from roiseg.trainer.runtime.pipeline import Predictor
 
 
 @pytest.mark.parametrize("size", [(640, 480), (300, 500), (800, 200)])
@@ -24,7 +34,7 @@ def test_predictor_pastes_at_original_resolution(standin_onnx, target_everywhere
     w, h = size
     im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), np.uint8))
     meta = {"preprocess": Preprocess(policy=ResizePolicy(640, 640, mode)).to_dict(), "roi_padding": 0.1}
-    pred = Predictor(target_everywhere, meta, Extractor(standin_onnx, FEATURE_NAME, "cpu"))
+    pred = Predictor(TorchDecoder(target_everywhere), meta, Extractor(standin_onnx, FEATURE_NAME, "cpu"))
     boxes = np.array([[0.2, 0.3, 0.5, 0.7], [0.6, 0.1, 0.9, 0.4]])
     res = pred.predict(im, boxes)
     masks = res.full_masks()
@@ -85,7 +95,7 @@ def test_choose_images_falls_back_by_person_count(synth, caplog):
 
 
 def test_training_writes_png_and_visualize_by_epoch(trained, tmp_path):
-    from cli import main
+    from roiseg.cli import main
     assert (trained / "validation_all_images_epoch_0001.png").is_file()
     r = CliRunner().invoke(main, ["visualize", "--epoch", "1", "--checkpoints", str(trained),
                                   "--out-dir", str(tmp_path), "--provider", "cpu"])
@@ -100,7 +110,7 @@ def test_training_writes_png_and_visualize_by_epoch(trained, tmp_path):
 def test_export_parity_dynamic_shapes_and_end_to_end(trained, synth, tmp_path):
     """Compact outputs at every batch/ROI count: masks equal the full-probs paste's class 1 above
     the threshold, the instance map points at the most probable person, logits/boxes as before."""
-    from cli import main
+    from roiseg.cli import main
     ck = list_checkpoints(trained)[0][1]
     out = tmp_path / "dec.onnx"
     r = CliRunner().invoke(main, ["export", "--checkpoint", str(ck), "--out", str(out), "--end-to-end",

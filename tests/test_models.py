@@ -3,10 +3,15 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-from featcache.targets import roi_target
-from trainer.losses import LossConfig, SegLoss
-from trainer.models import GlobalContextDecoder, RoiAlignDecoder, paste_masks, roi_features
-from trainer.roi_targets import sample_roi_targets, union_packed
+from roiseg.featcache.rasterize import roi_target
+from roiseg.trainer.models import (
+    GlobalContextDecoder,
+    RoiAlignDecoder,
+    paste_masks,
+    roi_features,
+)
+from roiseg.trainer.target_sampling import sample_roi_targets, union_packed
+from roiseg.trainer.training.losses import LossConfig, SegLoss
 
 
 def _coord_features():

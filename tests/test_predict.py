@@ -9,16 +9,21 @@ from click.testing import CliRunner
 from PIL import Image
 from pycocotools.coco import COCO
 
-from featcache.coco import load_person_records
-from featcache.extractor import Extractor
-from featcache.geometry import ResizePolicy, content_rect, pad_box
-from featcache.images import Preprocess
-from featcache.standin import FEATURE_NAME, add_constant_output
-from trainer.checkpoint import list_checkpoints, load_checkpoint
-from trainer.inference.detection import YOLOX_STRIDES, DetectionSettings
-from trainer.inference.export import DecoderExport, ExportSpec, export_decoder
-from trainer.inference.predict import PredictOptions, run_predict
-from trainer.inference.predictor import Predictor, decoder_from_checkpoint
+from roiseg.featcache.coco import load_person_records
+from roiseg.featcache.extractor import Extractor
+from roiseg.featcache.geometry import ResizePolicy, content_rect, pad_box
+from roiseg.featcache.images import Preprocess
+from roiseg.featcache.standin import FEATURE_NAME, add_constant_output
+from roiseg.trainer.checkpoint import (
+    decoder_from_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
+from roiseg.trainer.inference.export import DecoderExport, ExportSpec, export_decoder
+from roiseg.trainer.inference.torch_decoder import TorchDecoder
+from roiseg.trainer.runtime.detection import YOLOX_STRIDES, DetectionSettings
+from roiseg.trainer.runtime.pipeline import Predictor
+from roiseg.trainer.runtime.predict import PredictOptions, run_predict
 
 # Two persons (class 1 of 3) in input pixels of a 640x640 frame, plus distractors below.
 PERSONS = np.array([[100.0, 120.0, 300.0, 500.0], [350.0, 80.0, 600.0, 400.0]])
@@ -82,7 +87,7 @@ def test_detection_heads_give_back_the_known_boxes(standin_onnx, target_everywhe
     onnx_path = add_constant_output(standin_onnx, tmp_path / "det.onnx", name, make())
     ex = Extractor(onnx_path, FEATURE_NAME, "cpu", extra_outputs=(name,))
     meta = {"preprocess": Preprocess(policy=ResizePolicy(640, 640, mode)).to_dict(), "roi_padding": 0.1}
-    pred = Predictor(target_everywhere, meta, ex, detection=DetectionSettings(format=fmt, person_class=1))
+    pred = Predictor(TorchDecoder(target_everywhere), meta, ex, detection=DetectionSettings(format=fmt, person_class=1))
     assert pred.det_output == name
     w, h = 640, 320
     res = pred.predict(Image.new("RGB", (w, h)))
@@ -95,7 +100,7 @@ def test_detection_heads_give_back_the_known_boxes(standin_onnx, target_everywhe
 
 
 def test_model_without_detection_output_is_a_clear_error(trained, tmp_path):
-    from cli import main
+    from roiseg.cli import main
     (tmp_path / "src").mkdir()
     Image.new("RGB", (64, 48)).save(tmp_path / "src" / "a.jpg")     # the source is checked first: give it an image
     r = CliRunner().invoke(main, ["predict", "--source", str(tmp_path / "src"), "--checkpoint",
@@ -110,7 +115,7 @@ def det_predictor(trained, standin_onnx, tmp_path_factory):
                                     "batchno_classid_score_x1y1x2y2", _nms_rows(False, person_class=0))
     model, meta = decoder_from_checkpoint(trained / "best.pth")
     ex = Extractor(onnx_path, meta["feature_name"], "cpu", extra_outputs=("batchno_classid_score_x1y1x2y2",))
-    return Predictor(model, meta, ex, detection=DetectionSettings())
+    return Predictor(TorchDecoder(model), meta, ex, detection=DetectionSettings())
 
 
 def test_predict_folder_writes_coco_results_masks_polygons(det_predictor, synth, tmp_path):
@@ -143,7 +148,7 @@ def test_predict_folder_writes_coco_results_masks_polygons(det_predictor, synth,
 def test_polygons_rasterize_back_to_the_mask():
     from pycocotools import mask as mask_utils
 
-    from trainer.inference.predict import polygons_of
+    from roiseg.trainer.runtime.predict import polygons_of
     h, w = 120, 160
     yy, xx = np.mgrid[:h, :w]
     m = ((yy - 60) ** 2 / 40 ** 2 + (xx - 50) ** 2 / 30 ** 2 <= 1) | ((yy > 20) & (yy < 90) & (xx > 100) & (xx < 140))
@@ -174,7 +179,7 @@ def test_predict_video_writes_a_video_with_every_frame(det_predictor, tmp_path):
 
 
 def test_evaluate_reproduces_stored_metrics_and_compares(trained, stores, tmp_path):
-    from cli import main
+    from roiseg.cli import main
     ck = list_checkpoints(trained)[0][1]
     stored = load_checkpoint(ck)["metrics"]
     out = tmp_path / "ev.json"
@@ -194,8 +199,8 @@ def test_evaluate_reproduces_stored_metrics_and_compares(trained, stores, tmp_pa
 
 
 def test_predict_with_gt_boxes_matches_evaluate(trained, synth, tmp_path):
-    from cli import main
-    from trainer.inference.evaluate import evaluate_checkpoint
+    from roiseg.cli import main
+    from roiseg.trainer.inference.evaluate import evaluate_checkpoint
     ck = trained / "best.pth"
     r = CliRunner().invoke(main, ["predict", "--source", str(synth["root"] / "images/val2017"), "--checkpoint",
                                   str(ck), "--boxes", "gt", "--ann", str(synth["val"]), "--out", str(tmp_path / "g"),
@@ -237,7 +242,7 @@ class _Tiny(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from trainer.models import build_model
+        from roiseg.trainer.models import build_model
         self.m = build_model("roialign", 4, hidden=8, roi_size=7, mask_size=14)
         self.num_classes = 3
 
@@ -248,14 +253,14 @@ class _Tiny(torch.nn.Module):
 def test_evaluate_from_annotations_and_images_equals_the_store(trained, synth, tmp_path):
     """--ann/--images caches the images with the checkpoint's extractor and preprocessing: the
     same numbers as the val store built by `cache`, and the temporary store is removed."""
-    from cli import main
+    from roiseg.cli import main
     out = tmp_path / "live.json"
     r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(trained / "best.pth"), "--ann", str(synth["val"]),
                                   "--images", str(synth["root"] / "images/val2017"), "--work-dir", str(tmp_path),
                                   "--provider", "cpu", "--device", "cpu", "--json", str(out)])
     assert r.exit_code == 0, r.output
     live = json.loads(out.read_text())[0]
-    from trainer.inference.evaluate import evaluate_checkpoint
+    from roiseg.trainer.inference.evaluate import evaluate_checkpoint
     ref = evaluate_checkpoint(trained / "best.pth")
     assert live["mIoU"] == pytest.approx(ref["mIoU"], abs=1e-9)
     assert live["instance_mIoU"] == pytest.approx(ref["instance_mIoU"], abs=1e-9)
@@ -267,7 +272,7 @@ def test_evaluate_from_annotations_and_images_equals_the_store(trained, synth, t
 def test_box_files_in_every_format_give_the_same_boxes(trained, synth, tmp_path):
     """COCO detection results, COCO annotations and {file_name: normalized cxcywh} all place the
     persons where the annotations do."""
-    from cli import main
+    from roiseg.cli import main
     recs, _ = load_person_records(synth["val"])
     rec = recs[0]
     w, h = rec.width, rec.height
@@ -304,3 +309,18 @@ def test_box_files_in_every_format_give_the_same_boxes(trained, synth, tmp_path)
     r = CliRunner().invoke(main, ["predict", "--source", str(src), "--checkpoint", str(trained / "best.pth"),
                                   "--boxes", str(bad)])
     assert r.exit_code == 1 and "is not JSON" in r.output
+
+
+def test_numpy_nms_equals_torchvision():
+    """The ORT-only runtime's NMS keeps exactly what torchvision's would."""
+    from torchvision.ops import nms as tv_nms
+
+    from roiseg.trainer.runtime.detection import nms
+    rng = np.random.default_rng(3)
+    for n, iou in ((1, 0.5), (60, 0.65), (300, 0.3), (300, 0.9)):
+        xy = rng.uniform(0, 500, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(5, 150, (n, 2))], 1)
+        boxes[n // 2:] = boxes[: n - n // 2] + rng.normal(0, 4, (n - n // 2, 4))    # near-duplicates
+        scores = rng.random(n)
+        want = tv_nms(torch.from_numpy(boxes), torch.from_numpy(scores), iou).numpy()
+        assert nms(boxes, scores, iou).tolist() == want.tolist()

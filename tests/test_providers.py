@@ -4,8 +4,8 @@ import logging
 import onnx
 import pytest
 
-from featcache import providers
-from featcache.providers import ProviderError, provider_chain, trt_profiles
+from roiseg.featcache import providers
+from roiseg.featcache.providers import ProviderError, provider_chain, trt_profiles
 
 
 def test_without_gpu_auto_is_cpu_and_gpu_providers_are_refused(monkeypatch):
@@ -42,8 +42,8 @@ def test_load_tensorrt_names_the_extra_when_missing():
 
 
 def test_trt_profiles_cover_dynamic_batch_and_rois(tmp_path):
-    from trainer.inference.export import ExportSpec, export_decoder
-    from trainer.models import build_model
+    from roiseg.trainer.inference.export import ExportSpec, export_decoder
+    from roiseg.trainer.models import build_model
     spec = ExportSpec(4, (640, 640), (80, 80), 0.1, letterbox=True)
     m = onnx.load(str(export_decoder(build_model("roialign", 4, hidden=8, roi_size=7, mask_size=14), spec,
                                      tmp_path / "d.onnx")))

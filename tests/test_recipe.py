@@ -7,20 +7,31 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import ImageOps
-
-from featcache.cache import CacheConfig, run_cache
-from featcache.extractor import Extractor
-from featcache.images import Preprocess, load_rgb, preprocess
-from featcache.store import FeatureStore, StoreError
-from trainer.checkpoint import list_checkpoints, load_checkpoint
-from trainer.data import CacheIndex, PinnedStreamSource, ResidentSource, StreamingSource, epoch_batches
-from trainer.inference.export import ExportSpec, check_parity, export_decoder
-from trainer.loop import Trainer, expected_rois, scaled_lr
-from trainer.models import build_model
-from trainer.roi_targets import sample_roi_targets, union_packed
-from trainer.sampling import RoiSampling, image_rng, jitter_person_boxes, mirror_boxes, rois_with_others
-
 from test_train import _cfg
+
+from roiseg.featcache.cache import CacheConfig, run_cache
+from roiseg.featcache.extractor import Extractor
+from roiseg.featcache.images import Preprocess, load_rgb, preprocess
+from roiseg.featcache.store import FeatureStore, StoreError
+from roiseg.trainer.checkpoint import list_checkpoints, load_checkpoint
+from roiseg.trainer.data import (
+    CacheIndex,
+    PinnedStreamSource,
+    ResidentSource,
+    StreamingSource,
+    epoch_batches,
+)
+from roiseg.trainer.inference.export import ExportSpec, check_parity, export_decoder
+from roiseg.trainer.models import build_model
+from roiseg.trainer.sampling import (
+    RoiSampling,
+    image_rng,
+    jitter_person_boxes,
+    mirror_boxes,
+    rois_with_others,
+)
+from roiseg.trainer.target_sampling import sample_roi_targets, union_packed
+from roiseg.trainer.training.loop import Trainer, expected_rois, scaled_lr
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +238,7 @@ def test_image_lists_select_part_of_a_store(stores):
 
 
 def test_auto_epochs_give_small_sets_enough_steps(stores, tmp_path):
-    from trainer.loop import auto_epochs
+    from roiseg.trainer.training.loop import auto_epochs
     assert auto_epochs(60_000 * 12, 16, 600) == 12                 # full COCO: the plain 12
     assert auto_epochs(616, 16, 600) == 16                         # a 48-image fold: 16 epochs, ~600 steps
     t = Trainer(_cfg(stores, tmp_path / "a", epochs=0, min_steps=5000, rois_per_step=8))
@@ -258,7 +269,8 @@ def test_second_run_gets_its_own_folder(stores, tmp_path):
 
 def test_bad_best_metric_fails_before_training(stores, tmp_path):
     from click.testing import CliRunner
-    from cli import main
+
+    from roiseg.cli import main
     r = CliRunner().invoke(main, ["train", "--train-store", str(stores["train"]), "--val-store", str(stores["val"]),
                                   "--analysis", str(stores["analysis"]), "--out", str(tmp_path / "x"),
                                   "--best-metric", "accuracy", "--no-vis"])

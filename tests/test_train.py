@@ -5,14 +5,25 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.cache import CacheConfig, run_cache
-from featcache.store import StoreError
-from trainer.checkpoint import (CheckpointError, checkpoint_name, find_checkpoint, list_checkpoints,
-                                load_checkpoint)
-from trainer.config import make_config
-from trainer.data import CacheIndex, PinnedStreamSource, ResidentSource, StreamingSource, epoch_batches
-from trainer.loop import Trainer
-from trainer.sampling import RoiSampling
+from roiseg.featcache.cache import CacheConfig, run_cache
+from roiseg.featcache.store import StoreError
+from roiseg.trainer.checkpoint import (
+    CheckpointError,
+    checkpoint_name,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
+from roiseg.trainer.data import (
+    CacheIndex,
+    PinnedStreamSource,
+    ResidentSource,
+    StreamingSource,
+    epoch_batches,
+)
+from roiseg.trainer.sampling import RoiSampling
+from roiseg.trainer.training.config import make_config
+from roiseg.trainer.training.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +133,8 @@ def test_missing_analysis_is_computed(stores, tmp_path):
 
 def test_cli_train_errors_clearly(tmp_path):
     from click.testing import CliRunner
-    from cli import main
+
+    from roiseg.cli import main
     r = CliRunner().invoke(main, ["train", "--train-store", str(tmp_path / "nope.zarr")])
     assert r.exit_code == 1 and "no feature cache" in r.output and "cli.py cache" in r.output
     cfg = tmp_path / "c.toml"

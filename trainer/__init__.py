@@ -1,5 +1,5 @@
 """Decoder trainer over the feature cache."""
 
-from featcache.threads import configure_threads
+from roiseg.featcache.threads import configure_threads
 
 configure_threads()  # before torch is imported anywhere

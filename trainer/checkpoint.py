@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from featcache.errors import FeatCacheError
-from featcache.files import atomic_write
-
-from .metrics import miou4
+from roiseg.featcache.errors import FeatCacheError
+from roiseg.featcache.files import atomic_write
+from roiseg.featcache.store import FINGERPRINT_KEYS, check_compatible
+from roiseg.trainer.metrics import miou4
 
 NAME = re.compile(r"checkpoint_epoch_(\d{4,})_(\d+)x(\d+)_(\d{4,5})\.pth$")
 
@@ -132,3 +132,33 @@ def find_checkpoint(folder: str | Path, epoch: int | None = None) -> Path:
         raise CheckpointError(f"several checkpoints for epoch {epoch or found[-1][0]} in {folder}: "
                               + ", ".join(p.name for p in matches) + " - pass --checkpoint PATH")
     return matches[0]
+
+
+def decoder_from_checkpoint(ck: dict | str | Path, use_ema: bool = True) -> tuple:
+    """(decoder ``nn.Module`` in eval mode, the training cache's metadata: preprocessing, ROI
+    padding, extractor).
+
+    The EMA weights when the checkpoint has them (what validation scored)."""
+    from roiseg.trainer.models import build_model, load_decoder_state
+    if not isinstance(ck, dict):
+        ck = load_checkpoint(ck)
+    model = build_model(ck["model_name"], ck["in_channels"], **ck["model_kwargs"])
+    state = ck["model"]
+    if use_ema and ck.get("ema"):
+        state = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}
+    load_decoder_state(model, state)
+    return model.eval(), ck["cache_metadata"]["train"]
+
+
+def fingerprint(meta: dict) -> dict:
+    return {k: meta.get(k) for k in FINGERPRINT_KEYS}
+
+
+def check_decoder_on_store(model_name: str, ck_fingerprint: dict, store_meta: dict, what: str) -> None:
+    """The rules every command applies before a decoder reads a store (train, evaluate, predict):
+    the same extractor tensor, channels, preprocessing and ROI padding; and a ``global`` decoder,
+    which reads whole feature maps, never on a ROI-sparse store (its zeros would change the result)."""
+    check_compatible(ck_fingerprint, fingerprint(store_meta), what, labels=("checkpoint has", "store has"))
+    if model_name == "global" and store_meta.get("sparse"):
+        raise FeatCacheError(f"{what}: a --model global decoder reads whole feature maps, but the store is ROI-sparse "
+                             f"(cache --sparse): use a dense store (cache without --sparse)")

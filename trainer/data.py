@@ -21,12 +21,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from featcache.geometry import ResizePolicy
-from featcache.errors import FeatCacheError
-from featcache.store import FeatureStore, StoreError
-
-from .roi_targets import sample_roi_targets, union_packed
-from .sampling import ImageSample, RoiSampling, image_rng, mirror_boxes, rois_with_others, train_rois
+from roiseg.featcache.errors import FeatCacheError
+from roiseg.featcache.geometry import ResizePolicy
+from roiseg.featcache.store import FeatureStore, StoreError
+from roiseg.trainer.sampling import (
+    ImageSample,
+    RoiSampling,
+    image_rng,
+    mirror_boxes,
+    rois_with_others,
+    train_rois,
+)
+from roiseg.trainer.target_sampling import sample_roi_targets, union_packed
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featcache.geometry import ResizePolicy, pad_box
-from featcache.sparse import DEFAULT_MARGIN, clamp_to_margin
+from roiseg.featcache.geometry import ResizePolicy, pad_box
+from roiseg.featcache.sparse import DEFAULT_MARGIN, clamp_to_margin
 
 
 @dataclass(frozen=True)

@@ -11,46 +11,20 @@ import contextlib
 import logging
 import tempfile
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
-from featcache.errors import FeatCacheError
-from featcache.store import FeatureStore
-
-from ..checkpoint import load_checkpoint
-from ..checkpointer import check_decoder_on_store
-from ..data import CacheIndex, epoch_batches, make_source
-from ..sampling import RoiSampling
-from .evaluator import RoiEvaluator
-from .predictor import decoder_from_checkpoint
+from roiseg.featcache.errors import FeatCacheError
+from roiseg.featcache.store import FeatureStore
+from roiseg.trainer.checkpoint import (
+    check_decoder_on_store,
+    decoder_from_checkpoint,
+    load_checkpoint,
+)
+from roiseg.trainer.data import CacheIndex
+from roiseg.trainer.scoring import RoiEvaluator, run_evaluator, val_batches
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def run_evaluator(model: torch.nn.Module, batches: Iterable[dict], evaluator: RoiEvaluator, amp: bool = False,
-                  zero_features: bool = False) -> RoiEvaluator:
-    """Feed every validation batch through ``model`` into ``evaluator`` (no per-ROI host sync)."""
-    was_training = model.training
-    model.eval()
-    evaluator.reset()
-    for batch in batches:
-        f = batch["features"]
-        f = torch.zeros_like(f) if zero_features else f
-        with torch.autocast(f.device.type, dtype=torch.float16, enabled=amp):
-            logits = model(f if amp else f.float(), batch["rois"])
-        evaluator.process(batch["roi_ids"], logits.float().softmax(1))
-    model.train(was_training)
-    return evaluator
-
-
-def val_batches(index: CacheIndex, device, batch_size: int, mask_size: int, resident: str = "auto",
-                workers: int = 0):
-    """Every stored padded ROI of ``index``'s images, in store order (as `train` validates)."""
-    source = make_source(resident, index, RoiSampling(hflip=0.0), mask_size, 0, workers, device, index.images)
-    batches = epoch_batches(index.images, 0, 0, batch_size, shuffle=False, pad=False)
-    return source.iterate(batches, 0, False)
 
 
 def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: list | None = None,
@@ -89,10 +63,9 @@ def live_store(ck_path: Path, ann: Path, images: Path, work_dir: Path | None, on
     """A temporary val store of ``ann``/``images`` built with the checkpoint's extractor and
     preprocessing (the same code as `cache`); yields its path and deletes it afterwards.  TensorRT
     engines go to the persistent engine cache, not the temporary folder: a rebuild takes minutes."""
-    from featcache.cache import CacheConfig, run_cache
-    from featcache.providers import TRT_CACHE
-
-    from .predictor import open_extractor
+    from roiseg.featcache.cache import CacheConfig, run_cache
+    from roiseg.featcache.providers import TRT_CACHE
+    from roiseg.trainer.runtime.pipeline import open_extractor
     meta = load_checkpoint(ck_path)["cache_metadata"]["train"]
     open_extractor(meta, onnx, "cpu")  # the same extractor (sha256) before any work
     prep = meta["preprocess"]

@@ -35,11 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featcache.errors import FeatCacheError
-from featcache.files import atomic_write
-from featcache.geometry import pad_box
-
-from ..models import FeatureNorm, interp_weights, paste_masks
+from roiseg.featcache.errors import FeatCacheError
+from roiseg.featcache.files import atomic_write
+from roiseg.featcache.geometry import pad_box
+from roiseg.trainer.models import FeatureNorm, interp_weights, paste_masks
 
 log = logging.getLogger(__name__)
 PARITY_TOL = 1e-3
@@ -258,7 +257,9 @@ def supported_opsets() -> range:
             best = v
         return best
     try:
-        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as torch_max
+        from torch.onnx._constants import (
+            ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as torch_max,
+        )
     except ImportError:
         torch_max = 20
     return range(MIN_OPSET, min(torch_max, ort_max()) + 1)
@@ -408,7 +409,7 @@ def decoder_latency(onnx_path: Path, spec: ExportSpec, counts=(1, 5, 20, 50), re
 def export_end_to_end(extractor_onnx: Path, feature_name: str, decoder_onnx: Path, out: Path) -> Path:
     """Join extractor and decoder into one graph: images [1,3,H,W] + rois (+ image_rects) -> the
     decoder's outputs.  The decoder's metadata comes along."""
-    from featcache.extractor import expose_tensor
+    from roiseg.featcache.extractor import expose_tensor
     ext = expose_tensor(onnx.load(str(extractor_onnx)), feature_name)
     dec = onnx.load(str(decoder_onnx))
     outputs = [o.name for o in dec.graph.output]

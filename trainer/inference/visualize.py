@@ -11,36 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from featcache.coco import ImageRecord, decode_masks, load_person_records
-from featcache.files import atomic_write
-from featcache.synthetic import VAL_VIS_IMAGES
+from roiseg.featcache.coco import (
+    VALIDATION_PNG_IMAGES,
+    ImageRecord,
+    decode_masks,
+    load_person_records,
+)
+from roiseg.featcache.files import atomic_write
+from roiseg.trainer.runtime.drawing import ALPHA, BOX_RED, font, person_colour
 
 log = logging.getLogger(__name__)
-BOX_RED = (255, 0, 0)
-# matplotlib's tab10 without its red, so boxes stay the only red.
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232)]
-ALPHA = 0.55
 CELL_W, CELL_H, MARGIN, TITLE_H, CAPTION_H = 400, 330, 16, 56, 44
-
-
-def person_colour(k: int) -> tuple:
-    return PALETTE[k % len(PALETTE)]
-
-
-def font(size: int, bold: bool = False):
-    for name in (("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"),
-                 "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"):
-        try:
-            return ImageFont.truetype(name, size)
-        except OSError:
-            continue
-    try:
-        return ImageFont.load_default(size)
-    except TypeError:  # old Pillow
-        return ImageFont.load_default()
 
 
 def choose_images(records: list[ImageRecord], wanted: list[str] | None = None,
@@ -48,7 +31,7 @@ def choose_images(records: list[ImageRecord], wanted: list[str] | None = None,
     """The named images; a missing one is replaced by an unused image with the same person count
     (closest count if none), and the replacement is logged (unless ``quiet``: once per run)."""
     by_name = {r.file_name: r for r in records}
-    wanted = wanted or list(VAL_VIS_IMAGES)
+    wanted = wanted or list(VALIDATION_PNG_IMAGES)
     chosen, used = [], set()
     for name in wanted:
         if name in by_name:
@@ -57,7 +40,7 @@ def choose_images(records: list[ImageRecord], wanted: list[str] | None = None,
     for name in wanted:
         if name in by_name:
             continue
-        count = VAL_VIS_IMAGES.get(name)
+        count = VALIDATION_PNG_IMAGES.get(name)
         pool = [r for r in records if r.file_name not in used]
         if not pool:
             break
@@ -136,7 +119,7 @@ def png_name(epoch: int) -> str:
 
 
 def build_columns(predictor, records: list[ImageRecord], image_dir: Path) -> list[dict]:
-    from featcache.images import load_rgb
+    from roiseg.featcache.images import load_rgb
     cols = []
     for r in records:
         im = load_rgb(Path(image_dir) / r.file_name)
@@ -156,12 +139,18 @@ def write_validation_png(predictor, ann: Path, image_dir: Path, out_dir: Path, e
                                  f"Validation Results - All Test Images (epoch {epoch})")
 
 
+def training_hooks(cfg) -> list:
+    """The epoch-end hooks `train` adds: the validation PNG, unless ``cfg.visualize`` is off."""
+    return [validation_png_hook(cfg)] if cfg.visualize else []
+
+
 def validation_png_hook(cfg):
     """Epoch-end hook for the Trainer: draws the PNG with the current weights, live extractor."""
     state = {}
 
     def hook(epoch, ckpt_path, metrics, trainer):
-        from .predictor import Predictor, open_extractor
+        from roiseg.trainer.inference.torch_decoder import TorchDecoder
+        from roiseg.trainer.runtime.pipeline import Predictor, open_extractor
         meta = trainer.val_index.meta
         ann = Path(cfg.vis_ann or meta["annotation_path"])
         img_dir = Path(cfg.vis_image_dir or meta["images_dir"])
@@ -172,7 +161,7 @@ def validation_png_hook(cfg):
                 state["extractor"] = open_extractor(trainer.train_index.meta, cfg.vis_onnx, provider,
                                                     device=trainer.device)
             model = trainer.ema.module if trainer.ema else trainer.model
-            pred = Predictor(model, trainer.train_index.meta, state["extractor"], trainer.device)
+            pred = Predictor(TorchDecoder(model, trainer.device), trainer.train_index.meta, state["extractor"])
             # the fallback images are announced at the first epoch only
             path = write_validation_png(pred, ann, img_dir, trainer.out, epoch, cfg.vis_images,
                                         quiet=state.get("drawn", False))

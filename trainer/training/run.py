@@ -1,17 +1,12 @@
-"""Entry point of `cli.py train`: builds the Trainer with its epoch-end hooks and runs it."""
+"""Entry point of `cli.py train`: builds the Trainer with the caller's epoch-end hooks (the CLI adds
+the validation PNG of ``trainer.inference.visualize``: inference sits above training) and runs it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TrainConfig
-from .loop import Trainer
-from .inference.visualize import validation_png_hook
-
-
-def epoch_hooks(cfg: TrainConfig) -> list:
-    """Epoch-end steps after validation + checkpoint (rank 0): the validation PNG."""
-    return [validation_png_hook(cfg)] if cfg.visualize else []
+from roiseg.trainer.training.config import TrainConfig
+from roiseg.trainer.training.loop import Trainer
 
 
 @dataclass
@@ -22,8 +17,9 @@ class TrainResult:
     epochs: int                  # the run's length
 
 
-def run_training(cfg: TrainConfig) -> TrainResult:
-    trainer = Trainer(cfg, hooks=epoch_hooks(cfg))
+def run_training(cfg: TrainConfig, hooks: list | None = None) -> TrainResult:
+    """``hooks``: epoch-end steps after validation and the checkpoint (rank 0)."""
+    trainer = Trainer(cfg, hooks=hooks)
     try:
         start = trainer.start_epoch
         history = trainer.fit()

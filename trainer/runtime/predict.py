@@ -23,15 +23,14 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from featcache.errors import FeatCacheError
-from featcache.files import atomic_write, refuse_overlap, write_json_atomic
-from featcache.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
-
-from ..metrics import instance_iou
-from .boxes import BoxSource
-from .detection import DetectionSettings
-from .predictor import THRESHOLD, Prediction, Predictor
-from .visualize import ALPHA, BOX_RED, font, person_colour
+from roiseg.featcache.errors import FeatCacheError
+from roiseg.featcache.files import atomic_write, refuse_overlap, write_json_atomic
+from roiseg.featcache.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
+from roiseg.trainer.metrics import instance_iou
+from roiseg.trainer.runtime.boxes import BoxSource
+from roiseg.trainer.runtime.detection import DetectionSettings
+from roiseg.trainer.runtime.drawing import ALPHA, BOX_RED, font, person_colour
+from roiseg.trainer.runtime.pipeline import THRESHOLD, Prediction, Predictor
 
 log = logging.getLogger(__name__)
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -302,7 +301,10 @@ def _inputs(opts: PredictOptions, source: Source) -> dict:
             "--boxes": opts.boxes if opts.boxes not in ("auto", "gt") else None}
 
 
-def run_predict(opts: PredictOptions, predictor: Predictor | None = None) -> dict:
+def run_predict(opts: PredictOptions, predictor=None) -> dict:
+    """``predictor``: a ``Predictor``, or a function ``(detection settings or None) -> Predictor``
+    called once the inputs are checked (``trainer.inference.torch_decoder.checkpoint_predictor``
+    for a checkpoint); None: ``opts.exported`` through ONNX Runtime alone."""
     source = open_source(opts.source, opts.only)
     boxes = BoxSource(opts.boxes, opts.ann, opts.box_format)
     if source.kind == "images":
@@ -311,10 +313,13 @@ def run_predict(opts: PredictOptions, predictor: Predictor | None = None) -> dic
     out = fresh_output_folder(Path(opts.out))
     if out != Path(opts.out):
         log.warning("%s holds an earlier run: writing to %s", opts.out, out)
+    detection = opts.detection if opts.boxes == "auto" else None
     if predictor is None:
-        detection = opts.detection if opts.boxes == "auto" else None
-        predictor = (Predictor.from_onnx(opts.exported, opts.onnx, opts.provider, detection) if opts.exported else
-                     Predictor.from_checkpoint(opts.checkpoint, opts.onnx, opts.provider, opts.device, detection))
+        if opts.exported is None:
+            raise FeatCacheError("run_predict: a checkpoint needs a predictor (trainer.inference.torch_decoder)")
+        predictor = Predictor.from_onnx(opts.exported, opts.onnx, opts.provider, detection)
+    elif not isinstance(predictor, Predictor):
+        predictor = predictor(detection)
     log.info("image encoder on %s, decoder on %s", predictor.provider, predictor.decoder.provider)
     items, total, video = _items(source, opts, boxes)
     sink = Outputs(out, opts, boxes.person_cat, output_stems(source.names))

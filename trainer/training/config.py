@@ -5,8 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featcache.errors import FeatCacheError
-from featcache.sparse import DEFAULT_MARGIN
+from roiseg.featcache.errors import FeatCacheError
+from roiseg.featcache.sparse import DEFAULT_MARGIN
 
 
 class ConfigError(FeatCacheError, ValueError):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.analyze import class_weights, decode_ids, run_analyze
-from featcache.files import write_json_atomic
-from featcache.errors import FeatCacheError
+from roiseg.featcache.analyze import class_weights, decode_ids, run_analyze
+from roiseg.featcache.errors import FeatCacheError
+from roiseg.featcache.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 VARIANTS = ("inverse_frequency", "log_scaled", "inverse_clipped", "none")

@@ -8,10 +8,9 @@ import json
 import logging
 import math
 
-from featcache.files import write_text_atomic
-
-from .checkpoint import publish_alias
-from .plots import plot_results
+from roiseg.featcache.files import write_text_atomic
+from roiseg.trainer.checkpoint import publish_alias
+from roiseg.trainer.training.plots import plot_results
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.errors import FeatCacheError
-from featcache.geometry import as_xyxy
+from roiseg.featcache.errors import FeatCacheError
+from roiseg.featcache.geometry import as_xyxy
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class BoxSource:
 
     # ---- loading ----------------------------------------------------------------------------
     def _load_ann(self, ann: Path) -> None:
-        from featcache.coco import load_person_records
+        from roiseg.featcache.coco import load_person_records
         if not ann.is_file():
             raise FeatCacheError(f"--ann not found: {ann}")
         records, _ = load_person_records(ann, keep_empty_images=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featcache.errors import FeatCacheError
+from roiseg.featcache.errors import FeatCacheError
 
 FORMATS = ("auto", "yolov8", "yolox", "yolox-decoded", "nms")
 YOLOX_STRIDES = (8, 16, 32)
@@ -135,8 +135,24 @@ def decode(output: np.ndarray, fmt: str, input_hw, settings: DetectionSettings, 
     box = np.concatenate([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], 1)
     if len(box) == 0:
         return np.zeros((0, 4)), np.zeros(0)
-    import torch  # torchvision's NMS; only the --boxes auto path needs it
-    from torchvision.ops import batched_nms
-    bt, st = torch.from_numpy(box), torch.from_numpy(score)
-    kept = batched_nms(bt, st, torch.zeros(len(bt), dtype=torch.long), settings.iou)[: settings.max_det]
-    return box[kept.numpy()].astype(np.float64), score[kept.numpy()].astype(np.float64)
+    kept = nms(box, score, settings.iou)[: settings.max_det]
+    return box[kept].astype(np.float64), score[kept].astype(np.float64)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy non-maximum suppression (torchvision.ops.nms's rule, in numpy: this package runs
+    without torch): indices by falling score, dropping boxes whose IoU with a kept one exceeds
+    ``iou``.  The person boxes of one image are a few hundred after --conf."""
+    order = np.argsort(-scores, kind="stable")
+    b = boxes.astype(np.float64)
+    area = (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)
+    keep = []
+    while len(order):
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        w = (np.minimum(b[i, 2], b[rest, 2]) - np.maximum(b[i, 0], b[rest, 0])).clip(0)
+        h = (np.minimum(b[i, 3], b[rest, 3]) - np.maximum(b[i, 1], b[rest, 1])).clip(0)
+        inter = w * h
+        overlap = inter / np.maximum(area[i] + area[rest] - inter, 1e-12)
+        order = rest[overlap <= iou]
+    return np.asarray(keep, np.int64)

@@ -74,7 +74,7 @@ def all_gather_lists(items: list, info: DistInfo) -> list:
 
 def replica_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
     """sha256 of a replica's parameters, buffers and optimizer state (bit for bit)."""
-    from .checkpoint import tensor_digest
+    from roiseg.trainer.checkpoint import tensor_digest
     return tensor_digest({"model": model.state_dict(), "optimizer": optimizer.state_dict()["state"]})
 
 
@@ -84,7 +84,7 @@ def check_replicas(model, optimizer, info: DistInfo) -> str:
     digests = [None] * info.world
     dist.all_gather_object(digests, replica_digest(model, optimizer))
     if len(set(digests)) != 1:
-        from featcache.errors import FeatCacheError
+        from roiseg.featcache.errors import FeatCacheError
         raise FeatCacheError("DDP replicas diverged: " + ", ".join(f"rank {r} {d[:12]}" for r, d in enumerate(digests)))
     return f"identical on {info.world} ranks ({digests[0][:16]})"
 

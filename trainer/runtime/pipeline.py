@@ -8,8 +8,9 @@ paste-back): memory and time grow with the persons' area, not N x the frame.
 Boxes come from the caller (normalized ``xyxy`` or ``cxcywh``) or, when none are given, from the
 extractor's own detection output in the same ONNX run (``detection.py``).
 
-The decoder is a checkpoint's PyTorch module or an exported ONNX graph run by ONNX Runtime alone
-(``Predictor.from_onnx``; ``backends.py``): that path imports no torch.
+The decoder is any callable of that contract: an exported ONNX graph run by ONNX Runtime alone
+(``Predictor.from_onnx``, ``onnx_decoder.py``: this package imports no torch, an import-linter
+contract guards it), or a checkpoint's PyTorch module (``trainer.inference.torch_decoder``).
 """
 from __future__ import annotations
 
@@ -20,36 +21,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from featcache.files import file_sha256
-from featcache.errors import FeatCacheError
-from featcache.extractor import Extractor, UnknownTensorError
-from featcache.providers import device_id_for
-from featcache.geometry import ResizePolicy, as_xyxy, content_rect, pad_box
-from featcache.images import Preprocess, load_rgb, preprocess, to_rgb8
-from featcache.targets import native_crop
-
-from .backends import OnnxDecoder, TorchDecoder
-from .detection import DetectionSettings, decode, find_detection_output
+from roiseg.featcache.errors import FeatCacheError
+from roiseg.featcache.extractor import Extractor, UnknownTensorError
+from roiseg.featcache.files import file_sha256
+from roiseg.featcache.geometry import ResizePolicy, as_xyxy, content_rect, pad_box
+from roiseg.featcache.images import Preprocess, load_rgb, preprocess, to_rgb8
+from roiseg.featcache.providers import device_id_for
+from roiseg.featcache.rasterize import native_crop
+from roiseg.trainer.runtime.detection import (
+    DetectionSettings,
+    decode,
+    find_detection_output,
+)
+from roiseg.trainer.runtime.onnx_decoder import OnnxDecoder
 
 log = logging.getLogger(__name__)
 THRESHOLD = 0.5
-
-
-def decoder_from_checkpoint(ck: dict | str | Path, use_ema: bool = True) -> tuple:
-    """(decoder ``nn.Module`` in eval mode, the training cache's metadata: preprocessing, ROI
-    padding, extractor).
-
-    The EMA weights when the checkpoint has them (what validation scored)."""
-    from ..checkpoint import load_checkpoint
-    from ..models import build_model, load_decoder_state
-    if not isinstance(ck, dict):
-        ck = load_checkpoint(ck)
-    model = build_model(ck["model_name"], ck["in_channels"], **ck["model_kwargs"])
-    state = ck["model"]
-    if use_ema and ck.get("ema"):
-        state = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}
-    load_decoder_state(model, state)
-    return model.eval(), ck["cache_metadata"]["train"]
 
 
 @dataclass
@@ -83,16 +70,17 @@ class Prediction:
 
 
 class Predictor:
-    """``decoder``: a checkpoint's ``nn.Module`` (run on ``device``) or an ``OnnxDecoder``;
-    ``extractor``: None for an end-to-end graph, which takes the image itself."""
+    """``decoder``: an ``OnnxDecoder`` or a ``TorchDecoder`` (a checkpoint's module on its device),
+    anything with that call signature and a ``provider``; ``extractor``: None for an end-to-end
+    graph, which takes the image itself."""
 
     # ROIs per decoder run: an image with thousands of boxes is decoded in pieces (memory stays
     # bounded, and the caller's progress callback moves between them)
     max_rois_per_run = 64
 
-    def __init__(self, decoder, meta: dict, extractor: Extractor | None, device="cpu",
+    def __init__(self, decoder, meta: dict, extractor: Extractor | None,
                  detection: DetectionSettings | None = None):
-        self.decoder = decoder if isinstance(decoder, OnnxDecoder) else TorchDecoder(decoder, device)
+        self.decoder = decoder
         self.meta, self.extractor = meta, extractor
         self.prep = Preprocess.from_dict(meta["preprocess"])
         self.policy: ResizePolicy = self.prep.policy
@@ -119,20 +107,13 @@ class Predictor:
         return self.extractor.provider if self.extractor is not None else self.decoder.provider
 
     @classmethod
-    def from_checkpoint(cls, path, onnx_path=None, provider="auto", device="cpu",
-                        detection: DetectionSettings | None = None) -> "Predictor":
-        model, meta = decoder_from_checkpoint(path)
-        return cls(model, meta, open_extractor(meta, onnx_path, provider, detection is not None, device), device,
-                   detection)
-
-    @classmethod
     def from_onnx(cls, exported, onnx_path=None, provider="auto",
                   detection: DetectionSettings | None = None) -> "Predictor":
         """An exported decoder ONNX (with the extractor ONNX it was trained on) or an end-to-end
         ONNX; ONNX Runtime only."""
         dec = OnnxDecoder(exported, provider)
         extractor = None if dec.end_to_end else open_extractor(dec.meta, onnx_path, provider, detection is not None)
-        return cls(dec, dec.meta, extractor, "cpu", detection)
+        return cls(dec, dec.meta, extractor, detection)
 
     def predict(self, image, boxes=None, box_format: str = "xyxy", scores=None, progress=None) -> Prediction:
         """``image``: path or PIL image; ``boxes``: normalized person boxes [N, 4] of that image, or

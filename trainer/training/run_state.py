@@ -10,27 +10,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featcache.errors import FeatCacheError
-from featcache.store import FINGERPRINT_KEYS, check_compatible
-
-from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
-from .models import load_decoder_state
+from roiseg.trainer.checkpoint import (
+    CheckpointError,
+    check_decoder_on_store,
+    find_checkpoint,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from roiseg.trainer.models import load_decoder_state
 
 log = logging.getLogger(__name__)
-
-
-def fingerprint(meta: dict) -> dict:
-    return {k: meta.get(k) for k in FINGERPRINT_KEYS}
-
-
-def check_decoder_on_store(model_name: str, ck_fingerprint: dict, store_meta: dict, what: str) -> None:
-    """The rules every command applies before a decoder reads a store (train, evaluate, predict):
-    the same extractor tensor, channels, preprocessing and ROI padding; and a ``global`` decoder,
-    which reads whole feature maps, never on a ROI-sparse store (its zeros would change the result)."""
-    check_compatible(ck_fingerprint, fingerprint(store_meta), what, labels=("checkpoint has", "store has"))
-    if model_name == "global" and store_meta.get("sparse"):
-        raise FeatCacheError(f"{what}: a --model global decoder reads whole feature maps, but the store is ROI-sparse "
-                             f"(cache --sparse): use a dense store (cache without --sparse)")
 
 
 def model_kwargs(cfg) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from featcache.files import atomic_write
+from roiseg.featcache.files import atomic_write
 
 PANELS = [("train loss", ["loss"]), ("learning rate", ["lr"]), ("3-class mIoU", ["mIoU"]),
           ("instance mIoU", ["instance_mIoU"]), ("class IoU", ["iou_background", "iou_target", "iou_non_target"]),

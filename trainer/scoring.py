@@ -14,16 +14,19 @@ budget per chunk), so there is no host round-trip per ROI: the only host syncs a
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from featcache.geometry import normalized_to_pixel, pixel_center_span
-from featcache.targets import native_crop
-
-from ..models import paste_masks
-from ..roi_targets import sample_roi_targets, union_packed
-from .coco_eval import coco_result
+from roiseg.featcache.geometry import normalized_to_pixel, pixel_center_span
+from roiseg.featcache.rasterize import native_crop
+from roiseg.trainer.coco_eval import coco_result
+from roiseg.trainer.data import CacheIndex, epoch_batches, make_source
+from roiseg.trainer.models import paste_masks
+from roiseg.trainer.sampling import RoiSampling
+from roiseg.trainer.target_sampling import sample_roi_targets, union_packed
 
 CLASS_NAMES = ("background", "target", "non_target")
 # COCO's size ranges on the GT mask area (original pixels).
@@ -245,8 +248,33 @@ class RoiEvaluator:
                                         "persons": int(cnt[j])} for j, s in enumerate(SUBSETS)},
                "box_instance_mIoU": float(box[0])}
         if self.coco_eval:
-            from .coco_eval import coco_mask_ap
+            from roiseg.trainer.coco_eval import coco_mask_ap
             res["coco_mask_AP"] = coco_mask_ap(self.store, self.coco_dets, self.index.images)
         if self._keep_records:
             res["per_roi"] = list(self.records)
         return res
+
+
+@torch.no_grad()
+def run_evaluator(model: torch.nn.Module, batches: Iterable[dict], evaluator: RoiEvaluator, amp: bool = False,
+                  zero_features: bool = False) -> RoiEvaluator:
+    """Feed every validation batch through ``model`` into ``evaluator`` (no per-ROI host sync)."""
+    was_training = model.training
+    model.eval()
+    evaluator.reset()
+    for batch in batches:
+        f = batch["features"]
+        f = torch.zeros_like(f) if zero_features else f
+        with torch.autocast(f.device.type, dtype=torch.float16, enabled=amp):
+            logits = model(f if amp else f.float(), batch["rois"])
+        evaluator.process(batch["roi_ids"], logits.float().softmax(1))
+    model.train(was_training)
+    return evaluator
+
+
+def val_batches(index: CacheIndex, device, batch_size: int, mask_size: int, resident: str = "auto",
+                workers: int = 0):
+    """Every stored padded ROI of ``index``'s images, in store order (as `train` validates)."""
+    source = make_source(resident, index, RoiSampling(hflip=0.0), mask_size, 0, workers, device, index.images)
+    batches = epoch_batches(index.images, 0, 0, batch_size, shuffle=False, pad=False)
+    return source.iterate(batches, 0, False)

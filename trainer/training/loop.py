@@ -19,22 +19,20 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from featcache.errors import FeatCacheError
-from featcache.files import refuse_overlap
-from featcache.store import FeatureStore, check_compatible
-
-from . import distributed as D
-from .checkpointer import Checkpointer, fingerprint, model_kwargs
-from .config import TrainConfig
-from .data import CacheIndex, epoch_batches, make_source, rank_images
-from .ema import Ema
-from .hooks import CheckpointHook, LogHook, as_hook
-from .inference.evaluate import run_evaluator
-from .inference.evaluator import RoiEvaluator
-from .losses import LossConfig, SegLoss
-from .models import build_model
-from .sampling import RoiSampling, roi_copies
-from .weights import load_class_weights
+from roiseg.featcache.errors import FeatCacheError
+from roiseg.featcache.files import refuse_overlap
+from roiseg.featcache.store import FeatureStore, check_compatible
+from roiseg.trainer.data import CacheIndex, epoch_batches, make_source, rank_images
+from roiseg.trainer.models import build_model
+from roiseg.trainer.sampling import RoiSampling, roi_copies
+from roiseg.trainer.scoring import RoiEvaluator, run_evaluator
+from roiseg.trainer.training import distributed as D
+from roiseg.trainer.training.class_weights import load_class_weights
+from roiseg.trainer.training.config import TrainConfig
+from roiseg.trainer.training.ema import Ema
+from roiseg.trainer.training.hooks import CheckpointHook, LogHook, as_hook
+from roiseg.trainer.training.losses import LossConfig, SegLoss
+from roiseg.trainer.training.run_state import Checkpointer, fingerprint, model_kwargs
 
 log = logging.getLogger(__name__)
 # Without stored mirrored features (cache --flip), whether mirroring the feature map is used instead.

@@ -1,9 +1,10 @@
-"""Decoder backends of the predictor: the PyTorch decoder of a checkpoint, or an exported ONNX
-graph (decoder alone, or extractor + decoder end to end) run by ONNX Runtime without torch.
+"""An exported ONNX graph (decoder alone, or extractor + decoder end to end) as the pipeline's
+decoder, run by ONNX Runtime without torch; and the schema of its ``featcache`` metadata.
 
-Both take one image's input (features, or the preprocessed image for an end-to-end graph), the
-person boxes and their padded ROIs in the input frame, and return each person's class-1
-probability pasted into its window of the original image.
+A decoder takes one image's input (features, or the preprocessed image for an end-to-end graph),
+the person boxes and their padded ROIs in the input frame, and returns each person's class-1
+probability pasted into its window of the original image (``trainer.inference.torch_decoder`` is
+the same for a checkpoint's PyTorch module).
 """
 from __future__ import annotations
 
@@ -12,39 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.errors import FeatCacheError
-
-from .paste import paste_numpy, softmax
-
-
-class TorchDecoder:
-    """A checkpoint's decoder (``nn.Module``) on ``device``."""
-
-    def __init__(self, model, device="cpu"):
-        import torch
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.provider = f"torch {self.device}"
-
-    def __call__(self, x: np.ndarray, boxes_in: np.ndarray, rois_in: np.ndarray, rect_in: np.ndarray,
-                 rel: np.ndarray, hw: tuple) -> np.ndarray:
-        import torch
-
-        from ..models import paste_masks
-        r = torch.as_tensor(np.concatenate([np.zeros((len(rois_in), 1)), rois_in], 1), dtype=torch.float32,
-                            device=self.device)
-        with torch.no_grad():
-            fg = self.model(torch.from_numpy(x).float().to(self.device), r).softmax(1)[:, 1:2]
-            pasted = paste_masks(fg, torch.as_tensor(rel, dtype=torch.float32, device=self.device), *hw,
-                                 fill_background=False)
-        return pasted[:, 0].cpu().numpy()
+from roiseg.featcache.errors import FeatCacheError
+from roiseg.trainer.runtime.paste import paste_numpy, softmax
 
 
 def export_contract(props: dict, path: Path) -> dict:
     """The ``featcache`` metadata of an exported graph (what predict needs: extractor tensor and
     sha256, preprocessing, ROI padding, shapes), checked against its schema before anything uses
     it; the ROI padding must be the one the graph itself applies (the top-level ``roi_padding``)."""
-    from featcache.store_check import UntrustedStoreError, check_preprocess
+    from roiseg.featcache.store_check import UntrustedStoreError, check_preprocess
 
     def bad(what: str):
         raise FeatCacheError(f"{path}: its featcache metadata {what}; re-export it with `cli.py export`")
@@ -85,8 +62,8 @@ class OnnxDecoder:
     weights as the PyTorch path.  ``end_to_end``: the graph takes the preprocessed image."""
 
     def __init__(self, path, provider: str = "auto", device_id: int | None = None):
-        from featcache.extractor import read_onnx
-        from featcache.providers import make_session
+        from roiseg.featcache.extractor import read_onnx
+        from roiseg.featcache.providers import make_session
         path = Path(path)
         model = read_onnx(path, "exported ONNX")
         self.meta = export_contract({p.key: p.value for p in model.metadata_props}, path)
