@@ -13,8 +13,7 @@ configure_threads()  # before any command imports torch (OpenMP reads its wait p
 
 log = logging.getLogger("cli")
 ANN_DIR = Path("data/annotations")
-DEFAULT_ONNX = Path("ext_extractor/yolov9_e_wholebody25_0100_1x3x640x640_featext.onnx")
-DEFAULT_FEATURE = "/model.34/Concat_output_0"
+from roiseg.featcache.cache_config import DEFAULT_ONNX  # noqa: E402  (after configure_threads)
 
 
 def ann_path(split: str, subset: str) -> Path:
@@ -130,79 +129,78 @@ def analyze(ann, out, roi_padding, workers, input_size, resize):
     click.echo(f"wrote {out}")
 
 
+def schema_options(cls):
+    """Click options for every field of a config schema (``featcache.schema``): names, choices,
+    help and shown defaults all come from the schema; values are checked by it (one message each).
+    Every option defaults to None: only what the user gives overrides a config file or a resumed run."""
+    from roiseg.featcache.schema import specs
+    metavars = {int: "INTEGER", float: "FLOAT", str: "TEXT", list: "A,B,..."}
+
+    def decorate(fn):
+        for spec in reversed(list(specs(cls).values())):
+            if spec.flag is None:
+                continue
+            if spec.kind is bool:
+                opt = click.option(f"{spec.flag}/--no-{spec.flag[2:]}", spec.name, default=None, help=spec.help)
+            elif spec.choices is not None:
+                opt = click.option(spec.flag, spec.name, type=click.Choice([str(c) for c in spec.choices]),
+                                   default=None, help=spec.help)
+            else:
+                opt = click.option(spec.flag, spec.name, default=None, help=spec.help,
+                                   metavar=spec.meta["metavar"] or metavars.get(spec.kind, "TEXT"))
+            fn = opt(fn)
+        return fn
+    return decorate
+
+
 def default_store(split: str, subset: str) -> Path:
     return Path("cache") / f"{split}2017{'' if subset == 'full' else '_' + subset}.zarr"
 
 
 def _parse_shard(ctx, param, value):
+    """``I/N`` -> (I, N); the schema checks 0 <= I < N."""
     if value is None:
         return (0, 1)
     try:
         i, n = (int(v) for v in value.split("/"))
     except ValueError:
         raise click.BadParameter("use I/N, e.g. 0/4") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise click.BadParameter("need 0 <= I < N")
     return i, n
 
 
 SCALES = {"1/255": 1 / 255, "1": 1.0}
+# --provider of the commands that run an extractor or an exported graph (cache's comes from its schema)
+provider_option = click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto",
+                               show_default=True, help="ONNX Runtime provider; auto tries TensorRT, CUDA, then CPU.")
+
+
+def _cache_config():
+    from roiseg.featcache.cache_config import CacheConfig
+    return CacheConfig
 
 
 @main.command()
 @click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True)
 @click.option("--subset", type=click.Choice(["100", "500", "full"]), default="full", show_default=True,
               help="Which annotation file: _100, _500 or the full one.")
-@click.option("--ann", type=click.Path(path_type=Path), help="Annotation file (default from split/subset).")
-@click.option("--images", type=click.Path(path_type=Path), help="Image folder (default data/images/{split}2017).")
+@click.option("--ann", type=click.Path(path_type=Path), help="Annotation file [from --split/--subset].")
+@click.option("--images", type=click.Path(path_type=Path), help="Image folder [data/images/{split}2017].")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), default=DEFAULT_ONNX,
               show_default=True, help="Extractor ONNX model.")
-@click.option("--feature-name", default=DEFAULT_FEATURE, show_default=True,
-              help="Stride-8 tensor to cache (exposed from inside the graph if needed).")
-@click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto",
-              show_default=True, help="ONNX Runtime provider; auto tries TensorRT, CUDA, then CPU.")
-@click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True)
 @click.option("--scale", type=click.Choice(list(SCALES)), default="1/255", show_default=True,
               help="Pixel scale: 1/255 gives 0-1 floats, 1 gives 0-255.")
-@click.option("--resize", type=click.Choice(["stretch", "letterbox"]), default="stretch", show_default=True)
-@click.option("--roi-padding", type=float, default=0.1, show_default=True, callback=_padding)
-@click.option("--limit", type=int, default=None, callback=_at_least(1), help="Only the first N images.")
 @click.option("--shard", callback=_parse_shard, default=None, metavar="I/N",
               help="Fill only images i with i % N == I (several processes/machines share one store).")
-@click.option("--out", type=click.Path(path_type=Path), help="Store path (default cache/{split}2017[_subset].zarr).")
-@click.option("--workers", type=int, default=None, callback=_at_least(1), help="Decode threads (default min(4, cores)).")
-@click.option("--batch", type=int, default=8, show_default=True, callback=_at_least(1),
-              help="Batch size for dynamic-batch models.")
-@click.option("--no-space-check", is_flag=True, help="Write even if the disk estimate says it will not fit.")
-@click.option("--overwrite", is_flag=True, help="Delete an existing store at --out first.")
-@click.option("--flip", is_flag=True,
-              help="Also store features of the mirrored image, for flip augmentation (2x disk).")
-@click.option("--sparse", is_flag=True,
-              help="ROI-sparse: keep only the feature cells ROIs can read (full train2017 ~230 GB instead of "
-                   "~560 GB; not for train --model global).")
-@click.option("--sparse-margin", type=float, default=0.2, show_default=True, callback=_padding,
-              help="--sparse: the largest training jitter it supports (train --max-jitter), fraction of the box size.")
-@click.option("--codec", type=click.Choice(["lz4", "zstd"]), default="lz4", show_default=True,
-              help="Feature compression: lz4 decodes ~2.5x faster, zstd is ~20% smaller (bench/bench_store.py).")
-@click.option("--verify", is_flag=True, help="First decode every finished image of the store (this shard) and "
-              "redo the damaged ones.")
-@click.option("--max-pixels", type=int, default=None, callback=_at_least(1), help=MAX_PIXELS_HELP)
+@click.option("--out", type=click.Path(path_type=Path), help="Store path [cache/{split}2017[_subset].zarr].")
+@schema_options(_cache_config())
 @_user_errors
-def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel_order, scale, resize,
-          roi_padding, limit, shard, out, workers, batch, no_space_check, overwrite, flip, sparse, sparse_margin,
-          codec, verify, max_pixels):
+def cache(split, subset, ann, images, onnx_path, scale, shard, out, **opts):
     """Run the ONNX extractor once per image -> fp16 chunked Zarr store + rasterized targets."""
-    from roiseg.featcache.cache import CacheConfig, run_cache
-    cfg = CacheConfig(ann=ann or ann_path(split, subset), images=images or Path(f"data/images/{split}2017"),
-                      onnx=onnx_path, out=out or default_store(split, subset), feature_name=feature_name,
-                      provider=provider, channel_order=channel_order, scale=SCALES[scale], resize=resize,
-                      roi_padding=roi_padding, limit=limit, shard=shard, batch=batch,
-                      space_check=not no_space_check, overwrite=overwrite, flip=flip, sparse=sparse,
-                      sparse_margin=sparse_margin, codec=codec, verify=verify)
-    if workers:
-        cfg.workers = workers
-    if max_pixels:
-        cfg.max_pixels = max_pixels
+    from roiseg.featcache.cache import run_cache
+    from roiseg.featcache.schema import build
+    cfg = build(_cache_config(), {"ann": ann or ann_path(split, subset), "images": images or Path(f"data/images/{split}2017"),
+                                  "onnx": onnx_path, "out": out or default_store(split, subset),
+                                  "scale": SCALES[scale], "shard": shard}, opts)
     s = run_cache(cfg)
     click.echo(f"{s['cached']}/{s['images']} images cached in {s['store']} ({s['elapsed_s']:.1f}s, "
                f"{s['processed_now']} this run, provider {s['provider']})")
@@ -214,85 +212,28 @@ def cache(split, subset, ann, images, onnx_path, feature_name, provider, channel
         click.echo("store not complete yet (other shards still to run?)")
 
 
+def _train_config():
+    from roiseg.trainer.training.config import TrainConfig
+    return TrainConfig
+
+
 @main.command()
 @click.option("--config", "config_file", type=click.Path(exists=True, path_type=Path),
               help="TOML or YAML file with any train option (a [train] table or top level).")
 @click.option("--subset", type=click.Choice(["100", "500", "full"]), default=None,
               help="Train on cache/train2017[_subset].zarr (val: cache/val2017.zarr).")
-@click.option("--train-store", type=click.Path(path_type=Path), help="Training cache (overrides --subset).")
-@click.option("--val-store", type=click.Path(path_type=Path), help="Validation cache.")
-@click.option("--out", type=click.Path(path_type=Path), help="Checkpoint folder [checkpoints].")
-@click.option("--model", type=click.Choice(["roialign", "global", "prior"]),
-              help="Decoder [roialign]; prior = one learned mean shape, no features (a baseline).")
-@click.option("--hidden", type=int, help="Decoder width [auto: 128 roialign, 32 global].")
-@click.option("--roi-size", type=int, help="ROIAlign output size [14].")
-@click.option("--mask-size", type=int, help="ROI mask size = roi size x 2^k [56].")
-@click.option("--classes", type=click.Choice(["2", "3"]), help="3 = bg/target/others, 2 = bg/target [3].")
-@click.option("--epochs", type=int, help="[auto: 12, more on small sets so that training makes >= --min-steps steps]")
-@click.option("--min-steps", type=int, help="Optimizer steps auto epochs aim for at least [600].")
-@click.option("--batch-size", type=int, help="Images per read, with all their ROIs [auto: 64 on CUDA, 8 on CPU].")
-@click.option("--rois-per-step", type=int, help="ROIs per optimizer step; a read is split into several "
-              "steps [auto: 16 on CPU, 256 on CUDA].")
-@click.option("--lr", type=float, help="AdamW rate at 16 ROIs/step, scaled by sqrt(ROIs per step / 16) [1e-3].")
-@click.option("--weight-decay", type=float, help="AdamW weight decay [1e-4].")
-@click.option("--warmup-epochs", type=float, help="Linear warm-up, then cosine [0.5].")
-@click.option("--grad-clip", type=float, help="Max gradient norm, 0 = off [1.0].")
-@click.option("--amp/--no-amp", default=None, help="fp16 autocast on CUDA [on].")
-@click.option("--ema", type=float, help="EMA decay per step, 0 = off; validation and best.pth use the EMA weights [0.99].")
-@click.option("--seed", type=int, help="Seed of sampling, jitter and initialization [0].")
-@click.option("--workers", type=int, help="DataLoader workers when streaming [2].")
-@click.option("--device", help="auto, cpu, cuda, cuda:1 [auto].")
-@click.option("--resident", type=click.Choice(["auto", "gpu", "cpu", "off"]),
-              help="Keep the cache in GPU/CPU memory (auto: if it fits) or stream it [auto].")
-@click.option("--feature-norm", type=click.Choice(["channel", "none"]),
-              help="Standardize features per channel with the training cache's statistics [channel].")
-@click.option("--hflip", type=float, help="Probability of training on an image mirrored [0.5].")
-@click.option("--hflip-source", type=click.Choice(["auto", "stored", "map"]),
-              help="Mirrored features: stored by `cache --flip`, or the mirrored map [auto: stored if cached].")
-@click.option("--jitter", type=float, help="Person-box centre jitter sigma, fraction of its size [0.05].")
-@click.option("--jitter-scale", type=float, help="Person-box log-size jitter sigma [0.1].")
-@click.option("--max-jitter", type=float, help="Jittered boxes stay within the person box grown by this "
-              "fraction of its size (at most a sparse cache's --sparse-margin) [0.2].")
-@click.option("--samples-per-roi", type=int, help="Jittered copies of each ROI per read [2].")
-@click.option("--overlap-boost", type=int,
-              help="ROIs with another person inside get this many times the copies (class 2) [2].")
-@click.option("--min-roi-size", "min_roi_px", type=float, help="Skip training ROIs under this many input px [8].")
-@click.option("--analysis", type=click.Path(path_type=Path), help="data_analyze.json for class weights.")
-@click.option("--class-weights", type=click.Choice(["inverse_frequency", "log_scaled", "inverse_clipped", "none"]),
-              help="CE class weights from --analysis [log_scaled].")
-@click.option("--dice-weight", type=float, help="Dice loss weight (on class 1; --dice-on-others adds 2) [1.0].")
 @click.option("--dice-on-others", is_flag=True, default=None, help="Dice on class 2 too.")
-@click.option("--focal-gamma", type=float, help="Focal CE gamma, 0 = plain CE [0].")
-@click.option("--boundary-weight", type=float, help="Extra CE on label boundaries [0].")
-@click.option("--best-metric", help="Validation metric that picks best.pth [instance_mIoU].")
-@click.option("--coco-eval", is_flag=True, default=None, help="Also COCO mask AP (pycocotools).")
-@click.option("--zero-features", is_flag=True, default=None, help="Ablation: train with features zeroed.")
-@click.option("--resume", help="auto (latest in --out) or a checkpoint path.")
-@click.option("--vis-images", help="Comma-separated val file names for the validation PNG.")
-@click.option("--vis-ann", type=click.Path(path_type=Path), help="Val annotations for the PNG.")
-@click.option("--vis-image-dir", type=click.Path(path_type=Path), help="Val images for the PNG.")
-@click.option("--vis-onnx", type=click.Path(path_type=Path), help="Extractor ONNX for the PNG.")
-@click.option("--no-vis", is_flag=True, help="Do not draw the validation PNG.")
+@schema_options(_train_config())
 @_user_errors
-def train(config_file, subset, train_store, val_store, dice_on_others, classes, vis_images, no_vis, **opts):
+def train(config_file, subset, dice_on_others, **opts):
     """Train the decoder from the cache only; checkpoint (+ validation PNG) every epoch."""
+    from roiseg.trainer.inference.visualize import training_hooks
     from roiseg.trainer.training.config import make_config
     from roiseg.trainer.training.run import run_training
-    if subset:
+    if subset and not opts.get("train_store"):
         opts["train_store"] = str(default_store("train", subset))
-    if train_store:
-        opts["train_store"] = str(train_store)
-    if val_store:
-        opts["val_store"] = str(val_store)
     if dice_on_others:
         opts["dice_classes"] = [1, 2]
-    if classes:
-        opts["classes"] = int(classes)
-    if vis_images:
-        opts["vis_images"] = [v.strip() for v in vis_images.split(",") if v.strip()]
-    if no_vis:
-        opts["visualize"] = False
-    opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()}
     base = None
     if opts.get("resume"):   # the run's own settings; options given now override them
         from roiseg.trainer.training.run_state import run_settings
@@ -301,7 +242,6 @@ def train(config_file, subset, train_store, val_store, dice_on_others, classes, 
         cfg = make_config(config_file, base=base, **opts)
     except (ValueError, TypeError) as exc:
         raise UserError(f"bad configuration: {exc}") from exc
-    from roiseg.trainer.inference.visualize import training_hooks
     res = run_training(cfg, training_hooks(cfg))
     if res.trained_epochs == 0:
         click.echo(f"nothing to do: the run in {res.out} already finished epoch {res.epochs} of {res.epochs} "
@@ -335,7 +275,7 @@ def _checkpoint_from(epoch, checkpoint, folder, default: str | None = None) -> P
 @click.option("--ann", type=click.Path(path_type=Path), help="Val annotations [the val cache's].")
 @click.option("--images", type=click.Path(path_type=Path), help="Val image folder [the val cache's].")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), help="Extractor ONNX [the cache's].")
-@click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
+@provider_option
 @click.option("--vis-images", help="Comma-separated val file names (default: the four fixed ones).")
 @click.option("--out-dir", type=click.Path(path_type=Path), help="Where to write the PNG [next to the checkpoint].")
 @_user_errors
@@ -432,7 +372,7 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path, ma
 @click.option("--ann", type=click.Path(path_type=Path),
               help="COCO annotations: image ids for predictions.json (by file name), and the boxes of --boxes gt.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), help="Extractor ONNX [the checkpoint's].")
-@click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
+@provider_option
 @click.option("--device", default="auto", show_default=True, help="Decoder device: auto (CUDA if present), cpu, cuda.")
 @click.option("--det-output", help="Detection output name [the first output of a known layout].")
 @click.option("--det-format", type=click.Choice(["auto", "yolov8", "yolox", "yolox-decoded", "nms"]),
@@ -465,8 +405,8 @@ def predict(source, checkpoint, epoch, checkpoints, exported, out, boxes, box_fo
         raise UserError("give --exported or a checkpoint (--checkpoint/--epoch), not both")
     path = None if exported is not None else _checkpoint_from(epoch, checkpoint, checkpoints, default="best")
     if device == "auto" and exported is None:
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from roiseg.trainer.devices import resolve_device
+        device = str(resolve_device(device))
     opts = PredictOptions(source=source, out=out, checkpoint=path, exported=exported, onnx=onnx_path, provider=provider,
                           device=device, boxes=boxes, box_format=box_format, ann=ann,
                           detection=DetectionSettings(det_output, det_format, person_class, conf, iou, max_det),
@@ -500,7 +440,7 @@ def predict(source, checkpoint, epoch, checkpoints, exported, out, boxes, box_fo
 @click.option("--ann", type=click.Path(path_type=Path), help="Evaluate on these annotations instead (with --images).")
 @click.option("--images", type=click.Path(path_type=Path), help="Image folder of --ann.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), help="Extractor for --ann [the checkpoint's].")
-@click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
+@provider_option
 @click.option("--limit", type=int, callback=_at_least(1), help="--ann: only the first N images.")
 @click.option("--work-dir", type=click.Path(path_type=Path), help="--ann: where the temporary store goes [system temp].")
 @click.option("--coco-eval", is_flag=True, help="Also COCO mask AP (pycocotools, GT boxes as detections).")

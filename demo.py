@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-DEMO_FEATURE = "/model.34/Concat_output_0"
+from roiseg.featcache.cache_config import DEFAULT_FEATURE as DEMO_FEATURE   # the stand-in names it so
 
 
 @dataclass

@@ -17,7 +17,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numcodecs
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from .coco import ImageRecord, load_person_records
 from .errors import FeatCacheError
+from .cache_config import CacheConfig
 from .extractor import Extractor
 from .files import file_sha256, refuse_overlap
 from .geometry import ResizePolicy, pad_box
@@ -37,7 +37,6 @@ from .images import (
     preprocess,
 )
 from .rasterize import rles_to_input_frame_packed
-from .sparse import DEFAULT_MARGIN
 from .store import (
     FINGERPRINT_KEYS,
     FeatureStore,
@@ -50,34 +49,6 @@ log = logging.getLogger(__name__)
 # Stored / raw size of the fp16 cells a store keeps, per codec, rounded up from bench/bench_store.py
 # (61 real images; dense lz4 1.40x as in bench/bench_codecs.py).
 STORED_FRACTION = {"lz4": 0.80, "zstd": 0.66}
-
-
-@dataclass
-class CacheConfig:
-    ann: Path
-    images: Path
-    onnx: Path
-    out: Path
-    feature_name: str = "/model.34/Concat_output_0"
-    provider: str = "auto"
-    channel_order: str = "rgb"
-    scale: float = 1 / 255
-    resize: str = "stretch"
-    roi_padding: float = 0.1
-    limit: int | None = None
-    shard: tuple[int, int] = (0, 1)
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
-    batch: int = 8
-    space_check: bool = True
-    overwrite: bool = False
-    flip: bool = False      # also store features of the horizontally mirrored input (flip augmentation)
-    sparse: bool = False    # keep only the cells ROIs can read (jitter margin ``sparse_margin``)
-    sparse_margin: float = DEFAULT_MARGIN
-    codec: str = "lz4"      # lz4 (fastest decode) | zstd (~20% smaller, ~2.5x slower decode): bench/bench_store.py
-    verify: bool = False    # decode every finished image of this shard first and redo damaged ones
-    trt_cache: Path | None = None          # TensorRT engines (default: <out's folder>/trt_engines)
-    device_id: int | None = None           # GPU (default: LOCAL_RANK under torchrun, else 0)
-    max_pixels: int = DEFAULT_MAX_PIXELS   # larger images are skipped (decompression bombs)
 
 
 def build_tables(records: list[ImageRecord], policy: ResizePolicy, roi_padding: float) -> dict:
@@ -252,12 +223,6 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
         raise FeatCacheError(f"image folder not found: {cfg.images}")
     check_out_folder(cfg)
     si, sn = cfg.shard
-    if not (sn >= 1 and 0 <= si < sn):
-        raise FeatCacheError(f"--shard must be I/N with 0 <= I < N, got {si}/{sn}")
-    if cfg.codec not in STORED_FRACTION:
-        raise FeatCacheError(f"--codec must be lz4 or zstd, not {cfg.codec!r}")
-    if cfg.sparse and not cfg.sparse_margin >= 0:
-        raise FeatCacheError(f"--sparse-margin must be >= 0, not {cfg.sparse_margin}")
     records, skips = load_person_records(cfg.ann)
     if cfg.limit:
         records = records[: cfg.limit]

@@ -12,7 +12,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-FEATURE_NAME = "/model.34/Concat_output_0"
+from .cache_config import DEFAULT_FEATURE
+
+FEATURE_NAME = DEFAULT_FEATURE      # the stand-in exposes the real model's tensor name
 
 
 def build_standin_extractor(path: str | Path, channels: int = 1024, input_size: int = 640,

@@ -157,7 +157,7 @@ def test_cli_cache_errors(synth, standin_onnx, tmp_path):
     r = CliRunner().invoke(main, base + ["--onnx", str(tmp_path / "missing.onnx")])
     assert r.exit_code == 1 and "ONNX model not found" in r.output
     r = CliRunner().invoke(main, base + ["--onnx", str(standin_onnx), "--shard", "3/2"])
-    assert r.exit_code == 1 and "need 0 <= I < N" in r.output     # usage errors exit 1 like every user error
+    assert r.exit_code == 1 and "0 <= I < N" in r.output     # usage errors exit 1 like every user error
 
 
 def test_disk_space_check(synth, standin_onnx, tmp_path, monkeypatch):

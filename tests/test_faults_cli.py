@@ -17,7 +17,7 @@ from roiseg.trainer.checkpoint import list_checkpoints, load_checkpoint
     (["train", "--model", "unet"], "'unet' is not one of"),
     (["cache", "--codec", "gzip"], "'gzip' is not one of"),
     (["cache", "--shard", "3"], "use I/N"),
-    (["cache", "--shard", "4/2"], "need 0 <= I < N"),
+    (["cache", "--shard", "4/2"], "0 <= I < N"),
     (["predict"], "Missing option '--source'"),
     (["train", "--no-such-option"], "No such option"),
     (["frobnicate"], "No such command"),
@@ -133,7 +133,9 @@ def test_missing_analysis_goes_to_the_run_folder_not_the_working_directory(store
     assert not (work / "data_analyze.json").exists()
     assert (tmp_path / "ck" / "data_analyze.json").is_file()
     assert f"saved as {tmp_path / 'ck' / 'data_analyze.json'}" in caplog.text
-    assert load_checkpoint(tmp_path / "ck" / "last.pth")["config"]["analysis"] == str(tmp_path / "ck" / "data_analyze.json")
+    ck = load_checkpoint(tmp_path / "ck" / "last.pth")
+    assert ck["resolved"]["analysis"] == str(tmp_path / "ck" / "data_analyze.json")   # what the run used
+    assert ck["config"]["analysis"] == "data_analyze.json"                              # what was asked
 
 
 # ---- predict: EXIF and many boxes ------------------------------------------------------------------

@@ -215,8 +215,7 @@ def test_prior_model_ignores_features():
 def test_best_and_last_follow_the_metric_across_resume(stores, tmp_path):
     out = tmp_path / "bl"
     first = Trainer(_cfg(stores, out, epochs=3))
-    first.cfg.epochs = 2
-    first.fit()
+    first.fit(until=2)      # stopped after epoch 2 of a 3-epoch schedule
     resumed = Trainer(_cfg(stores, out, epochs=3, resume="auto"))
     hist = resumed.fit()
     assert [h["epoch"] for h in hist] == [1, 2, 3]
@@ -242,7 +241,7 @@ def test_auto_epochs_give_small_sets_enough_steps(stores, tmp_path):
     assert auto_epochs(60_000 * 12, 16, 600) == 12                 # full COCO: the plain 12
     assert auto_epochs(616, 16, 600) == 16                         # a 48-image fold: 16 epochs, ~600 steps
     t = Trainer(_cfg(stores, tmp_path / "a", epochs=0, min_steps=5000, rois_per_step=8))
-    assert t.cfg.epochs == max(12, -(-5000 * 8 // t.epoch_rois)) > 12
+    assert t.run.epochs == max(12, -(-5000 * 8 // t.epoch_rois)) > 12 and t.cfg.epochs == 0   # config as given
     with pytest.raises(Exception, match="epochs: must be >= 0"):
         Trainer(_cfg(stores, tmp_path / "b", epochs=-1))
 
@@ -262,8 +261,10 @@ def test_second_run_gets_its_own_folder(stores, tmp_path):
     with Image.open(out / "run2" / "results.png") as im:     # the curves, drawn every epoch
         assert im.format == "PNG" and im.size[0] > 800
     import yaml
-    args = yaml.safe_load((out / "run2" / "args.yaml").read_text())
-    assert args["out"] == str(out / "run2") and args["epochs"] == 1 and args["hidden"] == 16
+    args = yaml.safe_load((out / "run2" / "args.yaml").read_text())          # as given
+    resolved = yaml.safe_load((out / "run2" / "resolved.yaml").read_text())  # what the run made of it
+    assert args["out"] == str(out) and args["epochs"] == 1 and args["hidden"] == 16
+    assert resolved["out"] == str(out / "run2") and resolved["epochs"] == 1 and resolved["batch_size"] == 4
     assert Trainer(_cfg(stores, out, epochs=2, resume="auto")).out == out   # --resume keeps its folder
 
 
@@ -274,5 +275,5 @@ def test_bad_best_metric_fails_before_training(stores, tmp_path):
     r = CliRunner().invoke(main, ["train", "--train-store", str(stores["train"]), "--val-store", str(stores["val"]),
                                   "--analysis", str(stores["analysis"]), "--out", str(tmp_path / "x"),
                                   "--best-metric", "accuracy", "--no-vis"])
-    assert r.exit_code == 1 and "not a validation metric" in r.output and "instance_mIoU" in r.output
+    assert r.exit_code == 1 and "'accuracy' is not one of 'instance_mIoU', 'mIoU'" in r.output and "instance_mIoU" in r.output
     assert not (tmp_path / "x").exists()

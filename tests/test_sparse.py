@@ -146,7 +146,7 @@ def test_cache_cli_sparse_estimate_and_options(synth, standin_onnx, sparse_store
     assert json.loads((tmp_path / "s.zarr/features/.zarray").read_text())["compressor"]["cname"] == "zstd"
     assert np.array_equal(st.root["features"][:], FeatureStore(sparse_store).root["features"][:])
     r = CliRunner().invoke(main, base + ["--out", str(tmp_path / "t.zarr"), "--sparse", "--sparse-margin", "1.5"])
-    assert r.exit_code == 1 and "--sparse-margin must be in [0, 1)" in r.output
+    assert r.exit_code == 1 and "sparse_margin: must be >= 0 and < 1" in r.output
 
 
 @pytest.mark.slow

@@ -81,8 +81,7 @@ def test_train_checkpoints_and_resume_identical(stores, tmp_path):
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
 
     first = Trainer(_cfg(stores, tmp_path / "b"))
-    first.cfg.epochs = 1
-    first.fit()
+    first.fit(until=1)
     resumed = Trainer(_cfg(stores, tmp_path / "b", resume="auto"))
     assert resumed.start_epoch == 2
     resumed.fit()
@@ -128,7 +127,7 @@ def test_missing_analysis_is_computed(stores, tmp_path):
     t = Trainer(_cfg(stores, tmp_path / "w", analysis=str(tmp_path / "da.json"), epochs=1))
     # saved in the run folder, where the run's args.yaml points; never where --analysis pointed
     assert (t.out / "da.json").is_file() and not (tmp_path / "da.json").exists()
-    assert t.cfg.analysis == str(t.out / "da.json") and t.loss.weight is not None
+    assert t.run.analysis == str(t.out / "da.json") and t.loss.weight is not None
 
 
 def test_cli_train_errors_clearly(tmp_path):

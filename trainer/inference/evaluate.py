@@ -12,7 +12,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-import torch
 
 from roiseg.featcache.errors import FeatCacheError
 from roiseg.featcache.store import FeatureStore
@@ -22,6 +21,7 @@ from roiseg.trainer.checkpoint import (
     load_checkpoint,
 )
 from roiseg.trainer.data import CacheIndex
+from roiseg.trainer.devices import default_batch_size, resolve_device
 from roiseg.trainer.scoring import RoiEvaluator, run_evaluator, val_batches
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,11 @@ def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: l
                            f"checkpoint {Path(path).name} vs val store {index.path}")
     if len(index.images) == 0:
         raise FeatCacheError(f"{index.path} holds no cached image to evaluate on")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     model.to(dev)
     k = int(ck["model_kwargs"]["num_classes"])
     ev = RoiEvaluator(index, FeatureStore(index.path), k, dev, coco_eval).keep_records(details)
-    bs = batch_size or (64 if dev.type == "cuda" else 8)
+    bs = batch_size or default_batch_size(dev)
     run_evaluator(model, val_batches(index, dev, bs, int(ck["model_kwargs"]["mask_size"])), ev,
                   amp=bool(cfg.get("amp")) and dev.type == "cuda", zero_features=bool(cfg.get("zero_features")))
     res = ev.result()

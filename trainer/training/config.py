@@ -1,147 +1,111 @@
-"""Training configuration: defaults < --config FILE (TOML or YAML) < command-line options."""
+"""`train`'s configuration: one schema (``featcache.schema``) for defaults, types, ranges and help.
+
+Defaults < a resumed run's ``args.yaml`` < ``--config FILE`` (TOML or YAML, a ``[train]`` table or
+top level) < command-line options.  ``cli.py`` builds `train`'s options from these fields, and the
+run writes them to ``args.yaml``; what the run resolves from them (auto epochs and width, the run
+folder, the analysis file) is ``Resolved``, saved beside them, never written back into the config.
+"""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from roiseg.featcache.errors import FeatCacheError
+from roiseg.featcache.schema import ConfigError, build, option, specs
 from roiseg.featcache.sparse import DEFAULT_MARGIN
 
-
-class ConfigError(FeatCacheError, ValueError):
-    """A configuration value of the wrong type or out of range (one message, exit code 1)."""
+__all__ = ["ConfigError", "TrainConfig", "Resolved", "load_config_file", "make_config"]
 
 
 @dataclass
 class TrainConfig:
-    train_store: str = "cache/train2017.zarr"
-    val_store: str = "cache/val2017.zarr"
-    out: str = "checkpoints"
-    model: str = "roialign"              # roialign | global | prior (learned mean shape, baseline)
-    hidden: int = 0                      # 0 = auto: 128 for roialign, 32 for global (a U-Net over the whole map)
-    roi_size: int = 14
-    mask_size: int = 56
-    classes: int = 3                     # 3: bg/target/other persons; 2: bg/target ablation
-    epochs: int = 0                      # 0 = auto: 12, more on small sets (>= min_steps optimizer steps)
-    min_steps: int = 600                 # auto epochs: at least this many optimizer steps
-    batch_size: int = 0                  # images per read (all their ROIs); 0 = auto: 64 on CUDA, 8 on CPU
-    rois_per_step: int = 0               # ROIs per optimizer step; 0 = auto: 16 on CPU, 256 on CUDA
-    lr: float = 1e-3                     # AdamW rate at 16 ROIs/step; scaled by sqrt(rois_per_step / 16)
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.5
-    grad_clip: float = 1.0
-    amp: bool = True                     # CUDA only (fp16 autocast + GradScaler)
-    ema: float = 0.99                    # EMA decay per step, 0 = off; validation and best.pth use the EMA weights
-    seed: int = 0
-    workers: int = 2
-    device: str = "auto"
-    resident: str = "auto"               # auto | gpu | cpu | off
-    feature_norm: str = "channel"        # channel: per-channel mean/std of the training cache | none
-    hflip: float = 0.5                   # probability of using an image mirrored
-    hflip_source: str = "auto"           # auto | stored (cache --flip) | map (mirror the feature map)
-    jitter: float = 0.05                 # person-box centre shift sigma (fraction of its size)
-    jitter_scale: float = 0.10           # person-box log-size sigma
-    max_jitter: float = DEFAULT_MARGIN   # jittered boxes stay inside the person box grown by this (each side)
-    samples_per_roi: int = 2
-    overlap_boost: int = 2               # ROIs with another person inside get this many times the copies
-    min_roi_px: float = 8.0
-    max_rois_per_image: int = 64
-    analysis: str = "data_analyze.json"
-    class_weights: str = "log_scaled"    # inverse_frequency | log_scaled | inverse_clipped | none
-    dice_weight: float = 1.0
-    dice_classes: list = field(default_factory=lambda: [1])
-    focal_gamma: float = 0.0
-    boundary_weight: float = 0.0
-    best_metric: str = "instance_mIoU"   # best.pth follows this validation metric
-    coco_eval: bool = False
-    zero_features: bool = False          # ablation: box-conditioned shape prior only
-    tensorboard: bool = True
-    resume: str | None = None            # None | auto | PATH
-    train_images: list | None = None     # only these file names of the training store (k-fold)
-    val_images: list | None = None       # only these file names of the validation store
-    vis_images: list | None = None       # file names for the validation PNG (visualization)
-    vis_ann: str | None = None
-    vis_image_dir: str | None = None
-    vis_onnx: str | None = None
-    visualize: bool = True
+    train_store: str = option("cache/train2017.zarr", "Training cache (overrides --subset).")
+    val_store: str = option("cache/val2017.zarr", "Validation cache.")
+    out: str = option("checkpoints", "Checkpoint folder; a used one gets <out>/run2, run3 ...")
+    model: Literal["roialign", "global", "prior"] = option(
+        "roialign", "Decoder; prior = one learned mean shape, no features (a baseline).")
+    hidden: int = option(0, "Decoder width, 0 = auto.", ge=0, shown="auto: 128 roialign, 32 global")
+    roi_size: int = option(14, "ROIAlign output size.", ge=1)
+    mask_size: int = option(56, "ROI mask size = roi size x 2^k.", ge=1)
+    classes: Literal[3, 2] = option(3, "3 = bg/target/others, 2 = bg/target.")
+    epochs: int = option(0, "Epochs, 0 = auto.", ge=0,
+                         shown="auto: 12, more on small sets so that training makes >= --min-steps steps")
+    min_steps: int = option(600, "Optimizer steps auto epochs aim for at least.", ge=1)
+    batch_size: int = option(0, "Images per read, with all their ROIs; 0 = auto.", ge=0,
+                             shown="auto: 64 on CUDA, 8 on CPU")
+    rois_per_step: int = option(0, "ROIs per optimizer step; a read is split into several steps; 0 = auto.",
+                                ge=0, shown="auto: 16 on CPU, 256 on CUDA")
+    lr: float = option(1e-3, "AdamW rate at 16 ROIs/step, scaled by sqrt(ROIs per step / 16).", gt=0, shown="1e-3")
+    weight_decay: float = option(1e-4, "AdamW weight decay.", ge=0, shown="1e-4")
+    warmup_epochs: float = option(0.5, "Linear warm-up, then cosine.", ge=0)
+    grad_clip: float = option(1.0, "Max gradient norm, 0 = off.", ge=0, shown="1.0")
+    amp: bool = option(True, "fp16 autocast on CUDA.", shown="on")
+    ema: float = option(0.99, "EMA decay per step, 0 = off; validation and best.pth use the EMA weights.",
+                        ge=0, lt=1)
+    seed: int = option(0, "Seed of sampling, jitter and initialization.")
+    workers: int = option(2, "DataLoader workers when streaming.", ge=0)
+    device: str = option("auto", "auto, cpu, cuda, cuda:1.")
+    resident: Literal["auto", "gpu", "cpu", "off"] = option(
+        "auto", "Keep the cache in GPU/CPU memory (auto: if it fits) or stream it.")
+    feature_norm: Literal["channel", "none"] = option(
+        "channel", "Standardize features per channel with the training cache's statistics.")
+    hflip: float = option(0.5, "Probability of training on an image mirrored.", ge=0, le=1)
+    hflip_source: Literal["auto", "stored", "map"] = option(
+        "auto", "Mirrored features: stored by `cache --flip`, or the mirrored map.", shown="auto: stored if cached")
+    jitter: float = option(0.05, "Person-box centre jitter sigma, fraction of its size.", ge=0)
+    jitter_scale: float = option(0.10, "Person-box log-size jitter sigma.", ge=0, shown="0.1")
+    max_jitter: float = option(DEFAULT_MARGIN, "Jittered boxes stay within the person box grown by this fraction "
+                               "of its size (at most a sparse cache's --sparse-margin).", ge=0)
+    samples_per_roi: int = option(2, "Jittered copies of each ROI per read.", ge=1)
+    overlap_boost: int = option(2, "ROIs with another person inside get this many times the copies (class 2).",
+                                ge=1)
+    min_roi_px: float = option(8.0, "Skip training ROIs under this many input px.", ge=0, cli="--min-roi-size",
+                               shown="8")
+    max_rois_per_image: int = option(64, "At most this many ROIs of one image per read.", ge=1)
+    analysis: str = option("data_analyze.json", "data_analyze.json for class weights (computed into the run "
+                           "folder when missing).")
+    class_weights: Literal["inverse_frequency", "log_scaled", "inverse_clipped", "none"] = option(
+        "log_scaled", "CE class weights from --analysis.")
+    dice_weight: float = option(1.0, "Dice loss weight (on class 1; --dice-on-others adds 2).", ge=0, shown="1.0")
+    dice_classes: list[int] = option([1], "Classes the Dice term covers.", cli=None)
+    focal_gamma: float = option(0.0, "Focal CE gamma, 0 = plain CE.", ge=0, shown="0")
+    boundary_weight: float = option(0.0, "Extra CE on label boundaries.", ge=0, shown="0")
+    best_metric: Literal["instance_mIoU", "mIoU"] = option("instance_mIoU", "Validation metric that picks best.pth.")
+    coco_eval: bool = option(False, "Also COCO mask AP (pycocotools) every epoch.", shown="off")
+    zero_features: bool = option(False, "Ablation: train with features zeroed.", shown="off")
+    tensorboard: bool = option(True, "TensorBoard logs in <run>/tb.", shown="on")
+    resume: str | None = option(None, "auto (latest in --out) or a checkpoint path; the run's args.yaml "
+                                "gives the other settings.")
+    train_images: list[str] | None = option(None, "Only these file names of the training store (k-fold).", cli=None)
+    val_images: list[str] | None = option(None, "Only these file names of the validation store.", cli=None)
+    vis_images: list[str] | None = option(None, "Comma-separated val file names for the validation PNG.",
+                                          shown="the four fixed ones")
+    vis_ann: str | None = option(None, "Val annotations for the PNG.", shown="the val cache's")
+    vis_image_dir: str | None = option(None, "Val images for the PNG.", shown="the val cache's")
+    vis_onnx: str | None = option(None, "Extractor ONNX for the PNG.", shown="the cache's")
+    visualize: bool = option(True, "Draw the validation PNG every epoch.", cli="--vis", shown="on")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-# Allowed values: (low, high, low inclusive, high inclusive) or a tuple of choices.
-RANGES = {
-    "hidden": (0, None, True, None), "roi_size": (1, None, True, None), "mask_size": (1, None, True, None),
-    "classes": (2, 3), "epochs": (0, None, True, None), "min_steps": (1, None, True, None),
-    "batch_size": (0, None, True, None), "rois_per_step": (0, None, True, None), "lr": (0, None, False, None),
-    "weight_decay": (0, None, True, None), "warmup_epochs": (0, None, True, None), "grad_clip": (0, None, True, None),
-    "ema": (0, 1, True, False), "workers": (0, None, True, None), "hflip": (0, 1, True, True),
-    "jitter": (0, None, True, None), "jitter_scale": (0, None, True, None),
-    "max_jitter": (0, None, True, None), "samples_per_roi": (1, None, True, None),
-    "overlap_boost": (1, None, True, None), "min_roi_px": (0, None, True, None),
-    "max_rois_per_image": (1, None, True, None), "dice_weight": (0, None, True, None),
-    "focal_gamma": (0, None, True, None), "boundary_weight": (0, None, True, None),
-    "model": ("roialign", "global", "prior"), "resident": ("auto", "gpu", "cpu", "off"),
-    "feature_norm": ("channel", "none"), "hflip_source": ("auto", "stored", "map"),
-    "class_weights": ("inverse_frequency", "log_scaled", "inverse_clipped", "none"),
-}
-_TYPES = {f.name: f.type.replace(" | None", "").replace("None | ", "") for f in dataclasses.fields(TrainConfig)}
-_NULLABLE = {f.name for f in dataclasses.fields(TrainConfig) if "None" in f.type}
+@dataclass(frozen=True)
+class Resolved:
+    """What a run made of its config (auto values, folders): saved in ``resolved.yaml`` and every
+    checkpoint beside the config as given."""
+    out: str                  # the run folder (<out>/run2 next to another run)
+    hidden: int
+    epochs: int               # the LR schedule's length
+    batch_size: int
+    rois_per_step: int
+    lr: float                 # scaled by sqrt(rois_per_step / 16)
+    amp: bool
+    device: str
+    analysis: str             # the data_analyze.json used (computed into the run folder when missing)
 
-
-def _coerce(name: str, value):
-    """Convert one value to its field's type (YAML reads ``1e-3`` as a string) or explain why not."""
-    kind = _TYPES[name]
-    if value is None:
-        if name in _NULLABLE:
-            return None
-        raise ConfigError(f"{name}: a value is required")
-    try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            raise ValueError
-        if kind in ("int", "float"):
-            if isinstance(value, bool):
-                raise ValueError
-            num = float(value) if kind == "float" else (int(value) if isinstance(value, (int, str)) else
-                                                         int(value) if float(value).is_integer() else None)
-            if num is None or (kind == "float" and num != num):
-                raise ValueError
-            return num
-        if kind == "str":
-            if isinstance(value, (str, Path)):
-                return str(value)
-            raise ValueError
-        if kind == "list":
-            if isinstance(value, (list, tuple)):
-                return list(value)
-            raise ValueError
-    except (TypeError, ValueError):
-        pass
-    else:
-        return value
-    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "list": "a list"}
-    raise ConfigError(f"{name}: expected {words.get(kind, kind)}, got {value!r}")
-
-
-def _check_range(name: str, value) -> None:
-    rule = RANGES.get(name)
-    if rule is None or value is None:
-        return
-    if isinstance(rule[0], str) or len(rule) == 2:
-        if value not in rule:
-            raise ConfigError(f"{name}: must be one of {', '.join(map(str, rule))}, got {value!r}")
-        return
-    lo, hi, lo_in, hi_in = rule
-    ok = (lo is None or (value >= lo if lo_in else value > lo)) and (hi is None or (value <= hi if hi_in else value < hi))
-    if not ok:
-        lo_s = "" if lo is None else f"{'>=' if lo_in else '>'} {lo}"
-        hi_s = "" if hi is None else f"{'<=' if hi_in else '<'} {hi}"
-        raise ConfigError(f"{name}: must be {' and '.join(x for x in (lo_s, hi_s) if x)}, got {value!r}")
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -165,8 +129,7 @@ def load_config_file(path: str | Path) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("train", data), dict):
         raise ConfigError(f"{path} must hold a table of train options (top level or [train])")
     data = data.get("train", data)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - set(specs(TrainConfig)))
     if unknown:
         raise ConfigError(f"unknown keys in {path}: {', '.join(unknown)}")
     return data
@@ -174,20 +137,8 @@ def load_config_file(path: str | Path) -> dict:
 
 def make_config(file: str | Path | None = None, base: dict | None = None, **overrides) -> TrainConfig:
     """Defaults < ``base`` (a resumed run's saved settings) < ``file`` < ``overrides``; every value
-    converted to its type and range-checked."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in (base or {}).items() if k in known}   # a run saved by an older version
-    values.update(load_config_file(file) if file else {})
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown options: {', '.join(unknown)}")
-    where = f" (in {file} or the command line)" if file else ""
-    out = {}
-    for k, v in values.items():
-        try:
-            out[k] = _coerce(k, v)
-            _check_range(k, out[k])
-        except ConfigError as exc:
-            raise ConfigError(f"{exc}{where}") from None
-    return TrainConfig(**out)
+    converted to its type and range-checked (one message per bad value)."""
+    known = specs(TrainConfig)
+    base = {k: v for k, v in (base or {}).items() if k in known}   # a run saved by an older version
+    return build(TrainConfig, base, load_config_file(file) if file else {}, overrides,
+                 where=f" (in {file} or the command line)" if file else "")

@@ -40,10 +40,12 @@ class LogHook:
         out, cfg = trainer.out, trainer.cfg
         out.mkdir(parents=True, exist_ok=True)
         import yaml
-        args = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        # the run's current settings (a resume may extend --epochs): what the next --resume reads
-        if not (out / "args.yaml").is_file() or (out / "args.yaml").read_text() != args:
-            write_text_atomic(out / "args.yaml", args)
+        # args.yaml: the settings as given (what the next --resume reads; a resume may extend
+        # --epochs); resolved.yaml: what the run made of them (auto values, run folder, analysis)
+        for name, values in (("args.yaml", cfg.to_dict()), ("resolved.yaml", trainer.run.to_dict())):
+            text = yaml.safe_dump(values, sort_keys=False)
+            if not (out / name).is_file() or (out / name).read_text() != text:
+                write_text_atomic(out / name, text)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         self._csv(out / "results.csv", metrics)

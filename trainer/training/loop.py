@@ -22,13 +22,14 @@ from tqdm import tqdm
 from roiseg.featcache.errors import FeatCacheError
 from roiseg.featcache.files import refuse_overlap
 from roiseg.featcache.store import FeatureStore, check_compatible
+from roiseg.trainer.devices import default_batch_size
 from roiseg.trainer.data import CacheIndex, epoch_batches, make_source, rank_images
 from roiseg.trainer.models import build_model
 from roiseg.trainer.sampling import RoiSampling, roi_copies
 from roiseg.trainer.scoring import RoiEvaluator, run_evaluator
 from roiseg.trainer.training import distributed as D
 from roiseg.trainer.training.class_weights import load_class_weights
-from roiseg.trainer.training.config import TrainConfig
+from roiseg.trainer.training.config import Resolved, TrainConfig
 from roiseg.trainer.training.ema import Ema
 from roiseg.trainer.training.hooks import CheckpointHook, LogHook, as_hook
 from roiseg.trainer.training.losses import LossConfig, SegLoss
@@ -45,7 +46,6 @@ REFERENCE_ROIS_PER_STEP = 16
 # 0.5 ROIs/s on a CPU core (roialign: 28), 32 at 8.
 DEFAULT_HIDDEN = {"roialign": 128, "global": 32, "prior": 0}
 DEFAULT_EPOCHS = 12
-BEST_METRICS = ("instance_mIoU", "mIoU")   # higher is better
 
 
 def auto_epochs(epoch_rois: int, rois_per_step: int, min_steps: int) -> int:
@@ -134,6 +134,9 @@ def check_sparse_stores(cfg: TrainConfig, train_meta: dict, val_meta: dict) -> N
 
 
 class Trainer:
+    """One run: its stores, model, optimizer and sources, built in ``__init__`` from ``cfg`` (never
+    changed: what the run makes of it is ``self.run``, a ``Resolved``), then ``fit``."""
+
     def __init__(self, cfg: TrainConfig, hooks: list[EpochHook] | None = None):
         self.cfg = cfg
         # checkpoint and logs first: later hooks see this epoch's checkpoint
@@ -141,87 +144,100 @@ class Trainer:
         self.checkpointer = Checkpointer(self)
         self.last_checkpoint: Path | None = None
         self.dist, self.device = D.setup(cfg.device)
+        self.cuda = self.device.type == "cuda"
+        self.out = self._run_folder()
+        self.train_index, self.val_index = self._stores()
+        self.input_hw = tuple(self.train_index.meta["input_hw"])
+        self.run = self._resolve()
+        self.batch_size, self.rois_per_step, self.lr, self.amp = (self.run.batch_size, self.run.rois_per_step,
+                                                                  self.run.lr, self.run.amp)
+        self.loss = self._loss()
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, self.train_index.feature_shape[0], self._feature_stats(),
+                                 **model_kwargs(cfg, self.run.hidden)).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.ema = Ema(self.model, cfg.ema) if cfg.ema > 0 else None
+        self.start_epoch, self.global_step, self.history = 1, 0, []
+        if cfg.resume:
+            self.checkpointer.resume(cfg.resume)
+        self.net = DistributedDataParallel(self.model) if self.dist.enabled else self.model
+        self.train_source, self.val_source = self._sources()
+        if self.dist.is_main:
+            check_output_folder(self.out, self._checkpoint_bytes())
+            self._log_plan()
+
+    # ---- construction steps ---------------------------------------------------------------------
+    def _run_folder(self) -> Path:
+        """The run folder: ``--out``, or ``<out>/run2`` ... next to another run (every rank computes
+        the same one before anything is written); outputs may not be or lie inside an input."""
+        cfg = self.cfg
         refuse_overlap({"--out": cfg.out}, {"--train-store": cfg.train_store, "--val-store": cfg.val_store,
                                             "--analysis": cfg.analysis, "--vis-ann": cfg.vis_ann,
                                             "--vis-image-dir": cfg.vis_image_dir, "--vis-onnx": cfg.vis_onnx},
                        inputs_inside_outputs=False)
-        # every rank computes the same folder before anything is written
-        self.out = Path(cfg.out) if cfg.resume else fresh_run_folder(Path(cfg.out))
-        self.train_index = CacheIndex(cfg.train_store, cfg.train_images)
-        self.val_index = CacheIndex(cfg.val_store, cfg.val_images)
-        check_compatible(fingerprint(self.train_index.meta), fingerprint(self.val_index.meta),
+        out = Path(cfg.out) if cfg.resume else fresh_run_folder(Path(cfg.out))
+        if out != Path(cfg.out) and self.dist.is_main:
+            log.warning("%s holds another run's checkpoints: this run writes to %s", cfg.out, out)
+        return out
+
+    def _stores(self) -> tuple[CacheIndex, CacheIndex]:
+        cfg = self.cfg
+        train, val = CacheIndex(cfg.train_store, cfg.train_images), CacheIndex(cfg.val_store, cfg.val_images)
+        check_compatible(fingerprint(train.meta), fingerprint(val.meta),
                          f"validation cache {cfg.val_store} vs training cache {cfg.train_store}",
                          labels=("training cache has", "validation cache has"))
-        if cfg.classes not in (2, 3):
-            raise FeatCacheError("--classes must be 2 or 3")
-        if cfg.best_metric not in BEST_METRICS:  # checked before training, not after epoch 1
-            raise FeatCacheError(f"--best-metric {cfg.best_metric!r} is not a validation metric "
-                                 f"({', '.join(BEST_METRICS)})")
-        if cfg.hidden == 0:
-            cfg.hidden = DEFAULT_HIDDEN.get(cfg.model, 128)
-        check_sparse_stores(cfg, self.train_index.meta, self.val_index.meta)
-        if len(self.train_index.images) == 0 or len(self.val_index.images) == 0:
+        check_sparse_stores(cfg, train.meta, val.meta)
+        if len(train.images) == 0 or len(val.images) == 0:
             raise FeatCacheError("no cached images to train or validate on (check the stores / image lists)")
-        self.input_hw = tuple(self.train_index.meta["input_hw"])
-        self.cuda = self.device.type == "cuda"
+        return train, val
+
+    def _resolve(self) -> Resolved:
+        """The auto values: width, steps and batches by device, epochs by the data's size."""
+        cfg = self.cfg
         # Small steps leave a GPU waiting on kernel launches (bench/gpu_bench.sh: 16 images/step
-        # reach 40% of the in-memory rate, 64 reach 98%); a CPU wants small ones.
-        self.batch_size = cfg.batch_size or (64 if self.cuda else 8)
-        # Optimizer steps are counted in ROIs, not images, so small subsets still get many updates;
-        # one read is split into several steps.  A GPU needs bigger steps to stay busy.
-        self.rois_per_step = cfg.rois_per_step or (256 if self.cuda else REFERENCE_ROIS_PER_STEP)
-        self.lr = scaled_lr(cfg.lr, self.rois_per_step)
-        self.amp = cfg.amp and self.cuda
+        # reach 40% of the in-memory rate, 64 reach 98%); a CPU wants small ones.  Optimizer steps
+        # are counted in ROIs, not images, so small subsets still get many updates.
+        batch_size = cfg.batch_size or default_batch_size(self.device)
+        rois_per_step = cfg.rois_per_step or (256 if self.cuda else REFERENCE_ROIS_PER_STEP)
         if cfg.amp and not self.cuda and self.dist.is_main:
             log.info("AMP is a CUDA feature: training in fp32 on %s", self.device)
-        weights, cfg.analysis = load_class_weights(cfg.analysis, cfg.class_weights, cfg.classes,
-                                                   self.train_index.meta,
-                                                   self.train_index.tables["image_id"][self.train_index.images],
-                                                   self.out, self.dist.is_main)
-        self.loss = SegLoss(LossConfig(tuple(weights) if weights else None, cfg.dice_weight,
-                                       tuple(cfg.dice_classes), cfg.focal_gamma, cfg.boundary_weight),
-                            cfg.classes).to(self.device)
-        torch.manual_seed(cfg.seed)
-        in_ch = self.train_index.feature_shape[0]
-        self.model = build_model(cfg.model, in_ch, self._feature_stats(), **model_kwargs(cfg)).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=cfg.weight_decay)
         self.sampling = self._sampling()
         # The LR schedule's progress counts ROIs of all ranks together: every replica then steps
         # with the same rate (DDP averages gradients, not rates).
         self.epoch_rois = D.sum_int(expected_rois(self.train_index, rank_images(
             self.train_index.images, self.dist.rank, self.dist.world), self.sampling), self.dist, self.device)
-        if cfg.epochs < 0:
-            raise FeatCacheError(f"--epochs must be >= 1 (0 = auto), got {cfg.epochs}")
-        if cfg.epochs == 0:   # the same on every rank: from the global count
-            cfg.epochs = auto_epochs(self.epoch_rois // self.dist.world, self.rois_per_step, cfg.min_steps)
-        self.schedule_epochs = cfg.epochs  # the LR schedule's length, fixed at start
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.ema = Ema(self.model, cfg.ema) if cfg.ema > 0 else None
-        self.start_epoch = 1
-        self.global_step = 0
-        self.history: list[dict] = []
-        if cfg.resume:
-            self.checkpointer.resume(cfg.resume)
-        self.net = DistributedDataParallel(self.model) if self.dist.enabled else self.model
-        r, w = self.dist.rank, self.dist.world
-        self.train_source = make_source(cfg.resident, self.train_index, self.sampling, cfg.mask_size, cfg.seed,
-                                        cfg.workers, self.device, rank_images(self.train_index.images, r, w))
-        val_sampling = dataclasses.replace(self.sampling, hflip=0.0)
-        self.val_source = make_source(cfg.resident, self.val_index, val_sampling, cfg.mask_size, cfg.seed,
-                                      cfg.workers, self.device, rank_images(self.val_index.images, r, w))
-        if str(self.out) != str(cfg.out) and self.dist.is_main:
-            log.warning("%s holds another run's checkpoints: this run writes to %s", cfg.out, self.out)
-        cfg.out = str(self.out)
-        if self.dist.is_main:
-            check_output_folder(self.out, self._checkpoint_bytes())
-        if self.dist.is_main:
-            log.info("train: %d images (%s), val: %d images, model %s (%d params), device %s, world %d",
-                     len(self.train_index.images), self.train_source.kind, len(self.val_index.images),
-                     cfg.model, sum(p.numel() for p in self.model.parameters()), self.device, self.dist.world)
-            log.info("%d epochs of ~%d training ROIs, %d ROIs per step (~%d steps; lr %.2e = %.0e x sqrt(%d/%d)), "
-                     "%d images per read, flip %s", cfg.epochs, self.epoch_rois, self.rois_per_step,
-                     cfg.epochs * self.epoch_rois // self.rois_per_step, self.lr, cfg.lr,
-                     self.rois_per_step, REFERENCE_ROIS_PER_STEP, self.batch_size, self._flip_desc())
+        epochs = cfg.epochs or auto_epochs(self.epoch_rois // self.dist.world, rois_per_step, cfg.min_steps)
+        return Resolved(out=str(self.out), hidden=cfg.hidden or DEFAULT_HIDDEN.get(cfg.model, 128), epochs=epochs,
+                        batch_size=batch_size, rois_per_step=rois_per_step, lr=scaled_lr(cfg.lr, rois_per_step),
+                        amp=cfg.amp and self.cuda, device=str(self.device), analysis=cfg.analysis)
+
+    def _loss(self) -> SegLoss:
+        cfg = self.cfg
+        weights, analysis = load_class_weights(cfg.analysis, cfg.class_weights, cfg.classes, self.train_index.meta,
+                                               self.train_index.tables["image_id"][self.train_index.images],
+                                               self.out, self.dist.is_main)
+        self.run = dataclasses.replace(self.run, analysis=analysis)
+        return SegLoss(LossConfig(tuple(weights) if weights else None, cfg.dice_weight, tuple(cfg.dice_classes),
+                                  cfg.focal_gamma, cfg.boundary_weight), cfg.classes).to(self.device)
+
+    def _sources(self):
+        cfg, r, w = self.cfg, self.dist.rank, self.dist.world
+        train = make_source(cfg.resident, self.train_index, self.sampling, cfg.mask_size, cfg.seed, cfg.workers,
+                            self.device, rank_images(self.train_index.images, r, w))
+        val = make_source(cfg.resident, self.val_index, dataclasses.replace(self.sampling, hflip=0.0), cfg.mask_size,
+                          cfg.seed, cfg.workers, self.device, rank_images(self.val_index.images, r, w))
+        return train, val
+
+    def _log_plan(self) -> None:
+        cfg, run = self.cfg, self.run
+        log.info("train: %d images (%s), val: %d images, model %s (%d params), device %s, world %d",
+                 len(self.train_index.images), self.train_source.kind, len(self.val_index.images),
+                 cfg.model, sum(p.numel() for p in self.model.parameters()), self.device, self.dist.world)
+        log.info("%d epochs of ~%d training ROIs, %d ROIs per step (~%d steps; lr %.2e = %.0e x sqrt(%d/%d)), "
+                 "%d images per read, flip %s", run.epochs, self.epoch_rois, run.rois_per_step,
+                 run.epochs * self.epoch_rois // run.rois_per_step, run.lr, cfg.lr,
+                 run.rois_per_step, REFERENCE_ROIS_PER_STEP, run.batch_size, self._flip_desc())
 
     def _checkpoint_bytes(self) -> int:
         """About one checkpoint: weights, two Adam moments and the EMA copy, in fp32."""
@@ -230,8 +246,6 @@ class Trainer:
     def _feature_stats(self):
         if self.cfg.feature_norm == "none":
             return None
-        if self.cfg.feature_norm != "channel":
-            raise FeatCacheError(f"--feature-norm must be channel or none, got {self.cfg.feature_norm!r}")
         try:  # writable: an old store gets its statistics saved once
             store = FeatureStore(self.train_index.path, "r+")
         except (OSError, PermissionError):
@@ -241,10 +255,6 @@ class Trainer:
     def _sampling(self) -> RoiSampling:
         cfg = self.cfg
         p, src = cfg.hflip, cfg.hflip_source
-        if not 0 <= p <= 1:
-            raise FeatCacheError(f"--hflip must be a probability in [0, 1], got {p}")
-        if src not in ("auto", "stored", "map"):
-            raise FeatCacheError(f"--hflip-source must be auto, stored or map, got {src!r}")
         has = self.train_index.has_flip
         if p > 0 and src == "stored" and not has:
             raise FeatCacheError(f"{cfg.train_store} has no mirrored features: cache it with --flip, or "
@@ -272,7 +282,7 @@ class Trainer:
         return torch.where(t == 2, 0, t) if self.cfg.classes == 2 else t
 
     def _set_lr(self, progress: float) -> float:
-        lr = self.lr * warmup_cosine(progress, self.schedule_epochs, self.cfg.warmup_epochs)
+        lr = self.lr * warmup_cosine(progress, self.run.epochs, self.cfg.warmup_epochs)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         return lr
@@ -371,18 +381,21 @@ class Trainer:
                             self.cfg.coco_eval)
 
     # ---- epochs --------------------------------------------------------------------------
-    def fit(self) -> list[dict]:
-        """Epoch = train, validate, then the hooks: checkpoint, logs, and the caller's (rank 0)."""
-        if self.start_epoch > self.cfg.epochs and self.dist.is_main:
+    def fit(self, until: int | None = None) -> list[dict]:
+        """Epoch = train, validate, then the hooks: checkpoint, logs, and the caller's (rank 0).
+        ``until``: stop after this epoch (default: the run's last; the LR schedule stays the run's)."""
+        last = self.run.epochs if until is None else min(until, self.run.epochs)
+        if self.start_epoch > last and self.dist.is_main:
             log.warning("nothing to do: the run in %s already finished epoch %d of %d", self.out,
-                        self.start_epoch - 1, self.cfg.epochs)
-        for epoch in range(self.start_epoch, self.cfg.epochs + 1):
+                        self.start_epoch - 1, self.run.epochs)
+        for epoch in range(self.start_epoch, last + 1):
             metrics = {"epoch": epoch, **self.train_epoch(epoch), **self.validate()}
             self.history.append(metrics)
             if self.dist.is_main:
                 for hook in self.hooks:
                     hook.after_epoch(self, epoch, metrics)
             D.barrier(self.dist)
+            self.start_epoch = epoch + 1
         for hook in self.hooks:
             if hasattr(hook, "after_train"):
                 hook.after_train(self)

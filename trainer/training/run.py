@@ -23,6 +23,6 @@ def run_training(cfg: TrainConfig, hooks: list | None = None) -> TrainResult:
     try:
         start = trainer.start_epoch
         history = trainer.fit()
-        return TrainResult(history, max(0, trainer.cfg.epochs - start + 1), trainer.out, trainer.cfg.epochs)
+        return TrainResult(history, max(0, trainer.run.epochs - start + 1), trainer.out, trainer.run.epochs)
     finally:
         trainer.close()

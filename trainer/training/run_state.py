@@ -23,8 +23,9 @@ from roiseg.trainer.models import load_decoder_state
 log = logging.getLogger(__name__)
 
 
-def model_kwargs(cfg) -> dict:
-    return {"hidden": cfg.hidden, "roi_size": cfg.roi_size, "mask_size": cfg.mask_size,
+def model_kwargs(cfg, hidden: int) -> dict:
+    """The decoder's constructor arguments (``hidden``: the resolved width)."""
+    return {"hidden": hidden, "roi_size": cfg.roi_size, "mask_size": cfg.mask_size,
             "num_classes": cfg.classes}
 
 
@@ -51,18 +52,27 @@ def run_settings(resume: str, out: str | None = None) -> dict:
     for ``train --resume``: the stores, model and recipe need not be repeated."""
     path = find_checkpoint(out or "checkpoints") if resume == "auto" else Path(resume)
     args = path.parent / "args.yaml"
-    saved = None
-    if args.is_file():
-        import yaml
-        try:
-            saved = yaml.safe_load(args.read_text())
-        except Exception as exc:  # noqa: BLE001 - a damaged args.yaml: use the checkpoint's copy
-            log.warning("%s is unreadable (%s): using the settings saved in %s", args, exc, path.name)
-    if not isinstance(saved, dict):
+    saved = _read_yaml(args) if args.is_file() else {}
+    if not saved:
+        if args.is_file():
+            log.warning("%s is unreadable: using the settings saved in %s", args, path.name)
         saved = load_checkpoint(path).get("config") or {}
     settings = {k: v for k, v in saved.items() if k not in RUNTIME_KEYS}
     settings["out"] = str(path.parent)
+    # the class weights the run used (computed into its folder when its --analysis was missing)
+    resolved = _read_yaml(path.parent / "resolved.yaml")
+    if resolved.get("analysis") and Path(resolved["analysis"]).is_file():
+        settings["analysis"] = resolved["analysis"]
     return settings
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _plain(meta: dict) -> dict:
@@ -113,8 +123,8 @@ class Checkpointer:
         t = self.t
         np_state = np.random.get_state()
         return {
-            "epoch": epoch, "metrics": metrics, "config": t.cfg.to_dict(),
-            "model_name": t.cfg.model, "model_kwargs": model_kwargs(t.cfg),
+            "epoch": epoch, "metrics": metrics, "config": t.cfg.to_dict(), "resolved": t.run.to_dict(),
+            "model_name": t.cfg.model, "model_kwargs": model_kwargs(t.cfg, t.run.hidden),
             "in_channels": t.train_index.feature_shape[0], "input_hw": list(t.input_hw),
             "cache_fingerprint": fingerprint(t.train_index.meta),
             "cache_metadata": {"train": _plain(t.train_index.meta), "val": _plain(t.val_index.meta)},
@@ -150,9 +160,10 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path.name} was trained on another training set:\n  "
                                   + "\n  ".join(diffs) + "\nresume with the same training cache, or start a new run "
                                   "(without --resume)")
-        if ck["model_name"] != t.cfg.model or ck["model_kwargs"] != model_kwargs(t.cfg):
+        want = model_kwargs(t.cfg, t.run.hidden)
+        if ck["model_name"] != t.cfg.model or ck["model_kwargs"] != want:
             raise CheckpointError(f"checkpoint {path.name} holds model {ck['model_name']} "
-                                  f"{ck['model_kwargs']}, asked for {t.cfg.model} {model_kwargs(t.cfg)}")
+                                  f"{ck['model_kwargs']}, asked for {t.cfg.model} {want}")
         load_decoder_state(t.model, ck["model"])
         t.optimizer.load_state_dict(ck["optimizer"])   # moves its state to the parameters' device
         t.global_step = int(ck.get("scheduler", {}).get("global_step", 0))
