@@ -177,3 +177,15 @@ def decode_masks(instances: list[Instance]) -> np.ndarray:
     if not instances:
         raise ValueError("no instances to decode")
     return mask_utils.decode([i.rle for i in instances]).transpose(2, 0, 1).astype(bool)
+
+
+def window_rle(mask: np.ndarray, window, hw) -> dict:
+    """The full-image COCO RLE (``counts`` as text, JSON-ready) of a mask that lives in ``window``
+    (x0, y0, x1, y1) of an image of size ``hw``: how predictions are written and scored."""
+    h, w = hw
+    x0, y0, x1, y1 = (int(v) for v in window)
+    full = np.zeros((h, w), np.uint8, order="F")
+    full[y0:y1, x0:x1] = mask
+    rle = mask_utils.encode(full)
+    rle["counts"] = rle["counts"].decode()
+    return rle

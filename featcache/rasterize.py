@@ -45,6 +45,13 @@ def native_crop(box_px, h: int, w: int) -> tuple[int, int, int, int]:
     return x0, y0, x1, y1
 
 
+def native_windows(boxes_px, hw) -> np.ndarray:
+    """``native_crop`` of many boxes: [N, 4] int64 windows; ``hw`` one (h, w) or one per box."""
+    boxes_px = np.asarray(boxes_px, np.float64).reshape(-1, 4)
+    hw = np.broadcast_to(np.asarray(hw, np.int64).reshape(-1, 2), (len(boxes_px), 2))
+    return np.array([native_crop(b, int(h), int(w)) for b, (h, w) in zip(boxes_px, hw)], np.int64).reshape(-1, 4)
+
+
 def roi_target(masks: np.ndarray, target_index: int, box_px, out_hw: tuple[int, int] | None = None
                ) -> np.ndarray:
     """0/1/2 target of one ROI (padded, jittered, anything) over instance masks ``[K, H, W]``.

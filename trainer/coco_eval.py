@@ -9,17 +9,13 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from roiseg.featcache.coco import window_rle
+
 
 def coco_result(image_id: int, window, mask: np.ndarray, score: float, hw) -> dict:
     """One COCO result (full-image RLE) of a mask predicted on ``window`` of an ``hw`` image: a
     few hundred bytes, so per-rank detections can be gathered under DDP."""
-    h, w = hw
-    x0, y0, x1, y1 = window
-    full = np.zeros((h, w), np.uint8, order="F")
-    full[y0:y1, x0:x1] = mask
-    rle = mask_utils.encode(full)
-    rle["counts"] = rle["counts"].decode()
-    return {"image_id": image_id, "category_id": 1, "segmentation": rle, "score": score}
+    return {"image_id": image_id, "category_id": 1, "segmentation": window_rle(mask, window, hw), "score": score}
 
 
 def coco_mask_ap(store, dets, images=None) -> dict:

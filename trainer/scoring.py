@@ -21,7 +21,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from roiseg.featcache.geometry import normalized_to_pixel, pixel_center_span
-from roiseg.featcache.rasterize import native_crop
+from roiseg.featcache.rasterize import native_windows
 from roiseg.trainer.coco_eval import coco_result
 from roiseg.trainer.data import CacheIndex, epoch_batches, make_source
 from roiseg.trainer.models import paste_masks
@@ -32,10 +32,6 @@ CLASS_NAMES = ("background", "target", "non_target")
 # COCO's size ranges on the GT mask area (original pixels).
 SMALL, MEDIUM = 32 ** 2, 96 ** 2
 SUBSETS = ("all", "small", "medium", "large", "overlapped")
-
-
-def _windows(boxes_px: np.ndarray, h: int, w: int) -> np.ndarray:
-    return np.array([native_crop(b, h, w) for b in boxes_px], np.int64).reshape(-1, 4)
 
 
 def _chunks(sizes: np.ndarray, budget: int):
@@ -119,10 +115,10 @@ class RoiEvaluator:
         images = self.roi_image[roi_ids]
         local = self.roi_inst[roi_ids]
         in_box = normalized_to_pixel(self.index.padded_input[roi_ids], w, h)
-        in_win = _windows(in_box, h, w)
+        in_win = native_windows(in_box, (h, w))
         o_hw = self.orig_hw[images].astype(np.int64)
         o_box = self.roi_padded[roi_ids] * o_hw[:, [1, 0, 1, 0]]
-        o_win = np.array([native_crop(b, oh, ow) for b, (oh, ow) in zip(o_box, o_hw)], np.int64).reshape(-1, 4)
+        o_win = native_windows(o_box, o_hw)
         gts = {int(i): self._gt(int(i)) for i in np.unique(images)}
         sizes = np.maximum(np.stack([in_win[:, 3] - in_win[:, 1], in_win[:, 2] - in_win[:, 0]], 1),
                            np.stack([o_win[:, 3] - o_win[:, 1], o_win[:, 2] - o_win[:, 0]], 1)).clip(0)

@@ -27,7 +27,7 @@ from roiseg.featcache.files import file_sha256
 from roiseg.featcache.geometry import ResizePolicy, as_xyxy, content_rect, pad_box
 from roiseg.featcache.images import Preprocess, load_rgb, preprocess, to_rgb8
 from roiseg.featcache.providers import device_id_for
-from roiseg.featcache.rasterize import native_crop
+from roiseg.featcache.rasterize import native_windows
 from roiseg.trainer.runtime.detection import (
     DetectionSettings,
     decode,
@@ -145,7 +145,7 @@ class Predictor:
         image for an end-to-end graph), ``max_rois_per_run`` persons at a time."""
         h, w = size
         rois = pad_box(boxes, self.roi_padding).reshape(-1, 4)
-        windows = np.array([native_crop(b, h, w) for b in rois * [w, h, w, h]], np.int64).reshape(-1, 4)
+        windows = native_windows(rois * [w, h, w, h], (h, w))
         pred = Prediction((h, w), boxes, scores, rois, windows)
         for a in range(0, len(rois), self.max_rois_per_run):
             pred.probs += self._decode(feats, (h, w), boxes[a:a + self.max_rois_per_run],

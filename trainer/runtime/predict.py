@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from roiseg.featcache.coco import window_rle
 from roiseg.featcache.errors import FeatCacheError
 from roiseg.featcache.files import atomic_write, refuse_overlap, write_json_atomic
 from roiseg.featcache.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
@@ -198,11 +198,8 @@ def coco_results(pred: Prediction, image_id: int, category_id: int, threshold: f
     h, w = pred.size
     out = []
     mask_scores = pred.mask_scores(threshold)
-    for k, (m, (x0, y0, x1, y1)) in enumerate(zip(pred.window_masks(threshold), pred.windows)):
-        full = np.zeros((h, w), np.uint8, order="F")
-        full[y0:y1, x0:x1] = m
-        rle = mask_utils.encode(full)
-        rle["counts"] = rle["counts"].decode()
+    for k, (m, window) in enumerate(zip(pred.window_masks(threshold), pred.windows)):
+        rle = window_rle(m, window, (h, w))
         bx = pred.boxes[k] * [w, h, w, h]
         score = float(pred.scores[k]) if pred.scores[k] != 1.0 else float(mask_scores[k])
         r = {"image_id": image_id, "category_id": category_id, "segmentation": rle,
