@@ -319,14 +319,12 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path, ma
     from roiseg.featcache.files import refuse_overlap
     from roiseg.trainer.checkpoint import decoder_from_checkpoint
     from roiseg.trainer.inference.export import (
-        ExportError,
-        ExportSpec,
         check_opset,
-        decoder_latency,
         export_checked,
-        format_parity,
         predictor_metadata,
     )
+    from roiseg.trainer.inference.export_graph import ExportError, ExportSpec
+    from roiseg.trainer.inference.parity import decoder_latency, format_parity
     from roiseg.trainer.runtime.pipeline import open_extractor
     path = _checkpoint_from(epoch, checkpoint, checkpoints)
     out = Path(out or path.with_suffix(".half.decoder.onnx" if half else ".decoder.onnx"))

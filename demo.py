@@ -15,7 +15,9 @@ from pathlib import Path
 
 import click
 
-from roiseg.featcache.cache_config import DEFAULT_FEATURE as DEMO_FEATURE   # the stand-in names it so
+from roiseg.featcache.cache_config import (
+    DEFAULT_FEATURE as DEMO_FEATURE,  # the stand-in names it so
+)
 
 
 @dataclass
@@ -47,13 +49,15 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
     from roiseg.featcache.synthetic import make_synthetic_dataset
     from roiseg.trainer.checkpoint import decoder_from_checkpoint, find_checkpoint
     from roiseg.trainer.inference.export import (
-        ExportSpec,
-        check_parity,
-        decoder_latency,
         export_decoder,
         export_end_to_end,
-        format_parity,
         predictor_metadata,
+    )
+    from roiseg.trainer.inference.export_graph import ExportSpec
+    from roiseg.trainer.inference.parity import (
+        check_parity,
+        decoder_latency,
+        format_parity,
     )
     from roiseg.trainer.inference.torch_decoder import predictor_from_checkpoint
     from roiseg.trainer.inference.visualize import training_hooks, write_validation_png

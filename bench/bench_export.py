@@ -30,15 +30,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from roiseg.featcache.geometry import pad_box  # noqa: E402
-from roiseg.trainer.inference.export import (  # noqa: E402
+from roiseg.trainer.inference.export import export_decoder, export_end_to_end  # noqa: E402
+from roiseg.trainer.inference.export_graph import (  # noqa: E402
     DecoderExport,
     ExportSpec,
-    check_parity,
-    export_decoder,
-    export_end_to_end,
-    format_parity,
     sample_inputs,
 )
+from roiseg.trainer.inference.parity import check_parity, format_parity  # noqa: E402
 from roiseg.trainer.models import build_model  # noqa: E402
 
 

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numcodecs
@@ -299,72 +300,101 @@ def _in_order(pool, todo, records, images_dir, prep, window, max_pixels=DEFAULT_
         yield ahead.popleft()
 
 
+@dataclass
+class _Batch:
+    """Decoded images waiting for one extractor run: inputs and what each image's write needs."""
+    x: list = field(default_factory=list)          # [3, H, W] model inputs
+    meta: list = field(default_factory=list)       # (image index, packed masks, RLEs)
+
+    def add(self, i: int, prepared: tuple) -> None:
+        x, packed, rles = prepared
+        self.x.append(x)
+        self.meta.append((i, packed, rles))
+
+    def take(self) -> tuple[np.ndarray, list]:
+        x, meta = np.stack(self.x), list(self.meta)
+        self.x.clear()
+        self.meta.clear()
+        return x, meta
+
+
+class _Extraction:
+    """The extractor side of a cache run: batches go to ``streams`` concurrent ORT runs (on a CPU
+    several single-threaded runs of one session scale better than one multi-threaded run: no
+    intra-op barriers; on a GPU one stream), whose features go to the writer thread."""
+
+    def __init__(self, ex: Extractor, flip: bool, writer: _Writer):
+        self.ex, self.flip, self.writer = ex, flip, writer
+        self.slots = threading.Semaphore(ex.streams)
+        self.runner = ThreadPoolExecutor(ex.streams)
+        self.errors: list[BaseException] = []
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.errors or self.writer.error)
+
+    def submit(self, x: np.ndarray, meta: list) -> None:
+        self.slots.acquire()      # at most ``streams`` batches in flight: memory stays flat
+        self.runner.submit(self._run, x, meta)
+
+    def _run(self, x: np.ndarray, meta: list) -> None:
+        try:
+            for (i, packed, rles), (f, ff) in zip(meta, self._features(x)):
+                self.writer.q.put((i, f, packed, rles, ff))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by ``raise_first``
+            self.errors.append(exc)
+        finally:
+            self.slots.release()
+
+    def _features(self, x: np.ndarray):
+        """(features, mirrored features or None) per image: with ``flip`` one run over the batch
+        and its mirror (split again for fixed-batch models)."""
+        if not self.flip:
+            return ((f, None) for f in self.ex.run(x))
+        feats = self.ex.run(np.concatenate([x, mirror_input(x)]))
+        return zip(feats[: len(x)], feats[len(x):])
+
+    def close(self) -> None:
+        self.runner.shutdown(wait=True)
+
+    def raise_first(self) -> None:
+        for err in self.errors + [self.writer.error]:
+            if err is not None:
+                raise err
+
+
 def _process(cfg, records, todo, ex, prep, store, progress) -> int:
+    """Decode (worker threads) -> extract (ORT runs) -> write (writer thread) the images ``todo``;
+    the number of images skipped as undecodable."""
     if not todo:
         return 0
     numcodecs.blosc.set_nthreads(1)  # the writer is one of several busy threads already
-    batch = ex.fixed_batch or max(1, cfg.batch)
+    batch_size = ex.fixed_batch or max(1, cfg.batch)
     bar = tqdm(total=len(todo), desc="cache", unit="img", disable=not progress, smoothing=0.1)
     writer = _Writer(store, bar)
     writer.start()
-    n_skipped = 0
-    pending_x, pending_meta = [], []
-    # CPU: several single-threaded runs of the one session at once scale better than one
-    # multi-threaded run (no intra-op barriers).  GPU: one stream.
-    streams = ex.streams
-    slots = threading.Semaphore(streams)
-    runner = ThreadPoolExecutor(streams)
-    run_errors = []
-
-    def infer(x, meta):
-        try:
-            n = len(x)
-            if cfg.flip:  # one run over the batch and its mirror (split again for fixed-batch models)
-                feats = ex.run(np.concatenate([x, mirror_input(x)]))
-                pairs = zip(feats[:n], feats[n:])
-            else:
-                pairs = ((f, None) for f in ex.run(x))
-            for (i, packed, rles), (f, ff) in zip(meta, pairs):
-                writer.q.put((i, f, packed, rles, ff))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-            run_errors.append(exc)
-        finally:
-            slots.release()
-
-    def flush():
-        if pending_x:
-            slots.acquire()
-            runner.submit(infer, np.stack(pending_x), list(pending_meta))
-            pending_x.clear()
-            pending_meta.clear()
-
+    extraction, batch, n_skipped = _Extraction(ex, cfg.flip, writer), _Batch(), 0
     try:
         with ThreadPoolExecutor(cfg.workers) as pool:
-            window = max(4 * cfg.workers, 2 * batch)
+            window = max(4 * cfg.workers, 2 * batch_size)
             for i, future in _in_order(pool, todo, records, cfg.images, prep, window, cfg.max_pixels):
                 try:
-                    x, packed, rles = future.result()
+                    batch.add(i, future.result())
                 except ImageDecodeError as exc:
                     log.warning("skipping image: %s", exc)
                     store.write_skipped(i, str(exc))
                     n_skipped += 1
                     bar.update(1)
-                    continue
-                pending_x.append(x)
-                pending_meta.append((i, packed, rles))
-                if len(pending_x) >= batch:
-                    flush()
-                if writer.error or run_errors:
+                if len(batch.x) >= batch_size:
+                    extraction.submit(*batch.take())
+                if extraction.failed:
                     break
-            if not (writer.error or run_errors):
-                flush()
+            if batch.x and not extraction.failed:
+                extraction.submit(*batch.take())
     finally:
-        runner.shutdown(wait=True)
+        extraction.close()
         writer.q.put(None)
         writer.join()
         bar.close()
-    if run_errors:
-        raise run_errors[0]
-    if writer.error:
-        raise writer.error
+    extraction.raise_first()
     return n_skipped

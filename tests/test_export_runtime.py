@@ -17,12 +17,12 @@ from roiseg.featcache.geometry import ResizePolicy
 from roiseg.featcache.images import Preprocess
 from roiseg.featcache.standin import FEATURE_NAME
 from roiseg.trainer.inference.export import (
-    ExportSpec,
-    check_parity,
     export_decoder,
     export_end_to_end,
     predictor_metadata,
 )
+from roiseg.trainer.inference.export_graph import ExportSpec
+from roiseg.trainer.inference.parity import check_parity
 from roiseg.trainer.inference.torch_decoder import TorchDecoder
 from roiseg.trainer.models import build_model
 from roiseg.trainer.runtime.pipeline import Predictor

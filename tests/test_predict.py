@@ -19,7 +19,8 @@ from roiseg.trainer.checkpoint import (
     list_checkpoints,
     load_checkpoint,
 )
-from roiseg.trainer.inference.export import DecoderExport, ExportSpec, export_decoder
+from roiseg.trainer.inference.export import export_decoder
+from roiseg.trainer.inference.export_graph import DecoderExport, ExportSpec
 from roiseg.trainer.inference.torch_decoder import TorchDecoder
 from roiseg.trainer.runtime.detection import YOLOX_STRIDES, DetectionSettings
 from roiseg.trainer.runtime.pipeline import Predictor

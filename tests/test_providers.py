@@ -42,7 +42,8 @@ def test_load_tensorrt_names_the_extra_when_missing():
 
 
 def test_trt_profiles_cover_dynamic_batch_and_rois(tmp_path):
-    from roiseg.trainer.inference.export import ExportSpec, export_decoder
+    from roiseg.trainer.inference.export import export_decoder
+    from roiseg.trainer.inference.export_graph import ExportSpec
     from roiseg.trainer.models import build_model
     spec = ExportSpec(4, (640, 640), (80, 80), 0.1, letterbox=True)
     m = onnx.load(str(export_decoder(build_model("roialign", 4, hidden=8, roi_size=7, mask_size=14), spec,

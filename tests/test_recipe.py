@@ -21,7 +21,9 @@ from roiseg.trainer.data import (
     StreamingSource,
     epoch_batches,
 )
-from roiseg.trainer.inference.export import ExportSpec, check_parity, export_decoder
+from roiseg.trainer.inference.export import export_decoder
+from roiseg.trainer.inference.export_graph import ExportSpec
+from roiseg.trainer.inference.parity import check_parity
 from roiseg.trainer.models import build_model
 from roiseg.trainer.sampling import (
     RoiSampling,

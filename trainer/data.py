@@ -223,9 +223,12 @@ class ResidentSource:
     kind = "resident"
 
     def __init__(self, index: CacheIndex, sampling, mask_size, seed, device, threads: int = 4,
-                 host_workers: int = min(4, os.cpu_count() or 1), images: np.ndarray | None = None):
+                 host_workers: int = min(4, os.cpu_count() or 1), images: np.ndarray | None = None,
+                 keep_features: bool = True):
+        """``keep_features``: load the maps too (False: masks only, the maps are streamed)."""
         self.index, self.sampling, self.mask_size, self.seed, self.device = \
             index, sampling, mask_size, seed, device
+        self.keep_features = keep_features
         store = FeatureStore(index.path)
         imgs = index.images if images is None else np.asarray(images)
         self.row = np.full(index.meta["n_images"], -1, np.int64)
@@ -262,7 +265,6 @@ class ResidentSource:
                      self.features.numel() * 2 / 1e9 * (2 if self.features_flip is not None else 1),
                      " (with mirrored)" if self.features_flip is not None else "", device)
 
-    keep_features = True
 
     def device_part(self, host: dict, features: torch.Tensor | None = None) -> dict:
         """Gathers on the device; copies are asynchronous (pinned), so the GPU never waits."""
@@ -305,6 +307,28 @@ class ResidentSource:
             yield self.device_part(host)
 
 
+class PinnedRing:
+    """``depth`` pinned host buffers of one batch of features each, reused in turn.  A slot is
+    filled again only after the batch using it was consumed (``release``) and its copy to the
+    device finished (the event recorded on the copying stream)."""
+
+    def __init__(self, depth: int, shape: tuple, pinned: bool):
+        self.bufs = [torch.empty(shape, dtype=torch.float16, pin_memory=pinned) for _ in range(depth)]
+        self.events = [None] * depth
+        self.free = threading.Semaphore(depth)
+
+    def acquire(self, k: int):
+        """Slot ``k % depth`` to fill: (slot, its numpy view)."""
+        self.free.acquire()
+        slot = k % len(self.bufs)
+        if self.events[slot] is not None:
+            self.events[slot].synchronize()  # the last copy out of this buffer is done
+        return slot, self.bufs[slot].numpy()
+
+    def release(self) -> None:
+        self.free.release()
+
+
 class PinnedStreamSource(ResidentSource):
     """Streaming for GPUs: masks resident on the device, features decoded by a thread pool straight
     into pinned ring buffers (zarr ``out=``; blosc releases the GIL), then copied asynchronously.
@@ -313,67 +337,60 @@ class PinnedStreamSource(ResidentSource):
     equal the resident ones (same host parts, same device part)."""
 
     kind = "stream-pinned"
-    keep_features = False
 
     def __init__(self, index, sampling, mask_size, seed, device, images=None, threads: int = 8, depth: int = 3):
-        super().__init__(index, sampling, mask_size, seed, device, images=images)
+        super().__init__(index, sampling, mask_size, seed, device, images=images, keep_features=False)
         self.store = FeatureStore(index.path)
         self.threads, self.depth = threads, depth
+
+    def _produce(self, batches, epoch, train, ring: PinnedRing, ready: queue.Queue, stop: threading.Event):
+        """Producer thread: decode each batch's maps into a free slot, then hand (slot, n, host
+        parts) to the consumer; an error is handed over too."""
+        pinned = self.device.type == "cuda"
+        try:
+            with ThreadPoolExecutor(self.threads) as pool:
+                for k, b in enumerate(batches):
+                    slot, arr = ring.acquire(k)
+                    if stop.is_set():
+                        return
+                    host = self.host_parts[(list(b), epoch, train)]
+                    stored = host["flip"].numpy() & uses_stored_flip(self.sampling)
+                    jobs = [pool.submit(self.store.features, int(i), bool(fl), arr[j])
+                            for j, (i, fl) in enumerate(zip(b, stored))]
+                    if pinned:
+                        host = {key: v.pin_memory() for key, v in host.items()}
+                    for j in jobs:
+                        j.result()
+                    ready.put((slot, len(b), host))
+        except BaseException as exc:  # noqa: BLE001 - surfaced in the consumer
+            ready.put(exc)
+        ready.put(None)
 
     def iterate(self, batches, epoch, train):
         if not batches:
             return
         cuda = self.device.type == "cuda"
-        c, hf, wf = self.index.feature_shape
-        width = max(len(b) for b in batches)
-        bufs = [torch.empty((width, c, hf, wf), dtype=torch.float16, pin_memory=cuda) for _ in range(self.depth)]
-        events = [None] * self.depth
-        free = threading.Semaphore(self.depth)
+        ring = PinnedRing(self.depth, (max(len(b) for b in batches), *self.index.feature_shape), cuda)
         ready: queue.Queue = queue.Queue()
         stop = threading.Event()
-
-        def produce():
-            try:
-                with ThreadPoolExecutor(self.threads) as pool:
-                    for k, b in enumerate(batches):
-                        free.acquire()
-                        if stop.is_set():
-                            return
-                        slot = k % self.depth
-                        if events[slot] is not None:
-                            events[slot].synchronize()  # the last copy out of this buffer is done
-                        arr = bufs[slot].numpy()
-                        host = self.host_parts[(list(b), epoch, train)]
-                        stored = host["flip"].numpy() & uses_stored_flip(self.sampling)
-                        jobs = [pool.submit(self.store.features, int(i), bool(fl), arr[j])
-                                for j, (i, fl) in enumerate(zip(b, stored))]
-                        if cuda:
-                            host = {key: v.pin_memory() for key, v in host.items()}
-                        for j in jobs:
-                            j.result()
-                        ready.put((slot, len(b), host))
-            except BaseException as exc:  # noqa: BLE001 - surfaced in the consumer
-                ready.put(exc)
-            ready.put(None)
-
-        threading.Thread(target=produce, daemon=True).start()
-        held = None
+        threading.Thread(target=self._produce, args=(batches, epoch, train, ring, ready, stop), daemon=True).start()
+        held = False
         try:
             while (item := ready.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 slot, n, host = item
-                feats = bufs[slot][:n].to(self.device, non_blocking=True)
+                feats = ring.bufs[slot][:n].to(self.device, non_blocking=True)
                 if cuda:
-                    events[slot] = copy_done_event(self.device)
-                if held is not None:  # the previous batch's step is over: its buffer may be refilled
-                    free.release()
-                held = slot
+                    ring.events[slot] = copy_done_event(self.device)
+                if held:  # the previous batch's step is over: its buffer may be refilled
+                    ring.release()
+                held = True
                 yield self.device_part(host, feats if cuda else feats.clone())
         finally:
             stop.set()
-            free.release()
-            free.release()
+            ring.release()   # a producer waiting for a slot wakes, sees stop and ends
+            ring.release()
 
 
 def copy_done_event(device: torch.device):

@@ -12,7 +12,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-
 from roiseg.featcache.errors import FeatCacheError
 from roiseg.featcache.store import FeatureStore
 from roiseg.trainer.checkpoint import (

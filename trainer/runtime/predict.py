@@ -191,26 +191,54 @@ def polygons_of(mask: np.ndarray, offset=(0, 0), min_area: float = 4.0) -> list[
     return polys
 
 
-def coco_results(pred: Prediction, image_id: int, category_id: int, threshold: float,
-                 ann_ids=None, file_name: str | None = None) -> list[dict]:
-    """One COCO result per person: full-image RLE, person bbox [x, y, w, h] and score.  The score
-    is the detector's for detected boxes, else the mask's mean probability."""
+@dataclass
+class PersonRecord:
+    """One predicted person, everything each output needs: the image, the person box, its score,
+    the mask on its window (original pixels) and, for ``--boxes gt``, the annotation it came from."""
+    image_id: int
+    file_name: str | None        # None for video frames (the record's image_id is the frame index)
+    category_id: int
+    box: np.ndarray              # x1, y1, x2, y2 original pixels
+    score: float                 # the detector's, else the mask's mean probability
+    window: tuple                # x0, y0, x1, y1: where ``mask`` lies
+    mask: np.ndarray             # bool, the window's size
+    image_hw: tuple
+    ann_id: int | None = None
+
+    @property
+    def bbox(self) -> list[float]:
+        x1, y1, x2, y2 = (float(v) for v in self.box)
+        return [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)]
+
+    def coco_result(self) -> dict:
+        """The COCO result (full-image RLE, bbox, score) pycocotools' ``loadRes`` reads."""
+        r = {"image_id": self.image_id, "category_id": self.category_id,
+             "segmentation": window_rle(self.mask, self.window, self.image_hw), "bbox": self.bbox,
+             "score": round(self.score, 5)}
+        if self.file_name is not None:
+            r["file_name"] = self.file_name
+        if self.ann_id is not None:
+            r["gt_ann_id"] = int(self.ann_id)
+        return r
+
+    def polygon_annotation(self, ann_id: int) -> dict | None:
+        """A COCO annotation with polygon outlines (OpenCV contours), or None for an empty mask."""
+        segs = polygons_of(self.mask, self.window[:2])
+        if not segs:
+            return None
+        return {"id": ann_id, "image_id": self.image_id, "category_id": self.category_id, "segmentation": segs,
+                "area": float(self.mask.sum()), "bbox": self.bbox, "iscrowd": 0, "score": round(self.score, 5)}
+
+
+def person_records(pred: Prediction, image_id: int, category_id: int, threshold: float, ann_ids=None,
+                   file_name: str | None = None) -> list[PersonRecord]:
     h, w = pred.size
-    out = []
     mask_scores = pred.mask_scores(threshold)
-    for k, (m, window) in enumerate(zip(pred.window_masks(threshold), pred.windows)):
-        rle = window_rle(m, window, (h, w))
-        bx = pred.boxes[k] * [w, h, w, h]
-        score = float(pred.scores[k]) if pred.scores[k] != 1.0 else float(mask_scores[k])
-        r = {"image_id": image_id, "category_id": category_id, "segmentation": rle,
-             "bbox": [round(float(v), 2) for v in (bx[0], bx[1], bx[2] - bx[0], bx[3] - bx[1])],
-             "score": round(score, 5)}
-        if file_name is not None:
-            r["file_name"] = file_name
-        if ann_ids is not None:
-            r["gt_ann_id"] = int(ann_ids[k])
-        out.append(r)
-    return out
+    return [PersonRecord(image_id, file_name, category_id, pred.boxes[k] * [w, h, w, h],
+                         float(pred.scores[k]) if pred.scores[k] != 1.0 else float(mask_scores[k]),
+                         tuple(int(v) for v in pred.windows[k]), m, (h, w),
+                         None if ann_ids is None else int(ann_ids[k]))
+            for k, m in enumerate(pred.window_masks(threshold))]
 
 
 class Outputs:
@@ -228,8 +256,8 @@ class Outputs:
     def add(self, name: str, im: Image.Image, pred: Prediction, image_id: int, ann_ids=None,
             video: tuple | None = None) -> None:
         o = self.opts
-        results = coco_results(pred, image_id, self.cat, o.threshold, ann_ids, None if video else name)
-        self.results += results
+        persons = person_records(pred, image_id, self.cat, o.threshold, ann_ids, None if video else name)
+        self.results += [p.coco_result() for p in persons]
         stem = self.stems.get(name, Path(name).stem)
         if o.overlays:
             vis = overlay(im, pred, o.threshold, o.show_boxes, o.show_scores)
@@ -245,17 +273,12 @@ class Outputs:
                 with atomic_write(self.out / "masks" / f"{stem}_{j:03d}.png", ".png") as tmp:
                     Image.fromarray(m.astype(np.uint8) * 255).save(tmp)
         if o.polygons:
-            self._polygons(name, pred, image_id, results)
-
-    def _polygons(self, name: str, pred: Prediction, image_id: int, results: list[dict]) -> None:
-        h, w = pred.size
-        self.poly_images.append({"id": image_id, "file_name": name, "width": w, "height": h})
-        for r, m, win in zip(results, pred.window_masks(self.opts.threshold), pred.windows):
-            segs = polygons_of(m, win[:2])
-            if segs:
-                self.poly_anns.append({"id": len(self.poly_anns) + 1, "image_id": image_id,
-                                       "category_id": self.cat, "segmentation": segs, "area": float(m.sum()),
-                                       "bbox": r["bbox"], "iscrowd": 0, "score": r["score"]})
+            h, w = pred.size
+            self.poly_images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+            for p in persons:
+                ann = p.polygon_annotation(len(self.poly_anns) + 1)
+                if ann is not None:
+                    self.poly_anns.append(ann)
 
     def close(self, write: bool) -> None:
         if self.video is not None:
