@@ -1,3 +1,7 @@
+import os
+import pickle
+from pathlib import Path
+
 import pytest
 
 from roiseg.featcache.threads import configure_threads
@@ -5,26 +9,51 @@ from roiseg.featcache.threads import configure_threads
 configure_threads()  # before the test modules import torch
 
 
+def _folder(tmp_path_factory, name: str):
+    """A fresh folder for a session fixture, and where its result is kept between runs when
+    ``ROISEG_TEST_DATA`` names a folder (bench/mutation.sh: thousands of short runs must not rebuild
+    the stores each time; a fixture kept there is never written to by a test)."""
+    keep = os.environ.get("ROISEG_TEST_DATA")
+    if not keep:
+        return tmp_path_factory.mktemp(name), None
+    d = Path(keep) / name
+    return d, d / "fixture.pkl"
+
+
+def _kept(tmp_path_factory, name: str, build):
+    d, memo = _folder(tmp_path_factory, name)
+    if memo is not None and memo.is_file():
+        return pickle.loads(memo.read_bytes())
+    d.mkdir(parents=True, exist_ok=True)
+    value = build(d)
+    if memo is not None:
+        memo.write_bytes(pickle.dumps(value))
+    return value
+
+
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory):
     """Small synthetic COCO person dataset (train 24 / val 8 images)."""
     from roiseg.featcache.synthetic import make_synthetic_dataset
-    return make_synthetic_dataset(tmp_path_factory.mktemp("synth"), n_train=24, n_val=8, seed=1)
+    return _kept(tmp_path_factory, "synth", lambda d: make_synthetic_dataset(d, n_train=24, n_val=8, seed=1))
 
 
 @pytest.fixture(scope="session")
 def standin_onnx(tmp_path_factory):
     from roiseg.featcache.standin import build_standin_extractor
-    return build_standin_extractor(tmp_path_factory.mktemp("onnx") / "standin.onnx", channels=16)
+    return _kept(tmp_path_factory, "onnx", lambda d: build_standin_extractor(d / "standin.onnx", channels=16))
 
 
 @pytest.fixture(scope="session")
 def stores(synth, standin_onnx, tmp_path_factory):
     """Train/val feature caches of the synthetic data + data_analyze.json."""
+    return _kept(tmp_path_factory, "stores", lambda d: _build_stores(d, synth, standin_onnx))
+
+
+def _build_stores(d, synth, standin_onnx):
     from roiseg.featcache.analyze import run_analyze
     from roiseg.featcache.cache import CacheConfig, run_cache
     from roiseg.featcache.files import write_json_atomic
-    d = tmp_path_factory.mktemp("stores")
     out = {}
     for split in ("train", "val"):
         out[split] = d / f"{split}.zarr"
@@ -39,10 +68,13 @@ def stores(synth, standin_onnx, tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(stores, tmp_path_factory):
     """One epoch of a tiny decoder on the synthetic stores (checkpoint folder)."""
+    return _kept(tmp_path_factory, "ck", lambda d: _train(d, stores))
+
+
+def _train(out, stores):
     from roiseg.trainer.inference.visualize import training_hooks
     from roiseg.trainer.training.config import make_config
     from roiseg.trainer.training.run import run_training
-    out = tmp_path_factory.mktemp("ck")
     cfg = make_config(train_store=str(stores["train"]), val_store=str(stores["val"]), out=str(out),
                       analysis=str(stores["analysis"]), hidden=16, roi_size=7, mask_size=28, epochs=1,
                       batch_size=4, workers=0, resident="cpu", tensorboard=False, visualize=True)

@@ -33,7 +33,8 @@ from roiseg.trainer.sampling import (
     rois_with_others,
 )
 from roiseg.trainer.target_sampling import sample_roi_targets, union_packed
-from roiseg.trainer.training.loop import Trainer, expected_rois, scaled_lr
+from roiseg.trainer.training.loop import Trainer, expected_rois
+from roiseg.trainer.training.schedule import scaled_lr
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +240,7 @@ def test_image_lists_select_part_of_a_store(stores):
 
 
 def test_auto_epochs_give_small_sets_enough_steps(stores, tmp_path):
-    from roiseg.trainer.training.loop import auto_epochs
+    from roiseg.trainer.training.schedule import auto_epochs
     assert auto_epochs(60_000 * 12, 16, 600) == 12                 # full COCO: the plain 12
     assert auto_epochs(616, 16, 600) == 16                         # a 48-image fold: 16 epochs, ~600 steps
     t = Trainer(_cfg(stores, tmp_path / "a", epochs=0, min_steps=5000, rois_per_step=8))

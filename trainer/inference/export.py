@@ -19,7 +19,7 @@ from roiseg.trainer.inference.export_graph import (
     ExportSpec,
     sample_inputs,
 )
-from roiseg.trainer.inference.parity import cpu_session, check_parity
+from roiseg.trainer.inference.parity import check_parity, cpu_session
 
 log = logging.getLogger(__name__)
 

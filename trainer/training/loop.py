@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import os
 import shutil
 import time
@@ -22,8 +21,8 @@ from tqdm import tqdm
 from roiseg.featcache.errors import FeatCacheError
 from roiseg.featcache.files import refuse_overlap
 from roiseg.featcache.store import FeatureStore, check_compatible
-from roiseg.trainer.devices import default_batch_size
 from roiseg.trainer.data import CacheIndex, epoch_batches, make_source, rank_images
+from roiseg.trainer.devices import default_batch_size
 from roiseg.trainer.models import build_model
 from roiseg.trainer.sampling import RoiSampling, roi_copies
 from roiseg.trainer.scoring import RoiEvaluator, run_evaluator
@@ -34,36 +33,19 @@ from roiseg.trainer.training.ema import Ema
 from roiseg.trainer.training.hooks import CheckpointHook, LogHook, as_hook
 from roiseg.trainer.training.losses import LossConfig, SegLoss
 from roiseg.trainer.training.run_state import Checkpointer, fingerprint, model_kwargs
+from roiseg.trainer.training.schedule import (
+    DEFAULT_HIDDEN,
+    REFERENCE_ROIS_PER_STEP,
+    auto_epochs,
+    rois_before_step,
+    scaled_lr,
+    warmup_cosine,
+)
 
 log = logging.getLogger(__name__)
 # Without stored mirrored features (cache --flip), whether mirroring the feature map is used instead.
 FLIP_MAP_BY_DEFAULT = True  # bench/ablate.py: within noise of stored flips, far better than none
 EpochHook = Callable[[int, Path, dict, "Trainer"], None]
-
-
-REFERENCE_ROIS_PER_STEP = 16
-# The global model runs a U-Net over the whole 80x80 map per ROI: 128 channels there train at
-# 0.5 ROIs/s on a CPU core (roialign: 28), 32 at 8.
-DEFAULT_HIDDEN = {"roialign": 128, "global": 32, "prior": 0}
-DEFAULT_EPOCHS = 12
-
-
-def auto_epochs(epoch_rois: int, rois_per_step: int, min_steps: int) -> int:
-    """12 epochs, or as many as it takes to make ``min_steps`` optimizer steps on a small set."""
-    return max(DEFAULT_EPOCHS, math.ceil(min_steps * rois_per_step / max(epoch_rois, 1)))
-
-
-def scaled_lr(lr: float, rois_per_step: int) -> float:
-    """Square-root scaling for adaptive optimizers: ``lr`` is the rate at 16 ROIs per step."""
-    return lr * math.sqrt(rois_per_step / REFERENCE_ROIS_PER_STEP)
-
-
-def warmup_cosine(progress: float, epochs: int, warmup_epochs: float) -> float:
-    """LR factor at ``progress`` epochs done (fractional): linear warm-up, then cosine to 0."""
-    if progress < warmup_epochs:
-        return max(progress / warmup_epochs, 1e-3)
-    span = max(epochs - warmup_epochs, 1e-9)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup_epochs) / span)))
 
 
 RUN_FILES = ("metrics.jsonl", "last.pth", "best.pth", "results.csv")
@@ -111,12 +93,6 @@ def expected_rois(index: CacheIndex, images, sampling: RoiSampling) -> int:
         total += int(copies.sum() if n <= sampling.max_rois_per_image
                      else copies.mean() * sampling.max_rois_per_image)
     return max(total, 1)
-
-
-def rois_before_step(counts: list[int], k: int, j: int) -> int:
-    """Training ROIs of all ranks in the steps before step ``j`` of a read that every rank splits
-    into ``k`` steps (``torch.tensor_split``: the first ``n % k`` steps get one ROI more)."""
-    return sum(j * (n // k) + min(j, n % k) for n in counts)
 
 
 def check_sparse_stores(cfg: TrainConfig, train_meta: dict, val_meta: dict) -> None:

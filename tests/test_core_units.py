@@ -1,0 +1,356 @@
+"""The core modules against independent references and hand-computed values: the LR schedule, ROI
+sampling, target sampling from packed bits, the decoders' geometry and paste, the losses, the
+evaluator (against a per-ROI loop written from the metric definitions) and checkpoint files.
+Fast (no training runs): bench/mutation.sh runs them against every mutant."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+
+from roiseg.featcache.geometry import ResizePolicy, normalized_to_pixel, pad_box, pixel_center_span
+from roiseg.featcache.rasterize import native_crop, roi_target
+
+
+# ---- the LR schedule --------------------------------------------------------------------------
+def test_warmup_cosine_values():
+    from roiseg.trainer.training.schedule import warmup_cosine
+    assert warmup_cosine(0.0, 10, 0.5) == 1e-3                       # never exactly 0
+    assert warmup_cosine(0.25, 10, 0.5) == pytest.approx(0.5)
+    assert warmup_cosine(0.5, 10, 0.5) == pytest.approx(1.0)
+    assert warmup_cosine(5.25, 10, 0.5) == pytest.approx(0.5)         # half-way through the cosine
+    assert warmup_cosine(10.0, 10, 0.5) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine(12.0, 10, 0.5) == pytest.approx(0.0, abs=1e-12)   # clamped past the end
+    assert warmup_cosine(2.0, 10, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert warmup_cosine(0.2, 1, 1.0) == pytest.approx(0.2)
+
+
+def test_auto_epochs_scaled_lr_and_step_counts():
+    from roiseg.trainer.training.schedule import auto_epochs, rois_before_step, scaled_lr
+    assert auto_epochs(100_000, 16, 600) == 12
+    assert auto_epochs(100, 16, 600) == 96                  # ceil(600 * 16 / 100)
+    assert auto_epochs(0, 16, 600) == 9600                  # no ROIs: as if one
+    assert scaled_lr(1e-3, 16) == pytest.approx(1e-3) and scaled_lr(1e-3, 64) == pytest.approx(2e-3)
+    for counts, k in (([10], 3), ([7, 0, 12], 4), ([5, 5], 1)):
+        for j in range(k + 1):
+            want = sum(sum(len(c) for c in torch.tensor_split(torch.arange(n), k)[:j]) for n in counts)
+            assert rois_before_step(counts, k, j) == want, (counts, k, j)
+
+
+# ---- ROI sampling -----------------------------------------------------------------------------
+def test_mirror_and_jitter():
+    from roiseg.trainer.sampling import jitter_person_boxes, mirror_boxes
+    b = np.array([[0.1, 0.2, 0.4, 0.9], [0.5, 0.0, 1.0, 0.3]])
+    assert np.allclose(mirror_boxes(b), [[0.6, 0.2, 0.9, 0.9], [0.0, 0.0, 0.5, 0.3]])
+    assert np.array_equal(jitter_person_boxes(b, 0, 0, np.random.default_rng(0)), b)
+    rng = np.random.default_rng(1)
+    big = np.repeat([[0.4, 0.4, 0.6, 0.6]], 20000, 0)
+    j = jitter_person_boxes(big, 0.05, 0.1, rng)
+    c, wh = (j[:, :2] + j[:, 2:]) / 2, j[:, 2:] - j[:, :2]
+    assert np.std(c[:, 0] - 0.5) == pytest.approx(0.05 * 0.2, rel=0.05)       # sigma x the box size
+    assert np.std(np.log(wh[:, 1] / 0.2)) == pytest.approx(0.1, rel=0.05)
+    assert abs(np.mean(c[:, 1] - 0.5)) < 1e-3
+    edge = jitter_person_boxes(np.repeat([[0.0, 0.0, 0.1, 1.0]], 100, 0), 0.3, 0.3, rng)
+    assert edge.min() >= 0 and edge.max() <= 1                               # clipped to the image
+
+
+def test_roi_copies_and_train_rois():
+    from roiseg.trainer.sampling import RoiSampling, roi_copies, train_rois
+    policy = ResizePolicy(640, 640)
+    padded = np.array([[0, 0, 0.5, 0.5], [0, 0, 0.01, 0.5], [0, 0, 0.5, 0.011], [0.2, 0.2, 0.3, 0.3]])
+    other = np.array([False, False, False, True])
+    cfg = RoiSampling(samples_per_roi=3, overlap_boost=2, min_roi_px=7.0)
+    keep, copies = roi_copies(padded, other, policy, cfg)
+    assert keep.tolist() == [0, 2, 3] and copies.tolist() == [3, 3, 6]        # 6.4 px wide is too small
+    assert roi_copies(padded, other, policy, RoiSampling(samples_per_roi=2, overlap_boost=1, min_roi_px=0))[1].tolist() \
+        == [2, 2, 2, 2]
+    person = np.array([[0.1, 0.1, 0.4, 0.4]] * 100)
+    many = pad_box(person, 0.1)
+    s = train_rois(person, many, np.zeros(100, bool), (640, 640), policy, 0.1,
+                   RoiSampling(jitter=0, jitter_scale=0, samples_per_roi=1, max_rois_per_image=7),
+                   np.random.default_rng(0))
+    assert len(s.local) == 7 and len(set(s.local.tolist())) == 7 and not s.flip
+    assert np.allclose(s.boxes, many[:7])                                     # no jitter: the stored ROI
+    flips = [train_rois(person[:1], many[:1], np.zeros(1, bool), (640, 640), policy, 0.1,
+                        RoiSampling(hflip=0.5), np.random.default_rng(k)).flip for k in range(200)]
+    assert 60 < sum(flips) < 140
+    s = train_rois(person[:1], many[:1], np.zeros(1, bool), (320, 640), ResizePolicy(640, 640, "letterbox"), 0.1,
+                   RoiSampling(jitter=0, jitter_scale=0, samples_per_roi=1), np.random.default_rng(0))
+    assert np.allclose(s.boxes, ResizePolicy(640, 640, "letterbox").norm_to_input_norm(many[:1], 320, 640))
+
+
+def test_rois_with_others():
+    from roiseg.trainer.sampling import rois_with_others
+    boxes = np.array([[0.0, 0.0, 0.2, 0.2], [0.3, 0.0, 0.5, 0.2], [0.21, 0.0, 0.29, 0.2],   # image 0
+                      [0.0, 0.0, 1.0, 1.0]])                                                  # image 1
+    padded = np.array([[0.0, 0.0, 0.2, 0.2], [0.3, 0.0, 0.5, 0.2], [0.19, 0.0, 0.31, 0.2], [0, 0, 1, 1]])
+    out = rois_with_others(boxes, padded, np.array([0, 3, 4]))
+    assert out.tolist() == [False, False, True, False]     # touching edges do not overlap; alone in image 1
+
+
+# ---- targets from packed bits -----------------------------------------------------------------
+def test_sample_roi_targets_equal_the_reference():
+    from roiseg.trainer.target_sampling import gather_bits, sample_roi_targets, union_packed
+    rng = np.random.default_rng(0)
+    h, w = 37, 53                                   # width not a multiple of 8: the last byte is partial
+    masks = rng.random((4, h, w)) < 0.3
+    packed = torch.from_numpy(np.packbits(masks, axis=-1))
+    union = union_packed(packed)
+    assert torch.equal(union, torch.from_numpy(np.packbits(masks.any(0), axis=-1)))
+    ys = torch.tensor([[0, 5, 36]])
+    xs = torch.tensor([[0, 7, 8, 52, 53, -1]])
+    got = gather_bits(packed, torch.tensor([2]), ys, xs, w)[0]
+    want = np.array([[masks[2, y, x] if 0 <= x < w else False for x in [0, 7, 8, 52, 53, -1]] for y in [0, 5, 36]])
+    assert np.array_equal(got.numpy(), want)
+    boxes = np.array([[3.2, 4.7, 40.1, 30.2], [-10, -5, 20, 12], [30, 20, 70, 50], [0, 0, w, h]])
+    for t in range(4):
+        lab = sample_roi_targets(packed, union[None], torch.full((4,), t), torch.zeros(4, dtype=torch.long),
+                                 torch.from_numpy(boxes), 11, 9, w)
+        for r, b in enumerate(boxes):
+            assert np.array_equal(lab[r].numpy(), roi_target(masks, t, b, (11, 9))), (t, r)
+    assert sample_roi_targets(packed, union[None], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                              torch.zeros(0, 4), 5, 6, w).shape == (0, 5, 6)
+
+
+# ---- decoders: geometry, paste, normalization ---------------------------------------------------
+def test_paste_equals_grid_sample_and_fills_background():
+    from roiseg.trainer.models import interp_weights, paste_masks
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(3, 2, 7, 7, generator=g)
+    boxes = torch.tensor([[3.5, 2.0, 20.25, 15.0], [-4.0, -2.0, 10.0, 30.0], [0.0, 0.0, 31.0, 23.0]])
+    out = paste_masks(probs, boxes, 23, 31, fill_background=False)
+    ys = (torch.arange(23) + 0.5)
+    xs = (torch.arange(31) + 0.5)
+    for n, b in enumerate(boxes):
+        gy = (ys - b[1]) / (b[3] - b[1]) * 2 - 1
+        gx = (xs - b[0]) / (b[2] - b[0]) * 2 - 1
+        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1)[None]
+        ref = F.grid_sample(probs[n:n + 1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        assert torch.allclose(out[n], ref[0], atol=1e-5), n
+    full = paste_masks(probs.softmax(1), boxes, 23, 31)
+    assert torch.allclose(full.sum(1), torch.ones(3, 23, 31), atol=1e-5)
+    w = interp_weights(torch.tensor([2.5]), torch.tensor([6.5]), 8, 4, torch.float32)[0]   # cell = 1 px
+    assert w.shape == (8, 4) and w[:2].sum() == 0
+    assert w[2].tolist() == [0.5, 0, 0, 0] and w[3].tolist() == [0.5, 0.5, 0, 0] and w[6].tolist() == [0, 0, 0, 0.5]
+    assert w[7].sum() == 0
+
+
+def test_roi_features_feature_norm_and_state_loading():
+    from roiseg.trainer.models import (FeatureNorm, GlobalContextDecoder, RoiAlignDecoder, build_model,
+                                       load_decoder_state, roi_features)
+    h, w = 20, 40
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32) + 0.5, torch.arange(w, dtype=torch.float32) + 0.5,
+                            indexing="ij")
+    feats = torch.stack([xs, ys])[None].repeat(2, 1, 1, 1)
+    feats[1] *= -1
+    rois = torch.tensor([[1.0, 0.25, 0.5, 0.75, 1.0], [0.0, 0.0, 0.0, 0.5, 0.5]])
+    out = roi_features(feats, rois, 4)
+    # bin (i, j) covers the box's (i, j) quarter: centres at x = 10 + (j + 0.5) * 5 (image 1 negated)
+    assert torch.allclose(out[0, 0, 0], -torch.tensor([12.5, 17.5, 22.5, 27.5]), atol=1e-4)
+    assert torch.allclose(out[0, 1, :, 0], -torch.tensor([11.25, 13.75, 16.25, 18.75]), atol=1e-4)
+    assert torch.allclose(out[1, 0, 0], torch.tensor([2.5, 7.5, 12.5, 17.5]), atol=1e-4)
+    norm = FeatureNorm(2)
+    norm.set([1.0, -2.0], [2.0, 4.0])
+    x = torch.ones(1, 2, 1, 1)
+    assert torch.allclose(norm(x)[0, :, 0, 0], torch.tensor([0.0, 0.75]))
+    m = build_model("roialign", 2, (np.array([1.0, 2.0]), np.array([3.0, 4.0])), hidden=8, roi_size=7, mask_size=28)
+    assert m.norm.mean.tolist() == [1.0, 2.0] and m.norm.std.tolist() == [3.0, 4.0]
+    assert m(feats, rois).shape == (2, 3, 28, 28) and m.norm_conv is m.convs[0][0]
+    with pytest.raises(ValueError, match="power of 2"):
+        RoiAlignDecoder(2, roi_size=7, mask_size=21)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("unet", 2)
+    fresh = build_model("roialign", 2, hidden=8, roi_size=7, mask_size=28)
+    state = {k: v for k, v in m.state_dict().items() if not k.startswith("norm.")}
+    load_decoder_state(fresh, state)                    # an old checkpoint without the normalization
+    assert fresh.norm.mean.tolist() == [0.0, 0.0] and torch.equal(fresh.convs[1][0].weight, m.convs[1][0].weight)
+    # the global decoder's ROI channels on a 4x8 map: inside flag, x and y relative to the ROI, its size
+    ch = GlobalContextDecoder.roi_channels(torch.tensor([[0.0, 0.25, 0.5, 0.75, 1.0]]), (4, 8), torch.float32)[0]
+    assert ch[0].tolist() == [[0] * 8, [0] * 8, [0, 0, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 0, 0]]
+    assert ch[1, 0].tolist() == pytest.approx([-1.75, -1.25, -0.75, -0.25, 0.25, 0.75, 1.25, 1.75], abs=1e-6)
+    assert ch[2, :, 0].tolist() == pytest.approx([-2.5, -1.5, -0.5, 0.5], abs=1e-6)
+    assert torch.allclose(ch[3], torch.full((4, 8), 0.5)) and torch.allclose(ch[4], torch.full((4, 8), 0.5))
+    far = GlobalContextDecoder.roi_channels(torch.tensor([[0.0, 0.9, 0.9, 0.95, 0.95]]), (4, 8), torch.float32)[0]
+    assert far[1].min() == -4 and far[2].min() == -4                       # clamped to +-4
+
+
+# ---- losses -------------------------------------------------------------------------------------
+def test_dice_focal_and_boundary_terms_by_hand():
+    from roiseg.trainer.training.losses import LossConfig, SegLoss, boundary_map
+    t = torch.tensor([[[0, 1], [1, 2]]])
+    logits = torch.tensor([[[[2.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [0.5, 0.0]], [[0.0, 0.0], [0.0, 3.0]]]])
+    p = logits.softmax(1)
+    ce = F.cross_entropy(logits, t, reduction="none")
+    dice_only = SegLoss(LossConfig(None, 1.0, (1,), 0.0, 0.0), 3)(logits, t)
+    g = (t == 1).float()
+    want_dice = 1 - (2 * (p[:, 1] * g).sum() + 1) / (p[:, 1].sum() + g.sum() + 1)
+    assert dice_only["dice"].item() == pytest.approx(want_dice.item(), rel=1e-6)
+    assert dice_only["loss"].item() == pytest.approx(ce.mean().item() + want_dice.item(), rel=1e-6)
+    both = SegLoss(LossConfig(None, 0.5, (1, 2), 0.0, 0.0), 3)(logits, t)
+    g2 = (t == 2).float()
+    d2 = 1 - (2 * (p[:, 2] * g2).sum() + 1) / (p[:, 2].sum() + g2.sum() + 1)
+    assert both["dice"].item() == pytest.approx(((want_dice + d2) / 2).item(), rel=1e-6)
+    focal = SegLoss(LossConfig(None, 0.0, (1,), 2.0, 0.0), 3)(logits, t)
+    pt = torch.exp(-ce)
+    assert focal["loss"].item() == pytest.approx((ce * (1 - pt) ** 2).mean().item(), rel=1e-6)
+    assert boundary_map(torch.tensor([[[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]]), 3).int().tolist() == \
+        [[[0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 0]]]          # a pixel whose 3x3 neighbours all agree is inside
+    edge = boundary_map(t, 3)
+    bnd = SegLoss(LossConfig(None, 0.0, (1,), 0.0, 2.0), 3)(logits, t)
+    assert bnd["boundary"].item() == pytest.approx((ce * edge).sum().item() / edge.sum().item(), rel=1e-6)
+    assert bnd["loss"].item() == pytest.approx(ce.mean().item() + 2 * bnd["boundary"].item(), rel=1e-6)
+    two = SegLoss(LossConfig(None, 1.0, (1, 2), 0.0, 0.0), 2)(logits[:, :2], torch.where(t == 2, 0, t))
+    assert "dice" in two and two["dice"].item() > 0               # class 2 is skipped, not an error
+
+
+# ---- checkpoint files ---------------------------------------------------------------------------
+def test_checkpoint_names_digests_and_files(tmp_path):
+    from roiseg.trainer import checkpoint as C
+    assert C.checkpoint_name(7, (640, 480), 0.42609) == "checkpoint_epoch_0007_640x480_4260.pth"
+    assert C.checkpoint_name(12, (640, 640), 0.99999) == "checkpoint_epoch_0012_640x640_9999.pth"
+    base = {"model": {"w": torch.ones(3)}, "opt": [torch.zeros(2, dtype=torch.int64)], "x": 1}
+    d = C.tensor_digest(base)
+    for changed in ({"model": {"w": torch.ones(3) * 2}}, {"model": {"v": torch.ones(3)}},
+                    {"model": {"w": torch.ones(3, dtype=torch.float64)}}, {"model": {"w": torch.ones(1, 3)}},
+                    {"opt": [torch.zeros(2, dtype=torch.int64), torch.zeros(1)]}):
+        assert C.tensor_digest({**base, **changed}) != d, changed
+    assert C.tensor_digest({**base, "checksum": "x"}) == d and C.tensor_digest({**base, "x": 2}) == d
+    path = C.save_checkpoint(base, tmp_path, 3, (640, 640), 0.5)
+    assert path.name == "checkpoint_epoch_0003_640x640_5000.pth"
+    ck = C.load_checkpoint(path)
+    assert ck["checksum"] == d and torch.equal(ck["model"]["w"], base["model"]["w"])
+    C.save_checkpoint(base, tmp_path, 10, (640, 640), 0.25)
+    assert [e for e, _ in C.list_checkpoints(tmp_path)] == [3, 10]
+    assert C.find_checkpoint(tmp_path).name.startswith("checkpoint_epoch_0010")
+    assert C.find_checkpoint(tmp_path, 3) == path
+    with pytest.raises(C.CheckpointError, match="epochs: 3, 10"):
+        C.find_checkpoint(tmp_path, 4)
+    C.save_checkpoint(base, tmp_path, 10, (640, 640), 0.75)
+    with pytest.raises(C.CheckpointError, match="several checkpoints"):
+        C.find_checkpoint(tmp_path, 10)
+    with pytest.raises(C.CheckpointError, match="no checkpoint_epoch"):
+        C.find_checkpoint(tmp_path / "none")
+    alias = C.publish_alias(path, tmp_path / "best.pth")
+    assert alias.read_bytes() == path.read_bytes()
+    torch.save({"nomodel": 1}, tmp_path / "x.pth")
+    with pytest.raises(C.CheckpointError, match="no model state"):
+        C.load_checkpoint(tmp_path / "x.pth")
+    with pytest.raises(C.CheckpointError, match="not found"):
+        C.load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_decoder_rules_on_a_store():
+    from roiseg.featcache.store import FINGERPRINT_KEYS
+    from roiseg.featcache.store import StoreError
+    from roiseg.trainer.checkpoint import check_decoder_on_store, fingerprint
+    meta = {k: f"v_{k}" for k in FINGERPRINT_KEYS} | {"other": 1}
+    assert fingerprint(meta) == {k: f"v_{k}" for k in FINGERPRINT_KEYS}
+    check_decoder_on_store("global", fingerprint(meta), meta, "x")            # dense: fine
+    check_decoder_on_store("roialign", fingerprint(meta), meta | {"sparse": {"margin": 0.2}}, "x")
+    with pytest.raises(Exception, match="ROI-sparse"):
+        check_decoder_on_store("global", fingerprint(meta), meta | {"sparse": {"margin": 0.2}}, "x")
+    with pytest.raises(StoreError, match="roi_padding: checkpoint has 'v_roi_padding', store has 0.3"):
+        check_decoder_on_store("roialign", fingerprint(meta), meta | {"roi_padding": 0.3}, "x")
+
+
+# ---- the evaluator, against a loop written from the metric definitions -------------------------------
+def _reference(store, index, roi_ids, probs, k):
+    """Per ROI, the definitions: 3-class argmax labels pasted at input resolution inside the
+    padded ROI's window vs the store's targets; class-1 probability pasted at original resolution,
+    > 0.5, IoU with the full GT mask; the GT box filled as the mask."""
+    from roiseg.trainer.models import paste_masks
+    h, w = index.input_hw
+    t = index.tables
+    inter, union = np.zeros(k), np.zeros(k)
+    ious, boxes, areas = [], [], []
+    for r, p in zip(roi_ids, probs):
+        i, local = int(t["roi_image"][r]), int(t["roi_inst"][r])
+        box = normalized_to_pixel(index.padded_input[r], w, h)
+        x0, y0, x1, y1 = native_crop(box, h, w)
+        lab = paste_masks(p[None], torch.tensor(box - [x0, y0, x0, y0], dtype=torch.float32)[None],
+                          y1 - y0, x1 - x0)[0].argmax(0).numpy()
+        gt = roi_target(store.masks(i), local, box)
+        if k == 2:
+            gt = np.where(gt == 2, 0, gt)
+        for c in range(k):
+            inter[c] += ((lab == c) & (gt == c)).sum()
+            union[c] += ((lab == c) | (gt == c)).sum()
+        oh, ow = (int(v) for v in t["orig_hw"][i])
+        rle = store.gt_rles(i)[local]
+        rle = {"size": rle["size"], "counts": rle["counts"].encode()}
+        full = mask_utils.decode(rle).astype(bool)
+        ob = t["roi_padded"][r] * [ow, oh, ow, oh]
+        a0, b0, a1, b1 = native_crop(ob, oh, ow)
+        fg = paste_masks(p[None, 1:2], torch.tensor(ob - [a0, b0, a0, b0], dtype=torch.float32)[None], b1 - b0,
+                         a1 - a0, fill_background=False)[0, 0].numpy() > 0.5
+        pred = np.zeros_like(full)
+        pred[b0:b1, a0:a1] = fg
+        u = (pred | full).sum()
+        ious.append((pred & full).sum() / u if u else 1.0)
+        pb = normalized_to_pixel(t["roi_box"][r], ow, oh)
+        bx0, bx1 = pixel_center_span(pb[0], pb[2], ow)
+        by0, by1 = pixel_center_span(pb[1], pb[3], oh)
+        filled = np.zeros_like(full)
+        filled[by0:by1, bx0:bx1] = True
+        boxes.append((filled & full).sum() / (filled | full).sum())
+        areas.append(full.sum())
+    return inter, union, np.array(ious), np.array(boxes), np.array(areas)
+
+
+@pytest.mark.parametrize("classes,budget", [(3, None), (3, 5000), (2, None)])
+def test_evaluator_equals_the_definitions(stores, classes, budget):
+    from roiseg.featcache.store import FeatureStore
+    from roiseg.trainer.data import CacheIndex
+    from roiseg.trainer.scoring import MEDIUM, SMALL, RoiEvaluator
+    index = CacheIndex(stores["val"])
+    store = FeatureStore(stores["val"])
+    n = int(index.roi_start[-1])
+    g = torch.Generator().manual_seed(classes)
+    probs = (torch.randn(n, classes, 14, 14, generator=g) * 3).softmax(1)
+    ev = RoiEvaluator(index, store, classes, "cpu", pixel_budget=budget).keep_records(True)
+    ids = np.arange(n)
+    ev.process(ids[: n // 2], probs[: n // 2])
+    ev.process(ids[n // 2:], probs[n // 2:])
+    ev.process(np.zeros(0, np.int64), probs[:0])
+    res = ev.result()
+    inter, union, ious, boxes, areas = _reference(store, index, ids, probs, classes)
+    assert [res["iou"][c] for c in list(res["iou"])] == pytest.approx(list(inter / np.maximum(union, 1)), abs=1e-9)
+    assert res["mIoU"] == pytest.approx(float(np.mean(inter / np.maximum(union, 1))), abs=1e-9)
+    assert res["instance_mIoU"] == pytest.approx(ious.mean(), abs=1e-9)
+    assert res["box_instance_mIoU"] == pytest.approx(boxes.mean(), abs=1e-9)
+    subsets = {"small": areas < SMALL, "medium": (areas >= SMALL) & (areas < MEDIUM), "large": areas >= MEDIUM,
+               "overlapped": index.has_other[ids]}
+    for name, sel in subsets.items():
+        s = res["instance_subsets"][name]
+        assert s["persons"] == int(sel.sum()), name
+        if sel.any():
+            assert s["instance_mIoU"] == pytest.approx(ious[sel].mean(), abs=1e-9), name
+            assert s["box_mIoU"] == pytest.approx(boxes[sel].mean(), abs=1e-9), name
+    assert res["instances"] == n and sorted(r["roi"] for r in res["per_roi"]) == ids.tolist()
+    rec = {r["roi"]: r for r in res["per_roi"]}
+    assert all(rec[i]["iou"] == pytest.approx(ious[i], abs=1e-9) for i in ids)
+    ev.reset()
+    assert ev.result()["instances"] == 0 and ev.count.sum() == 0
+
+
+def test_evaluator_helpers():
+    from roiseg.trainer.scoring import _chunks, _valid, first_argmax
+    x = torch.tensor([[[0.2, 0.5]], [[0.5, 0.5]], [[0.3, 0.1]]])[None].permute(0, 1, 2, 3)   # [1, 3, 1, 2]
+    assert first_argmax(x).tolist() == [[[1, 0]]]                           # ties go to the first class
+    g = torch.Generator().manual_seed(0)
+    r = torch.randint(0, 3, (4, 5, 6, 7), generator=g).float()
+    assert torch.equal(first_argmax(r).long(), r.argmax(1))
+    v = _valid(torch.tensor([[2, 3], [0, 1]]), 3, 4)
+    assert v[0].int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0]] and not v[1].any()
+    sizes = np.array([[10, 10], [2, 2], [30, 30], [3, 3], [10, 10]])
+    groups = list(_chunks(sizes, 300))
+    assert sorted(np.concatenate(groups).tolist()) == list(range(5))
+    for grp in groups:
+        hm, wm = sizes[grp, 0].max(), sizes[grp, 1].max()
+        assert len(grp) == 1 or len(grp) * hm * wm <= 300
+    flat = np.concatenate(groups)
+    areas = sizes[flat].prod(1)
+    assert (np.diff(areas) >= 0).all()                                      # smallest windows first
+    assert [len(gr) for gr in _chunks(sizes, 10 ** 9)] == [5]
