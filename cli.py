@@ -14,6 +14,7 @@ configure_threads()  # before any command imports torch (OpenMP reads its wait p
 log = logging.getLogger("cli")
 ANN_DIR = Path("data/annotations")
 from roiseg.featcache.cache_config import DEFAULT_ONNX  # noqa: E402  (after configure_threads)
+from roiseg.featcache.providers import PROVIDERS  # noqa: E402
 
 
 def ann_path(split: str, subset: str) -> Path:
@@ -170,7 +171,7 @@ def _parse_shard(ctx, param, value):
 
 SCALES = {"1/255": 1 / 255, "1": 1.0}
 # --provider of the commands that run an extractor or an exported graph (cache's comes from its schema)
-provider_option = click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto",
+provider_option = click.option("--provider", type=click.Choice(list(PROVIDERS)), default="auto",
                                show_default=True, help="ONNX Runtime provider; auto tries TensorRT, CUDA, then CPU.")
 
 

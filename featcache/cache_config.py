@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from .images import DEFAULT_MAX_PIXELS
+from .providers import PROVIDERS
 from .schema import check, option
 from .sparse import DEFAULT_MARGIN
 
@@ -23,7 +24,7 @@ class CacheConfig:
     onnx: Path = option(None, "Extractor ONNX model.", cli=None)
     out: Path = option(None, "Store path.", cli=None)
     feature_name: str = option(DEFAULT_FEATURE, "Stride-8 tensor to cache (exposed from inside the graph if needed).")
-    provider: Literal["auto", "tensorrt", "cuda", "cpu"] = option(
+    provider: Literal[PROVIDERS] = option(
         "auto", "ONNX Runtime provider; auto tries TensorRT, CUDA, then CPU.")
     channel_order: Literal["rgb", "bgr"] = option("rgb", "Channel order the extractor expects.")
     scale: float = option(1 / 255, "Pixel scale.", gt=0, cli=None)

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 TRT_CACHE = Path("cache/trt_engines")
 TRT_LIBS = ("libnvinfer.so.10", "libnvinfer_plugin.so.10", "libnvonnxparser.so.10")
 TRT_INSTALL = "uv sync --extra tensorrt"
+PROVIDERS = ("auto", "tensorrt", "cuda", "cpu")     # --provider: auto tries TensorRT, CUDA, then CPU
 # TensorRT optimization profile for dynamic dims: batch B and ROI count N (the predictor never
 # runs the decoder with N = 0; --max-det stays under N_MAX).
 B_MAX, N_OPT, N_MAX = 8, 20, 256
@@ -88,7 +89,7 @@ def device_id_for(device=None) -> int:
 def provider_chain(provider: str = "auto", trt_options: dict | None = None, device_id: int = 0) -> list:
     """Providers for ``InferenceSession``: the chosen one first, CPU last."""
     import onnxruntime as ort
-    if provider not in ("auto", "tensorrt", "cuda", "cpu"):
+    if provider not in PROVIDERS:
         raise ProviderError(f"unknown provider {provider!r} (auto, tensorrt, cuda, cpu)")
     avail = set(ort.get_available_providers())
     if provider == "cpu":

@@ -321,8 +321,35 @@ def _inputs(opts: PredictOptions, source: Source) -> dict:
             "--boxes": opts.boxes if opts.boxes not in ("auto", "gt") else None}
 
 
+def _ready_predictor(opts: PredictOptions, predictor) -> Predictor:
+    detection = opts.detection if opts.boxes == "auto" else None
+    if predictor is None:
+        if opts.exported is None:
+            raise FeatCacheError("run_predict: a checkpoint needs a predictor (trainer.inference.torch_decoder)")
+        return Predictor.from_onnx(opts.exported, opts.onnx, opts.provider, detection)
+    return predictor if isinstance(predictor, Predictor) else predictor(detection)
+
+
+def _gt_ious(pred: Prediction, given: tuple, name: str, boxes: BoxSource, threshold: float) -> list[float]:
+    """``--boxes gt``: each person's mask IoU with its own annotation."""
+    if given[2] is None or name not in boxes.gt_rles:
+        return []
+    gt = dict(zip(boxes.by_name[name][2], boxes.gt_rles[name]))
+    return [instance_iou(m, win, gt[a]) for m, win, a in zip(pred.window_masks(threshold), pred.windows, given[2])]
+
+
+@dataclass
+class _Tally:
+    images: int = 0
+    persons: int = 0
+    skipped: list = field(default_factory=list)
+    ious: list = field(default_factory=list)
+
+
 def run_predict(opts: PredictOptions, predictor=None) -> dict:
-    """``predictor``: a ``Predictor``, or a function ``(detection settings or None) -> Predictor``
+    """Check the inputs, then predict every image into a fresh output folder.
+
+    ``predictor``: a ``Predictor``, or a function ``(detection settings or None) -> Predictor``
     called once the inputs are checked (``trainer.inference.torch_decoder.checkpoint_predictor``
     for a checkpoint); None: ``opts.exported`` through ONNX Runtime alone."""
     source = open_source(opts.source, opts.only)
@@ -333,53 +360,46 @@ def run_predict(opts: PredictOptions, predictor=None) -> dict:
     out = fresh_output_folder(Path(opts.out))
     if out != Path(opts.out):
         log.warning("%s holds an earlier run: writing to %s", opts.out, out)
-    detection = opts.detection if opts.boxes == "auto" else None
-    if predictor is None:
-        if opts.exported is None:
-            raise FeatCacheError("run_predict: a checkpoint needs a predictor (trainer.inference.torch_decoder)")
-        predictor = Predictor.from_onnx(opts.exported, opts.onnx, opts.provider, detection)
-    elif not isinstance(predictor, Predictor):
-        predictor = predictor(detection)
+    predictor = _ready_predictor(opts, predictor)
     log.info("image encoder on %s, decoder on %s", predictor.provider, predictor.decoder.provider)
     items, total, video = _items(source, opts, boxes)
     sink = Outputs(out, opts, boxes.person_cat, output_stems(source.names))
-    t0, n_done, n_persons, skipped, ious = time.perf_counter(), 0, 0, [], []
+    t0, tally = time.perf_counter(), _Tally()
     bar = tqdm(items, total=total, unit="img", desc="predict", disable=not opts.progress)
+
+    def moving(done, n):       # thousands of boxes: the bar shows persons as they are decoded
+        bar.set_postfix(persons=f"{tally.persons + done}" + (f" ({done}/{n} of this image)" if n > done else ""))
     try:
         for name, load, image_id in bar:
             try:
                 im = load()
             except ImageDecodeError as exc:
-                skipped.append(f"{name}: {exc}")
+                tally.skipped.append(f"{name}: {exc}")
                 continue
             given = boxes.boxes_for(name, (im.height, im.width))
-
-            def moving(done, n):       # thousands of boxes: the bar shows persons as they are decoded
-                bar.set_postfix(persons=f"{n_persons + done}" + (f" ({done}/{n} of this image)" if n > done else ""))
             pred = (predictor.predict(im, progress=moving) if given is None else
                     predictor.predict(im, given[0], scores=given[1], progress=moving))
             sink.add(name, im, pred, image_id, given[2] if given is not None else None, video)
-            n_done += 1
-            n_persons += len(pred)
-            if given is not None and given[2] is not None and name in boxes.gt_rles:
-                gt = {a: r for a, r in zip(boxes.by_name[name][2], boxes.gt_rles[name])}
-                ious += [instance_iou(m, win, gt[a]) for m, win, a in
-                         zip(pred.window_masks(opts.threshold), pred.windows, given[2])]
-            bar.set_postfix(persons=n_persons)
+            tally.images += 1
+            tally.persons += len(pred)
+            if given is not None:
+                tally.ious += _gt_ious(pred, given, name, boxes, opts.threshold)
+            bar.set_postfix(persons=tally.persons)
     except BaseException:
-        if n_done:
-            log.warning("stopped by an error: predictions of the %d image(s) done before it are in %s", n_done, out)
+        if tally.images:
+            log.warning("stopped by an error: predictions of the %d image(s) done before it are in %s",
+                        tally.images, out)
         raise
     finally:
         bar.close()
-        sink.close(write=n_done > 0)
-    if n_done == 0:
-        raise FeatCacheError("no image could be read from --source:\n  " + "\n  ".join(skipped[:20]))
+        sink.close(write=tally.images > 0)
+    if tally.images == 0:
+        raise FeatCacheError("no image could be read from --source:\n  " + "\n  ".join(tally.skipped[:20]))
     dt = time.perf_counter() - t0
-    summary = {"images": n_done, "persons": n_persons, "seconds": round(dt, 2),
-               "images_per_s": round(n_done / dt, 2) if dt else 0.0, "out": str(out), "skipped": skipped,
-               "boxes_skipped": boxes.skipped_summary(),
+    summary = {"images": tally.images, "persons": tally.persons, "seconds": round(dt, 2),
+               "images_per_s": round(tally.images / dt, 2) if dt else 0.0, "out": str(out),
+               "skipped": tally.skipped, "boxes_skipped": boxes.skipped_summary(),
                "provider": predictor.provider, "decoder": predictor.decoder.provider}
-    if ious:
-        summary["instance_mIoU"] = float(np.mean(ious))
+    if tally.ious:
+        summary["instance_mIoU"] = float(np.mean(tally.ious))
     return summary
