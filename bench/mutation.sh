@@ -14,6 +14,7 @@ cp -rL roiseg "$WORK/" && cp -r tests pyproject.toml "$WORK/"
 find "$WORK" -name __pycache__ -prune -exec rm -rf {} +
 cd "$WORK"
 export ROISEG_TEST_DATA="$WORK/fixtures"     # the synthetic stores and checkpoint, built once for all mutants
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1   # one thread per mutant worker, ${JOBS:-2} workers
 "$ROOT/.venv/bin/mutmut" run --max-children "${JOBS:-2}" > /dev/null 2>&1 || true
 mkdir -p "$ROOT/bench/out"
 "$ROOT/.venv/bin/python" "$ROOT/bench/mutation_score.py" "$WORK/mutants" | tee "$ROOT/bench/out/mutation.txt"

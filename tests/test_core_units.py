@@ -354,3 +354,370 @@ def test_evaluator_helpers():
     areas = sizes[flat].prod(1)
     assert (np.diff(areas) >= 0).all()                                      # smallest windows first
     assert [len(gr) for gr in _chunks(sizes, 10 ** 9)] == [5]
+
+
+# ---- geometry, by hand ------------------------------------------------------------------------------
+def test_box_helpers_by_hand():
+    from roiseg.featcache import geometry as G
+    xyxy = np.array([[10.0, 20.0, 50.0, 100.0]])
+    cx = G.xyxy_to_cxcywh(xyxy)
+    assert cx.tolist() == [[30.0, 60.0, 40.0, 80.0]] and G.cxcywh_to_xyxy(cx).tolist() == xyxy.tolist()
+    assert G.as_xyxy([[30, 60, 40, 80]], "cxcywh").tolist() == xyxy.tolist()
+    same = G.as_xyxy(xyxy, "xyxy")
+    assert same.tolist() == xyxy.tolist() and same is not xyxy and same.dtype == np.float64
+    with pytest.raises(ValueError, match="unknown box format 'xywh'"):
+        G.as_xyxy(xyxy, "xywh")
+    assert G.coco_xywh_to_xyxy([5, 6, 7, 8]).tolist() == [5.0, 6.0, 12.0, 14.0]
+    clipped = G.clip_xyxy(np.array([[-5.0, -6.0, 120.0, 90.0], [10.0, 20.0, 30.0, 40.0]]), 100, 80)
+    assert clipped.tolist() == [[0.0, 0.0, 100.0, 80.0], [10.0, 20.0, 30.0, 40.0]]
+    assert G.pixel_to_normalized([[10, 20, 50, 60]], 100, 200).tolist() == [[0.1, 0.1, 0.5, 0.3]]
+    assert np.allclose(G.normalized_to_pixel([[0.1, 0.1, 0.5, 0.3]], 100, 200), [[10, 20, 50, 60]])
+    assert G.pad_box(np.array([0.2, 0.4, 0.6, 0.5]), 0.25).tolist() == pytest.approx([0.1, 0.375, 0.7, 0.525])
+    assert G.pad_box(np.array([0.0, 0.0, 0.9, 1.0]), 0.5).tolist() == [0.0, 0.0, 1.0, 1.0]
+    rect = np.array([0.0, 0.25, 1.0, 0.75])
+    lo, hi = rect[[0, 1, 0, 1]], rect[[2, 3, 2, 3]]
+    assert G.pad_box(np.array([0.1, 0.3, 0.5, 0.7]), 0.25, lo, hi).tolist() == pytest.approx([0.0, 0.25, 0.6, 0.75])
+    t = G.pad_box(torch.tensor([[0.2, 0.4, 0.6, 0.5]]), 0.25, 0.0, 1.0)
+    assert torch.allclose(t, torch.tensor([[0.1, 0.375, 0.7, 0.525]]))
+    assert G.pixel_center_span(0.4, 3.6, 10) == (0, 4) and G.pixel_center_span(0.6, 3.4, 10) == (1, 3)
+    assert G.pixel_center_span(-5, 50, 10) == (0, 10) and G.pixel_center_span(5.0, 4.0, 10) == (5, 5)
+
+
+def test_resize_policies_by_hand():
+    from roiseg.featcache.geometry import ResizePolicy, content_rect
+    lb = ResizePolicy(640, 640, "letterbox")
+    assert lb.transform(320, 640) == (1.0, 1.0, 160, 0) and lb.resized_size(320, 640) == (320, 640)
+    assert lb.transform(1280, 640) == (0.5, 0.5, 0, 160) and lb.resized_size(1280, 640) == (640, 320)
+    st = ResizePolicy(480, 640)
+    assert st.transform(320, 240) == (2.0, 2.0, 0.0, 0.0) and st.resized_size(100, 100) == (640, 480)
+    assert content_rect(lb, 1280, 640).tolist() == [0.0, 0.25, 1.0, 0.75]
+    assert content_rect(st, 100, 300).tolist() == [0.0, 0.0, 1.0, 1.0]
+    box = np.array([[0.5, 0.5, 1.0, 1.0]])
+    assert lb.norm_to_input_norm(box, 1280, 640).tolist() == [[0.5, 0.5, 1.0, 0.75]]
+    assert np.allclose(lb.input_norm_to_norm(lb.norm_to_input_norm(box, 333, 777), 333, 777), box)
+    assert lb.to_dict() == {"input_h": 640, "input_w": 640, "mode": "letterbox"}
+
+
+# ---- rasterization ---------------------------------------------------------------------------------
+def test_rasterized_targets_by_hand():
+    from roiseg.featcache.rasterize import (labels_from_masks, masks_to_input_frame, native_windows,
+                                            rles_to_input_frame_packed, sample_masks)
+    m = np.zeros((2, 4, 6), bool)
+    m[0, 1:3, 1:4] = True
+    m[1, 2:4, 3:6] = True
+    lab = labels_from_masks(m, 0)
+    assert lab.tolist() == [[0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 2, 2], [0, 0, 0, 2, 2, 2]]
+    assert labels_from_masks(m[:1], 0).max() == 1
+    s = sample_masks(m, (0, 0, 6, 4), 2, 3)          # cell centres at x 1, 3, 5 and y 1, 3
+    assert s[0].tolist() == [[True, True, False], [False, False, False]]
+    assert not sample_masks(m, (-8, -8, -2, -2), 2, 2).any() and not sample_masks(m, (7, 5, 9, 9), 2, 2).any()
+    w = native_windows([[0.4, 0.6, 3.6, 3.4], [-3, -3, 100, 100]], [(4, 6), (5, 7)])
+    assert w.tolist() == [[0, 1, 4, 3], [0, 0, 7, 5]]      # pixel centres 0.5 .. 3.5 lie in [0.4, 3.6)
+    assert native_windows(np.zeros((0, 4)), (4, 4)).shape == (0, 4)
+    policy = ResizePolicy(8, 12)
+    rles = [mask_utils.encode(np.asfortranarray(x.astype(np.uint8))) for x in m]
+    packed = rles_to_input_frame_packed(rles, policy)
+    frame = masks_to_input_frame(m, policy)
+    assert frame.shape == (2, 8, 12) and np.array_equal(np.unpackbits(packed, axis=-1, count=12).astype(bool), frame)
+    assert frame[0].sum() == m[0].sum() * 4                 # 2x in each axis, nearest
+    lb = ResizePolicy(8, 12, "letterbox")                   # 4x6 -> 8x12 fills the frame: no bands
+    assert np.array_equal(np.unpackbits(rles_to_input_frame_packed(rles, lb), axis=-1, count=12).astype(bool),
+                          masks_to_input_frame(m, lb))
+    tall = ResizePolicy(8, 16, "letterbox")                 # bands left and right
+    got = np.unpackbits(rles_to_input_frame_packed(rles, tall), axis=-1, count=16).astype(bool)
+    assert np.array_equal(got, masks_to_input_frame(m, tall)) and not got[:, :, :2].any()
+
+
+# ---- sparse cells ----------------------------------------------------------------------------------
+def test_readable_cells_one_person_and_mirrored():
+    from roiseg.featcache.sparse import clamp_to_margin, readable_cells, zero_unreadable
+    policy = ResizePolicy(640, 640)
+    one = np.array([[0.25, 0.25, 0.5, 0.5]])
+    keep = readable_cells(one, (640, 640), policy, 0.0, 0.0, (8, 8))
+    assert keep.sum() > 0 and keep[2:4, 2:4].all() and not keep[6:, :].any() and not keep[:, 6:].any()
+    mirrored = readable_cells(one, (640, 640), policy, 0.0, 0.0, (8, 8), mirrored=True)
+    assert np.array_equal(mirrored, keep[:, ::-1])
+    assert not readable_cells(np.zeros((0, 4)), (640, 640), policy, 0.2, 0.1, (8, 8)).any()
+    wide = readable_cells(one, (640, 640), policy, 0.2, 0.1, (8, 8))
+    assert wide.sum() > keep.sum() and (wide | keep).sum() == wide.sum()
+    f = np.arange(2 * 8 * 8, dtype=np.float16).reshape(2, 8, 8) + 1
+    z = zero_unreadable(f, keep)
+    assert z.dtype == np.float16 and (z[:, keep] == f[:, keep]).all() and (z[:, ~keep] == 0).all()
+    j = clamp_to_margin(np.array([[0.0, 0.3, 0.9, 0.45]]), one, 0.2)
+    assert np.allclose(j, [[0.2, 0.3, 0.55, 0.45]])
+
+
+# ---- the decoders' layout (what checkpoints hold) ----------------------------------------------------
+def test_decoder_layouts():
+    """The state-dict layout of each decoder, as the architecture is described: old checkpoints
+    load only while it holds (1x1 conv to ``hidden``, 4 3x3 convs, a x2 up-stage per doubling down to
+    16 channels, a 1x1 classifier; GroupNorm of min(32, C/4) groups)."""
+    from roiseg.trainer.models import GlobalContextDecoder, MeanShapePrior, RoiAlignDecoder, conv_gn_relu
+    m = RoiAlignDecoder(16, hidden=32, roi_size=7, mask_size=28)
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes["convs.0.0.weight"] == (32, 16, 1, 1) and "convs.0.0.bias" not in shapes
+    assert [shapes[f"convs.{i}.0.weight"] for i in range(1, 5)] == [(32, 32, 3, 3)] * 4 and "convs.5.0.weight" not in shapes
+    assert shapes["upsample.0.weight"] == (32, 16, 2, 2) and shapes["upsample.2.0.weight"] == (16, 16, 3, 3)
+    assert shapes["upsample.3.weight"] == (16, 16, 2, 2) and "upsample.6.0.weight" not in shapes
+    assert shapes["classifier.weight"] == (3, 16, 1, 1) and m.num_classes == 3 and m.sampling_ratio == 2
+    assert m.convs[1][1].num_groups == 8 and conv_gn_relu(4, 4)[1].num_groups == 1
+    assert conv_gn_relu(64, 64)[1].num_groups == 16 and conv_gn_relu(256, 256)[1].num_groups == 32
+    assert isinstance(conv_gn_relu(4, 4)[2], torch.nn.ReLU) and conv_gn_relu(4, 4, 5)[0].padding == (2, 2)
+    assert RoiAlignDecoder(8, hidden=64, roi_size=14, mask_size=14).upsample.__len__() == 0
+    x = torch.randn(1, 16, 20, 20)
+    r = torch.tensor([[0.0, 0.1, 0.1, 0.6, 0.9]])
+    assert m(x, r).shape == (1, 3, 28, 28)
+    g = GlobalContextDecoder(16, hidden=8, mask_size=14, num_classes=2)
+    gs = {k: tuple(v.shape) for k, v in g.state_dict().items()}
+    assert gs["reduce.0.weight"] == (8, 16, 1, 1) and gs["enc1.0.0.weight"] == (8, 13, 3, 3)
+    assert gs["enc2.0.0.weight"] == (16, 8, 3, 3) and gs["dec2.0.0.weight"] == (16, 32, 3, 3)
+    assert gs["dec1.0.0.weight"] == (8, 16, 3, 3) and gs["classifier.weight"] == (2, 8, 1, 1)
+    out = g(x, torch.tensor([[0.0, 0.1, 0.1, 0.6, 0.9], [0.0, 0.5, 0.5, 0.9, 0.9]]))
+    assert out.shape == (2, 2, 14, 14) and not torch.allclose(out[0], out[1])     # the ROI matters
+    g.set_norm_conv(torch.nn.Conv2d(16, 8, 1))
+    assert g.norm_conv is g.reduce[0]
+    m.set_norm_conv(torch.nn.Conv2d(16, 32, 1))
+    assert m.norm_conv is m.convs[0][0] and m.convs[0][0].bias is not None
+    p = MeanShapePrior(4, mask_size=6, num_classes=2)
+    assert p.logits.shape == (2, 6, 6) and p.num_classes == 2 and p.norm.mean.shape == (4,)
+    torch.nn.init.normal_(p.logits)
+    y = p(torch.zeros(3, 4, 5, 5, dtype=torch.float64), torch.zeros(5, 5))
+    assert y.shape == (5, 2, 6, 6) and y.dtype == torch.float64 and torch.allclose(y[4].float(), 50 * p.logits)
+
+
+def test_roi_align_keeps_fp32_boxes_for_half_features():
+    from roiseg.trainer.models import roi_align_fp32_boxes
+    from torchvision.ops import roi_align
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 3, 16, 16, generator=g)
+    boxes = torch.tensor([[1.0, 3.3, 2.1, 11.7, 9.9], [0.0, 0.0, 0.0, 16.0, 16.0]])
+    ref = roi_align(f.half().float(), boxes, 5, 1.0, 2, True)
+    got = roi_align_fp32_boxes(f.half(), boxes, 5)
+    assert got.dtype == torch.float16 and torch.allclose(got.float(), ref, atol=2e-3)
+    assert torch.allclose(roi_align_fp32_boxes(f, boxes.double(), 5), roi_align(f, boxes, 5, 1.0, 2, True))
+    assert torch.allclose(roi_align_fp32_boxes(f, boxes, 3, sampling_ratio=1), roi_align(f, boxes, 3, 1.0, 1, True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = roi_align_fp32_boxes(f.bfloat16(), boxes, 5)
+    assert torch.allclose(auto.float(), roi_align(f.bfloat16().float(), boxes, 5, 1.0, 2, True), atol=3e-2)
+
+
+# ---- sampling, exactly --------------------------------------------------------------------------------
+def test_jitter_formula_with_the_same_draws():
+    """centre += N(0, jitter) x size, size x= exp(N(0, jitter_scale)), clipped to [0, 1]."""
+    from roiseg.trainer.sampling import jitter_person_boxes
+    b = np.array([[0.2, 0.3, 0.4, 0.7], [0.5, 0.1, 0.9, 0.3]])
+    got = jitter_person_boxes(b, 0.1, 0.2, np.random.default_rng(4))
+    rng = np.random.default_rng(4)
+    wh = b[:, 2:] - b[:, :2]
+    c = (b[:, :2] + b[:, 2:]) / 2 + rng.normal(0, 0.1, wh.shape) * wh
+    half = wh * np.exp(rng.normal(0, 0.2, wh.shape)) / 2
+    assert np.allclose(got, np.concatenate([c - half, c + half], 1).clip(0, 1))
+    one = jitter_person_boxes(b[:1], 0.1, 0.0, np.random.default_rng(0))
+    assert not np.allclose(one, b[:1]) and np.allclose(one[0, 2:] - one[0, :2], wh[0])   # scale sigma 0: size kept
+    only_scale = jitter_person_boxes(b[:1], 0.0, 0.3, np.random.default_rng(0))
+    assert np.allclose((only_scale[0, :2] + only_scale[0, 2:]) / 2, (b[0, :2] + b[0, 2:]) / 2)
+    assert jitter_person_boxes(np.zeros((0, 4)), 0.1, 0.1, np.random.default_rng(0)).shape == (0, 4)
+
+
+def test_train_rois_selection_and_flips():
+    from roiseg.trainer.sampling import RoiSampling, roi_copies, train_rois
+    policy = ResizePolicy(100, 100)
+    padded = np.array([[0.0, 0.0, 0.08, 0.5], [0.0, 0.0, 0.5, 0.08], [0.0, 0.0, 0.5, 0.5]])
+    keep, _ = roi_copies(padded, np.zeros(3, bool), policy, RoiSampling(min_roi_px=8.0))
+    assert keep.tolist() == [0, 1, 2]                       # exactly 8 px passes (>=)
+    person = np.array([[0.1, 0.1, 0.3, 0.3]] * 5)
+    cfg = RoiSampling(jitter=0, jitter_scale=0, samples_per_roi=1, max_rois_per_image=5)
+    s = train_rois(person, pad_box(person, 0.1), np.zeros(5, bool), (100, 100), policy, 0.1, cfg,
+                   np.random.default_rng(0))
+    assert sorted(s.local.tolist()) == [0, 1, 2, 3, 4]        # exactly the cap: every ROI, no draw
+    cfg = RoiSampling(jitter=0, jitter_scale=0, samples_per_roi=1, max_rois_per_image=3)
+    picks = {tuple(train_rois(person, pad_box(person, 0.1), np.zeros(5, bool), (100, 100), policy, 0.1, cfg,
+                              np.random.default_rng(k)).local.tolist()) for k in range(30)}
+    assert all(len(set(p)) == 3 and list(p) == sorted(p) for p in picks) and len(picks) > 3
+    never = [train_rois(person[:1], pad_box(person[:1], 0.1), np.zeros(1, bool), (100, 100), policy, 0.1,
+                        RoiSampling(hflip=0.0), np.random.default_rng(k)).flip for k in range(50)]
+    always = [train_rois(person[:1], pad_box(person[:1], 0.1), np.zeros(1, bool), (100, 100), policy, 0.1,
+                         RoiSampling(hflip=1.0), np.random.default_rng(k)).flip for k in range(50)]
+    assert not any(never) and all(always)
+    # the hflip draw comes after the jitter draws: with hflip off the boxes equal an hflip run's
+    a = train_rois(person[:1], pad_box(person[:1], 0.1), np.zeros(1, bool), (100, 100), policy, 0.1,
+                   RoiSampling(), np.random.default_rng(9))
+    b = train_rois(person[:1], pad_box(person[:1], 0.1), np.zeros(1, bool), (100, 100), policy, 0.1,
+                   RoiSampling(hflip=0.5), np.random.default_rng(9))
+    assert np.array_equal(a.boxes, b.boxes)
+
+
+def test_rois_with_others_per_image_and_per_axis():
+    from roiseg.trainer.sampling import rois_with_others
+    boxes = np.array([[0.0, 0.0, 0.2, 0.2], [0.0, 0.3, 0.2, 0.5],           # image 0: apart in y only
+                      [0.5, 0.5, 0.6, 0.6],                                 # image 1: alone
+                      [0.0, 0.0, 0.4, 0.4], [0.3, 0.3, 0.5, 0.5], [0.9, 0.0, 1.0, 0.1]])   # image 2
+    padded = boxes.copy()
+    padded[1] = [0.0, 0.19, 0.2, 0.5]                                       # grows into box 0 in y
+    out = rois_with_others(boxes, padded, np.array([0, 2, 3, 6]))
+    assert out.tolist() == [False, True, False, True, True, False]
+
+
+# ---- targets on a grid -----------------------------------------------------------------------------
+def test_target_grid_cell_centres():
+    from roiseg.trainer.target_sampling import _grid
+    ys, xs = _grid(torch.tensor([[2.0, 10.0, 12.0, 14.0]]), 2, 5)
+    assert xs.tolist() == [[3, 5, 7, 9, 11]] and ys.tolist() == [[11, 13]]
+    ys, xs = _grid(torch.tensor([[-4.0, -1.0, 0.0, 3.0]]), 2, 2)
+    assert xs.tolist() == [[-3, -1]] and ys.tolist() == [[0, 2]]
+
+
+# ---- checkpoints: messages and what a decoder is loaded from -----------------------------------------
+def test_load_failure_words():
+    from roiseg.trainer.checkpoint import _load_failure
+    assert "other than tensors" in _load_failure(RuntimeError("Weights only load failed ... weights_only=False"))
+    assert "other than tensors" in _load_failure(Exception("Unsupported global: GLOBAL x.Y"))
+    for text in ("PytorchStreamReader failed reading zip archive", "failed finding central directory",
+                 "invalid load key, magic number mismatch", "Ran out of input (EOF)"):
+        assert "damaged or truncated" in _load_failure(RuntimeError(text)), text
+    assert _load_failure(ValueError("odd")) == "not a checkpoint of this project, or damaged (ValueError)"
+
+
+def test_checkpoint_errors_and_decoder_loading(trained, tmp_path, monkeypatch):
+    from roiseg.trainer import checkpoint as C
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(C.CheckpointError, match=r"is empty \(0 bytes\)"):
+        C.load_checkpoint(tmp_path / "empty.pth")
+    (tmp_path / "one.pth").write_bytes(b"x")
+    with pytest.raises(C.CheckpointError, match="cannot load checkpoint .*one.pth"):
+        C.load_checkpoint(tmp_path / "one.pth")
+    ck = C.load_checkpoint(trained / "best.pth")
+    ck["model"][next(iter(ck["model"]))] += 1
+    torch.save(ck, tmp_path / "bad.pth")
+    with pytest.raises(C.CheckpointError, match="is corrupted"):
+        C.load_checkpoint(tmp_path / "bad.pth")
+    del ck["checksum"]
+    torch.save(ck, tmp_path / "old.pth")                                 # before checksums: accepted
+    assert "checksum" not in C.load_checkpoint(tmp_path / "old.pth")
+    assert C.load_checkpoint(trained / "best.pth", map_location="cpu")["epoch"] == 1
+    ck = C.load_checkpoint(trained / "best.pth")
+    model, meta = C.decoder_from_checkpoint(trained / "best.pth")
+    raw, _ = C.decoder_from_checkpoint(ck, use_ema=False)
+    assert meta == ck["cache_metadata"]["train"] and not model.training
+    ema = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, ck["model"][k]) for k, v in raw.state_dict().items())
+    assert any(not torch.equal(ema[k], ck["model"][k]) for k in ema)
+    no_ema = {**ck, "ema": None}
+    m3, _ = C.decoder_from_checkpoint(no_ema)
+    assert all(torch.equal(v, ck["model"][k]) for k, v in m3.state_dict().items())
+
+    def full(obj, f, *a, **k):
+        raise OSError(28, "No space left on device", str(f))
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(C.CheckpointError, match=r"could not write checkpoint .*\(No space left on device\); "
+                                                r"earlier checkpoints in .* are kept"):
+        C.save_checkpoint({"model": {}}, tmp_path / "deep" / "er", 1, (64, 64), 0.5)
+    monkeypatch.undo()
+    assert C.save_checkpoint({"model": {}}, tmp_path / "deep" / "er", 1, (64, 64), 0.5).is_file()   # parents made
+    monkeypatch.setattr("os.link", lambda *a: (_ for _ in ()).throw(OSError("no hard links here")))
+    copy = C.publish_alias(trained / "best.pth", tmp_path / "last.pth")
+    assert copy.read_bytes() == (trained / "best.pth").read_bytes() and not copy.is_symlink()
+
+
+def test_latest_checkpoint_is_the_highest_epoch(tmp_path):
+    from roiseg.trainer import checkpoint as C
+    for e in (2, 10, 3):
+        C.save_checkpoint({"model": {}}, tmp_path, e, (64, 64), 0.5)
+    assert C.find_checkpoint(tmp_path).name.startswith("checkpoint_epoch_0010")
+    C.save_checkpoint({"model": {}}, tmp_path, 10, (64, 64), 0.6)
+    with pytest.raises(C.CheckpointError, match=r"several checkpoints for epoch 10 in .*: checkpoint_epoch_0010.*, "
+                                                r"checkpoint_epoch_0010.* - pass --checkpoint PATH"):
+        C.find_checkpoint(tmp_path)
+    assert C.list_checkpoints(tmp_path / "nothing") == []
+
+
+# ---- the evaluator's batches and records ------------------------------------------------------------
+@pytest.mark.parametrize("resident", ["off", "cpu"])
+def test_val_batches_cover_every_roi_in_store_order(stores, resident):
+    from roiseg.featcache.store import FeatureStore
+    from roiseg.trainer.data import CacheIndex
+    from roiseg.trainer.scoring import val_batches
+    index = CacheIndex(stores["val"])
+    store = FeatureStore(stores["val"])
+    h, w = index.input_hw
+    batches = list(val_batches(index, torch.device("cpu"), 3, 14, resident=resident))
+    assert len(batches) == -(-len(index.images) // 3)
+    ids = torch.cat([b["roi_ids"] for b in batches]).tolist()
+    assert ids == list(range(int(index.roi_start[-1])))
+    for b in batches:
+        assert b["features"].shape[0] == len(b["images"]) and b["targets"].shape[1:] == (14, 14)
+        for r, roi, tgt in zip(b["roi_ids"].tolist(), b["rois"], b["targets"]):
+            assert torch.allclose(roi[1:].double(), torch.from_numpy(index.padded_input[r]), atol=1e-6)
+            i = int(index.tables["roi_image"][r])
+            assert int(b["images"][int(roi[0])]) == i
+            ref = roi_target(store.masks(i), int(index.tables["roi_inst"][r]),
+                             normalized_to_pixel(index.padded_input[r], w, h), (14, 14))
+            assert np.array_equal(tgt.numpy(), ref)
+
+
+def test_run_evaluator_feeds_softmax_and_zeroed_features(stores):
+    from roiseg.featcache.store import FeatureStore
+    from roiseg.trainer.data import CacheIndex
+    from roiseg.trainer.scoring import RoiEvaluator, run_evaluator, val_batches
+    index = CacheIndex(stores["val"])
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, f, rois):
+            seen.append((f.dtype, float(f.abs().sum()), self.training))
+            return torch.zeros(len(rois), 3, 14, 14).index_fill_(1, torch.tensor([1]), 5.0)
+    spy = Spy().train()
+    ev = RoiEvaluator(index, FeatureStore(stores["val"]), 3, "cpu")
+    out = run_evaluator(spy, val_batches(index, torch.device("cpu"), 4, 14), ev, zero_features=True)
+    assert out is ev and spy.training and all(s[1] == 0 and not s[2] and s[0] == torch.float32 for s in seen)
+    assert ev.result()["iou"]["background"] < 0.5 and ev.result()["instances"] == int(index.roi_start[-1])
+    seen.clear()
+    run_evaluator(spy, val_batches(index, torch.device("cpu"), 4, 14), ev)
+    assert all(s[1] > 0 for s in seen)
+
+
+def test_evaluator_records_coco_detections_and_single_rois(stores):
+    from roiseg.featcache.coco import window_rle
+    from roiseg.featcache.store import FeatureStore
+    from roiseg.trainer.data import CacheIndex
+    from roiseg.trainer.models import paste_masks
+    from roiseg.trainer.scoring import RoiEvaluator
+    index = CacheIndex(stores["val"])
+    store = FeatureStore(stores["val"])
+    t = index.tables
+    n = int(index.roi_start[-1])
+    g = torch.Generator().manual_seed(7)
+    probs = (torch.randn(n, 3, 14, 14, generator=g) * 3).softmax(1)
+    ev = RoiEvaluator(index, store, 3, "cpu", coco_eval=True).keep_records()
+    assert ev.budget == 1 << 22
+    ev.process(torch.arange(n), probs)
+    res = ev.result()
+    inter, union, ious, boxes, areas = _reference(store, index, np.arange(n), probs, 3)
+    assert len(ev.coco_dets) == n and "coco_mask_AP" in res and 0 <= res["coco_mask_AP"]["AP"] <= 1
+    dets = {(d["image_id"], d["segmentation"]["counts"]): d for d in ev.coco_dets}
+    for r in range(n):
+        rec = res["per_roi"][[x["roi"] for x in res["per_roi"]].index(r)]
+        i = int(t["roi_image"][r])
+        assert rec["image"] == i and rec["area"] == pytest.approx(areas[r]) and rec["box_iou"] == pytest.approx(boxes[r])
+        assert rec["has_other"] == bool(index.has_other[r]) and len(rec["iu"]) == 2 and len(rec["iu"][0]) == 3
+        oh, ow = (int(v) for v in t["orig_hw"][i])
+        ob = t["roi_padded"][r] * [ow, oh, ow, oh]
+        a0, b0, a1, b1 = native_crop(ob, oh, ow)
+        fg = paste_masks(probs[r:r + 1, 1:2], torch.tensor(ob - [a0, b0, a0, b0], dtype=torch.float32)[None],
+                         b1 - b0, a1 - a0, fill_background=False)[0, 0].numpy()
+        m = fg > 0.5
+        d = dets[(int(t["image_id"][i]), window_rle(m, (a0, b0, a1, b1), (oh, ow))["counts"])]
+        assert d["score"] == pytest.approx(float(fg[m].mean()) if m.any() else 0.0, abs=1e-6)
+    # one ROI alone: every subset it belongs to has exactly one person
+    one = RoiEvaluator(index, store, 3, "cpu")
+    big = int(np.argmax(areas))
+    one.process([big], probs[big:big + 1])
+    r1 = one.result()
+    assert r1["instances"] == 1 and r1["instance_mIoU"] == pytest.approx(ious[big])
+    assert r1["instance_subsets"]["large"]["instance_mIoU"] == pytest.approx(ious[big])
+    assert r1["box_instance_mIoU"] == pytest.approx(boxes[big])
+    u = union.copy()
+    single_inter, single_union, *_ = _reference(store, index, [big], probs[big:big + 1], 3)
+    assert [r1["iou"][c] for c in r1["iou"]] == pytest.approx(list(single_inter / np.maximum(single_union, 1)))
+    assert u.sum() > 0
