@@ -721,3 +721,18 @@ def test_evaluator_records_coco_detections_and_single_rois(stores):
     single_inter, single_union, *_ = _reference(store, index, [big], probs[big:big + 1], 3)
     assert [r1["iou"][c] for c in r1["iou"]] == pytest.approx(list(single_inter / np.maximum(single_union, 1)))
     assert u.sum() > 0
+
+
+def test_paste_on_non_square_grids_and_sub_pixel_boxes():
+    from roiseg.trainer.models import interp_weights, paste_masks
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(1, 1, 4, 9, generator=g)                 # 4 rows, 9 columns
+    box = torch.tensor([[2.0, 1.0, 20.0, 9.0]])
+    out = paste_masks(probs, box, 12, 24, fill_background=False)
+    gy = ((torch.arange(12) + 0.5) - 1.0) / 8.0 * 2 - 1
+    gx = ((torch.arange(24) + 0.5) - 2.0) / 18.0 * 2 - 1
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1)[None]
+    assert torch.allclose(out[0], F.grid_sample(probs, grid, align_corners=False)[0], atol=1e-5)
+    tiny = interp_weights(torch.tensor([3.0]), torch.tensor([3.5]), 6, 2, torch.float32)[0]   # half a pixel
+    assert tiny[3].tolist() == pytest.approx([0.0, 0.5]) and tiny[2].sum() == 0   # centre 3.5: the last cell's edge
+    assert interp_weights(torch.tensor([3.0]), torch.tensor([3.0]), 6, 2, torch.float32).isfinite().all()
