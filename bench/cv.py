@@ -71,6 +71,30 @@ def box_filled_iou(store: Path) -> dict[int, float]:
     return out
 
 
+def box_filled_boundary_iou(store: Path) -> dict[int, float]:
+    """Per ROI: boundary IoU of the (unpadded) person box filled as the mask (the same box mask as
+    ``box_filled_iou``) with the GT mask, bands as in the evaluator."""
+    import torch
+
+    from roiseg.trainer.boundary import boundary_band, boundary_width
+    fs = FeatureStore(store)
+    t = fs.tables
+    out = {}
+    for i in fs.valid_images():
+        h, w = (int(v) for v in t["orig_hw"][i])
+        a = int(t["image_roi_start"][i])
+        d = boundary_width(h, w)
+        for k, rle in enumerate(fs.gt_rles(i)):
+            x0, y0, x1, y1 = t["roi_box"][a + k].astype(np.float64) * [w, h, w, h]
+            box = mask_utils.frPyObjects(np.array([[x0, y0, x1 - x0, y1 - y0]]), h, w)[0]
+            gt = {"size": rle["size"], "counts": rle["counts"].encode()}
+            masks = torch.from_numpy(np.stack([mask_utils.decode(box), mask_utils.decode(gt)]).astype(bool))
+            b = boundary_band(masks, d).numpy()
+            u = (b[0] | b[1]).sum()
+            out[a + k] = float((b[0] & b[1]).sum() / u) if u else 1.0
+    return out
+
+
 def _train_job(job: dict) -> dict:
     """One (variant, fold, seed) training run in its own single-threaded process."""
     import torch
@@ -150,23 +174,27 @@ def pooled_table(results: list[dict], variant: str, key: str = "per_roi") -> dic
         if r["variant"] != variant:
             continue
         for rec in r[key]:
-            a = acc.setdefault(rec["roi"], {**rec, "iou": [], "iu": []})
+            a = acc.setdefault(rec["roi"], {**rec, "iou": [], "iu": [], "biou": []})
             a["iou"].append(rec["iou"])
+            a["biou"].append(rec.get("biou", np.nan))      # runs cached before boundary IoU have none
             a["iu"].append(rec["iu"])
     for a in acc.values():
         a["iou"] = float(np.mean(a["iou"]))
+        a["biou"] = float(np.mean(a["biou"]))
         a["iu"] = np.mean(np.asarray(a["iu"], np.float64), 0)
     return acc
 
 
 def metrics_of(recs: list[dict], classes: int = 3) -> dict:
     iou = np.array([r["iou"] for r in recs])
+    biou = np.array([r.get("biou", np.nan) for r in recs], np.float64)
     iu = np.sum([r["iu"] for r in recs], 0) if recs else np.zeros((2, classes))
     per_class = iu[0] / np.maximum(iu[1], 1)
     area = np.array([r["area"] for r in recs])
     other = np.array([r["has_other"] for r in recs], bool)
     sub = lambda m: float(iou[m].mean()) if m.any() else float("nan")  # noqa: E731
-    return {"instance_mIoU": float(iou.mean()), "mIoU": float(per_class.mean()),
+    return {"instance_mIoU": float(iou.mean()), "boundary_IoU": float(biou.mean()) if len(biou) else np.nan,
+            "mIoU": float(per_class.mean()),
             "iou_bg": float(per_class[0]), "iou_target": float(per_class[1]),
             "iou_other": float(per_class[2]) if len(per_class) > 2 else float("nan"),
             "S": sub(area < AREA_S), "M": sub((area >= AREA_S) & (area < AREA_M)), "L": sub(area >= AREA_M),

@@ -36,15 +36,17 @@ def variant_rows(results, variants, store, box, roi_image, ref="default", prior=
         recs = pooled[v]
         m = cv.metrics_of(list(recs.values()))
         lo, hi = cv.bootstrap_ci(recs, roi_image, "instance_mIoU")
+        b_lo, b_hi = cv.bootstrap_ci(recs, roi_image, "boundary_IoU")
         d_prior = cv.bootstrap_diff(recs, pooled[prior], roi_image) if prior in pooled and v != prior else None
         d_box = cv.bootstrap_diff(recs, box, roi_image)
         st = cv.curve_stability(results, v)
         o_lo, o_hi = cv.bootstrap_ci(recs, roi_image, "iou_other") if v != prior else (np.nan, np.nan)
-        summary[v] = {**m, "instance_ci": [lo, hi], "diff_prior": d_prior, "diff_box": d_box,
+        summary[v] = {**m, "instance_ci": [lo, hi], "boundary_ci": [b_lo, b_hi], "diff_prior": d_prior, "diff_box": d_box,
                       "stability": st, "other_ci": [o_lo, o_hi]}
         dp = f"{d_prior[0]:+.3f} [{d_prior[1]:+.3f}, {d_prior[2]:+.3f}]" if d_prior else ""
         db = f"{d_box[0]:+.3f} [{d_box[1]:+.3f}, {d_box[2]:+.3f}]"
-        cells = [v, f"**{fmt(m['instance_mIoU'])}** [{fmt(lo)}, {fmt(hi)}]", fmt(m["mIoU"]),
+        cells = [v, f"**{fmt(m['instance_mIoU'])}** [{fmt(lo)}, {fmt(hi)}]",
+                 f"{fmt(m['boundary_IoU'])} [{fmt(b_lo)}, {fmt(b_hi)}]", fmt(m["mIoU"]),
                  f"{fmt(m['iou_bg'])} / {fmt(m['iou_target'])} / {fmt(m['iou_other'])}",
                  f"{fmt(m['S'])} / {fmt(m['M'])} / {fmt(m['L'])}", fmt(m["overlapped"]), dp, db,
                  f"{fmt(st['last5_drop'])} / {fmt(st['per_run_drop_mean'])} / {fmt(st['per_run_drop_max'])}"]
@@ -52,17 +54,19 @@ def variant_rows(results, variants, store, box, roi_image, ref="default", prior=
     return rows, summary
 
 
-HEADER = ("| variant | instance_mIoU [95% CI] | 3-class mIoU | IoU bg / target / other | "
+HEADER = ("| variant | instance_mIoU [95% CI] | boundary IoU [95% CI] | 3-class mIoU | IoU bg / target / other | "
           "instance S / M / L | overlapped | - prior [CI] | - box [CI] | last-5 drop: mean curve / per run mean / max |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
-def box_row(box, recs_ref, roi_image):
+def box_row(box, box_b, recs_ref, roi_image):
     rois = sorted(recs_ref)
-    recs = [{**recs_ref[r], "iou": box[r]} for r in rois]
-    m = cv.metrics_of(recs)
-    lo, hi = cv.bootstrap_ci({r: {**recs_ref[r], "iou": box[r]} for r in rois}, roi_image, "instance_mIoU")
-    return (f"| box filled | **{fmt(m['instance_mIoU'])}** [{fmt(lo)}, {fmt(hi)}] | | | "
+    as_recs = {r: {**recs_ref[r], "iou": box[r], "biou": box_b[r]} for r in rois}
+    m = cv.metrics_of(list(as_recs.values()))
+    lo, hi = cv.bootstrap_ci(as_recs, roi_image, "instance_mIoU")
+    b_lo, b_hi = cv.bootstrap_ci(as_recs, roi_image, "boundary_IoU")
+    return (f"| box filled | **{fmt(m['instance_mIoU'])}** [{fmt(lo)}, {fmt(hi)}] | "
+            f"{fmt(m['boundary_IoU'])} [{fmt(b_lo)}, {fmt(b_hi)}] | | | "
             f"{fmt(m['S'])} / {fmt(m['M'])} / {fmt(m['L'])} | {fmt(m['overlapped'])} | | | |"), m
 
 
@@ -86,7 +90,7 @@ def main():
     roi_image = FeatureStore(store).tables["roi_image"]
     box = cv.box_filled_iou(store)
     rows, summary = variant_rows(results, list(variants), store, box, roi_image)
-    brow, bm = box_row(box, cv.pooled_table(results, "default"), roi_image)
+    brow, bm = box_row(box, cv.box_filled_boundary_iou(store), cv.pooled_table(results, "default"), roi_image)
     table = "\n".join([HEADER, *rows, brow])
     n_ep = "-".join(str(e) for e in sorted({len(r["curve"]) for r in results}))
     title = (f"{a.folds}-fold CV by image over {len(np.unique(roi_image))} real images "

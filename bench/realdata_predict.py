@@ -7,15 +7,13 @@ checkpoints kept in bench/out/predict/ck) and `predict` runs on the held-out fol
   * ``auto``: person boxes from YOLOX-Nano's own detection output (same ORT run as the features);
   * ``gt``:   the annotated person boxes (the protocol of `evaluate`).
 Predictions of all folds are pooled into one COCO results file per protocol and scored with
-pycocotools (mask AP) against the 61 images' annotations, next to two baselines with the same boxes:
+pycocotools (mask AP) and faster-coco-eval (boundary AP) against the 61 images' annotations, next to two baselines with the same boxes:
 the box filled as the mask, and the learned mean shape without features (``--model prior``).  For ``gt`` boxes
 it also checks that predict's instance IoU equals `evaluate` on the cached fold.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import logging
 import os
@@ -76,19 +74,41 @@ def train_folds(store: Path, folds: int, procs: int, seeds, variants=("default",
     return {(j["variant"], j["fold"], j["seed"]): (p, names[j["fold"]]) for j, p in zip(jobs, paths)}
 
 
-def quiet_ap(gt: dict, results: list) -> np.ndarray:
-    """COCO mask AP stats[:6] of ``results`` against the annotation dict ``gt`` (pycocotools)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-    with contextlib.redirect_stdout(io.StringIO()):
-        cg = COCO()
-        cg.dataset = gt
-        cg.createIndex()
-        e = COCOeval(cg, cg.loadRes(results) if results else COCO(), "segm")
-        e.evaluate()
-        e.accumulate()
-        e.summarize()
-    return np.asarray(e.stats[:6])
+def quiet_ap(gt: dict, results: list, iou_type: str = "segm") -> np.ndarray:
+    """COCO stats[:6] of ``results`` against the annotation dict ``gt``: mask AP (pycocotools) or
+    boundary AP (faster-coco-eval), as `evaluate --coco-eval` computes them."""
+    from roiseg.trainer.coco_eval import coco_stats
+    return coco_stats(gt, results, iou_type)
+
+
+def true_ious(gt: dict, results: list) -> np.ndarray:
+    """Per result: its mask IoU with the best-matching GT person of its image (what a perfect
+    mask-quality score would be)."""
+    from pycocotools import mask as mask_utils
+    hw = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
+    by_image: dict[int, list] = {}
+    for a in gt["annotations"]:
+        seg = a["segmentation"]
+        if isinstance(seg, list):                      # polygons
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, *hw[a["image_id"]]))
+        elif isinstance(seg["counts"], list):          # uncompressed RLE
+            rle = mask_utils.frPyObjects(seg, *seg["size"])
+        else:
+            rle = {**seg, "counts": seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]}
+        by_image.setdefault(a["image_id"], []).append(rle)
+    out = np.zeros(len(results))
+    for k, r in enumerate(results):
+        g = by_image.get(r["image_id"], [])
+        if g:
+            seg = {**r["segmentation"], "counts": r["segmentation"]["counts"].encode()}
+            out[k] = float(np.max(mask_utils.iou([seg], g, [0] * len(g))))
+    return out
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Rank correlation (ties broken by order; scores are continuous)."""
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1]) if len(a) > 1 else float("nan")
 
 
 def resample(gt: dict, results: list, pick: np.ndarray) -> tuple[dict, list]:
@@ -187,32 +207,46 @@ def main():
                 runs[key].append(pooled)
             if v == "default":
                 runs[f"box filled / {boxes} boxes"] = [box_filled(p) for p in runs[key]]
+                # today's masks with other scores: the true IoU (the ceiling of a mask-quality
+                # score) and a constant (no ranking at all); and how well today's score ranks
+                ious = [true_ious(gt, p) for p in runs[key]]
+                runs[f"default, oracle score / {boxes} boxes"] = [
+                    [{**r, "score": float(t)} for r, t in zip(p, iou)] for p, iou in zip(runs[key], ious)]
+                runs[f"default, constant score / {boxes} boxes"] = [[{**r, "score": 1.0} for r in p]
+                                                                    for p in runs[key]]
+                info[key]["score_vs_true_iou_spearman"] = float(np.mean(
+                    [spearman(np.array([r["score"] for r in p]), iou) for p, iou in zip(runs[key], ious)]))
     results = {}
     for key, per_seed in runs.items():
         stats = np.mean([quiet_ap(gt, r) for r in per_seed], 0)
+        b_stats = np.mean([quiet_ap(gt, r, "boundary") for r in per_seed], 0)
         results[key] = {"AP": stats[0], "AP50": stats[1], "AP75": stats[2], "AP_S": stats[3], "AP_M": stats[4],
-                        "AP_L": stats[5], "detections_per_seed": len(per_seed[0]), **info.get(key, {})}
-    boots = bootstrap_ap(gt, runs, args.boot)
+                        "AP_L": stats[5], "boundary_AP": b_stats[0], "boundary_AP75": b_stats[2],
+                        "detections_per_seed": len(per_seed[0]), **info.get(key, {})}
+    # CIs for the protocols and baselines; the re-scored rows are bounds, not protocols
+    boots = bootstrap_ap(gt, {k: v for k, v in runs.items() if " score" not in k}, args.boot)
     ci = lambda a: [float(np.percentile(a, 2.5)), float(np.percentile(a, 97.5))]  # noqa: E731
     for key in runs:
-        results[key]["AP_CI"] = ci(boots[key])
+        results[key]["AP_CI"] = ci(boots[key]) if key in boots else [float("nan")] * 2
     for boxes in ("auto", "gt"):
         d = f"default / {boxes} boxes"
         for base in (f"box filled / {boxes} boxes", f"prior / {boxes} boxes"):
             results[d][f"minus {base.split(' /')[0]}"] = [results[d]["AP"] - results[base]["AP"],
                                                           *ci(boots[d] - boots[base])]
-    lines = ["| boxes | decoder | mask AP [95% CI] | AP50 | AP75 | AP S/M/L | images/s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| boxes | decoder | mask AP [95% CI] | AP50 | AP75 | AP S/M/L | boundary AP | boundary AP75 | images/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         v, boxes = key.split(" / ")
+        speed = f"{np.mean(r['images_per_s']):.1f}" if "images_per_s" in r else "-"
         lines.append(f"| {boxes} | {v} | {r['AP']:.3f} [{r['AP_CI'][0]:.3f}, {r['AP_CI'][1]:.3f}] | {r['AP50']:.3f} | "
                      f"{r['AP75']:.3f} | {r['AP_S']:.3f}/{r['AP_M']:.3f}/{r['AP_L']:.3f} | "
-                     f"{np.mean(r['images_per_s']):.1f} |" if "images_per_s" in r else
-                     f"| {boxes} | {v} | {r['AP']:.3f} [{r['AP_CI'][0]:.3f}, {r['AP_CI'][1]:.3f}] | {r['AP50']:.3f} | "
-                     f"{r['AP75']:.3f} | {r['AP_S']:.3f}/{r['AP_M']:.3f}/{r['AP_L']:.3f} | - |")
+                     f"{r['boundary_AP']:.3f} | {r['boundary_AP75']:.3f} | {speed} |")
     for boxes in ("auto", "gt"):
         r = results[f"default / {boxes} boxes"]
         for k in ("minus box filled", "minus prior"):
             lines.append(f"\n{boxes} boxes, default {k}: {r[k][0]:+.3f} [{r[k][1]:+.3f}, {r[k][2]:+.3f}]")
+        lines.append(f"\n{boxes} boxes, rank correlation of the score with the true mask IoU: "
+                     f"{r['score_vs_true_iou_spearman']:.3f}")
         if boxes == "gt":
             lines.append(f"\npredict --boxes gt vs evaluate, instance mIoU: max |difference| over folds and seeds "
                          f"{r['predict_vs_evaluate_max_diff']:.1e}")

@@ -263,8 +263,9 @@ def _reference(store, index, roi_ids, probs, k):
     from roiseg.trainer.models import paste_masks
     h, w = index.input_hw
     t = index.tables
+    from faster_coco_eval.core.mask import rleToBoundaryCV
     inter, union = np.zeros(k), np.zeros(k)
-    ious, boxes, areas = [], [], []
+    ious, boxes, areas, bious = [], [], [], []
     for r, p in zip(roi_ids, probs):
         i, local = int(t["roi_image"][r]), int(t["roi_inst"][r])
         box = normalized_to_pixel(index.padded_input[r], w, h)
@@ -289,6 +290,10 @@ def _reference(store, index, roi_ids, probs, k):
         pred[b0:b1, a0:a1] = fg
         u = (pred | full).sum()
         ious.append((pred & full).sum() / u if u else 1.0)
+        band = lambda m: mask_utils.decode(rleToBoundaryCV(mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))))  # noqa: E731
+        pb_, gb_ = band(pred).astype(bool), band(full).astype(bool)
+        bu = (pb_ | gb_).sum()
+        bious.append((pb_ & gb_).sum() / bu if bu else 1.0)
         pb = normalized_to_pixel(t["roi_box"][r], ow, oh)
         bx0, bx1 = pixel_center_span(pb[0], pb[2], ow)
         by0, by1 = pixel_center_span(pb[1], pb[3], oh)
@@ -296,7 +301,7 @@ def _reference(store, index, roi_ids, probs, k):
         filled[by0:by1, bx0:bx1] = True
         boxes.append((filled & full).sum() / (filled | full).sum())
         areas.append(full.sum())
-    return inter, union, np.array(ious), np.array(boxes), np.array(areas)
+    return inter, union, np.array(ious), np.array(boxes), np.array(areas), np.array(bious)
 
 
 @pytest.mark.parametrize("classes,budget", [(3, None), (3, 5000), (2, None)])
@@ -315,11 +320,13 @@ def test_evaluator_equals_the_definitions(stores, classes, budget):
     ev.process(ids[n // 2:], probs[n // 2:])
     ev.process(np.zeros(0, np.int64), probs[:0])
     res = ev.result()
-    inter, union, ious, boxes, areas = _reference(store, index, ids, probs, classes)
+    inter, union, ious, boxes, areas, bious = _reference(store, index, ids, probs, classes)
     assert [res["iou"][c] for c in list(res["iou"])] == pytest.approx(list(inter / np.maximum(union, 1)), abs=1e-9)
     assert res["mIoU"] == pytest.approx(float(np.mean(inter / np.maximum(union, 1))), abs=1e-9)
     assert res["instance_mIoU"] == pytest.approx(ious.mean(), abs=1e-9)
     assert res["box_instance_mIoU"] == pytest.approx(boxes.mean(), abs=1e-9)
+    assert res["boundary_IoU"] == pytest.approx(bious.mean(), abs=1e-9)
+    assert 0 < res["boundary_IoU"] < res["instance_mIoU"]           # the outline is the hard part
     subsets = {"small": areas < SMALL, "medium": (areas >= SMALL) & (areas < MEDIUM), "large": areas >= MEDIUM,
                "overlapped": index.has_other[ids]}
     for name, sel in subsets.items():
@@ -328,9 +335,11 @@ def test_evaluator_equals_the_definitions(stores, classes, budget):
         if sel.any():
             assert s["instance_mIoU"] == pytest.approx(ious[sel].mean(), abs=1e-9), name
             assert s["box_mIoU"] == pytest.approx(boxes[sel].mean(), abs=1e-9), name
+            assert s["boundary_IoU"] == pytest.approx(bious[sel].mean(), abs=1e-9), name
     assert res["instances"] == n and sorted(r["roi"] for r in res["per_roi"]) == ids.tolist()
     rec = {r["roi"]: r for r in res["per_roi"]}
     assert all(rec[i]["iou"] == pytest.approx(ious[i], abs=1e-9) for i in ids)
+    assert all(rec[i]["biou"] == pytest.approx(bious[i], abs=1e-9) for i in ids)
     ev.reset()
     assert ev.result()["instances"] == 0 and ev.count.sum() == 0
 
@@ -693,8 +702,11 @@ def test_evaluator_records_coco_detections_and_single_rois(stores):
     assert ev.budget == 1 << 22
     ev.process(torch.arange(n), probs)
     res = ev.result()
-    inter, union, ious, boxes, areas = _reference(store, index, np.arange(n), probs, 3)
+    inter, union, ious, boxes, areas, bious = _reference(store, index, np.arange(n), probs, 3)
     assert len(ev.coco_dets) == n and "coco_mask_AP" in res and 0 <= res["coco_mask_AP"]["AP"] <= 1
+    # boundary AP matches on min(mask IoU, boundary IoU): never above mask AP
+    assert set(res["coco_boundary_AP"]) == set(res["coco_mask_AP"])
+    assert all(res["coco_boundary_AP"][k] <= res["coco_mask_AP"][k] + 1e-9 for k in ("AP", "AP50", "AP75"))
     dets = {(d["image_id"], d["segmentation"]["counts"]): d for d in ev.coco_dets}
     for r in range(n):
         rec = res["per_roi"][[x["roi"] for x in res["per_roi"]].index(r)]
@@ -717,6 +729,7 @@ def test_evaluator_records_coco_detections_and_single_rois(stores):
     assert r1["instances"] == 1 and r1["instance_mIoU"] == pytest.approx(ious[big])
     assert r1["instance_subsets"]["large"]["instance_mIoU"] == pytest.approx(ious[big])
     assert r1["box_instance_mIoU"] == pytest.approx(boxes[big])
+    assert r1["boundary_IoU"] == pytest.approx(bious[big])
     u = union.copy()
     single_inter, single_union, *_ = _reference(store, index, [big], probs[big:big + 1], 3)
     assert [r1["iou"][c] for c in r1["iou"]] == pytest.approx(list(single_inter / np.maximum(single_union, 1)))
@@ -736,3 +749,18 @@ def test_paste_on_non_square_grids_and_sub_pixel_boxes():
     tiny = interp_weights(torch.tensor([3.0]), torch.tensor([3.5]), 6, 2, torch.float32)[0]   # half a pixel
     assert tiny[3].tolist() == pytest.approx([0.0, 0.5]) and tiny[2].sum() == 0   # centre 3.5: the last cell's edge
     assert interp_weights(torch.tensor([3.0]), torch.tensor([3.0]), 6, 2, torch.float32).isfinite().all()
+
+
+def test_results_csv_keeps_columns_aligned_when_a_column_appears():
+    import csv
+    import io
+
+    from roiseg.trainer.training.hooks import _csv_with_row
+    first = _csv_with_row("", {"epoch": 1, "loss": 0.5, "steps": None})
+    assert first == "epoch,loss,steps\n1,0.5,\n"
+    resumed = _csv_with_row(first, {"epoch": 2, "loss": 0.25, "boundary_IoU": 0.3125, "steps": 7})
+    rows = list(csv.DictReader(io.StringIO(resumed)))
+    assert list(rows[0]) == ["epoch", "loss", "steps", "boundary_IoU"]
+    assert rows[0] == {"epoch": "1", "loss": "0.5", "steps": "", "boundary_IoU": ""}
+    assert rows[1] == {"epoch": "2", "loss": "0.25", "steps": "7", "boundary_IoU": "0.3125"}
+    assert _csv_with_row("epoch,loss\n", {"epoch": 1, "loss": 1.0}) == "epoch,loss\n1,1\n"

@@ -7,6 +7,8 @@ per batch, ``result()``.  ``train`` and ``evaluate`` use the same one.  Metrics 
 * 3-class ``mIoU`` at model-input resolution over each padded ROI's pixels;
 * ``instance_mIoU`` at original resolution (class-1 probability > 0.5 vs the full GT mask), also per
   COCO size (S/M/L by GT mask area) and for "overlapped" persons (another person inside the ROI);
+* ``boundary_IoU`` per person at original resolution (``trainer/boundary.py``: the IoU of the
+  predicted and the GT mask's boundary bands, 2% of the image diagonal wide), with the same subsets;
 * the box-filled baseline on the same persons (the GT box filled as the mask).
 
 ROIs of a batch are pasted together into one padded frame per chunk (windows sorted by size, a pixel
@@ -14,7 +16,7 @@ budget per chunk), so there is no host round-trip per ROI: the only host syncs a
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ from pycocotools import mask as mask_utils
 
 from roiseg.featcache.geometry import normalized_to_pixel, pixel_center_span
 from roiseg.featcache.rasterize import native_windows
+from roiseg.trainer.boundary import boundary_band, boundary_width
 from roiseg.trainer.coco_eval import coco_result
 from roiseg.trainer.data import CacheIndex, epoch_batches, make_source
 from roiseg.trainer.models import paste_masks
@@ -32,6 +35,24 @@ CLASS_NAMES = ("background", "target", "non_target")
 # COCO's size ranges on the GT mask area (original pixels).
 SMALL, MEDIUM = 32 ** 2, 96 ** 2
 SUBSETS = ("all", "small", "medium", "large", "overlapped")
+
+
+class _ImageGT(NamedTuple):
+    """One val image's ground truth as the evaluator uses it."""
+    packed: torch.Tensor        # [n, P] packed bits of the masks at input resolution (device)
+    union: torch.Tensor         # packed union of all persons (device)
+    full: np.ndarray            # [H, W, n] uint8 masks at original resolution (host)
+    area: np.ndarray            # [n] mask areas
+    band: np.ndarray            # [H, W, n] bool boundary bands at original resolution (host)
+    band_area: np.ndarray       # [n] band areas
+    width: int                  # the band width d of this image
+
+
+def _gt_bands(full: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Boundary bands of an image's [H, W, n] GT masks, their areas and the band width."""
+    d = boundary_width(*full.shape[:2])
+    band = boundary_band(torch.from_numpy(full).permute(2, 0, 1).bool(), d).permute(1, 2, 0).numpy()
+    return band, band.sum((0, 1)).astype(np.float64), d
 
 
 def _chunks(sizes: np.ndarray, budget: int):
@@ -87,6 +108,7 @@ class RoiEvaluator:
         z = lambda *s: torch.zeros(s, dtype=torch.float64, device=self.device)  # noqa: E731
         self.inter, self.union = z(self.k), z(self.k)
         self.iou_sum, self.box_sum, self.count = z(len(SUBSETS)), z(len(SUBSETS)), z(len(SUBSETS))
+        self.biou_sum = z(len(SUBSETS))
         self.records: list[dict] = []
         self.coco_dets: list = []
         self._gt_cache: dict = {}
@@ -99,8 +121,9 @@ class RoiEvaluator:
             rles = [{"size": r["size"], "counts": r["counts"].encode()} for r in self.store.gt_rles(i)]
             packed = torch.from_numpy(self.store.packed_masks(i).copy()).to(self.device)
             full = mask_utils.decode(rles) if rles else np.zeros((*self.orig_hw[i], 0), np.uint8)
-            self._gt_cache[i] = (packed, union_packed(packed), full,
-                                 np.asarray(mask_utils.area(rles), np.float64).reshape(-1), rles)
+            self._gt_cache[i] = _ImageGT(packed, union_packed(packed), full,
+                                         np.asarray(mask_utils.area(rles), np.float64).reshape(-1),
+                                         *_gt_bands(full))
         return self._gt_cache[i]
 
     # ---- one batch ------------------------------------------------------------------------
@@ -138,12 +161,12 @@ class RoiEvaluator:
         rel = torch.as_tensor(box - np.tile(win[:, :2], 2), dtype=torch.float32, device=self.device)
         labels = first_argmax(paste_masks(probs, rel, hmax, wmax))
         uniq = sorted(gts)
-        packed = torch.cat([gts[i][0] for i in uniq])
-        offsets = np.cumsum([0] + [len(gts[i][0]) for i in uniq])
+        packed = torch.cat([gts[i].packed for i in uniq])
+        offsets = np.cumsum([0] + [len(gts[i].packed) for i in uniq])
         row = {i: r for r, i in enumerate(uniq)}
         pos = np.array([row[int(i)] for i in images])
         target_rows = torch.as_tensor(offsets[pos] + local, device=self.device)
-        union = torch.stack([gts[i][1] for i in uniq])
+        union = torch.stack([gts[i].union for i in uniq])
         frame = np.concatenate([win[:, :2], win[:, :2] + [wmax, hmax]], 1)
         gt = sample_roi_targets(packed, union, target_rows, torch.as_tensor(pos, device=self.device),
                                 torch.as_tensor(frame, device=self.device), hmax, wmax, w)
@@ -167,15 +190,16 @@ class RoiEvaluator:
         # instance IoU at original resolution
         wh = np.stack([o_win[:, 3] - o_win[:, 1], o_win[:, 2] - o_win[:, 0]], 1).clip(0)
         hmax, wmax = max(int(wh[:, 0].max()), 1), max(int(wh[:, 1].max()), 1)
-        gt_crop = np.zeros((n, hmax, wmax), bool)
-        gt_area = np.empty(n)
+        gt_crop, band_crop = np.zeros((n, hmax, wmax), bool), np.zeros((n, hmax, wmax), bool)
+        gt_area, band_area, width = np.empty(n), np.empty(n), np.empty(n, np.int64)
         box_iou = np.empty(n)
         for j in range(n):  # host-side GT crops (numpy); no device round-trip per ROI
-            _, _, full, areas, _ = gts[int(images[j])]
+            g, k = gts[int(images[j])], local[j]
             x0, y0, x1, y1 = o_win[j]
-            gt_crop[j, : y1 - y0, : x1 - x0] = full[y0:y1, x0:x1, local[j]]
-            gt_area[j] = areas[local[j]]
-            box_iou[j] = self._box_iou(int(roi_ids[j]), full[:, :, local[j]], gt_area[j], o_hw[j])
+            gt_crop[j, : y1 - y0, : x1 - x0] = g.full[y0:y1, x0:x1, k]
+            band_crop[j, : y1 - y0, : x1 - x0] = g.band[y0:y1, x0:x1, k]
+            gt_area[j], band_area[j], width[j] = g.area[k], g.band_area[k], g.width
+            box_iou[j] = self._box_iou(int(roi_ids[j]), g.full[:, :, k], gt_area[j], o_hw[j])
         rel = torch.as_tensor(o_box - np.tile(o_win[:, :2], 2), dtype=torch.float32, device=self.device)
         fg = paste_masks(probs[:, 1:2], rel, hmax, wmax, fill_background=False)[:, 0]
         valid = _valid(torch.as_tensor(wh, device=self.device), hmax, wmax)
@@ -187,18 +211,22 @@ class RoiEvaluator:
         iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
         empty_o = torch.as_tensor((wh[:, 0] == 0) | (wh[:, 1] == 0), device=self.device)
         iou = torch.where(empty_o, torch.zeros_like(iou), iou)
+        biou = torch.where(empty_o, torch.zeros_like(iou),
+                           _boundary_iou(pred, torch.from_numpy(band_crop).to(self.device), band_area, width))
         member = torch.as_tensor(self._membership(roi_ids, gt_area), device=self.device)
         self.iou_sum += (member * iou[:, None]).sum(0)
+        self.biou_sum += (member * biou[:, None]).sum(0)
         self.box_sum += (member * torch.as_tensor(box_iou, device=self.device)[:, None]).sum(0)
         self.count += member.sum(0)
         if self.coco_eval or self._keep_records:
-            iou_h, iu_h = iou.cpu().numpy(), iu.cpu().numpy()
+            iou_h, iu_h, biou_h = iou.cpu().numpy(), iu.cpu().numpy(), biou.cpu().numpy()
             if self._keep_records:
                 for j in range(n):
                     self.records.append({"image": int(images[j]), "roi": int(roi_ids[j]),
                                          "iu": iu_h[j].tolist(), "area": float(gt_area[j]),
                                          "has_other": bool(self.index.has_other[roi_ids[j]]),
-                                         "iou": float(iou_h[j]), "box_iou": float(box_iou[j])})
+                                         "iou": float(iou_h[j]), "biou": float(biou_h[j]),
+                                         "box_iou": float(box_iou[j])})
             if self.coco_eval:
                 pred_h, fg_h = pred.cpu().numpy(), fg.cpu().numpy()
                 for j in range(n):
@@ -231,24 +259,39 @@ class RoiEvaluator:
     # ---- result -----------------------------------------------------------------------------
     def tensors(self) -> list[torch.Tensor]:
         """What distributed ranks sum before ``result``."""
-        return [self.inter, self.union, self.iou_sum, self.box_sum, self.count]
+        return [self.inter, self.union, self.iou_sum, self.box_sum, self.count, self.biou_sum]
 
     def result(self) -> dict:
         iou = (self.inter / self.union.clamp_min(1)).cpu().numpy()
         cnt = self.count.cpu().numpy()
         inst = (self.iou_sum.cpu().numpy() / np.maximum(cnt, 1))
         box = (self.box_sum.cpu().numpy() / np.maximum(cnt, 1))
+        biou = (self.biou_sum.cpu().numpy() / np.maximum(cnt, 1))
         res = {"mIoU": float(iou.mean()), "iou": {n: float(v) for n, v in zip(CLASS_NAMES, iou)},
-               "instance_mIoU": float(inst[0]), "instances": int(cnt[0]),
-               "instance_subsets": {s: {"instance_mIoU": float(inst[j]), "box_mIoU": float(box[j]),
-                                        "persons": int(cnt[j])} for j, s in enumerate(SUBSETS)},
+               "instance_mIoU": float(inst[0]), "boundary_IoU": float(biou[0]), "instances": int(cnt[0]),
+               "instance_subsets": {s: {"instance_mIoU": float(inst[j]), "boundary_IoU": float(biou[j]),
+                                        "box_mIoU": float(box[j]), "persons": int(cnt[j])}
+                                    for j, s in enumerate(SUBSETS)},
                "box_instance_mIoU": float(box[0])}
         if self.coco_eval:
             from roiseg.trainer.coco_eval import coco_mask_ap
-            res["coco_mask_AP"] = coco_mask_ap(self.store, self.coco_dets, self.index.images)
+            res.update(coco_mask_ap(self.store, self.coco_dets, self.index.images))
         if self._keep_records:
             res["per_roi"] = list(self.records)
         return res
+
+
+def _boundary_iou(pred: torch.Tensor, gt_band: torch.Tensor, gt_band_area: np.ndarray,
+                  width: np.ndarray) -> torch.Tensor:
+    """[n] boundary IoU of predicted masks (zero outside their windows) against GT bands cropped to
+    the same windows; ``gt_band_area`` counts each whole band, also outside the window."""
+    band = torch.zeros_like(pred)
+    for d in np.unique(width):  # one band width per image size: a few groups per chunk
+        sel = torch.as_tensor(np.flatnonzero(width == d), device=pred.device)
+        band[sel] = boundary_band(pred[sel], int(d))
+    inter = (band & gt_band).sum((1, 2)).double()
+    union = band.sum((1, 2)).double() + torch.as_tensor(gt_band_area, device=pred.device) - inter
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: l
                   amp=bool(cfg.get("amp")) and dev.type == "cuda", zero_features=bool(cfg.get("zero_features")))
     res = ev.result()
     res.update({"checkpoint": str(path), "epoch": int(ck["epoch"]), "val_store": str(index.path),
-                "stored_metrics": {m: ck.get("metrics", {}).get(m) for m in ("mIoU", "instance_mIoU")}})
+                "stored_metrics": {m: ck.get("metrics", {}).get(m) for m in ("mIoU", "instance_mIoU", "boundary_IoU")}})
     return res
 
 
@@ -85,11 +85,15 @@ def live_store(ck_path: Path, ann: Path, images: Path, work_dir: Path | None, on
 
 ROW = [("epoch", "epoch", "{:>5}"), ("mIoU", "mIoU", "{:.4f}"), ("bg", ("iou", "background"), "{:.3f}"),
        ("target", ("iou", "target"), "{:.3f}"), ("other", ("iou", "non_target"), "{:.3f}"),
-       ("inst", "instance_mIoU", "{:.4f}"), ("S", ("instance_subsets", "small", "instance_mIoU"), "{:.3f}"),
+       ("inst", "instance_mIoU", "{:.4f}"), ("bIoU", "boundary_IoU", "{:.4f}"), ("S", ("instance_subsets", "small", "instance_mIoU"), "{:.3f}"),
        ("M", ("instance_subsets", "medium", "instance_mIoU"), "{:.3f}"),
        ("L", ("instance_subsets", "large", "instance_mIoU"), "{:.3f}"),
        ("overlap", ("instance_subsets", "overlapped", "instance_mIoU"), "{:.3f}"),
        ("box", "box_instance_mIoU", "{:.4f}")]
+
+
+COCO_COLUMNS = [("AP", ("coco_mask_AP", "AP"), "{:.4f}"), ("AP75", ("coco_mask_AP", "AP75"), "{:.4f}"),
+                ("bAP", ("coco_boundary_AP", "AP"), "{:.4f}"), ("bAP75", ("coco_boundary_AP", "AP75"), "{:.4f}")]
 
 
 def _get(d, key):
@@ -101,9 +105,10 @@ def _get(d, key):
 
 
 def comparison_table(results: list[dict]) -> str:
-    """One row per checkpoint: 3-class mIoU and class IoUs, instance mIoU (all, S/M/L, overlapped
-    persons), the box-filled baseline on the same persons, and mask AP when computed."""
-    cols = list(ROW) + ([("AP", ("coco_mask_AP", "AP"), "{:.4f}")] if any("coco_mask_AP" in r for r in results) else [])
+    """One row per checkpoint: 3-class mIoU and class IoUs, instance mIoU and boundary IoU, instance
+    mIoU of S/M/L and overlapped persons, the box-filled baseline on the same persons, and mask and
+    boundary AP when computed."""
+    cols = list(ROW) + (COCO_COLUMNS if any("coco_mask_AP" in r for r in results) else [])
     names = [Path(r["checkpoint"]).name for r in results]
     wn = max([10] + [len(n) for n in names])
     head = f"{'checkpoint':<{wn}} " + " ".join(f"{c:>7}" for c, _, _ in cols)
@@ -118,5 +123,5 @@ def comparison_table(results: list[dict]) -> str:
         s = results[0]["instance_subsets"]
         lines.append(f"persons: {s['all']['persons']} (S {s['small']['persons']}, M {s['medium']['persons']}, "
                      f"L {s['large']['persons']}, overlapped {s['overlapped']['persons']}); "
-                     f"box = the GT box filled as the mask")
+                     f"bIoU = boundary IoU; box = the GT box filled as the mask")
     return "\n".join(lines)

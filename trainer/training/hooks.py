@@ -4,6 +4,8 @@ anything else (the validation PNG, benchmarks' extra validations).  A hook is an
 ``(epoch, checkpoint_path, metrics, trainer)``."""
 from __future__ import annotations
 
+import csv as csv_module
+import io
 import json
 import logging
 import math
@@ -52,19 +54,19 @@ class LogHook:
         if cfg.tensorboard:
             self._tensorboard(out, metrics)
         iou = metrics["iou"]
-        log.info("epoch %d: loss %.4f  mIoU %.4f (bg %.3f, target %.3f%s)  instance_mIoU %.4f  -> %s",
-                 epoch, metrics["loss"], metrics["mIoU"], iou["background"], iou["target"],
+        log.info("epoch %d: loss %.4f  mIoU %.4f (bg %.3f, target %.3f%s)  instance_mIoU %.4f  boundary_IoU %.4f"
+                 "  -> %s", epoch, metrics["loss"], metrics["mIoU"], iou["background"], iou["target"],
                  f", other {iou['non_target']:.3f}" if "non_target" in iou else "", metrics["instance_mIoU"],
+                 metrics.get("boundary_IoU", float("nan")),
                  trainer.last_checkpoint.name if trainer.last_checkpoint else "-")
 
     @staticmethod
     def _csv(csv, metrics: dict) -> None:
         row = {"epoch": metrics["epoch"], "loss": metrics["loss"], "lr": metrics["lr"], "mIoU": metrics["mIoU"],
                **{f"iou_{k}": v for k, v in metrics["iou"].items()}, "instance_mIoU": metrics["instance_mIoU"],
+               "boundary_IoU": metrics.get("boundary_IoU"),
                "steps": metrics.get("steps"), "train_s": metrics["train_s"], "rois_per_s": metrics["rois_per_s"]}
-        old = csv.read_text() if csv.exists() else ",".join(row) + "\n"
-        write_text_atomic(csv, old + ",".join(f"{v:.6g}" if isinstance(v, float) else str(v)
-                                              for v in row.values()) + "\n")
+        write_text_atomic(csv, _csv_with_row(csv.read_text() if csv.exists() else "", row))
         try:
             plot_results(csv)
         except Exception as exc:  # a plot must never stop training
@@ -75,7 +77,7 @@ class LogHook:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(out / "tb"))
         e = metrics["epoch"]
-        for key in ("loss", "mIoU", "instance_mIoU", "rois_per_s", "lr"):
+        for key in ("loss", "mIoU", "instance_mIoU", "boundary_IoU", "rois_per_s", "lr"):
             self._tb.add_scalar(f"{'train' if key in ('loss', 'rois_per_s', 'lr') else 'val'}/{key}",
                                 metrics[key], e)
         for c, v in metrics["iou"].items():
@@ -85,6 +87,19 @@ class LogHook:
     def after_train(self, trainer) -> None:
         if self._tb:
             self._tb.close()
+
+
+def _csv_with_row(old: str, row: dict) -> str:
+    """``old`` CSV text plus ``row``.  A run resumed by a newer version may log more columns: the
+    header becomes the union and older rows get empty cells, so every column stays aligned."""
+    cell = lambda v: "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)  # noqa: E731
+    reader = csv_module.DictReader(io.StringIO(old))
+    rows = list(reader)
+    header = list(reader.fieldnames or [])
+    header += [k for k in row if k not in header]
+    lines = [",".join(header)] + [",".join(r.get(k) or "" for k in header) for r in rows]
+    lines.append(",".join(cell(row.get(k)) for k in header))
+    return "\n".join(lines) + "\n"
 
 
 class FunctionHook:

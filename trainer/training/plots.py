@@ -7,7 +7,7 @@ from pathlib import Path
 from roiseg.featcache.files import atomic_write
 
 PANELS = [("train loss", ["loss"]), ("learning rate", ["lr"]), ("3-class mIoU", ["mIoU"]),
-          ("instance mIoU", ["instance_mIoU"]), ("class IoU", ["iou_background", "iou_target", "iou_non_target"]),
+          ("per person: mask and boundary IoU", ["instance_mIoU", "boundary_IoU"]), ("class IoU", ["iou_background", "iou_target", "iou_non_target"]),
           ("training ROIs/s", ["rois_per_s"])]
 
 
