@@ -55,31 +55,15 @@ def fold_analysis(out: Path, train_names: list[str], fold: int) -> Path:
     return path
 
 
-def box_filled_iou(store: Path) -> dict[int, float]:
-    """Per ROI: IoU of the (unpadded) person box filled as the mask with the GT mask."""
-    fs = FeatureStore(store)
-    t = fs.tables
-    out = {}
-    for i in fs.valid_images():
-        h, w = (int(v) for v in t["orig_hw"][i])
-        a = int(t["image_roi_start"][i])
-        for k, rle in enumerate(fs.gt_rles(i)):
-            x0, y0, x1, y1 = t["roi_box"][a + k].astype(np.float64) * [w, h, w, h]
-            box = mask_utils.frPyObjects(np.array([[x0, y0, x1 - x0, y1 - y0]]), h, w)[0]
-            gt = {"size": rle["size"], "counts": rle["counts"].encode()}
-            out[a + k] = float(mask_utils.iou([box], [gt], [0])[0, 0])
-    return out
-
-
-def box_filled_boundary_iou(store: Path) -> dict[int, float]:
-    """Per ROI: boundary IoU of the (unpadded) person box filled as the mask (the same box mask as
-    ``box_filled_iou``) with the GT mask, bands as in the evaluator."""
+def box_filled_ious(store: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """Per ROI: mask IoU and boundary IoU (bands as in the evaluator) of the (unpadded) person box
+    filled as the mask with the GT mask."""
     import torch
 
     from roiseg.trainer.boundary import boundary_band, boundary_width
     fs = FeatureStore(store)
     t = fs.tables
-    out = {}
+    iou, biou = {}, {}
     for i in fs.valid_images():
         h, w = (int(v) for v in t["orig_hw"][i])
         a = int(t["image_roi_start"][i])
@@ -88,11 +72,12 @@ def box_filled_boundary_iou(store: Path) -> dict[int, float]:
             x0, y0, x1, y1 = t["roi_box"][a + k].astype(np.float64) * [w, h, w, h]
             box = mask_utils.frPyObjects(np.array([[x0, y0, x1 - x0, y1 - y0]]), h, w)[0]
             gt = {"size": rle["size"], "counts": rle["counts"].encode()}
+            iou[a + k] = float(mask_utils.iou([box], [gt], [0])[0, 0])
             masks = torch.from_numpy(np.stack([mask_utils.decode(box), mask_utils.decode(gt)]).astype(bool))
             b = boundary_band(masks, d).numpy()
             u = (b[0] | b[1]).sum()
-            out[a + k] = float((b[0] & b[1]).sum() / u) if u else 1.0
-    return out
+            biou[a + k] = float((b[0] & b[1]).sum() / u) if u else 1.0
+    return iou, biou
 
 
 def _train_job(job: dict) -> dict:

@@ -88,9 +88,9 @@ def main():
         variants["global"] = {"model": "global"}
     results = cv.run_jobs(variants, store, a.out, a.folds, seeds, a.epochs, a.procs, raw_curve=False)
     roi_image = FeatureStore(store).tables["roi_image"]
-    box = cv.box_filled_iou(store)
+    box, box_b = cv.box_filled_ious(store)
     rows, summary = variant_rows(results, list(variants), store, box, roi_image)
-    brow, bm = box_row(box, cv.box_filled_boundary_iou(store), cv.pooled_table(results, "default"), roi_image)
+    brow, bm = box_row(box, box_b, cv.pooled_table(results, "default"), roi_image)
     table = "\n".join([HEADER, *rows, brow])
     n_ep = "-".join(str(e) for e in sorted({len(r["curve"]) for r in results}))
     title = (f"{a.folds}-fold CV by image over {len(np.unique(roi_image))} real images "
