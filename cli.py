@@ -421,7 +421,7 @@ def predict(source, checkpoint, epoch, checkpoints, exported, out, boxes, box_fo
                f"({s['images_per_s']:.2f} images/s, image encoder on {s['provider']}, decoder on {s['decoder']}) "
                f"-> {s['out']}")
     if "instance_mIoU" in s:
-        click.echo(f"instance mIoU with the GT boxes: {s['instance_mIoU']:.4f}")
+        click.echo(f"instance mIoU with the GT boxes: {s['instance_mIoU']:.4f} (boundary IoU {s['boundary_IoU']:.4f})")
     if s["boxes_skipped"]:
         click.echo(s["boxes_skipped"])
     if s["skipped"]:

@@ -7,6 +7,7 @@ from faster_coco_eval.core.mask import rleToBoundaryCV
 from pycocotools import mask as mask_utils
 
 from roiseg.trainer.boundary import boundary_band, boundary_width
+from roiseg.trainer.metrics import boundary_band_np, instance_boundary_iou
 
 
 def _mask(h, w, rows, cols):
@@ -54,4 +55,16 @@ def test_band_equals_the_reference_implementation():
                                                 ratio)).astype(bool)
         got = boundary_band(torch.from_numpy(m)[None], boundary_width(h, w, ratio))[0].numpy()
         assert np.array_equal(got, ref), (t, h, w, ratio)
+        assert np.array_equal(boundary_band_np(m, boundary_width(h, w, ratio)), ref), (t, h, w, ratio)
     assert boundary_band(torch.zeros(0, 4, 4, dtype=torch.bool), 3).shape == (0, 4, 4)
+
+
+def test_instance_boundary_iou_of_a_window_by_hand():
+    """predict's torch-free boundary IoU: the prediction lives in a window of the image."""
+    gt = np.zeros((5, 5), bool)
+    gt[1:4, 1:4] = True
+    rle = mask_utils.encode(np.asfortranarray(gt.astype(np.uint8)))
+    pred_window = np.ones((3, 4), bool)                 # rows 1-3, cols 1-4 of the image
+    assert instance_boundary_iou(pred_window, (1, 1, 5, 4), rle) == pytest.approx(7 / 11)
+    assert instance_boundary_iou(gt[1:4, 1:4], (1, 1, 4, 4), rle) == 1.0
+    assert instance_boundary_iou(np.zeros((2, 2), bool), (0, 0, 2, 2), rle) == 0.0

@@ -208,8 +208,11 @@ def test_predict_with_gt_boxes_matches_evaluate(trained, synth, tmp_path):
                                   "--provider", "cpu", "--no-overlays"])
     assert r.exit_code == 0, r.output
     got = float(r.output.split("instance mIoU with the GT boxes: ")[1].split()[0])
-    want = evaluate_checkpoint(ck)["instance_mIoU"]
-    assert got == pytest.approx(want, abs=2e-3)
+    got_boundary = float(r.output.split("(boundary IoU ")[1].split(")")[0])
+    want = evaluate_checkpoint(ck)
+    assert got == pytest.approx(want["instance_mIoU"], abs=2e-3)
+    assert got_boundary == pytest.approx(want["boundary_IoU"], abs=2e-3)     # torch-free bands, same values
+    assert got_boundary < got
 
 
 @pytest.mark.parametrize("size", [(1280, 640), (640, 1280), (640, 480)])

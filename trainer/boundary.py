@@ -4,21 +4,17 @@ A mask's boundary band is its pixels within ``d`` pixels (chessboard distance, a
 erosion) of a background pixel, where everything outside the image counts as background and
 ``d = round(0.02 * image diagonal)``, at least 1.  Boundary IoU of a prediction is the IoU of its band
 with the GT mask's band.  This is the reference definition (``boundary_iou`` of the authors and
-faster-coco-eval's ``rleToBoundaryCV``); ``tests/test_boundary.py`` checks it against that code.
+faster-coco-eval's ``rleToBoundaryCV``); ``tests/test_boundary.py`` checks it against that code and
+against ``trainer.metrics.boundary_band_np`` (the torch-free one ``predict`` uses).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 
-DILATION_RATIO = 0.02
+from roiseg.trainer.metrics import boundary_width
 
-
-def boundary_width(height: int, width: int, ratio: float = DILATION_RATIO) -> int:
-    """The band width ``d`` in pixels of an ``height`` x ``width`` image."""
-    return max(1, int(round(ratio * math.sqrt(height ** 2 + width ** 2))))
+__all__ = ["boundary_band", "boundary_width"]
 
 
 def _window_sum(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from roiseg.featcache.coco import window_rle
 from roiseg.featcache.errors import FeatCacheError
 from roiseg.featcache.files import atomic_write, refuse_overlap, write_json_atomic
 from roiseg.featcache.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
-from roiseg.trainer.metrics import instance_iou
+from roiseg.trainer.metrics import instance_boundary_iou, instance_iou
 from roiseg.trainer.runtime.boxes import BoxSource
 from roiseg.trainer.runtime.detection import DetectionSettings
 from roiseg.trainer.runtime.drawing import ALPHA, BOX_RED, font, person_colour
@@ -330,12 +330,13 @@ def _ready_predictor(opts: PredictOptions, predictor) -> Predictor:
     return predictor if isinstance(predictor, Predictor) else predictor(detection)
 
 
-def _gt_ious(pred: Prediction, given: tuple, name: str, boxes: BoxSource, threshold: float) -> list[float]:
-    """``--boxes gt``: each person's mask IoU with its own annotation."""
+def _gt_ious(pred: Prediction, given: tuple, name: str, boxes: BoxSource, threshold: float) -> list[tuple]:
+    """``--boxes gt``: each person's mask IoU and boundary IoU with its own annotation."""
     if given[2] is None or name not in boxes.gt_rles:
         return []
     gt = dict(zip(boxes.by_name[name][2], boxes.gt_rles[name]))
-    return [instance_iou(m, win, gt[a]) for m, win, a in zip(pred.window_masks(threshold), pred.windows, given[2])]
+    return [(instance_iou(m, win, gt[a]), instance_boundary_iou(m, win, gt[a]))
+            for m, win, a in zip(pred.window_masks(threshold), pred.windows, given[2])]
 
 
 @dataclass
@@ -401,5 +402,5 @@ def run_predict(opts: PredictOptions, predictor=None) -> dict:
                "skipped": tally.skipped, "boxes_skipped": boxes.skipped_summary(),
                "provider": predictor.provider, "decoder": predictor.decoder.provider}
     if tally.ious:
-        summary["instance_mIoU"] = float(np.mean(tally.ious))
+        summary["instance_mIoU"], summary["boundary_IoU"] = (float(v) for v in np.mean(tally.ious, 0))
     return summary
