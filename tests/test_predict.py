@@ -192,6 +192,8 @@ def test_evaluate_reproduces_stored_metrics_and_compares(trained, stores, tmp_pa
     assert res[0]["mIoU"] == pytest.approx(stored["mIoU"], abs=1e-9)
     assert res[0]["instance_mIoU"] == pytest.approx(stored["instance_mIoU"], abs=1e-9)
     assert res[0]["iou"] == pytest.approx(stored["iou"], abs=1e-9)
+    assert res[0]["boundary_IoU"] == pytest.approx(stored["boundary_IoU"], abs=1e-9)
+    assert f"{res[0]['boundary_IoU']:.4f}" in r.output and "bIoU" in r.output
     subsets = res[0]["instance_subsets"]
     assert subsets["all"]["persons"] == subsets["small"]["persons"] + subsets["medium"]["persons"] + \
         subsets["large"]["persons"]

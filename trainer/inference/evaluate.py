@@ -89,6 +89,10 @@ ROW = [("epoch", "epoch", "{:>5}"), ("mIoU", "mIoU", "{:.4f}"), ("bg", ("iou", "
        ("M", ("instance_subsets", "medium", "instance_mIoU"), "{:.3f}"),
        ("L", ("instance_subsets", "large", "instance_mIoU"), "{:.3f}"),
        ("overlap", ("instance_subsets", "overlapped", "instance_mIoU"), "{:.3f}"),
+       ("bS", ("instance_subsets", "small", "boundary_IoU"), "{:.3f}"),
+       ("bM", ("instance_subsets", "medium", "boundary_IoU"), "{:.3f}"),
+       ("bL", ("instance_subsets", "large", "boundary_IoU"), "{:.3f}"),
+       ("bOver", ("instance_subsets", "overlapped", "boundary_IoU"), "{:.3f}"),
        ("box", "box_instance_mIoU", "{:.4f}")]
 
 
@@ -123,5 +127,5 @@ def comparison_table(results: list[dict]) -> str:
         s = results[0]["instance_subsets"]
         lines.append(f"persons: {s['all']['persons']} (S {s['small']['persons']}, M {s['medium']['persons']}, "
                      f"L {s['large']['persons']}, overlapped {s['overlapped']['persons']}); "
-                     f"bIoU = boundary IoU; box = the GT box filled as the mask")
+                     f"bIoU, bS, bM, bL, bOver = boundary IoU; box = the GT box filled as the mask")
     return "\n".join(lines)
