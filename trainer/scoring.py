@@ -48,11 +48,17 @@ class _ImageGT(NamedTuple):
     width: int                  # the band width d of this image
 
 
-def _gt_bands(full: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Boundary bands of an image's [H, W, n] GT masks, their areas and the band width."""
+def _gt_bands(full: np.ndarray, rles: list) -> tuple[np.ndarray, np.ndarray, int]:
+    """Boundary bands of an image's [H, W, n] GT masks, their areas and the band width.  Each band
+    is taken on its mask's bounding box: outside it the mask is background, as the band's own
+    padding assumes, so the result is exact at a fraction of the full-image cost."""
     d = boundary_width(*full.shape[:2])
-    band = boundary_band(torch.from_numpy(full).permute(2, 0, 1).bool(), d).permute(1, 2, 0).numpy()
-    return band, band.sum((0, 1)).astype(np.float64), d
+    band, area = np.zeros(full.shape, bool), np.zeros(full.shape[2])
+    for k, (x, y, bw, bh) in enumerate(mask_utils.toBbox(rles).astype(np.int64) if rles else []):
+        crop = boundary_band(torch.from_numpy(full[y:y + bh, x:x + bw, k]).bool()[None], d)[0].numpy()
+        band[y:y + bh, x:x + bw, k] = crop
+        area[k] = crop.sum()
+    return band, area, d
 
 
 def _chunks(sizes: np.ndarray, budget: int):
@@ -123,7 +129,7 @@ class RoiEvaluator:
             full = mask_utils.decode(rles) if rles else np.zeros((*self.orig_hw[i], 0), np.uint8)
             self._gt_cache[i] = _ImageGT(packed, union_packed(packed), full,
                                          np.asarray(mask_utils.area(rles), np.float64).reshape(-1),
-                                         *_gt_bands(full))
+                                         *_gt_bands(full, rles))
         return self._gt_cache[i]
 
     # ---- one batch ------------------------------------------------------------------------
