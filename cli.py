@@ -337,7 +337,8 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path, ma
     refuse_overlap({"--out": out, "the end-to-end graph": e2e}, {"--checkpoint": path, "--onnx": ext})
     if end_to_end:
         open_extractor(meta, ext, "cpu")  # same checks as inference: file exists, sha256 matches
-    spec = ExportSpec.from_meta(meta, masks=mask_format, threshold=threshold, full_probs=full_probs, half=half)
+    spec = ExportSpec.from_meta(meta, masks=mask_format, threshold=threshold, full_probs=full_probs, half=half,
+                                scores=getattr(model, "score_head", None) is not None)
     try:
         report = export_checked(model, spec, out, opset, predictor_metadata(meta, path.name),
                                 (ext, meta["feature_name"], e2e) if end_to_end else None)

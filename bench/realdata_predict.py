@@ -50,10 +50,13 @@ def _train(job: dict) -> str:
 
 
 def ck_dir(variant: str, fold: int, seed: int) -> Path:
-    return OUT / "ck" / (f"{variant}_f{fold}" + (f"_s{seed}" if seed else ""))
+    return OUT / "ck" / (f"{variant.replace(' ', '_')}_f{fold}" + (f"_s{seed}" if seed else ""))
 
 
-def train_folds(store: Path, folds: int, procs: int, seeds, variants=("default", "prior")) -> dict:
+VARIANTS = {"default": {}, "prior": {"model": "prior"}, "score head": {"score_head": True}}
+
+
+def train_folds(store: Path, folds: int, procs: int, seeds, variants=tuple(VARIANTS)) -> dict:
     names = cv.make_folds(store, folds)
     jobs = []
     for f, seed in ((f, s) for s in seeds for f in range(folds)):
@@ -65,8 +68,7 @@ def train_folds(store: Path, folds: int, procs: int, seeds, variants=("default",
             cfg = dict(train_store=str(store), val_store=str(store), train_images=train, val_images=names[f],
                        analysis=str(analysis), seed=seed, workers=0, resident="cpu", visualize=False,
                        tensorboard=False, device="cpu", out=str(ck_dir(v, f, seed)))
-            if v != "default":
-                cfg["model"] = v
+            cfg.update(VARIANTS[v])
             jobs.append({"fold": f, "seed": seed, "variant": v, "config": cfg, "out": cfg["out"]})
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with ProcessPoolExecutor(procs) as pool:
@@ -183,7 +185,7 @@ def main():
 
     gt = json.loads(ANN.read_text())
     runs, info = {}, {}
-    for v in ("default", "prior"):
+    for v in VARIANTS:
         for boxes in ("auto", "gt"):
             key = f"{v} / {boxes} boxes"
             runs[key], info[key] = [], {"images_per_s": [], "predict_vs_evaluate_max_diff": 0.0}
@@ -207,17 +209,17 @@ def main():
                             abs(summary["instance_mIoU"] - ev["instance_mIoU"]),
                             abs(summary["boundary_IoU"] - ev["boundary_IoU"]))
                 runs[key].append(pooled)
+            ious = [true_ious(gt, p) for p in runs[key]]    # how well the scores rank the masks
+            info[key]["score_vs_true_iou_spearman"] = float(np.mean(
+                [spearman(np.array([r["score"] for r in p]), iou) for p, iou in zip(runs[key], ious)]))
             if v == "default":
                 runs[f"box filled / {boxes} boxes"] = [box_filled(p) for p in runs[key]]
                 # today's masks with other scores: the true IoU (the ceiling of a mask-quality
-                # score) and a constant (no ranking at all); and how well today's score ranks
-                ious = [true_ious(gt, p) for p in runs[key]]
+                # score) and a constant (no ranking at all)
                 runs[f"default, oracle score / {boxes} boxes"] = [
                     [{**r, "score": float(t)} for r, t in zip(p, iou)] for p, iou in zip(runs[key], ious)]
                 runs[f"default, constant score / {boxes} boxes"] = [[{**r, "score": 1.0} for r in p]
                                                                     for p in runs[key]]
-                info[key]["score_vs_true_iou_spearman"] = float(np.mean(
-                    [spearman(np.array([r["score"] for r in p]), iou) for p, iou in zip(runs[key], ious)]))
     results = {}
     for key, per_seed in runs.items():
         stats = np.mean([quiet_ap(gt, r) for r in per_seed], 0)
@@ -226,7 +228,8 @@ def main():
                         "AP_L": stats[5], "boundary_AP": b_stats[0], "boundary_AP75": b_stats[2],
                         "detections_per_seed": len(per_seed[0]), **info.get(key, {})}
     # CIs for the protocols and baselines; the re-scored rows are bounds, not protocols
-    boots = bootstrap_ap(gt, {k: v for k, v in runs.items() if " score" not in k}, args.boot)
+    rescored = ("oracle score", "constant score")
+    boots = bootstrap_ap(gt, {k: v for k, v in runs.items() if not any(x in k for x in rescored)}, args.boot)
     ci = lambda a: [float(np.percentile(a, 2.5)), float(np.percentile(a, 97.5))]  # noqa: E731
     for key in runs:
         results[key]["AP_CI"] = ci(boots[key]) if key in boots else [float("nan")] * 2
@@ -235,6 +238,8 @@ def main():
         for base in (f"box filled / {boxes} boxes", f"prior / {boxes} boxes"):
             results[d][f"minus {base.split(' /')[0]}"] = [results[d]["AP"] - results[base]["AP"],
                                                           *ci(boots[d] - boots[base])]
+        sh = f"score head / {boxes} boxes"     # the same masks (detached head), other scores
+        results[sh]["minus default"] = [results[sh]["AP"] - results[d]["AP"], *ci(boots[sh] - boots[d])]
     lines = ["| boxes | decoder | mask AP [95% CI] | AP50 | AP75 | AP S/M/L | boundary AP | boundary AP75 | images/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
@@ -247,8 +252,11 @@ def main():
         r = results[f"default / {boxes} boxes"]
         for k in ("minus box filled", "minus prior"):
             lines.append(f"\n{boxes} boxes, default {k}: {r[k][0]:+.3f} [{r[k][1]:+.3f}, {r[k][2]:+.3f}]")
-        lines.append(f"\n{boxes} boxes, rank correlation of the score with the true mask IoU: "
-                     f"{r['score_vs_true_iou_spearman']:.3f}")
+        sh = results[f"score head / {boxes} boxes"]
+        lines.append(f"\n{boxes} boxes, rank correlation of the score with the true mask IoU: default "
+                     f"{r['score_vs_true_iou_spearman']:.3f}, score head {sh['score_vs_true_iou_spearman']:.3f}")
+        lines.append(f"\n{boxes} boxes, score head minus default: {sh['minus default'][0]:+.3f} "
+                     f"[{sh['minus default'][1]:+.3f}, {sh['minus default'][2]:+.3f}]")
         if boxes == "gt":
             lines.append(f"\npredict --boxes gt vs evaluate, instance mIoU and boundary IoU: max |difference| over folds and seeds "
                          f"{r['predict_vs_evaluate_max_diff']:.1e}")

@@ -673,17 +673,34 @@ def test_run_evaluator_feeds_softmax_and_zeroed_features(stores):
     seen = []
 
     class Spy(torch.nn.Module):
-        def forward(self, f, rois):
-            seen.append((f.dtype, float(f.abs().sum()), self.training))
-            return torch.zeros(len(rois), 3, 14, 14).index_fill_(1, torch.tensor([1]), 5.0)
+        def __init__(self, scored=False):
+            super().__init__()
+            self.scored = scored
+
+        def forward(self, f, rois, with_scores=False):
+            seen.append((f.dtype, float(f.abs().sum()), self.training, with_scores))
+            logits = torch.zeros(len(rois), 3, 14, 14).index_fill_(1, torch.tensor([1]), 5.0)
+            scores = rois[:, 3] - rois[:, 1] if self.scored else None      # a score: the box width
+            return (logits, scores) if with_scores else logits
     spy = Spy().train()
     ev = RoiEvaluator(index, FeatureStore(stores["val"]), 3, "cpu")
     out = run_evaluator(spy, val_batches(index, torch.device("cpu"), 4, 14), ev, zero_features=True)
     assert out is ev and spy.training and all(s[1] == 0 and not s[2] and s[0] == torch.float32 for s in seen)
     assert ev.result()["iou"]["background"] < 0.5 and ev.result()["instances"] == int(index.roi_start[-1])
+    assert "score_rank_corr" not in ev.result()
     seen.clear()
     run_evaluator(spy, val_batches(index, torch.device("cpu"), 4, 14), ev)
-    assert all(s[1] > 0 for s in seen)
+    assert all(s[1] > 0 and s[3] for s in seen)
+    # with a score head: the predicted scores are paired with the true IoUs of the same ROIs
+    ev.keep_records(True)
+    run_evaluator(Spy(scored=True), val_batches(index, torch.device("cpu"), 4, 14), ev)
+    res = ev.result()
+    recs = res["per_roi"]
+    width = {r: float(index.padded_input[r][2] - index.padded_input[r][0]) for r in range(int(index.roi_start[-1]))}
+    assert all(rec["score"] == pytest.approx(width[rec["roi"]], abs=1e-6) for rec in recs)
+    pred, true = np.array([r["score"] for r in recs]), np.array([r["iou"] for r in recs])
+    assert res["score_mae"] == pytest.approx(np.abs(pred - true).mean())
+    assert -1 <= res["score_rank_corr"] <= 1
 
 
 def test_evaluator_records_coco_detections_and_single_rois(stores):

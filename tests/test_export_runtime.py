@@ -42,17 +42,17 @@ assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'
 """
 
 
-@pytest.mark.parametrize("mode", ["stretch", "letterbox"])
-def test_onnx_decoder_and_end_to_end_equal_torch_predictor(standin_onnx, tmp_path, mode):
+@pytest.mark.parametrize("mode,scored", [("stretch", False), ("letterbox", True)])
+def test_onnx_decoder_and_end_to_end_equal_torch_predictor(standin_onnx, tmp_path, mode, scored):
     torch.manual_seed(0)
-    model = build_model("roialign", 16, hidden=16, roi_size=7, mask_size=28,
+    model = build_model("roialign", 16, hidden=16, roi_size=7, mask_size=28, score_head=scored,
                         feature_stats=(torch.randn(16), torch.rand(16) + 0.5)).eval()
     meta = {"preprocess": Preprocess(policy=ResizePolicy(640, 640, mode)).to_dict(), "roi_padding": 0.1,
             "feature_name": FEATURE_NAME, "feature_shape": [16, 80, 80], "input_hw": [640, 640],
             "onnx_path": str(standin_onnx), "onnx_sha256": file_sha256(standin_onnx)}
-    spec = ExportSpec.from_meta(meta)
+    spec = ExportSpec.from_meta(meta, scores=scored)
     dec = export_decoder(model, spec, tmp_path / "d.onnx", meta=predictor_metadata(meta, "x.pth"))
-    check_parity(model, dec, spec)
+    check_parity(model, dec, spec)          # scores [N] included: a float output, compared like the logits
     e2e = export_end_to_end(standin_onnx, FEATURE_NAME, dec, tmp_path / "e2e.onnx")
     ref = Predictor(TorchDecoder(model), meta, Extractor(standin_onnx, FEATURE_NAME, "cpu"))
     im = Image.fromarray(np.random.default_rng(1).integers(0, 255, (360, 800, 3), np.uint8))
@@ -65,6 +65,10 @@ def test_onnx_decoder_and_end_to_end_equal_torch_predictor(standin_onnx, tmp_pat
         assert np.array_equal(got.windows, want.windows)
         for g, w in zip(got.probs, want.probs):
             assert g.shape == w.shape and np.abs(g - w).max() < 1e-3
+        if scored:   # the score head's mask IoUs, the same through every path
+            assert len(want.quality) == 3 and np.abs(np.array(got.quality) - want.quality).max() < 1e-4
+        else:
+            assert got.quality is None and want.quality is None
     with pytest.raises(Exception, match="end-to-end graph"):
         Predictor.from_onnx(e2e, provider="cpu").predict(im)
 

@@ -252,8 +252,8 @@ class _Tiny(torch.nn.Module):
         self.m = build_model("roialign", 4, hidden=8, roi_size=7, mask_size=14)
         self.num_classes = 3
 
-    def forward(self, f, r):
-        return self.m(f, r)
+    def forward(self, f, r, with_scores=False):
+        return self.m(f, r, with_scores)
 
 
 def test_evaluate_from_annotations_and_images_equals_the_store(trained, synth, tmp_path):

@@ -63,6 +63,24 @@ class FeatureNorm(nn.Module):
         return (x - self.mean[:, None, None].to(x.dtype)) / self.std[:, None, None].to(x.dtype)
 
 
+class MaskIoUHead(nn.Module):
+    """Mask Scoring R-CNN's MaskIoU head, small: the decoder's ROI features and its predicted
+    target-class probability (max-pooled to the ROI size) -> the predicted mask's IoU with the GT
+    person, in [0, 1].  Both inputs are detached, so the head never changes a mask."""
+
+    def __init__(self, channels: int, roi_size: int, mask_size: int, width: int = 64):
+        super().__init__()
+        self.pool = mask_size // roi_size
+        self.convs = nn.Sequential(conv_gn_relu(channels + 1, width), conv_gn_relu(width, width))
+        self.fc = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, 1))
+
+    def forward(self, feats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        target = logits.detach().float().softmax(1)[:, 1:2]
+        target = F.max_pool2d(target, self.pool) if self.pool > 1 else target
+        x = self.convs(torch.cat([feats.detach(), target.to(feats.dtype)], 1))
+        return torch.sigmoid(self.fc(x.mean((2, 3))).float()[:, 0])
+
+
 class RoiAlignDecoder(nn.Module):
     """ROIAlign (torchvision, aligned=True) -> normalization -> conv stack (GroupNorm) -> x2
     upsampling -> logits.
@@ -73,7 +91,7 @@ class RoiAlignDecoder(nn.Module):
     HALF_STAGES = ("convs", "upsample", "classifier")   # what `export --half` runs in fp16
 
     def __init__(self, in_channels: int, hidden: int = 128, roi_size: int = 14, mask_size: int = 56,
-                 num_classes: int = 3, num_convs: int = 4, sampling_ratio: int = 2):
+                 num_classes: int = 3, num_convs: int = 4, sampling_ratio: int = 2, score_head: bool = False):
         super().__init__()
         self.num_classes = num_classes
         self.norm = FeatureNorm(in_channels)
@@ -92,6 +110,7 @@ class RoiAlignDecoder(nn.Module):
             ch = nxt
         self.upsample = nn.Sequential(*up)
         self.classifier = nn.Conv2d(ch, num_classes, 1)
+        self.score_head = MaskIoUHead(hidden, roi_size, mask_size) if score_head else None
 
     @property
     def norm_conv(self) -> nn.Conv2d:
@@ -101,9 +120,14 @@ class RoiAlignDecoder(nn.Module):
     def set_norm_conv(self, conv: nn.Conv2d) -> None:
         self.convs[0][0] = conv
 
-    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        x = self.norm(roi_features(features, rois, self.roi_size, self.sampling_ratio))
-        return self.classifier(self.upsample(self.convs(x)))
+    def forward(self, features: torch.Tensor, rois: torch.Tensor, with_scores: bool = False):
+        """Logits [N, K, M, M]; ``with_scores``: (logits, predicted mask IoU [N] or None without a
+        score head).  One call, so DDP sees every parameter that takes part."""
+        x = self.convs(self.norm(roi_features(features, rois, self.roi_size, self.sampling_ratio)))
+        logits = self.classifier(self.upsample(x))
+        if not with_scores:
+            return logits
+        return logits, (self.score_head(x, logits) if self.score_head is not None else None)
 
 
 class GlobalContextDecoder(nn.Module):
@@ -150,7 +174,7 @@ class GlobalContextDecoder(nn.Module):
     def set_norm_conv(self, conv: nn.Conv2d) -> None:
         self.reduce[0] = conv
 
-    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, rois: torch.Tensor, with_scores: bool = False):
         hw = features.shape[-2:]
         base = self.reduce(self.norm(features))[rois[:, 0].long()]
         x1 = self.enc1(torch.cat([base, self.roi_channels(rois, hw, base.dtype)], 1))
@@ -161,7 +185,8 @@ class GlobalContextDecoder(nn.Module):
         boxes = rois_to_feature_boxes(rois.float(), hw)
         boxes[:, 0] = torch.arange(len(rois), device=rois.device, dtype=boxes.dtype)
         crop = roi_align_fp32_boxes(d1, boxes, self.mask_size)
-        return self.classifier(crop)
+        logits = self.classifier(crop)
+        return (logits, None) if with_scores else logits   # no score head
 
 
 class MeanShapePrior(nn.Module):
@@ -180,8 +205,9 @@ class MeanShapePrior(nn.Module):
         self.norm = FeatureNorm(in_channels)  # unused; keeps every model's state alike
         self.logits = nn.Parameter(torch.zeros(num_classes, mask_size, mask_size))
 
-    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        return (self.GAIN * self.logits)[None].expand(rois.shape[0], -1, -1, -1).to(features.dtype)
+    def forward(self, features: torch.Tensor, rois: torch.Tensor, with_scores: bool = False):
+        logits = (self.GAIN * self.logits)[None].expand(rois.shape[0], -1, -1, -1).to(features.dtype)
+        return (logits, None) if with_scores else logits   # no score head
 
 
 MODELS = {"roialign": RoiAlignDecoder, "global": GlobalContextDecoder, "prior": MeanShapePrior}

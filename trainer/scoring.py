@@ -117,6 +117,7 @@ class RoiEvaluator:
         self.biou_sum = z(len(SUBSETS))
         self.records: list[dict] = []
         self.coco_dets: list = []
+        self.score_pairs: list = []     # (predicted, true instance IoU) per ROI, with a score head
         self._gt_cache: dict = {}
 
     # ---- ground truth of one image ------------------------------------------------------------
@@ -134,8 +135,9 @@ class RoiEvaluator:
 
     # ---- one batch ------------------------------------------------------------------------
     @torch.no_grad()
-    def process(self, roi_ids, probs: torch.Tensor) -> None:
-        """``roi_ids`` [n] rows of the store's ROI table; ``probs`` [n, K, M, M] softmax outputs."""
+    def process(self, roi_ids, probs: torch.Tensor, scores: torch.Tensor | None = None) -> None:
+        """``roi_ids`` [n] rows of the store's ROI table; ``probs`` [n, K, M, M] softmax outputs;
+        ``scores`` [n]: a score head's predicted mask IoUs (None: the mean probability scores)."""
         roi_ids = np.asarray(roi_ids.cpu() if torch.is_tensor(roi_ids) else roi_ids, np.int64)
         if len(roi_ids) == 0:
             return
@@ -152,8 +154,9 @@ class RoiEvaluator:
         sizes = np.maximum(np.stack([in_win[:, 3] - in_win[:, 1], in_win[:, 2] - in_win[:, 0]], 1),
                            np.stack([o_win[:, 3] - o_win[:, 1], o_win[:, 2] - o_win[:, 0]], 1)).clip(0)
         for sel in _chunks(sizes, self.budget):
-            self._process_chunk(roi_ids[sel], probs[torch.as_tensor(sel, device=probs.device)], images[sel],
-                                local[sel], in_box[sel], in_win[sel], o_box[sel], o_win[sel], o_hw[sel], gts)
+            pick = torch.as_tensor(sel, device=probs.device)
+            self._process_chunk(roi_ids[sel], probs[pick], images[sel], local[sel], in_box[sel], in_win[sel],
+                                o_box[sel], o_win[sel], o_hw[sel], gts, None if scores is None else scores[pick])
 
     def _semantic(self, probs, images, local, box, win, gts):
         """[n, 2, K] intersections/unions of the argmax labels inside each input-frame window."""
@@ -185,7 +188,7 @@ class RoiEvaluator:
             out[:, 1, c] = (p | g).sum((1, 2)).double()
         return out
 
-    def _process_chunk(self, roi_ids, probs, images, local, in_box, in_win, o_box, o_win, o_hw, gts):
+    def _process_chunk(self, roi_ids, probs, images, local, in_box, in_win, o_box, o_win, o_hw, gts, scores):
         n = len(roi_ids)
         iu = self._semantic(probs, images, local, in_box, in_win, gts)
         empty_in = (in_win[:, 2] <= in_win[:, 0]) | (in_win[:, 3] <= in_win[:, 1])
@@ -224,6 +227,9 @@ class RoiEvaluator:
         self.biou_sum += (member * biou[:, None]).sum(0)
         self.box_sum += (member * torch.as_tensor(box_iou, device=self.device)[:, None]).sum(0)
         self.count += member.sum(0)
+        scores_h = None if scores is None else scores.float().cpu().numpy()
+        if scores_h is not None:
+            self.score_pairs += list(zip(scores_h.tolist(), iou.cpu().numpy().tolist()))
         if self.coco_eval or self._keep_records:
             iou_h, iu_h, biou_h = iou.cpu().numpy(), iu.cpu().numpy(), biou.cpu().numpy()
             if self._keep_records:
@@ -232,13 +238,15 @@ class RoiEvaluator:
                                          "iu": iu_h[j].tolist(), "area": float(gt_area[j]),
                                          "has_other": bool(self.index.has_other[roi_ids[j]]),
                                          "iou": float(iou_h[j]), "biou": float(biou_h[j]),
-                                         "box_iou": float(box_iou[j])})
+                                         "box_iou": float(box_iou[j]),
+                                         **({} if scores_h is None else {"score": float(scores_h[j])})})
             if self.coco_eval:
                 pred_h, fg_h = pred.cpu().numpy(), fg.cpu().numpy()
                 for j in range(n):
                     x0, y0, x1, y1 = o_win[j]
                     m = pred_h[j, : y1 - y0, : x1 - x0]
-                    score = float(fg_h[j, : y1 - y0, : x1 - x0][m].mean()) if m.any() else 0.0
+                    score = (float(scores_h[j]) if scores_h is not None else
+                             float(fg_h[j, : y1 - y0, : x1 - x0][m].mean()) if m.any() else 0.0)
                     self.coco_dets.append(coco_result(int(self.image_id[images[j]]), (x0, y0, x1, y1), m, score,
                                                       tuple(int(v) for v in o_hw[j])))
 
@@ -282,9 +290,18 @@ class RoiEvaluator:
         if self.coco_eval:
             from roiseg.trainer.coco_eval import coco_mask_ap
             res.update(coco_mask_ap(self.store, self.coco_dets, self.index.images))
+        if self.score_pairs:
+            res.update(score_quality(np.asarray(self.score_pairs, np.float64)))
         if self._keep_records:
             res["per_roi"] = list(self.records)
         return res
+
+
+def score_quality(pairs: np.ndarray) -> dict:
+    """How well predicted mask IoUs ([n, 2]: predicted, true) rank and match the true ones."""
+    rank = lambda x: np.argsort(np.argsort(x, kind="stable"), kind="stable")  # noqa: E731
+    corr = float(np.corrcoef(rank(pairs[:, 0]), rank(pairs[:, 1]))[0, 1]) if len(pairs) > 1 else float("nan")
+    return {"score_rank_corr": corr, "score_mae": float(np.abs(pairs[:, 0] - pairs[:, 1]).mean())}
 
 
 def _boundary_iou(pred: torch.Tensor, gt_band: torch.Tensor, gt_band_area: np.ndarray,
@@ -311,8 +328,8 @@ def run_evaluator(model: torch.nn.Module, batches: Iterable[dict], evaluator: Ro
         f = batch["features"]
         f = torch.zeros_like(f) if zero_features else f
         with torch.autocast(f.device.type, dtype=torch.float16, enabled=amp):
-            logits = model(f if amp else f.float(), batch["rois"])
-        evaluator.process(batch["roi_ids"], logits.float().softmax(1))
+            logits, scores = model(f if amp else f.float(), batch["rois"], with_scores=True)
+        evaluator.process(batch["roi_ids"], logits.float().softmax(1), scores)
     model.train(was_training)
     return evaluator
 

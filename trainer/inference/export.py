@@ -86,7 +86,7 @@ def export_decoder(model, spec: ExportSpec, out: Path, opset: int = 17, meta: di
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dyn = {"features": {0: "B"}, "rois": {0: "N"}, "image_rects": {0: "B"}, "instance_map": {0: "B"},
-           **{k: {0: "N"} for k in ("masks", "logits", "roi_boxes", "probs")}}
+           **{k: {0: "N"} for k in ("masks", "logits", "roi_boxes", "probs", "scores")}}
     dyn = {k: v for k, v in dyn.items() if k in spec.inputs + spec.outputs}
     with atomic_write(out) as tmp:
         # the tracer's notes (constant folding, Python values in the graph) are about its internals

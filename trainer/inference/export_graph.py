@@ -44,6 +44,7 @@ OUTPUT_DOC = {
     "logits": "[N,K,M,M] decoder logits on the padded ROI's grid (0 background, 1 target, 2 other persons)",
     "roi_boxes": "[N,4] the padded ROI in input pixels (xyxy): where the logits grid lies",
     "probs": "[N,K,H,W] all class probabilities pasted at input resolution (export --full-probs)",
+    "scores": "[N] the score head's predicted mask IoU in [0, 1] (decoders trained with --score-head)",
 }
 
 
@@ -63,6 +64,7 @@ class ExportSpec:
     threshold: float = 0.5
     full_probs: bool = False    # also the old probs [N,K,H,W] output
     half: bool = False          # fp16 weights and activations in the conv stack
+    scores: bool = False        # the decoder has a score head: a scores [N] output
 
     def __post_init__(self):
         if self.masks not in ("binary", "prob"):
@@ -81,7 +83,8 @@ class ExportSpec:
 
     @property
     def outputs(self) -> list[str]:
-        return ["masks", "instance_map", "logits", "roi_boxes"] + (["probs"] if self.full_probs else [])
+        return (["masks", "instance_map", "logits", "roi_boxes"] + (["probs"] if self.full_probs else [])
+                + (["scores"] if self.scores else []))
 
 
 def fold_feature_norm(model: nn.Module) -> nn.Module:
@@ -175,7 +178,7 @@ class DecoderExport(nn.Module):
         else:
             rect = image_rects[rois[:, 0].long()]
             padded = pad_box(rois[:, 1:5], s.roi_padding, rect[:, [0, 1, 0, 1]], rect[:, [2, 3, 2, 3]])
-        logits = self.model(features, torch.cat([rois[:, :1], padded], 1))
+        logits, quality = self.model(features, torch.cat([rois[:, :1], padded], 1), with_scores=True)
         px = padded * torch.tensor([w, h, w, h], dtype=padded.dtype, device=padded.device)
         prob = logits.float().softmax(1)
         real = (torch.arange(rois.shape[0], device=prob.device) > 0).to(prob.dtype)
@@ -191,6 +194,10 @@ class DecoderExport(nn.Module):
                "instance_map": instance_map, "logits": logits[1:].float(), "roi_boxes": px[1:], "fg": fg}
         if s.full_probs:
             out["probs"] = paste_masks(prob[1:], px[1:], h, w)
+        if s.scores:
+            if quality is None:
+                raise ExportError("scores output asked for, but the decoder has no score head")
+            out["scores"] = quality[1:].float()
         return out
 
     def forward(self, features, rois, image_rects=None):

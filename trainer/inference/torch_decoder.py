@@ -22,14 +22,15 @@ class TorchDecoder:
         self.provider = f"torch {self.device}"
 
     def __call__(self, x: np.ndarray, boxes_in: np.ndarray, rois_in: np.ndarray, rect_in: np.ndarray,
-                 rel: np.ndarray, hw: tuple) -> np.ndarray:
+                 rel: np.ndarray, hw: tuple) -> tuple[np.ndarray, np.ndarray | None]:
         r = torch.as_tensor(np.concatenate([np.zeros((len(rois_in), 1)), rois_in], 1), dtype=torch.float32,
                             device=self.device)
         with torch.no_grad():
-            fg = self.model(torch.from_numpy(x).float().to(self.device), r).softmax(1)[:, 1:2]
-            pasted = paste_masks(fg, torch.as_tensor(rel, dtype=torch.float32, device=self.device), *hw,
-                                 fill_background=False)
-        return pasted[:, 0].cpu().numpy()
+            logits, quality = self.model(torch.from_numpy(x).float().to(self.device), r, with_scores=True)
+            pasted = paste_masks(logits.softmax(1)[:, 1:2], torch.as_tensor(rel, dtype=torch.float32,
+                                                                               device=self.device),
+                                 *hw, fill_background=False)
+        return pasted[:, 0].cpu().numpy(), (None if quality is None else quality.float().cpu().numpy())
 
 
 

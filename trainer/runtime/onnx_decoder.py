@@ -70,6 +70,7 @@ class OnnxDecoder:
         self.inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
         if "logits" not in [o.name for o in model.graph.output]:
             raise FeatCacheError(f"{path} has no logits output")
+        self.has_scores = "scores" in [o.name for o in model.graph.output]    # a score head's mask IoUs
         self.end_to_end = self.inputs[0] != "features"
         self.letterbox = "image_rects" in self.inputs
         # fp32 engines: the graph's geometry and paste must stay fp32 (export --half puts fp16 in the graph)
@@ -77,10 +78,10 @@ class OnnxDecoder:
         self.provider = self.session.get_providers()[0]
 
     def __call__(self, x: np.ndarray, boxes_in: np.ndarray, rois_in: np.ndarray, rect_in: np.ndarray,
-                 rel: np.ndarray, hw: tuple) -> np.ndarray:
+                 rel: np.ndarray, hw: tuple) -> tuple[np.ndarray, np.ndarray | None]:
         feed = {self.inputs[0]: x.astype(np.float32),
                 "rois": np.concatenate([np.zeros((len(boxes_in), 1)), boxes_in], 1).astype(np.float32)}
         if self.letterbox:
             feed["image_rects"] = np.asarray(rect_in, np.float32).reshape(1, 4)
-        logits = self.session.run(["logits"], feed)[0]
-        return paste_numpy(softmax(logits)[:, 1], rel, *hw)
+        out = self.session.run(["logits"] + (["scores"] if self.has_scores else []), feed)
+        return paste_numpy(softmax(out[0])[:, 1], rel, *hw), (out[1] if self.has_scores else None)

@@ -50,6 +50,7 @@ class Prediction:
     rois: np.ndarray             # [N, 4] padded ROIs, normalized xyxy
     windows: np.ndarray          # [N, 4] int
     probs: list = field(default_factory=list)
+    quality: list | None = None  # [N] the decoder's predicted mask IoUs (a score head), else None
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -65,7 +66,10 @@ class Prediction:
         return out
 
     def mask_scores(self, threshold: float = THRESHOLD) -> np.ndarray:
-        """Mean class-1 probability over each predicted mask (0 for an empty one)."""
+        """Each mask's quality: the score head's predicted IoU when the decoder has one, else the
+        mean class-1 probability over the mask (0 for an empty one)."""
+        if self.quality is not None:
+            return np.asarray(self.quality, np.float64)
         return np.array([float(p[p > threshold].mean()) if (p > threshold).any() else 0.0 for p in self.probs])
 
 
@@ -148,23 +152,26 @@ class Predictor:
         windows = native_windows(rois * [w, h, w, h], (h, w))
         pred = Prediction((h, w), boxes, scores, rois, windows)
         for a in range(0, len(rois), self.max_rois_per_run):
-            pred.probs += self._decode(feats, (h, w), boxes[a:a + self.max_rois_per_run],
-                                       rois[a:a + self.max_rois_per_run], windows[a:a + self.max_rois_per_run])
+            probs, quality = self._decode(feats, (h, w), boxes[a:a + self.max_rois_per_run],
+                                          rois[a:a + self.max_rois_per_run], windows[a:a + self.max_rois_per_run])
+            pred.probs += probs
+            if quality is not None:
+                pred.quality = (pred.quality or []) + [float(q) for q in quality]
             if progress is not None:
                 progress(len(pred.probs), len(rois))
         return pred
 
-    def _decode(self, feats, size, boxes, rois, windows) -> list[np.ndarray]:
-        """Each person's class-1 probability on its window: one paste into a frame as big as the
-        largest window, each ROI keeping its own corner."""
+    def _decode(self, feats, size, boxes, rois, windows) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Each person's class-1 probability on its window (one paste into a frame as big as the
+        largest window, each ROI keeping its own corner), and the predicted mask IoUs or None."""
         h, w = size
         hmax = max(int((windows[:, 3] - windows[:, 1]).max()), 1)
         wmax = max(int((windows[:, 2] - windows[:, 0]).max()), 1)
         rel = rois * [w, h, w, h] - np.tile(windows[:, :2], 2)
-        pasted = self.decoder(feats, self.policy.norm_to_input_norm(boxes, w, h),
-                              self.policy.norm_to_input_norm(rois, w, h), content_rect(self.policy, w, h),
-                              rel, (hmax, wmax))
-        return [pasted[k, : y1 - y0, : x1 - x0] for k, (x0, y0, x1, y1) in enumerate(windows)]
+        pasted, quality = self.decoder(feats, self.policy.norm_to_input_norm(boxes, w, h),
+                                       self.policy.norm_to_input_norm(rois, w, h), content_rect(self.policy, w, h),
+                                       rel, (hmax, wmax))
+        return [pasted[k, : y1 - y0, : x1 - x0] for k, (x0, y0, x1, y1) in enumerate(windows)], quality
 
 
 def open_extractor(meta: dict, onnx_path=None, provider="auto", detections: bool = False,

@@ -234,8 +234,11 @@ def person_records(pred: Prediction, image_id: int, category_id: int, threshold:
                    file_name: str | None = None) -> list[PersonRecord]:
     h, w = pred.size
     mask_scores = pred.mask_scores(threshold)
-    return [PersonRecord(image_id, file_name, category_id, pred.boxes[k] * [w, h, w, h],
-                         float(pred.scores[k]) if pred.scores[k] != 1.0 else float(mask_scores[k]),
+    # with a score head: detector score x predicted mask IoU (given boxes: the predicted IoU);
+    # without: the detector's score, or the mask's mean probability for given boxes
+    score = (pred.scores * mask_scores if pred.quality is not None else
+             np.where(pred.scores != 1.0, pred.scores, mask_scores))
+    return [PersonRecord(image_id, file_name, category_id, pred.boxes[k] * [w, h, w, h], float(score[k]),
                          tuple(int(v) for v in pred.windows[k]), m, (h, w),
                          None if ann_ids is None else int(ann_ids[k]))
             for k, m in enumerate(pred.window_masks(threshold))]

@@ -71,6 +71,10 @@ class TrainConfig:
     dice_classes: list[int] = option([1], "Classes the Dice term covers.", cli=None)
     focal_gamma: float = option(0.0, "Focal CE gamma, 0 = plain CE.", ge=0, shown="0")
     boundary_weight: float = option(0.0, "Extra CE on label boundaries.", ge=0, shown="0")
+    score_head: bool = option(False, "Also train a MaskIoU head that predicts each mask's IoU (the mask score; "
+                              "roialign model only).", shown="off")
+    score_weight: float = option(1.0, "Weight of the score head's squared error on the mask IoU.", ge=0,
+                                 shown="1.0")
     best_metric: Literal["instance_mIoU", "mIoU"] = option("instance_mIoU", "Validation metric that picks best.pth.")
     coco_eval: bool = option(False, "Also COCO mask AP (pycocotools) every epoch.", shown="off")
     zero_features: bool = option(False, "Ablation: train with features zeroed.", shown="off")
@@ -85,6 +89,10 @@ class TrainConfig:
     vis_image_dir: str | None = option(None, "Val images for the PNG.", shown="the val cache's")
     vis_onnx: str | None = option(None, "Extractor ONNX for the PNG.", shown="the cache's")
     visualize: bool = option(True, "Draw the validation PNG every epoch.", cli="--vis", shown="on")
+
+    def __post_init__(self):
+        if self.score_head and self.model != "roialign":
+            raise ConfigError(f"score_head: needs --model roialign, not {self.model!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -195,7 +195,8 @@ class Trainer:
                                                self.out, self.dist.is_main)
         self.run = dataclasses.replace(self.run, analysis=analysis)
         return SegLoss(LossConfig(tuple(weights) if weights else None, cfg.dice_weight, tuple(cfg.dice_classes),
-                                  cfg.focal_gamma, cfg.boundary_weight), cfg.classes).to(self.device)
+                                  cfg.focal_gamma, cfg.boundary_weight, cfg.score_weight),
+                       cfg.classes).to(self.device)
 
     def _sources(self):
         cfg, r, w = self.cfg, self.dist.rank, self.dist.world
@@ -299,12 +300,12 @@ class Trainer:
                 lr = self._set_lr(epoch - 1 + min(1.0, (done + rois_before_step(counts, len(chunks), j))
                                                   / self.epoch_rois))
                 with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                    logits = self.net(feats, batch["rois"][sel])
+                    logits, scores = self.net(feats, batch["rois"][sel], with_scores=True)
                 if len(sel):
-                    losses = self.loss(logits, targets[sel])
+                    losses = self.loss(logits, targets[sel], scores)
                     loss = losses["loss"]
                 else:   # nothing to learn here: a zero loss still runs DDP's gradient all-reduce
-                    loss = logits.float().sum() * 0.0
+                    loss = logits.float().sum() * 0.0 + (scores.sum() * 0.0 if scores is not None else 0.0)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 if self.cfg.grad_clip > 0:
@@ -348,6 +349,7 @@ class Trainer:
         if self.dist.enabled:   # per-ROI records and COCO detections of every rank's share of the images
             evaluator.records = D.all_gather_lists(evaluator.records, self.dist)
             evaluator.coco_dets = D.all_gather_lists(evaluator.coco_dets, self.dist)
+            evaluator.score_pairs = D.all_gather_lists(evaluator.score_pairs, self.dist)
         return evaluator.result()
 
     @functools.cached_property

@@ -17,6 +17,7 @@ class LossConfig:
     dice_classes: tuple = (1,)
     focal_gamma: float = 0.0        # 0 = plain CE
     boundary_weight: float = 0.0    # extra CE weight on pixels at label boundaries
+    score_weight: float = 1.0       # the score head's squared error on the mask IoU
 
 
 def boundary_map(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -27,6 +28,16 @@ def boundary_map(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (dil - ero).amax(1) > 0
 
 
+def grid_mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[N] IoU of each predicted target mask (class-1 probability > 0.5, the evaluator's rule) with
+    the target person on the ROI grid: what the score head learns to predict.  Both empty: 1."""
+    pred = logits.float().softmax(1)[:, 1] > 0.5
+    gt = targets == 1
+    inter = (pred & gt).sum((1, 2)).float()
+    union = (pred | gt).sum((1, 2)).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
 class SegLoss(torch.nn.Module):
     def __init__(self, cfg: LossConfig, num_classes: int):
         super().__init__()
@@ -34,7 +45,8 @@ class SegLoss(torch.nn.Module):
         w = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
         self.register_buffer("weight", w, persistent=False)
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, scores: torch.Tensor | None = None) -> dict:
+        """``scores``: the score head's predicted mask IoUs [N] (trained on the detached masks)."""
         logits = logits.float()
         t = targets.long()
         ce = F.cross_entropy(logits, t, weight=self.weight, reduction="none")
@@ -62,5 +74,8 @@ class SegLoss(torch.nn.Module):
             edge = boundary_map(t, self.k)
             out["boundary"] = (ce * edge).sum() / edge.sum().clamp_min(1)
             total = total + self.cfg.boundary_weight * out["boundary"]
+        if scores is not None:
+            out["score"] = F.mse_loss(scores.float(), grid_mask_iou(logits.detach(), t))
+            total = total + self.cfg.score_weight * out["score"]
         out["loss"] = total
         return out

@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 def model_kwargs(cfg, hidden: int) -> dict:
     """The decoder's constructor arguments (``hidden``: the resolved width)."""
-    return {"hidden": hidden, "roi_size": cfg.roi_size, "mask_size": cfg.mask_size,
-            "num_classes": cfg.classes}
+    kw = {"hidden": hidden, "roi_size": cfg.roi_size, "mask_size": cfg.mask_size, "num_classes": cfg.classes}
+    # only when on: checkpoints from before the score head keep their kwargs (and resume)
+    return kw | ({"score_head": True} if cfg.score_head else {})
 
 
 def training_set(meta: dict, config: dict) -> dict:
