@@ -64,7 +64,8 @@ def test_instance_boundary_iou_of_a_window_by_hand():
     gt = np.zeros((5, 5), bool)
     gt[1:4, 1:4] = True
     rle = mask_utils.encode(np.asfortranarray(gt.astype(np.uint8)))
+    gt_full = mask_utils.decode(rle)
     pred_window = np.ones((3, 4), bool)                 # rows 1-3, cols 1-4 of the image
-    assert instance_boundary_iou(pred_window, (1, 1, 5, 4), rle) == pytest.approx(7 / 11)
-    assert instance_boundary_iou(gt[1:4, 1:4], (1, 1, 4, 4), rle) == 1.0
-    assert instance_boundary_iou(np.zeros((2, 2), bool), (0, 0, 2, 2), rle) == 0.0
+    assert instance_boundary_iou(pred_window, (1, 1, 5, 4), gt_full) == pytest.approx(7 / 11)
+    assert instance_boundary_iou(gt[1:4, 1:4], (1, 1, 4, 4), gt_full) == 1.0
+    assert instance_boundary_iou(np.zeros((2, 2), bool), (0, 0, 2, 2), gt_full) == 0.0

@@ -22,19 +22,23 @@ import math
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
 
 DILATION_RATIO = 0.02
 
 
-def instance_iou(pred_window: np.ndarray, window, gt_rle: dict) -> float:
-    """IoU of a predicted mask living in ``window`` (x0, y0, x1, y1) of the original image (zero
-    elsewhere) with the full-image GT RLE."""
+def _window_iou(pred_window: np.ndarray, window, full: np.ndarray) -> float:
+    """IoU of a mask living in ``window`` (x0, y0, x1, y1) of the image (zero elsewhere) with the
+    full-image mask ``full``."""
     x0, y0, x1, y1 = window
-    gt = mask_utils.decode(gt_rle)
-    inter = int(np.logical_and(pred_window, gt[y0:y1, x0:x1]).sum())
-    union = int(pred_window.sum()) + int(mask_utils.area(gt_rle)) - inter
+    inter = int(np.logical_and(pred_window, full[y0:y1, x0:x1]).sum())
+    union = int(pred_window.sum()) + int(full.sum()) - inter
     return inter / union if union else 1.0
+
+
+def instance_iou(pred_window: np.ndarray, window, gt: np.ndarray) -> float:
+    """IoU of a predicted mask living in ``window`` of the original image with the decoded
+    full-image GT mask ``gt`` [H, W]."""
+    return _window_iou(pred_window, window, gt)
 
 
 def boundary_width(height: int, width: int, ratio: float = DILATION_RATIO) -> int:
@@ -52,16 +56,11 @@ def boundary_band_np(mask: np.ndarray, d: int) -> np.ndarray:
     return mask.astype(bool) & ~eroded.astype(bool)
 
 
-def instance_boundary_iou(pred_window: np.ndarray, window, gt_rle: dict) -> float:
+def instance_boundary_iou(pred_window: np.ndarray, window, gt: np.ndarray) -> float:
     """Boundary IoU of a predicted mask living in ``window`` of the original image (zero elsewhere,
-    so its band can be taken inside the window) with the full-image GT RLE."""
-    x0, y0, x1, y1 = window
-    gt = mask_utils.decode(gt_rle)
+    so its band can be taken inside the window) with the decoded full-image GT mask ``gt``."""
     d = boundary_width(*gt.shape)
-    gt_band, pred_band = boundary_band_np(gt, d), boundary_band_np(pred_window, d)
-    inter = int(np.logical_and(pred_band, gt_band[y0:y1, x0:x1]).sum())
-    union = int(pred_band.sum()) + int(gt_band.sum()) - inter
-    return inter / union if union else 1.0
+    return _window_iou(boundary_band_np(pred_window, d), window, boundary_band_np(gt, d))
 
 
 def miou4(miou: float) -> int:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pycocotools import mask as mask_utils
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -337,9 +338,12 @@ def _gt_ious(pred: Prediction, given: tuple, name: str, boxes: BoxSource, thresh
     """``--boxes gt``: each person's mask IoU and boundary IoU with its own annotation."""
     if given[2] is None or name not in boxes.gt_rles:
         return []
-    gt = dict(zip(boxes.by_name[name][2], boxes.gt_rles[name]))
-    return [(instance_iou(m, win, gt[a]), instance_boundary_iou(m, win, gt[a]))
-            for m, win, a in zip(pred.window_masks(threshold), pred.windows, given[2])]
+    rles = dict(zip(boxes.by_name[name][2], boxes.gt_rles[name]))
+    out = []
+    for m, win, a in zip(pred.window_masks(threshold), pred.windows, given[2]):
+        gt = mask_utils.decode(rles[a])     # decoded once for both IoUs
+        out.append((instance_iou(m, win, gt), instance_boundary_iou(m, win, gt)))
+    return out
 
 
 @dataclass
