@@ -115,6 +115,7 @@ def _metadata(cfg: CacheConfig, ex: Extractor, prep: Preprocess) -> dict:
             "annotation_path": str(cfg.ann), "annotation_sha256": file_sha256(cfg.ann),
             "images_dir": str(cfg.images), "limit": cfg.limit, "flip": cfg.flip,
             "sparse": {"margin": cfg.sparse_margin} if cfg.sparse else None, "codec": cfg.codec,
+            "fine": {"name": cfg.fine_feature, "shape": list(ex.fine_shape)} if cfg.fine_feature else None,
             # not part of the fingerprint: the same features up to the provider's rounding
             "extractor_provider": ex.provider, "extractor_precision": ex.precision}
 
@@ -125,8 +126,8 @@ def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extract
         shutil.rmtree(out)
     if (out / ".zattrs").is_file() and "metadata" in json.loads((out / ".zattrs").read_text()):
         store = FeatureStore(out, "r+")
-        keys = FINGERPRINT_KEYS + ("annotation_sha256", "limit", "flip", "sparse", "codec")
-        diffs = diff_metadata({"flip": False, "sparse": None, "codec": "lz4", **store.meta}, meta, keys)
+        keys = FINGERPRINT_KEYS + ("annotation_sha256", "limit", "flip", "sparse", "codec", "fine")
+        diffs = diff_metadata({"flip": False, "sparse": None, "codec": "lz4", "fine": None, **store.meta}, meta, keys)
         if diffs:
             raise StoreError(f"the cache at {out} was built with other settings:\n  "
                              + "\n  ".join(diffs)
@@ -181,18 +182,23 @@ def stale_lock(lock: Path) -> bool:
     return False
 
 
-def check_disk(out: Path, kept_cells: np.ndarray, feature_shape, input_hw, n_masks: int, enforce: bool,
+def check_disk(out: Path, kept_cells: np.ndarray, map_shapes, input_hw, n_masks: int, enforce: bool,
                flip: bool = False, codec: str = "lz4") -> None:
     """Print the size estimate for the images still to do; stop if the disk cannot hold it.
-    ``kept_cells``: per image to do, the fraction of its cells stored (1 for a dense store; a
-    mirrored map with ``flip`` counts the same)."""
+    ``map_shapes``: the stored maps' [C, H, W] (the feature map, then the fine one);
+    ``kept_cells`` [images to do, maps]: the fraction of each map's cells stored (1 for a dense
+    store; a mirrored map with ``flip`` counts the same)."""
+    kept_cells = np.asarray(kept_cells, np.float64).reshape(len(kept_cells), -1)
     n_todo = len(kept_cells)
-    per_image = int(np.prod(feature_shape)) * 2 * (2 if flip else 1) * float(np.mean(kept_cells))  # raw fp16
+    sizes = np.array([int(np.prod(m)) * 2 for m in map_shapes], np.float64)
+    share = kept_cells.mean(0) if n_todo else np.ones(len(sizes))
+    per_image = float((sizes * share).sum()) * (2 if flip else 1)   # raw fp16
+    stored = float(share @ sizes / sizes.sum())   # of all cells, by bytes
     raw = n_todo * per_image + n_masks * input_hw[0] * input_hw[1] // 8 // 20
     need = raw * STORED_FRACTION[codec]
     free = shutil.disk_usage(out if out.exists() else out.parent).free
-    sparse = float(np.mean(kept_cells)) < 1 if n_todo else False
-    print(f"estimated size: {raw / 1e9:.2f} GB raw fp16{f' (sparse: {np.mean(kept_cells):.0%} of the cells)' if sparse else ''}"
+    sparse = stored < 1 if n_todo else False
+    print(f"estimated size: {raw / 1e9:.2f} GB raw fp16{f' (sparse: {stored:.0%} of the cells)' if sparse else ''}"
           f", stored ~{need / 1e9:.2f} GB with {codec}{', flipped maps included: 2x' if flip else ''}; free {free / 1e9:.2f} GB")
     if enforce and need > free:
         raise FeatCacheError(
@@ -215,7 +221,9 @@ def check_out_folder(cfg: CacheConfig) -> None:
                          f"Pick another --out.")
 
 
-def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
+def run_cache(cfg: CacheConfig, progress: bool = True, on_store_ready=None) -> dict:
+    """Fill this shard of the store; ``on_store_ready()``: called once the store exists (opened or
+    created), before any image is processed (torchrun: rank 0 releases the other ranks)."""
     t0 = time.perf_counter()
     for name, p in (("annotation file", cfg.ann), ("ONNX model", cfg.onnx)):
         if not Path(p).is_file():
@@ -230,11 +238,14 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
     if not records:
         raise FeatCacheError(f"no usable person annotations in {cfg.ann}")
     ex = Extractor(cfg.onnx, cfg.feature_name, cfg.provider, trt_cache=cfg.trt_cache or cfg.out.parent / "trt_engines",
-                   batch_max=max(1, cfg.batch) * (2 if cfg.flip else 1), device_id=cfg.device_id)
+                   batch_max=max(1, cfg.batch) * (2 if cfg.flip else 1), device_id=cfg.device_id,
+                   fine_name=cfg.fine_feature)
     policy = ResizePolicy(ex.input_hw[0], ex.input_hw[1], cfg.resize)
     prep = Preprocess(cfg.channel_order, cfg.scale, policy)
     tables = build_tables(records, policy, cfg.roi_padding)
     store = open_or_create_store(cfg, _metadata(cfg, ex, prep), tables, ex)
+    if on_store_ready is not None:
+        on_store_ready()
 
     done = store.done_mask()
     damaged = {}
@@ -247,14 +258,16 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> dict:
               f"{len(damaged)} damaged" + (" (redone now)" if damaged else ""))
         done = store.done_mask()
     todo = [i for i in range(len(records)) if not done[i] and i % sn == si]
-    print(f"provider: {ex.provider} | feature {cfg.feature_name} {list(ex.feature_shape)} | "
+    fine = f" + fine {cfg.fine_feature} {list(ex.fine_shape)}" if cfg.fine_feature else ""
+    print(f"provider: {ex.provider} | feature {cfg.feature_name} {list(ex.feature_shape)}{fine} | "
           f"{len(records)} images, {int(done.sum())} already cached, {len(todo)} to do"
           + (f" (shard {si}/{sn})" if sn > 1 else ""))
     if todo:
-        kept = np.ones(len(todo))
+        maps = [ex.feature_shape] + ([ex.fine_shape] if ex.fine_shape else [])
+        kept = np.ones((len(todo), len(maps)))
         if cfg.sparse:
-            kept = np.array([store.readable(i).mean() for i in todo])
-        check_disk(cfg.out, kept, ex.feature_shape, ex.input_hw,
+            kept = np.array([[store.readable(i, feat_hw=m[1:]).mean() for m in maps] for i in todo])
+        check_disk(cfg.out, kept, maps, ex.input_hw,
                    int(sum(len(records[i].instances) for i in todo)), cfg.space_check, cfg.flip, cfg.codec)
     t_loop = time.perf_counter()
     newly_skipped = _process(cfg, records, todo, ex, prep, store, progress)
@@ -339,20 +352,23 @@ class _Extraction:
 
     def _run(self, x: np.ndarray, meta: list) -> None:
         try:
-            for (i, packed, rles), (f, ff) in zip(meta, self._features(x)):
-                self.writer.q.put((i, f, packed, rles, ff))
+            for (i, packed, rles), (f, ff, fine, fine_ff) in zip(meta, self._features(x)):
+                self.writer.q.put((i, f, packed, rles, ff, fine, fine_ff))
         except BaseException as exc:  # noqa: BLE001 - re-raised by ``raise_first``
             self.errors.append(exc)
         finally:
             self.slots.release()
 
     def _features(self, x: np.ndarray):
-        """(features, mirrored features or None) per image: with ``flip`` one run over the batch
-        and its mirror (split again for fixed-batch models)."""
+        """(features, mirrored features, fine map, mirrored fine map; None where not stored) per
+        image: with ``flip`` one run over the batch and its mirror (split again for fixed-batch
+        models)."""
+        n = len(x)
+        feats, fine = self.ex.run_fine(np.concatenate([x, mirror_input(x)]) if self.flip else x)
+        fine = [None] * len(feats) if fine is None else fine
         if not self.flip:
-            return ((f, None) for f in self.ex.run(x))
-        feats = self.ex.run(np.concatenate([x, mirror_input(x)]))
-        return zip(feats[: len(x)], feats[len(x):])
+            return ((f, None, g, None) for f, g in zip(feats, fine))
+        return zip(feats[:n], feats[n:], fine[:n], fine[n:])
 
     def close(self) -> None:
         self.runner.shutdown(wait=True)

@@ -24,6 +24,9 @@ class CacheConfig:
     onnx: Path = option(None, "Extractor ONNX model.", cli=None)
     out: Path = option(None, "Store path.", cli=None)
     feature_name: str = option(DEFAULT_FEATURE, "Stride-8 tensor to cache (exposed from inside the graph if needed).")
+    fine_feature: str | None = option(None, "Also store this finer tensor of the same run (stride 4 or 2; 'input': the "
+                                      "preprocessed image) for sharper outlines; train uses it automatically.",
+                                      shown="none")
     provider: Literal[PROVIDERS] = option(
         "auto", "ONNX Runtime provider; auto tries TensorRT, CUDA, then CPU.")
     channel_order: Literal["rgb", "bgr"] = option("rgb", "Channel order the extractor expects.")

@@ -2,7 +2,9 @@
 
 Input ``images [1,3,640,640]`` (RGB, 0-1); an inner tensor ``/model.34/Concat_output_0`` of shape
 ``[1,C,H/8,W/8]`` (a fixed patch convolution and its local average, concatenated); and a final
-output computed from it, so the feature tensor is *not* a graph output, as in the real file.
+output computed from it, so the feature tensor is *not* a graph output, as in the real file.  An
+early stride-4 tensor ``FINE_NAME`` ``[1,8,H/4,W/4]`` stands in for the real model's early layers
+(``cache --fine-feature``).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .cache_config import DEFAULT_FEATURE
 
 FEATURE_NAME = DEFAULT_FEATURE      # the stand-in exposes the real model's tensor name
+FINE_NAME = "/model.3/act"          # stride 4, 8 channels
 
 
 def build_standin_extractor(path: str | Path, channels: int = 1024, input_size: int = 640,
@@ -28,10 +31,11 @@ def build_standin_extractor(path: str | Path, channels: int = 1024, input_size: 
     w1[: min(half, 24)] += rng.normal(0, 0.15, (min(half, 24), 3, 1, 1)).astype(np.float32)
     b1 = rng.normal(0, 0.05, half).astype(np.float32)
     w_head = rng.normal(0, 0.05, (8, channels, 1, 1)).astype(np.float32)
+    w_fine = rng.normal(0, 1.0 / np.sqrt(48), (8, 3, 4, 4)).astype(np.float32)
     batch = "N" if dynamic_batch else 1
     inits = [numpy_helper.from_array(a, n) for a, n in
              ((w1, "patch.w"), (b1, "patch.b"), (w_head, "head.w"),
-              (np.array([0.5], np.float32), "centre"))]
+              (np.array([0.5], np.float32), "centre"), (w_fine, "fine.w"))]
     nodes = [
         helper.make_node("Sub", ["images", "centre"], ["/model.0/centred"], name="/model.0/Sub"),
         helper.make_node("Conv", ["/model.0/centred", "patch.w", "patch.b"], ["/model.1/conv"],
@@ -43,6 +47,10 @@ def build_standin_extractor(path: str | Path, channels: int = 1024, input_size: 
                          name="/model.34/Concat"),
         helper.make_node("Conv", [FEATURE_NAME, "head.w"], ["/model.35/head"], name="/model.35/Conv"),
         helper.make_node("GlobalAveragePool", ["/model.35/head"], ["output0"], name="/model.36/GAP"),
+        # an early stride-4 layer (not used by the head: only `cache --fine-feature` exposes it)
+        helper.make_node("Conv", ["/model.0/centred", "fine.w"], ["/model.3/conv"], kernel_shape=[4, 4],
+                         strides=[4, 4], name="/model.3/Conv"),
+        helper.make_node("Relu", ["/model.3/conv"], [FINE_NAME], name="/model.3/Relu"),
     ]
     graph = helper.make_graph(
         nodes, "standin_featext",

@@ -4,6 +4,8 @@
                                          a ROI-sparse store (``sparse``) holds zeros outside the cells
                                          its ROIs can read (``featcache/sparse.py``)
     features_flip (only with ``cache --flip``) the same for the horizontally mirrored model input
+    fine, fine_flip, fine_stats          (only with ``cache --fine-feature``) the same for a finer tensor of
+                                         the same run (stride 4 or 2, or the input itself), metadata "fine"
     feature_stats float64 [N, 2, C]      per image: per-channel sum and sum of squares over Hf x Wf
                                          (exact mean/std over any image subset: k-fold, shards)
     masks      bytes [N]                 bit-packed instance masks [K, H, W] in the input frame
@@ -44,11 +46,13 @@ FINGERPRINT_KEYS = ("onnx_sha256", "feature_name", "feature_shape", "input_hw", 
 
 
 # Everything `cache` writes into a store folder: ``--overwrite`` deletes only folders made of these.
-ARRAYS = ("features", "features_flip", "feature_stats", "masks", "gt_rle", "skipped", "image_id", "file_name",
+ARRAYS = ("features", "features_flip", "feature_stats", "fine", "fine_flip", "fine_stats", "masks", "gt_rle",
+          "skipped", "image_id", "file_name",
           "orig_hw", "image_roi_start", "roi_image", "roi_inst", "roi_ann_id", "roi_box", "roi_padded",
           "roi_box_input", "roi_padded_input")
 STORE_ENTRIES = frozenset(ARRAYS) | {".zgroup", ".zattrs", ".create.lock"}
-PER_IMAGE = ("masks", "gt_rle", "feature_stats", "features_flip", "features")   # features last: "done"
+PER_IMAGE = ("masks", "gt_rle", "feature_stats", "fine_stats", "fine_flip", "fine", "features_flip",
+             "features")   # features last: "done"
 
 
 class StoreError(FeatCacheError):
@@ -99,8 +103,8 @@ def _mean_std(sums: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def create_stats_array(root, n: int, c: int) -> None:
-    root.create_dataset("feature_stats", shape=(n, 2, c), chunks=(1, 2, c), dtype="f8",
+def create_stats_array(root, n: int, c: int, name: str = "feature_stats") -> None:
+    root.create_dataset(name, shape=(n, 2, c), chunks=(1, 2, c), dtype="f8",
                         compressor=None, fill_value=0, write_empty_chunks=True, overwrite=True)
 
 
@@ -152,10 +156,15 @@ class FeatureStore:
         codec = meta.get("codec") or "lz4"
         if codec not in CODECS:
             raise StoreError(f"unknown feature codec {codec!r} (choose from {', '.join(CODECS)})")
-        for name in ("features", "features_flip") if meta.get("flip") else ("features",):
-            root.create_dataset(name, shape=(n, c, hf, wf), chunks=(1, c, hf, wf), dtype="f2",
-                                compressor=CODECS[codec], fill_value=0, write_empty_chunks=True,
-                                overwrite=True)
+        maps = [("features", (c, hf, wf))]
+        if meta.get("fine"):
+            maps.append(("fine", tuple(meta["fine"]["shape"])))
+            create_stats_array(root, n, meta["fine"]["shape"][0], "fine_stats")
+        for name, shape in maps:
+            for array in (name, f"{name}_flip") if meta.get("flip") else (name,):
+                root.create_dataset(array, shape=(n, *shape), chunks=(1, *shape), dtype="f2",
+                                    compressor=CODECS[codec], fill_value=0, write_empty_chunks=True,
+                                    overwrite=True)
         create_stats_array(root, n, c)
         for name, codec in (("masks", numcodecs.VLenBytes()), ("gt_rle", numcodecs.VLenUTF8()),
                             ("skipped", numcodecs.VLenUTF8())):
@@ -222,6 +231,10 @@ class FeatureStore:
             f = self.features(i)
             if self.has_flip:
                 self.features(i, flipped=True)
+            if self.has_fine:
+                self.fine(i)
+                if self.has_flip:
+                    self.fine(i, flipped=True)
         except DamagedChunkError as exc:
             return exc.array
         # feature_stats are stored uncompressed, so damage there fails no decode; in a dense store
@@ -237,20 +250,31 @@ class FeatureStore:
 
     # --- writes (one image) ----------------------------------------------------------------
     def write_image(self, i: int, features: np.ndarray, packed_masks: bytes, gt_rle: list,
-                    features_flip: np.ndarray | None = None) -> None:
+                    features_flip: np.ndarray | None = None, fine: np.ndarray | None = None,
+                    fine_flip: np.ndarray | None = None) -> None:
         self.root["masks"][i] = packed_masks
         self.root["gt_rle"][i] = json.dumps(gt_rle)
+        if self.has_fine:
+            self._write_map("fine", i, fine, fine_flip)
         # statistics of the whole map: a sparse store normalizes exactly like a dense one
-        self.root["feature_stats"][i] = channel_sums(features)
+        self._write_map("features", i, features, features_flip)   # last: marks the image done
+
+    def _write_map(self, name: str, i: int, x: np.ndarray | None, x_flip: np.ndarray | None) -> None:
+        """One map of image ``i``: statistics of the whole map (a sparse store normalizes exactly
+        like a dense one), the mirrored map, then the map (sparse: zero outside readable cells)."""
+        if x is None:
+            raise StoreError(f"{self.path} holds {name!r} maps: pass them for image {i}")
+        self.root["feature_stats" if name == "features" else f"{name}_stats"][i] = channel_sums(x)
+        hw = x.shape[-2:]
         if self.has_flip:
-            if features_flip is None:
-                raise StoreError(f"{self.path} holds flipped features: pass them for image {i}")
+            if x_flip is None:
+                raise StoreError(f"{self.path} holds flipped {name}: pass them for image {i}")
             if self.sparse:
-                features_flip = zero_unreadable(features_flip, self.readable(i, mirrored=True))
-            self.root["features_flip"][i] = features_flip
+                x_flip = zero_unreadable(x_flip, self.readable(i, mirrored=True, feat_hw=hw))
+            self.root[f"{name}_flip"][i] = x_flip
         if self.sparse:
-            features = zero_unreadable(features, self.readable(i))
-        self.root["features"][i] = features  # last: marks the image done
+            x = zero_unreadable(x, self.readable(i, feat_hw=hw))
+        self.root[name][i] = x
 
     def write_skipped(self, i: int, reason: str) -> None:
         self.root["skipped"][i] = reason
@@ -269,19 +293,36 @@ class FeatureStore:
         """``{"margin": m}`` for a ROI-sparse store (``cache --sparse``), else None."""
         return self.meta.get("sparse") or None
 
-    def readable(self, i: int, mirrored: bool = False) -> np.ndarray:
-        """[Hf, Wf] bool: the cells of image ``i`` that its ROIs can read (``featcache.sparse``)."""
+    def readable(self, i: int, mirrored: bool = False, feat_hw=None) -> np.ndarray:
+        """[Hf, Wf] bool: the cells of image ``i`` that its ROIs can read (``featcache.sparse``);
+        ``feat_hw``: of a map of that size (the fine one) instead of the feature map."""
         t = self.tables
         a, b = t["image_roi_start"][i], t["image_roi_start"][i + 1]
         h, w = (int(v) for v in t["orig_hw"][i])
         policy = Preprocess.from_dict(self.meta["preprocess"]).policy
         margin = self.sparse["margin"] if self.sparse else 0.0
         return readable_cells(t["roi_box"][a:b], (w, h), policy, margin, self.meta["roi_padding"],
-                              self.meta["feature_shape"][1:], mirrored)
+                              feat_hw or self.meta["feature_shape"][1:], mirrored)
 
     def features(self, i: int, flipped: bool = False, out: np.ndarray | None = None) -> np.ndarray:
         """Image ``i``'s map ``[C, Hf, Wf]`` fp16 (decoded into ``out`` when given)."""
         return self._read("features_flip" if flipped else "features", i, out)
+
+    def fine(self, i: int, flipped: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+        """Image ``i``'s fine map ``[Cf, Hs, Ws]`` fp16 (``cache --fine-feature``)."""
+        return self._read("fine_flip" if flipped else "fine", i, out)
+
+    @property
+    def has_fine(self) -> bool:
+        return bool(self.meta.get("fine")) and "fine" in self.root
+
+    def fine_stats(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel (mean, std) of the fine maps of ``images`` (always recorded)."""
+        images = [int(i) for i in np.asarray(images, np.int64)]
+        if not images:
+            raise StoreError(f"{self.path}: no images to compute fine-map statistics from")
+        _, hs, ws = self.meta["fine"]["shape"]
+        return _mean_std(np.stack([self._read("fine_stats", i) for i in images]), hs * ws)
 
     @property
     def has_flip(self) -> bool:

@@ -13,7 +13,8 @@ from .errors import FeatCacheError
 COMPRESSORS = {"blosc", "zstd"}                  # what `cache` writes (features: blosc; masks: zstd)
 FILTERS = {"vlen-utf8", "vlen-bytes"}           # object arrays: strings and bytes only
 OBJECT_ARRAYS = {"file_name", "masks", "gt_rle", "skipped"}
-NUMERIC = {"features": "<f2", "features_flip": "<f2", "feature_stats": "<f8"}
+NUMERIC = {"features": "<f2", "features_flip": "<f2", "feature_stats": "<f8", "fine": "<f2", "fine_flip": "<f2",
+           "fine_stats": "<f8"}
 TABLES = {"image_id", "orig_hw", "image_roi_start", "roi_image", "roi_inst", "roi_ann_id", "roi_box",
           "roi_padded", "roi_box_input", "roi_padded_input"}
 
@@ -66,7 +67,10 @@ def check_metadata(meta, where: str) -> None:
              "a number in [0, 1)"),
             ("feature_name", lambda v: isinstance(v, str), "a string"),
             ("onnx_sha256", lambda v: isinstance(v, str), "a string"),
-            ("preprocess", lambda v: isinstance(v, dict) and isinstance(v.get("policy"), dict), "an object")):
+            ("preprocess", lambda v: isinstance(v, dict) and isinstance(v.get("policy"), dict), "an object"),
+            ("fine", lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("name"), str)
+                                             and _is_ints(v.get("shape"), 3) and all(0 < x < 1 << 16 for x in v["shape"])),
+             "null or {name, shape: [C, H, W]}")):
         if key in meta and not test(meta[key]):
             bad(key, want)
     for key in ("n_images", "feature_shape", "input_hw", "mask_hw", "roi_padding", "preprocess"):
@@ -78,6 +82,9 @@ def check_metadata(meta, where: str) -> None:
 def _expected_shape(name: str, meta: dict):
     n, c, hf, wf = meta["n_images"], *meta["feature_shape"]
     r = meta.get("n_rois")
+    fine = (meta.get("fine") or {}).get("shape")
+    if fine is not None and name.startswith("fine"):
+        return [n, 2, fine[0]] if name == "fine_stats" else [n, *fine]
     return {"features": [n, c, hf, wf], "features_flip": [n, c, hf, wf], "feature_stats": [n, 2, c],
             "masks": [n], "gt_rle": [n], "skipped": [n], "file_name": [n], "image_id": [n], "orig_hw": [n, 2],
             "image_roi_start": [n + 1], "roi_image": [r], "roi_inst": [r], "roi_ann_id": [r],
