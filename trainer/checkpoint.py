@@ -150,15 +150,19 @@ def decoder_from_checkpoint(ck: dict | str | Path, use_ema: bool = True) -> tupl
     return model.eval(), ck["cache_metadata"]["train"]
 
 
-def fingerprint(meta: dict) -> dict:
-    return {k: meta.get(k) for k in FINGERPRINT_KEYS}
+def fingerprint(meta: dict, fine: bool = False) -> dict:
+    """What a decoder needs of a store; ``fine``: the fine map too (a decoder that fuses one)."""
+    return {k: meta.get(k) for k in FINGERPRINT_KEYS} | ({"fine": meta.get("fine")} if fine else {})
 
 
 def check_decoder_on_store(model_name: str, ck_fingerprint: dict, store_meta: dict, what: str) -> None:
     """The rules every command applies before a decoder reads a store (train, evaluate, predict):
-    the same extractor tensor, channels, preprocessing and ROI padding; and a ``global`` decoder,
-    which reads whole feature maps, never on a ROI-sparse store (its zeros would change the result)."""
-    check_compatible(ck_fingerprint, fingerprint(store_meta), what, labels=("checkpoint has", "store has"))
+    the same extractor tensor, channels, preprocessing and ROI padding (and fine map, for a decoder
+    that fuses one); and a ``global`` decoder, which reads whole feature maps, never on a ROI-sparse
+    store (its zeros would change the result)."""
+    fine = bool(ck_fingerprint.get("fine"))
+    check_compatible(ck_fingerprint, fingerprint(store_meta, fine), what,
+                     keys=FINGERPRINT_KEYS + (("fine",) if fine else ()), labels=("checkpoint has", "store has"))
     if model_name == "global" and store_meta.get("sparse"):
         raise FeatCacheError(f"{what}: a --model global decoder reads whole feature maps, but the store is ROI-sparse "
                              f"(cache --sparse): use a dense store (cache without --sparse)")

@@ -4,7 +4,8 @@ Both paths produce the same batches (same ROIs, same jitter, same targets) for t
 (seed, epoch, image): ROI choice comes from ``sampling.image_rng`` and targets from
 ``roi_targets.sample_roi_targets``.  A batch is a dict:
     features [B, C, Hf, Wf] fp16, rois [N, 5] (batch index + normalized input-frame xyxy),
-    targets [N, M, M] uint8, roi_ids [N] (rows of the store's ROI table), images [B].
+    targets [N, M, M] uint8, roi_ids [N] (rows of the store's ROI table), images [B],
+    and with ``fine`` (a store with ``cache --fine-feature``) fine [B, Cf, Hs, Ws] fp16.
 Mirrored images (``RoiSampling.hflip``) come with the features of the mirrored input (stored by
 ``cache --flip``, or the mirrored map with ``hflip_map``), mirrored ROIs and mirrored targets.
 """
@@ -67,7 +68,14 @@ class CacheIndex:
         self.policy = ResizePolicy(self.input_hw[0], self.input_hw[1], self.meta.get("resize_policy", "stretch"))
         self.roi_padding = float(self.meta["roi_padding"])
         self.feature_shape = tuple(self.meta["feature_shape"])
+        self.fine_shape = tuple(self.meta["fine"]["shape"]) if store.has_fine else None
         self.tables = t
+
+    def map_shapes(self, fine: bool) -> dict[str, tuple]:
+        """The maps a batch carries: the features, and the fine map when asked for."""
+        if fine and self.fine_shape is None:
+            raise StoreError(f"{self.path} has no fine map (cache --fine-feature)")
+        return {"features": self.feature_shape} | ({"fine": self.fine_shape} if fine else {})
 
     def rois_of(self, i: int) -> tuple[int, int]:
         return int(self.roi_start[i]), int(self.roi_start[i + 1])
@@ -93,11 +101,17 @@ def _targets(packed: torch.Tensor, union: torch.Tensor, local: np.ndarray, boxes
     return sample_roi_targets(packed, union, tgt_idx, img_idx, px, mask_size, mask_size, w)
 
 
+def read_map(store: FeatureStore, name: str, i: int, flipped: bool = False, out=None) -> np.ndarray:
+    """Image ``i``'s ``name`` map ("features" or "fine"), the stored mirrored one with ``flipped``."""
+    return (store.features if name == "features" else store.fine)(i, flipped, out)
+
+
 class StoreDataset(Dataset):
     """Items are (image, epoch, train) -> one image's features, ROIs and targets (CPU)."""
 
-    def __init__(self, index: CacheIndex, sampling: RoiSampling, mask_size: int, seed: int):
+    def __init__(self, index: CacheIndex, sampling: RoiSampling, mask_size: int, seed: int, fine: bool = False):
         self.index, self.sampling, self.mask_size, self.seed = index, sampling, mask_size, seed
+        self.maps = list(index.map_shapes(fine))
         self._store = None
 
     def __len__(self):
@@ -113,9 +127,10 @@ class StoreDataset(Dataset):
         if self._store is None:  # opened lazily: once per worker process
             self._store = FeatureStore(self.index.path)
         smp = image_samples(self.index, i, epoch, train, self.sampling, self.seed)
-        feats = torch.from_numpy(self._store.features(i, flipped=smp.flip and uses_stored_flip(self.sampling)))
-        if smp.flip and self.sampling.hflip_map:
-            feats = feats.flip(-1)
+        maps = {}
+        for name in self.maps:
+            m = torch.from_numpy(read_map(self._store, name, i, smp.flip and uses_stored_flip(self.sampling)))
+            maps[name] = m.flip(-1) if smp.flip and self.sampling.hflip_map else m
         packed = torch.from_numpy(self._store.packed_masks(i).copy())
         targets = _targets(packed, union_packed(packed)[None], smp.local, smp.boxes, 0, self.index.input_hw,
                            self.mask_size)
@@ -123,7 +138,7 @@ class StoreDataset(Dataset):
         if smp.flip:
             targets, boxes = targets.flip(-1), mirror_boxes(boxes)
         a, _ = self.index.rois_of(i)
-        return {"features": feats, "boxes": torch.as_tensor(boxes, dtype=torch.float32),
+        return {**maps, "boxes": torch.as_tensor(boxes, dtype=torch.float32),
                 "targets": targets, "roi_ids": torch.as_tensor(a + smp.local), "image": i}
 
 
@@ -133,8 +148,8 @@ def collate(items: list[dict]) -> dict:
         return {"error": errors[0]}
     rois = [torch.cat([torch.full((len(it["boxes"]), 1), float(b)), it["boxes"]], 1)
             for b, it in enumerate(items)]
-    return {"features": torch.stack([it["features"] for it in items]),
-            "rois": torch.cat(rois), "targets": torch.cat([it["targets"] for it in items]),
+    maps = {k: torch.stack([it[k] for it in items]) for k in ("features", "fine") if k in items[0]}
+    return {**maps, "rois": torch.cat(rois), "targets": torch.cat([it["targets"] for it in items]),
             "roi_ids": torch.cat([it["roi_ids"] for it in items]),
             "images": torch.as_tensor([it["image"] for it in items])}
 
@@ -165,8 +180,8 @@ class StreamingSource:
 
     kind = "stream"
 
-    def __init__(self, index, sampling, mask_size, seed, workers, device, prefetch=4):
-        self.ds = StoreDataset(index, sampling, mask_size, seed)
+    def __init__(self, index, sampling, mask_size, seed, workers, device, prefetch=4, fine: bool = False):
+        self.ds = StoreDataset(index, sampling, mask_size, seed, fine)
         self.workers, self.device, self.prefetch = workers, device, prefetch
 
     def iterate(self, batches: list[list[int]], epoch: int, train: bool):
@@ -224,34 +239,36 @@ class ResidentSource:
 
     def __init__(self, index: CacheIndex, sampling, mask_size, seed, device, threads: int = 4,
                  host_workers: int = min(4, os.cpu_count() or 1), images: np.ndarray | None = None,
-                 keep_features: bool = True):
-        """``keep_features``: load the maps too (False: masks only, the maps are streamed)."""
+                 keep_features: bool = True, fine: bool = False):
+        """``keep_features``: load the maps too (False: masks only, the maps are streamed);
+        ``fine``: the fine map too."""
         self.index, self.sampling, self.mask_size, self.seed, self.device = \
             index, sampling, mask_size, seed, device
         self.keep_features = keep_features
+        self.map_shapes = index.map_shapes(fine)
         store = FeatureStore(index.path)
         imgs = index.images if images is None else np.asarray(images)
         self.row = np.full(index.meta["n_images"], -1, np.int64)
         self.row[imgs] = np.arange(len(imgs))
-        c, hf, wf = index.feature_shape
-        self.features = (torch.empty((len(imgs), c, hf, wf), dtype=torch.float16, device=device)
-                         if self.keep_features else None)
-        self.features_flip = (torch.empty_like(self.features)
-                              if self.keep_features and uses_stored_flip(sampling) else None)
+        mirrored = uses_stored_flip(sampling)
+        # name -> [images, C, H, W] fp16, and the stored mirrored maps (name -> ... or absent)
+        self.maps = ({k: torch.empty((len(imgs), *shape), dtype=torch.float16, device=device)
+                      for k, shape in self.map_shapes.items()} if keep_features else {})
+        self.maps_flip = {k: torch.empty_like(v) for k, v in self.maps.items()} if mirrored else {}
         packed, unions, offsets = [], [], [0]
 
         def load(k):
             i = int(imgs[k])
-            f = torch.from_numpy(store.features(i)) if self.keep_features else None
-            ff = torch.from_numpy(store.features(i, flipped=True)) if self.features_flip is not None else None
-            return k, f, ff, torch.from_numpy(store.packed_masks(i).copy())
+            got = {name: torch.from_numpy(read_map(store, name, i)) for name in self.maps}
+            got_flip = {name: torch.from_numpy(read_map(store, name, i, True)) for name in self.maps_flip}
+            return k, got, got_flip, torch.from_numpy(store.packed_masks(i).copy())
 
         with ThreadPoolExecutor(threads) as pool:  # blosc/zstd decode releases the GIL
-            for k, f, ff, p in pool.map(load, range(len(imgs))):
-                if f is not None:
-                    self.features[k] = f.to(device)
-                if ff is not None:
-                    self.features_flip[k] = ff.to(device)
+            for k, got, got_flip, p in pool.map(load, range(len(imgs))):
+                for name, m in got.items():
+                    self.maps[name][k] = m.to(device)
+                for name, m in got_flip.items():
+                    self.maps_flip[name][k] = m.to(device)
                 packed.append(p)
                 unions.append(union_packed(p))
                 offsets.append(offsets[-1] + len(p))
@@ -261,13 +278,17 @@ class ResidentSource:
         self.host_parts = HostParts(index, sampling, seed, self.row, self.inst_offset)
         self.host_workers = host_workers
         if self.keep_features:
-            log.info("resident cache: %d images, %.2f GB features%s on %s", len(imgs),
-                     self.features.numel() * 2 / 1e9 * (2 if self.features_flip is not None else 1),
-                     " (with mirrored)" if self.features_flip is not None else "", device)
+            size = sum(m.numel() * 2 for m in (*self.maps.values(), *self.maps_flip.values()))
+            log.info("resident cache: %d images, %.2f GB %s%s on %s", len(imgs), size / 1e9,
+                     " + ".join(self.maps), " (with mirrored)" if self.maps_flip else "", device)
 
+    @property
+    def features(self) -> torch.Tensor | None:
+        return self.maps.get("features")
 
-    def device_part(self, host: dict, features: torch.Tensor | None = None) -> dict:
-        """Gathers on the device; copies are asynchronous (pinned), so the GPU never waits."""
+    def device_part(self, host: dict, maps: dict | None = None) -> dict:
+        """Gathers on the device; copies are asynchronous (pinned), so the GPU never waits.
+        ``maps``: the batch's maps when streamed (stored mirrored ones already read)."""
         flipped = np.flatnonzero(host["flip"].numpy())  # host side: no device sync
         d = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
         h, w = self.index.input_hw
@@ -279,18 +300,17 @@ class ResidentSource:
                 targets = torch.where(d["roi_flip"][:, None, None], targets.flip(-1), targets)
         else:
             targets = torch.zeros((0, self.mask_size, self.mask_size), dtype=torch.uint8, device=self.device)
-        if features is None:
-            feats = self.features[d["rows"]]
-            if len(flipped) and self.features_flip is not None:
-                sel = torch.as_tensor(flipped, device=self.device)
-                feats[sel] = self.features_flip[d["rows"][sel]]
-        else:  # streamed: stored mirrored maps were read by the producer
-            feats = features
-        if len(flipped) and self.sampling.hflip_map:
-            sel = torch.as_tensor(flipped, device=self.device)
-            feats[sel] = feats[sel].flip(-1)
-        return {"features": feats, "rois": d["rois"], "targets": targets,
-                "roi_ids": d["roi_ids"], "images": d["images"]}
+        sel = torch.as_tensor(flipped, device=self.device) if len(flipped) else None
+        if maps is None:
+            maps = {}
+            for name, m in self.maps.items():
+                maps[name] = m[d["rows"]]
+                if sel is not None and name in self.maps_flip:
+                    maps[name][sel] = self.maps_flip[name][d["rows"][sel]]
+        if sel is not None and self.sampling.hflip_map:
+            for m in maps.values():
+                m[sel] = m[sel].flip(-1)
+        return {**maps, "rois": d["rois"], "targets": targets, "roi_ids": d["roi_ids"], "images": d["images"]}
 
     def batch(self, images: list[int], epoch: int, train: bool) -> dict:
         return self.device_part(self.host_parts[(list(images), epoch, train)])
@@ -308,22 +328,23 @@ class ResidentSource:
 
 
 class PinnedRing:
-    """``depth`` pinned host buffers of one batch of features each, reused in turn.  A slot is
-    filled again only after the batch using it was consumed (``release``) and its copy to the
-    device finished (the event recorded on the copying stream)."""
+    """``depth`` pinned host buffers of one batch of maps each (name -> [B, C, H, W] fp16), reused in
+    turn.  A slot is filled again only after the batch using it was consumed (``release``) and its
+    copies to the device finished (the event recorded on the copying stream)."""
 
-    def __init__(self, depth: int, shape: tuple, pinned: bool):
-        self.bufs = [torch.empty(shape, dtype=torch.float16, pin_memory=pinned) for _ in range(depth)]
+    def __init__(self, depth: int, shapes: dict[str, tuple], pinned: bool):
+        self.bufs = [{k: torch.empty(shape, dtype=torch.float16, pin_memory=pinned) for k, shape in shapes.items()}
+                     for _ in range(depth)]
         self.events = [None] * depth
         self.free = threading.Semaphore(depth)
 
     def acquire(self, k: int):
-        """Slot ``k % depth`` to fill: (slot, its numpy view)."""
+        """Slot ``k % depth`` to fill: (slot, its numpy views by map name)."""
         self.free.acquire()
         slot = k % len(self.bufs)
         if self.events[slot] is not None:
             self.events[slot].synchronize()  # the last copy out of this buffer is done
-        return slot, self.bufs[slot].numpy()
+        return slot, {name: b.numpy() for name, b in self.bufs[slot].items()}
 
     def release(self) -> None:
         self.free.release()
@@ -338,8 +359,9 @@ class PinnedStreamSource(ResidentSource):
 
     kind = "stream-pinned"
 
-    def __init__(self, index, sampling, mask_size, seed, device, images=None, threads: int = 8, depth: int = 3):
-        super().__init__(index, sampling, mask_size, seed, device, images=images, keep_features=False)
+    def __init__(self, index, sampling, mask_size, seed, device, images=None, threads: int = 8, depth: int = 3,
+                 fine: bool = False):
+        super().__init__(index, sampling, mask_size, seed, device, images=images, keep_features=False, fine=fine)
         self.store = FeatureStore(index.path)
         self.threads, self.depth = threads, depth
 
@@ -350,13 +372,13 @@ class PinnedStreamSource(ResidentSource):
         try:
             with ThreadPoolExecutor(self.threads) as pool:
                 for k, b in enumerate(batches):
-                    slot, arr = ring.acquire(k)
+                    slot, arrs = ring.acquire(k)
                     if stop.is_set():
                         return
                     host = self.host_parts[(list(b), epoch, train)]
                     stored = host["flip"].numpy() & uses_stored_flip(self.sampling)
-                    jobs = [pool.submit(self.store.features, int(i), bool(fl), arr[j])
-                            for j, (i, fl) in enumerate(zip(b, stored))]
+                    jobs = [pool.submit(read_map, self.store, name, int(i), bool(fl), arr[j])
+                            for name, arr in arrs.items() for j, (i, fl) in enumerate(zip(b, stored))]
                     if pinned:
                         host = {key: v.pin_memory() for key, v in host.items()}
                     for j in jobs:
@@ -370,7 +392,8 @@ class PinnedStreamSource(ResidentSource):
         if not batches:
             return
         cuda = self.device.type == "cuda"
-        ring = PinnedRing(self.depth, (max(len(b) for b in batches), *self.index.feature_shape), cuda)
+        most = max(len(b) for b in batches)
+        ring = PinnedRing(self.depth, {k: (most, *shape) for k, shape in self.map_shapes.items()}, cuda)
         ready: queue.Queue = queue.Queue()
         stop = threading.Event()
         threading.Thread(target=self._produce, args=(batches, epoch, train, ring, ready, stop), daemon=True).start()
@@ -380,13 +403,13 @@ class PinnedStreamSource(ResidentSource):
                 if isinstance(item, BaseException):
                     raise item
                 slot, n, host = item
-                feats = ring.bufs[slot][:n].to(self.device, non_blocking=True)
+                maps = {k: b[:n].to(self.device, non_blocking=True) for k, b in ring.bufs[slot].items()}
                 if cuda:
                     ring.events[slot] = copy_done_event(self.device)
                 if held:  # the previous batch's step is over: its buffer may be refilled
                     ring.release()
                 held = True
-                yield self.device_part(host, feats if cuda else feats.clone())
+                yield self.device_part(host, maps if cuda else {k: m.clone() for k, m in maps.items()})
         finally:
             stop.set()
             ring.release()   # a producer waiting for a slot wakes, sees stop and ends
@@ -406,14 +429,16 @@ def uses_stored_flip(sampling: RoiSampling) -> bool:
     return sampling.hflip > 0 and not sampling.hflip_map
 
 
-def resident_bytes(index: CacheIndex, n_images: int, copies: int = 1) -> tuple[int, int]:
+def resident_bytes(index: CacheIndex, n_images: int, copies: int = 1, fine: bool = False) -> tuple[int, int]:
     """(feature bytes, mask bytes) of ``n_images`` resident: fp16 maps (``copies``: 2 with the
-    stored mirrored maps) and, on the same device, the bit-packed instance masks and per-image
-    unions (``ResidentSource``), estimated from the ROI table's persons per image."""
+    stored mirrored maps; ``fine``: the fine maps too) and, on the same device, the bit-packed
+    instance masks and per-image unions (``ResidentSource``), estimated from the ROI table's
+    persons per image."""
     h, w = index.input_hw
     per_mask = h * ((w + 7) // 8)
     persons = len(index.padded_input) / max(len(index.roi_start) - 1, 1)
-    feats = n_images * int(np.prod(index.feature_shape)) * 2 * copies
+    cells = sum(int(np.prod(shape)) for shape in index.map_shapes(fine).values())
+    feats = n_images * cells * 2 * copies
     return feats, int(n_images * (persons + 1) * per_mask)
 
 
@@ -431,12 +456,12 @@ def resident_choice(mode: str, need: int, device_type: str, gpu_free: int, ram_a
 
 
 def choose_resident(mode: str, index: CacheIndex, device: torch.device, n_images: int | None = None,
-                    copies: int = 1) -> str:
+                    copies: int = 1, fine: bool = False) -> str:
     """``resident_choice`` with this machine's free GPU memory and RAM; ``copies``: 2 when the
     mirrored maps are kept too."""
     if mode != "auto":
         return mode
-    feats, masks = resident_bytes(index, len(index.images) if n_images is None else n_images, copies)
+    feats, masks = resident_bytes(index, len(index.images) if n_images is None else n_images, copies, fine)
     gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -446,20 +471,21 @@ def choose_resident(mode: str, index: CacheIndex, device: torch.device, n_images
                            int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 
 
-def make_source(mode: str, index, sampling, mask_size, seed, workers, device, images=None):
-    """``images``: the ones this rank will read (its shard under torchrun)."""
+def make_source(mode: str, index, sampling, mask_size, seed, workers, device, images=None, fine: bool = False):
+    """``images``: the ones this rank will read (its shard under torchrun); ``fine``: batches carry
+    the fine map too."""
     chosen = choose_resident(mode, index, device, None if images is None else len(images),
-                             2 if uses_stored_flip(sampling) else 1)
+                             2 if uses_stored_flip(sampling) else 1, fine)
     if chosen == "gpu":
         if device.type != "cuda":
             raise ValueError("--resident gpu needs a CUDA device")
-        return ResidentSource(index, sampling, mask_size, seed, device, images=images)
+        return ResidentSource(index, sampling, mask_size, seed, device, images=images, fine=fine)
     if chosen == "cpu":
-        src = ResidentSource(index, sampling, mask_size, seed, torch.device("cpu"), images=images)
+        src = ResidentSource(index, sampling, mask_size, seed, torch.device("cpu"), images=images, fine=fine)
         return _MovedSource(src, device) if device.type != "cpu" else src
     if device.type == "cuda":
-        return PinnedStreamSource(index, sampling, mask_size, seed, device, images=images)
-    return StreamingSource(index, sampling, mask_size, seed, workers, device)
+        return PinnedStreamSource(index, sampling, mask_size, seed, device, images=images, fine=fine)
+    return StreamingSource(index, sampling, mask_size, seed, workers, device, fine=fine)
 
 
 class _MovedSource:

@@ -81,17 +81,47 @@ class MaskIoUHead(nn.Module):
         return torch.sigmoid(self.fc(x.mean((2, 3))).float()[:, 0])
 
 
+class FineFusion(nn.Module):
+    """The fine-detail path (RefineMask / HQ-SAM style): the ROI read from a finer map (stride 4 or
+    2, or the input image) at the mask size, normalized and reduced to ``width`` channels, then
+    fused with the upsampled coarse decoder features by two 3x3 convs: the coarse path says which
+    person, the fine one where its outline runs."""
+
+    def __init__(self, fine_channels: int, coarse_channels: int, size: int, width: int = 32, sampling_ratio: int = 2):
+        super().__init__()
+        self.norm = FeatureNorm(fine_channels)
+        self.size, self.sampling_ratio = size, sampling_ratio   # a Python int: the exported RoiAlign's size
+        self.reduce = conv_gn_relu(fine_channels, width, 1)
+        self.fuse = nn.Sequential(conv_gn_relu(coarse_channels + width, coarse_channels),
+                                  conv_gn_relu(coarse_channels, coarse_channels))
+
+    @property
+    def norm_conv(self) -> nn.Conv2d:
+        """The 1x1 conv right after ``norm`` (export folds the normalization into it)."""
+        return self.reduce[0]
+
+    def set_norm_conv(self, conv: nn.Conv2d) -> None:
+        self.reduce[0] = conv
+
+    def forward(self, coarse: torch.Tensor, fine: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        x = self.reduce(self.norm(roi_features(fine, rois, self.size, self.sampling_ratio)))
+        return self.fuse(torch.cat([coarse, x.to(coarse.dtype)], 1))
+
+
 class RoiAlignDecoder(nn.Module):
     """ROIAlign (torchvision, aligned=True) -> normalization -> conv stack (GroupNorm) -> x2
-    upsampling -> logits.
+    upsampling -> [fusion with a finer map] -> logits.
 
     Normalizing the ROIAlign output equals normalizing the map first (every sample of an in-image
     ROI is a convex combination of cells), at a fraction of the cost for large batches."""
 
-    HALF_STAGES = ("convs", "upsample", "classifier")   # what `export --half` runs in fp16
+    # what `export --half` runs in fp16 (ROIAlign and the ROI geometry stay fp32)
+    HALF_STAGES = ("convs", "upsample", "fine.reduce", "fine.fuse", "classifier")
 
     def __init__(self, in_channels: int, hidden: int = 128, roi_size: int = 14, mask_size: int = 56,
-                 num_classes: int = 3, num_convs: int = 4, sampling_ratio: int = 2, score_head: bool = False):
+                 num_classes: int = 3, num_convs: int = 4, sampling_ratio: int = 2, score_head: bool = False,
+                 fine_channels: int = 0, fine_width: int = 32):
+        """``fine_channels``: channels of the fine map (0: no fine path, the decoder of old checkpoints)."""
         super().__init__()
         self.num_classes = num_classes
         self.norm = FeatureNorm(in_channels)
@@ -109,6 +139,7 @@ class RoiAlignDecoder(nn.Module):
             up += [nn.ConvTranspose2d(ch, nxt, 2, stride=2), nn.ReLU(inplace=True), conv_gn_relu(nxt, nxt)]
             ch = nxt
         self.upsample = nn.Sequential(*up)
+        self.fine = FineFusion(fine_channels, ch, mask_size, fine_width, sampling_ratio) if fine_channels else None
         self.classifier = nn.Conv2d(ch, num_classes, 1)
         self.score_head = MaskIoUHead(hidden, roi_size, mask_size) if score_head else None
 
@@ -120,11 +151,18 @@ class RoiAlignDecoder(nn.Module):
     def set_norm_conv(self, conv: nn.Conv2d) -> None:
         self.convs[0][0] = conv
 
-    def forward(self, features: torch.Tensor, rois: torch.Tensor, with_scores: bool = False):
+    def forward(self, features: torch.Tensor, rois: torch.Tensor, with_scores: bool = False,
+                fine: torch.Tensor | None = None):
         """Logits [N, K, M, M]; ``with_scores``: (logits, predicted mask IoU [N] or None without a
-        score head).  One call, so DDP sees every parameter that takes part."""
+        score head); ``fine``: the fine map [B, Cf, Hs, Ws] (needed by a decoder with a fine path).
+        One call, so DDP sees every parameter that takes part."""
         x = self.convs(self.norm(roi_features(features, rois, self.roi_size, self.sampling_ratio)))
-        logits = self.classifier(self.upsample(x))
+        up = self.upsample(x)
+        if self.fine is not None:
+            if fine is None:
+                raise ValueError("this decoder was trained with a fine map (cache --fine-feature): pass it")
+            up = self.fine(up, fine, rois)
+        logits = self.classifier(up)
         if not with_scores:
             return logits
         return logits, (self.score_head(x, logits) if self.score_head is not None else None)
@@ -174,7 +212,7 @@ class GlobalContextDecoder(nn.Module):
     def set_norm_conv(self, conv: nn.Conv2d) -> None:
         self.reduce[0] = conv
 
-    def forward(self, features: torch.Tensor, rois: torch.Tensor, with_scores: bool = False):
+    def forward(self, features: torch.Tensor, rois: torch.Tensor, with_scores: bool = False, fine=None):
         hw = features.shape[-2:]
         base = self.reduce(self.norm(features))[rois[:, 0].long()]
         x1 = self.enc1(torch.cat([base, self.roi_channels(rois, hw, base.dtype)], 1))
@@ -205,7 +243,7 @@ class MeanShapePrior(nn.Module):
         self.norm = FeatureNorm(in_channels)  # unused; keeps every model's state alike
         self.logits = nn.Parameter(torch.zeros(num_classes, mask_size, mask_size))
 
-    def forward(self, features: torch.Tensor, rois: torch.Tensor, with_scores: bool = False):
+    def forward(self, features: torch.Tensor, rois: torch.Tensor, with_scores: bool = False, fine=None):
         logits = (self.GAIN * self.logits)[None].expand(rois.shape[0], -1, -1, -1).to(features.dtype)
         return (logits, None) if with_scores else logits   # no score head
 
@@ -213,14 +251,22 @@ class MeanShapePrior(nn.Module):
 MODELS = {"roialign": RoiAlignDecoder, "global": GlobalContextDecoder, "prior": MeanShapePrior}
 
 
-def build_model(name: str, in_channels: int, feature_stats=None, **kw) -> nn.Module:
-    """``feature_stats``: (mean, std) per channel, applied first by the decoder (None: identity)."""
+def build_model(name: str, in_channels: int, feature_stats=None, fine_stats=None, **kw) -> nn.Module:
+    """``feature_stats``: (mean, std) per channel, applied first by the decoder (None: identity);
+    ``fine_stats``: the same for the fine map."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
     model = MODELS[name](in_channels, **kw)
     if feature_stats is not None:
         model.norm.set(*feature_stats)
+    if fine_stats is not None and getattr(model, "fine", None) is not None:
+        model.fine.norm.set(*fine_stats)
     return model
+
+
+def uses_fine(model: nn.Module) -> bool:
+    """Whether the decoder reads a fine map (``cache --fine-feature``)."""
+    return getattr(model, "fine", None) is not None
 
 
 def load_decoder_state(model: nn.Module, state: dict) -> None:

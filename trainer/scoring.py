@@ -325,18 +325,23 @@ def run_evaluator(model: torch.nn.Module, batches: Iterable[dict], evaluator: Ro
     model.eval()
     evaluator.reset()
     for batch in batches:
-        f = batch["features"]
-        f = torch.zeros_like(f) if zero_features else f
+        f, fine = batch["features"], batch.get("fine")
+        if zero_features:
+            f, fine = torch.zeros_like(f), None if fine is None else torch.zeros_like(fine)
+        if not amp:
+            f, fine = f.float(), None if fine is None else fine.float()
         with torch.autocast(f.device.type, dtype=torch.float16, enabled=amp):
-            logits, scores = model(f if amp else f.float(), batch["rois"], with_scores=True)
+            logits, scores = model(f, batch["rois"], with_scores=True, **({} if fine is None else {"fine": fine}))
         evaluator.process(batch["roi_ids"], logits.float().softmax(1), scores)
     model.train(was_training)
     return evaluator
 
 
 def val_batches(index: CacheIndex, device, batch_size: int, mask_size: int, resident: str = "auto",
-                workers: int = 0):
-    """Every stored padded ROI of ``index``'s images, in store order (as `train` validates)."""
-    source = make_source(resident, index, RoiSampling(hflip=0.0), mask_size, 0, workers, device, index.images)
+                workers: int = 0, fine: bool = False):
+    """Every stored padded ROI of ``index``'s images, in store order (as `train` validates);
+    ``fine``: with the fine map (a decoder that fuses one)."""
+    source = make_source(resident, index, RoiSampling(hflip=0.0), mask_size, 0, workers, device, index.images,
+                         fine)
     batches = epoch_batches(index.images, 0, 0, batch_size, shuffle=False, pad=False)
     return source.iterate(batches, 0, False)

@@ -21,6 +21,7 @@ from roiseg.trainer.checkpoint import (
 )
 from roiseg.trainer.data import CacheIndex
 from roiseg.trainer.devices import default_batch_size, resolve_device
+from roiseg.trainer.models import uses_fine
 from roiseg.trainer.scoring import RoiEvaluator, run_evaluator, val_batches
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: l
     k = int(ck["model_kwargs"]["num_classes"])
     ev = RoiEvaluator(index, FeatureStore(index.path), k, dev, coco_eval).keep_records(details)
     bs = batch_size or default_batch_size(dev)
-    run_evaluator(model, val_batches(index, dev, bs, int(ck["model_kwargs"]["mask_size"])), ev,
+    run_evaluator(model, val_batches(index, dev, bs, int(ck["model_kwargs"]["mask_size"]), fine=uses_fine(model)), ev,
                   amp=bool(cfg.get("amp")) and dev.type == "cuda", zero_features=bool(cfg.get("zero_features")))
     res = ev.result()
     res.update({"checkpoint": str(path), "epoch": int(ck["epoch"]), "val_store": str(index.path),
@@ -64,8 +65,10 @@ def live_store(ck_path: Path, ann: Path, images: Path, work_dir: Path | None, on
     from roiseg.featcache.cache import CacheConfig, run_cache
     from roiseg.featcache.providers import TRT_CACHE
     from roiseg.trainer.runtime.pipeline import open_extractor
-    meta = load_checkpoint(ck_path)["cache_metadata"]["train"]
-    open_extractor(meta, onnx, "cpu")  # the same extractor (sha256) before any work
+    ck = load_checkpoint(ck_path)
+    meta = ck["cache_metadata"]["train"]
+    fine = meta.get("fine") if ck.get("cache_fingerprint", {}).get("fine") else None   # the decoder fuses it
+    open_extractor(meta, onnx, "cpu", fine=bool(fine))  # the same extractor (sha256) before any work
     prep = meta["preprocess"]
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
@@ -73,6 +76,7 @@ def live_store(ck_path: Path, ann: Path, images: Path, work_dir: Path | None, on
         out = Path(tmp) / "val.zarr"
         s = run_cache(CacheConfig(ann=Path(ann), images=Path(images), onnx=Path(onnx or meta["onnx_path"]), out=out,
                                   feature_name=meta["feature_name"], provider=provider,
+                                  fine_feature=fine["name"] if fine else None,
                                   channel_order=prep["channel_order"], scale=float(prep["scale"]),
                                   resize=prep["policy"]["mode"], roi_padding=float(meta["roi_padding"]),
                                   limit=limit, trt_cache=TRT_CACHE, device_id=device_id), progress=True)

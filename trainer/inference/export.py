@@ -32,11 +32,12 @@ def export_metadata(spec: ExportSpec, meta: dict | None = None) -> dict:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in out.items()}
 
 
-def predictor_metadata(meta: dict, checkpoint: str) -> dict:
+def predictor_metadata(meta: dict, checkpoint: str, fine: bool = False) -> dict:
     """What an ONNX-only predictor needs from the checkpoint: the extractor tensor and its sha256,
-    the preprocessing, the ROI padding, the feature shape."""
+    the preprocessing, the ROI padding, the feature shape (``fine``: and the fine map's)."""
     keep = ("feature_name", "feature_shape", "preprocess", "roi_padding", "input_hw", "onnx_sha256", "onnx_path")
-    return {"checkpoint": checkpoint, "featcache": {k: meta[k] for k in keep if k in meta}}
+    out = {k: meta[k] for k in keep if k in meta} | ({"fine": meta["fine"]} if fine else {})
+    return {"checkpoint": checkpoint, "featcache": out}
 
 
 MIN_OPSET = 16     # RoiAlign with coordinate_transformation_mode=half_pixel (aligned=True)
@@ -85,7 +86,7 @@ def export_decoder(model, spec: ExportSpec, out: Path, opset: int = 17, meta: di
     inputs = sample_inputs(spec, 6)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    dyn = {"features": {0: "B"}, "rois": {0: "N"}, "image_rects": {0: "B"}, "instance_map": {0: "B"},
+    dyn = {"features": {0: "B"}, "fine": {0: "B"}, "rois": {0: "N"}, "image_rects": {0: "B"}, "instance_map": {0: "B"},
            **{k: {0: "N"} for k in ("masks", "logits", "roi_boxes", "probs", "scores")}}
     dyn = {k: v for k, v in dyn.items() if k in spec.inputs + spec.outputs}
     with atomic_write(out) as tmp:
@@ -103,27 +104,40 @@ def export_decoder(model, spec: ExportSpec, out: Path, opset: int = 17, meta: di
 
 def export_checked(model, spec: ExportSpec, out: Path, opset: int, meta: dict | None = None,
                    end_to_end: tuple | None = None) -> dict:
-    """Write the decoder graph (and, with ``end_to_end`` = (extractor ONNX, feature name, path), the
-    joined graph), check parity with PyTorch and that ONNX Runtime loads each, all on temp files;
-    rename them into place only when everything passed, so a failure keeps the previous files."""
+    """Write the decoder graph (and, with ``end_to_end`` = (extractor ONNX, feature name, path[, fine
+    map name]), the joined graph), check parity with PyTorch and that ONNX Runtime loads each, all on
+    temp files; rename them into place only when everything passed, so a failure keeps the previous
+    files."""
     check_opset(opset)
     out = Path(out)
     with atomic_write(out) as tmp_dec:
         export_decoder(model, spec, tmp_dec, opset, meta)
         report = check_parity(model, tmp_dec, spec)
         if end_to_end is not None:
-            ext, feature_name, e2e = end_to_end
+            ext, feature_name, e2e, *fine = end_to_end
             with atomic_write(e2e) as tmp_e2e:
-                export_end_to_end(ext, feature_name, tmp_dec, tmp_e2e)
+                export_end_to_end(ext, feature_name, tmp_dec, tmp_e2e, fine[0] if fine else None)
                 cpu_session(tmp_e2e)
     return report
 
 
-def export_end_to_end(extractor_onnx: Path, feature_name: str, decoder_onnx: Path, out: Path) -> Path:
+def export_end_to_end(extractor_onnx: Path, feature_name: str, decoder_onnx: Path, out: Path,
+                      fine_name: str | None = None) -> Path:
     """Join extractor and decoder into one graph: images [1,3,H,W] + rois (+ image_rects) -> the
-    decoder's outputs.  The decoder's metadata comes along."""
-    from roiseg.featcache.extractor import expose_tensor
-    ext = expose_tensor(onnx.load(str(extractor_onnx)), feature_name)
+    decoder's outputs; ``fine_name``: the extractor tensor (or its input) that feeds the decoder's
+    fine map.  The decoder's metadata comes along."""
+    from roiseg.featcache.extractor import INPUT_TENSOR, expose_tensor
+    model = onnx.load(str(extractor_onnx))
+    io_map = [(feature_name, "features")]
+    if fine_name == INPUT_TENSOR:    # the image itself: an Identity makes it an output to connect
+        model.graph.node.append(onnx.helper.make_node("Identity", [model.graph.input[0].name], ["fine_image"]))
+        fine_name = "fine_image"
+        model.graph.output.append(onnx.helper.make_tensor_value_info(fine_name, onnx.TensorProto.FLOAT, None))
+        ext = expose_tensor(model, (feature_name, fine_name))
+    else:
+        ext = expose_tensor(model, (feature_name, fine_name) if fine_name else feature_name)
+    if fine_name:
+        io_map.append((fine_name, "fine"))
     dec = onnx.load(str(decoder_onnx))
     outputs = [o.name for o in dec.graph.output]
     ver = lambda m: max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))  # noqa: E731
@@ -134,7 +148,7 @@ def export_end_to_end(extractor_onnx: Path, feature_name: str, decoder_onnx: Pat
         dec = onnx.version_converter.convert_version(dec, target)
     ext.ir_version = dec.ir_version = max(ext.ir_version, dec.ir_version)
     del ext.metadata_props[:]   # the joined graph's contract is the decoder's
-    merged = onnx.compose.merge_models(ext, dec, io_map=[(feature_name, "features")], prefix2="decoder/",
+    merged = onnx.compose.merge_models(ext, dec, io_map=io_map, prefix2="decoder/",
                                        outputs=[f"decoder/{o}" for o in outputs])
     _rename(merged.graph, {f"decoder/{k}": k for k in ["rois", "image_rects"] + outputs})
     onnx.checker.check_model(merged)

@@ -2,7 +2,8 @@
 channel, the instance map; the feature normalization folded into the first conv; ``--half``.
 
 Decoder graph inputs: ``features [B,C,Hf,Wf]``, ``rois [N,5]`` (batch index + normalized *person*
-box, xyxy, model-input frame) and, for letterboxed decoders, ``image_rects [B,4]``.  The graph pads
+box, xyxy, model-input frame), for letterboxed decoders ``image_rects [B,4]``, and for decoders with
+the fine path (``cache --fine-feature``) ``fine [B,Cf,Hs,Ws]``.  The graph pads
 each box by the training ROI padding (``featcache.geometry.pad_box``), decodes it and pastes it back at
 model-input resolution inside the graph (like segment-anything's ``utils/onnx.py``).  Outputs
 (``OUTPUT_DOC``, also written into the ONNX metadata):
@@ -65,21 +66,25 @@ class ExportSpec:
     full_probs: bool = False    # also the old probs [N,K,H,W] output
     half: bool = False          # fp16 weights and activations in the conv stack
     scores: bool = False        # the decoder has a score head: a scores [N] output
+    fine_shape: tuple | None = None   # [Cf, Hs, Ws] of the fine map the decoder fuses (graph input fine)
 
     def __post_init__(self):
         if self.masks not in ("binary", "prob"):
             raise ValueError(f"masks must be binary or prob, not {self.masks!r}")
 
     @classmethod
-    def from_meta(cls, meta: dict, **kw) -> "ExportSpec":
-        """From a checkpoint's cache metadata (``decoder_from_checkpoint``)."""
+    def from_meta(cls, meta: dict, fine: bool = False, **kw) -> "ExportSpec":
+        """From a checkpoint's cache metadata (``decoder_from_checkpoint``); ``fine``: the decoder
+        fuses the fine map the metadata names."""
         c, hf, wf = meta["feature_shape"]
         return cls(c, tuple(meta["input_hw"]), (hf, wf), float(meta["roi_padding"]),
-                   meta["preprocess"]["policy"]["mode"] == "letterbox", **kw)
+                   meta["preprocess"]["policy"]["mode"] == "letterbox",
+                   fine_shape=tuple(meta["fine"]["shape"]) if fine else None, **kw)
 
     @property
     def inputs(self) -> list[str]:
-        return ["features", "rois"] + (["image_rects"] if self.letterbox else [])
+        return (["features", "rois"] + (["image_rects"] if self.letterbox else [])
+                + (["fine"] if self.fine_shape else []))
 
     @property
     def outputs(self) -> list[str]:
@@ -142,8 +147,13 @@ def half_conv_stack(model: nn.Module) -> nn.Module:
     if stages is None:
         raise ExportError(f"--half: {type(model).__name__} does not say which stages run in fp16 (HALF_STAGES)")
     model = copy.deepcopy(model)
-    for name in stages:
-        setattr(model, name, _Half(getattr(model, name)))
+    for name in stages:   # "fine.reduce": a stage of a submodule (absent without the fine path)
+        *path, last = name.split(".")
+        owner = model
+        for p in path:
+            owner = getattr(owner, p, None)
+        if owner is not None:
+            setattr(owner, last, _Half(getattr(owner, last)))
     return model
 
 
@@ -165,7 +175,7 @@ class DecoderExport(nn.Module):
         self.model = model
         self.spec = spec
 
-    def decode(self, features, rois, image_rects=None) -> dict:
+    def decode(self, features, rois, image_rects=None, fine=None) -> dict:
         s = self.spec
         h, w = s.input_hw
         # A whole-image ROI is put first and dropped again: ONNX Runtime cannot reshape the
@@ -178,7 +188,8 @@ class DecoderExport(nn.Module):
         else:
             rect = image_rects[rois[:, 0].long()]
             padded = pad_box(rois[:, 1:5], s.roi_padding, rect[:, [0, 1, 0, 1]], rect[:, [2, 3, 2, 3]])
-        logits, quality = self.model(features, torch.cat([rois[:, :1], padded], 1), with_scores=True)
+        logits, quality = self.model(features, torch.cat([rois[:, :1], padded], 1), with_scores=True,
+                                     **({} if fine is None else {"fine": fine}))
         px = padded * torch.tensor([w, h, w, h], dtype=padded.dtype, device=padded.device)
         prob = logits.float().softmax(1)
         real = (torch.arange(rois.shape[0], device=prob.device) > 0).to(prob.dtype)
@@ -200,8 +211,10 @@ class DecoderExport(nn.Module):
             out["scores"] = quality[1:].float()
         return out
 
-    def forward(self, features, rois, image_rects=None):
-        out = self.decode(features, rois, image_rects)
+    def forward(self, *inputs):
+        """The graph's inputs in ``spec.inputs`` order."""
+        named = dict(zip(self.spec.inputs, inputs))
+        out = self.decode(named["features"], named["rois"], named.get("image_rects"), named.get("fine"))
         return tuple(out[k] for k in self.spec.outputs)
 
 
@@ -215,6 +228,8 @@ def sample_inputs(spec: ExportSpec, n_rois: int, batch: int = 2, seed: int = 0):
     if spec.letterbox:   # content bands like a 2:1 and a 1:2 image
         rects = torch.tensor([[0.0, 0.25, 1.0, 0.75], [0.25, 0.0, 0.75, 1.0]])[torch.arange(batch) % 2]
         inputs += (rects,)
+    if spec.fine_shape:
+        inputs += (torch.randn(batch, *spec.fine_shape, generator=g),)
     return inputs
 
 

@@ -62,7 +62,9 @@ def check_parity(model, onnx_path: Path, spec: ExportSpec, tol: float | None = N
     for n, batch in ((1, 1), (5, 2), (0, 2)):
         inputs = sample_inputs(spec, n, batch, seed=n + 1)
         with torch.no_grad():
-            ref = {k: v.numpy() for k, v in ref_wrapper.decode(*inputs).items()}
+            named = dict(zip(spec.inputs, inputs))
+            ref = {k: v.numpy() for k, v in ref_wrapper.decode(named["features"], named["rois"],
+                                                                named.get("image_rects"), named.get("fine")).items()}
         got = dict(zip(names, sess.run(None, {k: v.numpy() for k, v in zip(spec.inputs, inputs)})))
         idx = inputs[1][:, 0].numpy().astype(int)
         diff, flips = 0.0, 0

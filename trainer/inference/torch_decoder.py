@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from roiseg.trainer.checkpoint import decoder_from_checkpoint
-from roiseg.trainer.models import paste_masks
+from roiseg.trainer.models import paste_masks, uses_fine
 from roiseg.trainer.runtime.detection import DetectionSettings
 from roiseg.trainer.runtime.pipeline import Predictor, open_extractor
 
@@ -20,13 +20,17 @@ class TorchDecoder:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.provider = f"torch {self.device}"
+        self.fine = uses_fine(model)     # the pipeline then hands it the fine map too
 
     def __call__(self, x: np.ndarray, boxes_in: np.ndarray, rois_in: np.ndarray, rect_in: np.ndarray,
-                 rel: np.ndarray, hw: tuple) -> tuple[np.ndarray, np.ndarray | None]:
+                 rel: np.ndarray, hw: tuple, fine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         r = torch.as_tensor(np.concatenate([np.zeros((len(rois_in), 1)), rois_in], 1), dtype=torch.float32,
                             device=self.device)
+        fine = None if fine is None else torch.from_numpy(fine).float().to(self.device)
         with torch.no_grad():
-            logits, quality = self.model(torch.from_numpy(x).float().to(self.device), r, with_scores=True)
+            # ``fine`` only when there is one: decoders of the older interface take no such argument
+            logits, quality = self.model(torch.from_numpy(x).float().to(self.device), r, with_scores=True,
+                                         **({} if fine is None else {"fine": fine}))
             pasted = paste_masks(logits.softmax(1)[:, 1:2], torch.as_tensor(rel, dtype=torch.float32,
                                                                                device=self.device),
                                  *hw, fill_background=False)
@@ -39,7 +43,8 @@ def predictor_from_checkpoint(path: str | Path, onnx_path=None, provider: str = 
     """The pipeline of a checkpoint: its decoder (EMA weights) on ``device`` and its extractor."""
     model, meta = decoder_from_checkpoint(path)
     return Predictor(TorchDecoder(model, device), meta,
-                     open_extractor(meta, onnx_path, provider, detection is not None, device), detection)
+                     open_extractor(meta, onnx_path, provider, detection is not None, device, uses_fine(model)),
+                     detection)
 
 
 def checkpoint_predictor(opts):

@@ -159,7 +159,7 @@ def validation_png_hook(cfg):
                 # CUDA, not TensorRT: four images an epoch never repay a TensorRT engine build.
                 provider = "cuda" if trainer.cuda else "cpu"
                 state["extractor"] = open_extractor(trainer.train_index.meta, cfg.vis_onnx, provider,
-                                                    device=trainer.device)
+                                                    device=trainer.device, fine=bool(trainer.fine_channels))
             model = trainer.ema.module if trainer.ema else trainer.model
             pred = Predictor(TorchDecoder(model, trainer.device), trainer.train_index.meta, state["extractor"])
             # the fallback images are announced at the first epoch only

@@ -72,15 +72,22 @@ class OnnxDecoder:
             raise FeatCacheError(f"{path} has no logits output")
         self.has_scores = "scores" in [o.name for o in model.graph.output]    # a score head's mask IoUs
         self.end_to_end = self.inputs[0] != "features"
+        self.fine = "fine" in self.inputs       # a decoder that fuses the fine map (cache --fine-feature)
+        if self.fine and not isinstance(self.meta.get("fine"), dict):
+            raise FeatCacheError(f"{path} takes a fine map but its featcache metadata names none; re-export it")
         self.letterbox = "image_rects" in self.inputs
         # fp32 engines: the graph's geometry and paste must stay fp32 (export --half puts fp16 in the graph)
         self.session = make_session(model, provider=provider, label=path.name, fp16=False, device_id=device_id)
         self.provider = self.session.get_providers()[0]
 
     def __call__(self, x: np.ndarray, boxes_in: np.ndarray, rois_in: np.ndarray, rect_in: np.ndarray,
-                 rel: np.ndarray, hw: tuple) -> tuple[np.ndarray, np.ndarray | None]:
+                 rel: np.ndarray, hw: tuple, fine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         feed = {self.inputs[0]: x.astype(np.float32),
                 "rois": np.concatenate([np.zeros((len(boxes_in), 1)), boxes_in], 1).astype(np.float32)}
+        if self.fine:
+            if fine is None:
+                raise FeatCacheError("this decoder fuses a fine map: the pipeline must pass it")
+            feed["fine"] = fine.astype(np.float32)
         if self.letterbox:
             feed["image_rects"] = np.asarray(rect_in, np.float32).reshape(1, 4)
         out = self.session.run(["logits"] + (["scores"] if self.has_scores else []), feed)

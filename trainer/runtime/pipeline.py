@@ -116,7 +116,8 @@ class Predictor:
         """An exported decoder ONNX (with the extractor ONNX it was trained on) or an end-to-end
         ONNX; ONNX Runtime only."""
         dec = OnnxDecoder(exported, provider)
-        extractor = None if dec.end_to_end else open_extractor(dec.meta, onnx_path, provider, detection is not None)
+        extractor = None if dec.end_to_end else open_extractor(dec.meta, onnx_path, provider, detection is not None,
+                                                               fine=dec.fine)
         return cls(dec, dec.meta, extractor, detection)
 
     def predict(self, image, boxes=None, box_format: str = "xyxy", scores=None, progress=None) -> Prediction:
@@ -130,8 +131,10 @@ class Predictor:
             if boxes is None:
                 raise FeatCacheError("an end-to-end graph needs the person boxes as input")
             feats = x
+            fine = None
         else:
             feats, extra = self.extractor.run_all(x)
+            fine = extra.get(self.extractor.fine_name) if self.extractor.fine_name else None
         if boxes is None:
             if self.det_output is None:
                 raise FeatCacheError("no person boxes given and no detection output configured")
@@ -141,19 +144,21 @@ class Predictor:
             boxes = self.policy.input_norm_to_norm(px / np.array([iw, ih, iw, ih]), w, h)
         boxes = as_xyxy(np.asarray(boxes, np.float64).reshape(-1, 4), box_format).clip(0, 1)
         scores = np.ones(len(boxes)) if scores is None else np.asarray(scores, np.float64).reshape(-1)
-        return self.predict_features(feats, (h, w), boxes, scores, progress)
+        return self.predict_features(feats, (h, w), boxes, scores, progress, fine)
 
     def predict_features(self, feats: np.ndarray, size, boxes: np.ndarray, scores: np.ndarray,
-                         progress=None) -> Prediction:
+                         progress=None, fine: np.ndarray | None = None) -> Prediction:
         """Decoder + window paste for features of one image already extracted (the preprocessed
-        image for an end-to-end graph), ``max_rois_per_run`` persons at a time."""
+        image for an end-to-end graph), ``max_rois_per_run`` persons at a time; ``fine``: its fine
+        map, for a decoder that fuses one."""
         h, w = size
         rois = pad_box(boxes, self.roi_padding).reshape(-1, 4)
         windows = native_windows(rois * [w, h, w, h], (h, w))
         pred = Prediction((h, w), boxes, scores, rois, windows)
         for a in range(0, len(rois), self.max_rois_per_run):
             probs, quality = self._decode(feats, (h, w), boxes[a:a + self.max_rois_per_run],
-                                          rois[a:a + self.max_rois_per_run], windows[a:a + self.max_rois_per_run])
+                                          rois[a:a + self.max_rois_per_run], windows[a:a + self.max_rois_per_run],
+                                          fine)
             pred.probs += probs
             if quality is not None:
                 pred.quality = (pred.quality or []) + [float(q) for q in quality]
@@ -161,7 +166,7 @@ class Predictor:
                 progress(len(pred.probs), len(rois))
         return pred
 
-    def _decode(self, feats, size, boxes, rois, windows) -> tuple[list[np.ndarray], np.ndarray | None]:
+    def _decode(self, feats, size, boxes, rois, windows, fine=None) -> tuple[list[np.ndarray], np.ndarray | None]:
         """Each person's class-1 probability on its window (one paste into a frame as big as the
         largest window, each ROI keeping its own corner), and the predicted mask IoUs or None."""
         h, w = size
@@ -170,15 +175,16 @@ class Predictor:
         rel = rois * [w, h, w, h] - np.tile(windows[:, :2], 2)
         pasted, quality = self.decoder(feats, self.policy.norm_to_input_norm(boxes, w, h),
                                        self.policy.norm_to_input_norm(rois, w, h), content_rect(self.policy, w, h),
-                                       rel, (hmax, wmax))
+                                       rel, (hmax, wmax), fine)
         return [pasted[k, : y1 - y0, : x1 - x0] for k, (x0, y0, x1, y1) in enumerate(windows)], quality
 
 
 def open_extractor(meta: dict, onnx_path=None, provider="auto", detections: bool = False,
-                   device=None) -> Extractor:
+                   device=None, fine: bool = False) -> Extractor:
     """The checkpoint's extractor (checked by sha256); ``detections``: also keep the model's own
     outputs (its detection head) for automatic person boxes; ``device``: the torch device the
-    decoder runs on (the extractor uses the same GPU)."""
+    decoder runs on (the extractor uses the same GPU); ``fine``: the decoder fuses the fine map
+    recorded in ``meta`` (it is computed in the same run)."""
     path = Path(onnx_path or meta["onnx_path"])
     if not path.is_file():
         raise FeatCacheError(f"extractor ONNX not found: {path} (pass --onnx)")
@@ -187,11 +193,16 @@ def open_extractor(meta: dict, onnx_path=None, provider="auto", detections: bool
                              f"(sha256 differs from the cache's {meta['onnx_sha256'][:12]}...)")
     try:
         ex = Extractor(path, meta["feature_name"], provider, streams=1, extra_outputs="all" if detections else (),
-                       batch_max=1, device_id=None if device is None else device_id_for(device))
+                       batch_max=1, device_id=None if device is None else device_id_for(device),
+                       fine_name=meta["fine"]["name"] if fine else None)
     except UnknownTensorError:
-        raise FeatCacheError(f"the decoder was trained on the tensor {meta['feature_name']!r}, which {path} does "
+        raise FeatCacheError(f"the decoder was trained on the tensor {meta['feature_name']!r}"
+                             f"{' and the fine map ' + repr(meta['fine']['name']) if fine else ''}, which {path} does "
                              f"not have: its metadata does not belong to this extractor") from None
     if list(ex.feature_shape) != list(meta["feature_shape"]):     # channels and map size the decoder expects
         raise FeatCacheError(f"{path} gives {meta['feature_name']} as {list(ex.feature_shape)}, but the decoder was "
                              f"trained on {list(meta['feature_shape'])}")
+    if fine and list(ex.fine_shape) != list(meta["fine"]["shape"]):
+        raise FeatCacheError(f"{path} gives the fine map {meta['fine']['name']} as {list(ex.fine_shape)}, but the "
+                             f"decoder was trained on {list(meta['fine']['shape'])}")
     return ex

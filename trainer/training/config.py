@@ -29,6 +29,9 @@ class TrainConfig:
     roi_size: int = option(14, "ROIAlign output size.", ge=1)
     mask_size: int = option(56, "ROI mask size = roi size x 2^k.", ge=1)
     classes: Literal[3, 2] = option(3, "3 = bg/target/others, 2 = bg/target.")
+    fine: Literal["auto", "off"] = option("auto", "Fuse the store's fine map into the mask (roialign model): "
+                                          "auto = when the store has one.")
+    fine_width: int = option(32, "Channels the fine map is reduced to before the fusion.", ge=1)
     epochs: int = option(0, "Epochs, 0 = auto.", ge=0,
                          shown="auto: 12, more on small sets so that training makes >= --min-steps steps")
     min_steps: int = option(600, "Optimizer steps auto epochs aim for at least.", ge=1)

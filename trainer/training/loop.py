@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from roiseg.featcache.errors import FeatCacheError
 from roiseg.featcache.files import refuse_overlap
-from roiseg.featcache.store import FeatureStore, check_compatible
+from roiseg.featcache.store import FINGERPRINT_KEYS, FeatureStore, check_compatible
 from roiseg.trainer.data import CacheIndex, epoch_batches, make_source, rank_images
 from roiseg.trainer.devices import default_batch_size
 from roiseg.trainer.models import build_model
@@ -130,7 +130,8 @@ class Trainer:
         self.loss = self._loss()
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, self.train_index.feature_shape[0], self._feature_stats(),
-                                 **model_kwargs(cfg, self.run.hidden)).to(self.device)
+                                 self._fine_stats(), **model_kwargs(cfg, self.run.hidden, self.fine_channels)
+                                 ).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.ema = Ema(self.model, cfg.ema) if cfg.ema > 0 else None
@@ -160,8 +161,13 @@ class Trainer:
     def _stores(self) -> tuple[CacheIndex, CacheIndex]:
         cfg = self.cfg
         train, val = CacheIndex(cfg.train_store, cfg.train_images), CacheIndex(cfg.val_store, cfg.val_images)
-        check_compatible(fingerprint(train.meta), fingerprint(val.meta),
+        # the fine path: automatic when the training store has a fine map (roialign only)
+        self.fine_channels = (train.fine_shape[0] if train.fine_shape and cfg.fine == "auto"
+                              and cfg.model == "roialign" else 0)
+        fine = bool(self.fine_channels)
+        check_compatible(fingerprint(train.meta, fine), fingerprint(val.meta, fine),
                          f"validation cache {cfg.val_store} vs training cache {cfg.train_store}",
+                         keys=FINGERPRINT_KEYS + (("fine",) if fine else ()),
                          labels=("training cache has", "validation cache has"))
         check_sparse_stores(cfg, train.meta, val.meta)
         if len(train.images) == 0 or len(val.images) == 0:
@@ -200,10 +206,11 @@ class Trainer:
 
     def _sources(self):
         cfg, r, w = self.cfg, self.dist.rank, self.dist.world
+        fine = bool(self.fine_channels)
         train = make_source(cfg.resident, self.train_index, self.sampling, cfg.mask_size, cfg.seed, cfg.workers,
-                            self.device, rank_images(self.train_index.images, r, w))
+                            self.device, rank_images(self.train_index.images, r, w), fine)
         val = make_source(cfg.resident, self.val_index, dataclasses.replace(self.sampling, hflip=0.0), cfg.mask_size,
-                          cfg.seed, cfg.workers, self.device, rank_images(self.val_index.images, r, w))
+                          cfg.seed, cfg.workers, self.device, rank_images(self.val_index.images, r, w), fine)
         return train, val
 
     def _log_plan(self) -> None:
@@ -211,6 +218,10 @@ class Trainer:
         log.info("train: %d images (%s), val: %d images, model %s (%d params), device %s, world %d",
                  len(self.train_index.images), self.train_source.kind, len(self.val_index.images),
                  cfg.model, sum(p.numel() for p in self.model.parameters()), self.device, self.dist.world)
+        if self.fine_channels:
+            fine = self.train_index.meta["fine"]
+            log.info("fine path: %s %s fused at %dx%d (--fine off: without it)", fine["name"], fine["shape"],
+                     cfg.mask_size, cfg.mask_size)
         log.info("%d epochs of ~%d training ROIs, %d ROIs per step (~%d steps; lr %.2e = %.0e x sqrt(%d/%d)), "
                  "%d images per read, flip %s", run.epochs, self.epoch_rois, run.rois_per_step,
                  run.epochs * self.epoch_rois // run.rois_per_step, run.lr, cfg.lr,
@@ -228,6 +239,11 @@ class Trainer:
         except (OSError, PermissionError):
             store = FeatureStore(self.train_index.path)
         return store.feature_stats(self.train_index.images)
+
+    def _fine_stats(self):
+        if not self.fine_channels or self.cfg.feature_norm == "none":
+            return None
+        return FeatureStore(self.train_index.path).fine_stats(self.train_index.images)
 
     def _sampling(self) -> RoiSampling:
         cfg = self.cfg
@@ -249,11 +265,12 @@ class Trainer:
         return "off" if s.hflip == 0 else f"p={s.hflip} ({'mirrored feature map' if s.hflip_map else 'stored mirrored features'})"
 
     # ---- steps ---------------------------------------------------------------------------
-    def _inputs(self, batch: dict) -> torch.Tensor:
-        f = batch["features"]
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(features, fine map or None) as the model takes them."""
+        maps = [batch["features"], batch.get("fine")]
         if self.cfg.zero_features:
-            f = torch.zeros_like(f)
-        return f if self.amp else f.float()
+            maps = [None if m is None else torch.zeros_like(m) for m in maps]
+        return tuple(m if m is None or self.amp else m.float() for m in maps)
 
     def _targets(self, t: torch.Tensor) -> torch.Tensor:
         return torch.where(t == 2, 0, t) if self.cfg.classes == 2 else t
@@ -293,14 +310,15 @@ class Trainer:
         lr = self._set_lr(epoch - 1)
         losses = None
         for read, batch in enumerate(self.train_source.iterate(batches, epoch, True)):
-            feats = self._inputs(batch)
+            feats, fine = self._inputs(batch)
             targets = self._targets(batch["targets"])
             chunks, counts = self._chunks(batch["rois"].shape[0], epoch, read)
             for j, sel in enumerate(chunks):
                 lr = self._set_lr(epoch - 1 + min(1.0, (done + rois_before_step(counts, len(chunks), j))
                                                   / self.epoch_rois))
                 with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                    logits, scores = self.net(feats, batch["rois"][sel], with_scores=True)
+                    logits, scores = self.net(feats, batch["rois"][sel], with_scores=True,
+                                              **({} if fine is None else {"fine": fine}))
                 if len(sel):
                     losses = self.loss(logits, targets[sel], scores)
                     loss = losses["loss"]

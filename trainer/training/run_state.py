@@ -23,10 +23,13 @@ from roiseg.trainer.models import load_decoder_state
 log = logging.getLogger(__name__)
 
 
-def model_kwargs(cfg, hidden: int) -> dict:
-    """The decoder's constructor arguments (``hidden``: the resolved width)."""
+def model_kwargs(cfg, hidden: int, fine_channels: int = 0) -> dict:
+    """The decoder's constructor arguments (``hidden``: the resolved width; ``fine_channels``: of
+    the fine map the decoder fuses, 0 = none)."""
     kw = {"hidden": hidden, "roi_size": cfg.roi_size, "mask_size": cfg.mask_size, "num_classes": cfg.classes}
-    # only when on: checkpoints from before the score head keep their kwargs (and resume)
+    # only when on: checkpoints from before the score head / fine path keep their kwargs (and resume)
+    if fine_channels:
+        kw |= {"fine_channels": fine_channels, "fine_width": cfg.fine_width}
     return kw | ({"score_head": True} if cfg.score_head else {})
 
 
@@ -125,9 +128,9 @@ class Checkpointer:
         np_state = np.random.get_state()
         return {
             "epoch": epoch, "metrics": metrics, "config": t.cfg.to_dict(), "resolved": t.run.to_dict(),
-            "model_name": t.cfg.model, "model_kwargs": model_kwargs(t.cfg, t.run.hidden),
+            "model_name": t.cfg.model, "model_kwargs": model_kwargs(t.cfg, t.run.hidden, t.fine_channels),
             "in_channels": t.train_index.feature_shape[0], "input_hw": list(t.input_hw),
-            "cache_fingerprint": fingerprint(t.train_index.meta),
+            "cache_fingerprint": fingerprint(t.train_index.meta, fine=bool(t.fine_channels)),
             "cache_metadata": {"train": _plain(t.train_index.meta), "val": _plain(t.val_index.meta)},
             "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
             "scheduler": {"global_step": t.global_step}, "scaler": t.scaler.state_dict(),
@@ -161,7 +164,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path.name} was trained on another training set:\n  "
                                   + "\n  ".join(diffs) + "\nresume with the same training cache, or start a new run "
                                   "(without --resume)")
-        want = model_kwargs(t.cfg, t.run.hidden)
+        want = model_kwargs(t.cfg, t.run.hidden, t.fine_channels)
         if ck["model_name"] != t.cfg.model or ck["model_kwargs"] != want:
             raise CheckpointError(f"checkpoint {path.name} holds model {ck['model_name']} "
                                   f"{ck['model_kwargs']}, asked for {t.cfg.model} {want}")
