@@ -159,9 +159,9 @@ def default_store(split: str, subset: str) -> Path:
 
 
 def _parse_shard(ctx, param, value):
-    """``I/N`` -> (I, N); the schema checks 0 <= I < N."""
+    """``I/N`` -> (I, N); the schema checks 0 <= I < N.  None when not given (torchrun then shards)."""
     if value is None:
-        return (0, 1)
+        return None
     try:
         i, n = (int(v) for v in value.split("/"))
     except ValueError:
@@ -197,20 +197,66 @@ def _cache_config():
 @_user_errors
 def cache(split, subset, ann, images, onnx_path, scale, shard, out, **opts):
     """Run the ONNX extractor once per image -> fp16 chunked Zarr store + rasterized targets."""
-    from roiseg.featcache.cache import run_cache
     from roiseg.featcache.schema import build
     cfg = build(_cache_config(), {"ann": ann or ann_path(split, subset), "images": images or Path(f"data/images/{split}2017"),
                                   "onnx": onnx_path, "out": out or default_store(split, subset),
-                                  "scale": SCALES[scale], "shard": shard}, opts)
-    s = run_cache(cfg)
+                                  "scale": SCALES[scale], "shard": shard or (0, 1)}, opts)
+    s = _run_cache_launched(cfg, shard is not None)
+    if s is None:
+        return   # a torchrun rank other than 0: rank 0 reports for all
     click.echo(f"{s['cached']}/{s['images']} images cached in {s['store']} ({s['elapsed_s']:.1f}s, "
-               f"{s['processed_now']} this run, provider {s['provider']})")
+               f"{s['processed_now']} this run{s.get('ranks', '')}, provider {s['provider']})")
     if s["skipped"]:
         click.echo(f"{len(s['skipped'])} image(s) skipped (listed in the store's 'skipped' array):")
         for name, reason in list(s["skipped"].items())[:20]:
             click.echo(f"  {name}: {reason}")
     if not s["complete"]:
         click.echo("store not complete yet (other shards still to run?)")
+
+
+def _run_cache_launched(cfg, shard_given: bool):
+    """`cache`, or under torchrun (WORLD_SIZE > 1) one shard per rank: shard RANK/WORLD_SIZE on the
+    rank's local GPU (LOCAL_RANK); rank 0 opens or creates the store while the others wait at a
+    barrier, and gathers the ranks' summaries (None on the other ranks).  A rank that dies leaves a
+    store a re-run completes, as with --shard."""
+    import dataclasses
+    import os
+
+    from roiseg.featcache.cache import run_cache
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world == 1:
+        return run_cache(cfg)
+    if shard_given:
+        raise UserError("--shard and torchrun both split the images: launch with torchrun without --shard, "
+                        "or run one process per --shard I/N")
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    rank = int(os.environ["RANK"])
+    # gloo: only a few small messages; a shard may run for hours before the final gather
+    dist.init_process_group("gloo", timeout=timedelta(days=7))
+    try:
+        cfg = dataclasses.replace(cfg, shard=(rank, world))
+        if rank == 0:
+            s = run_cache(cfg, progress=True, on_store_ready=dist.barrier)
+        else:
+            dist.barrier()                  # the store exists: fill this rank's shard
+            s = run_cache(cfg, progress=False)
+        every = [None] * world
+        dist.all_gather_object(every, s)
+        if rank != 0:
+            return None
+        from roiseg.featcache.store import FeatureStore
+        store = FeatureStore(cfg.out)
+        done, skipped = store.done_mask(), store.skipped()
+        return {**s, "cached": int(done.sum()) - len(skipped), "complete": bool(done.all()),
+                "processed_now": sum(r["processed_now"] for r in every),
+                "newly_skipped": sum(r["newly_skipped"] for r in every),
+                "skipped": {k: v for r in every for k, v in r["skipped"].items()},
+                "elapsed_s": max(r["elapsed_s"] for r in every),
+                "ranks": f" by {world} ranks (" + ", ".join(str(r["processed_now"]) for r in every) + ")"}
+    finally:
+        dist.destroy_process_group()
 
 
 def _train_config():
@@ -326,6 +372,7 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path, ma
     )
     from roiseg.trainer.inference.export_graph import ExportError, ExportSpec
     from roiseg.trainer.inference.parity import decoder_latency, format_parity
+    from roiseg.trainer.models import uses_fine
     from roiseg.trainer.runtime.pipeline import open_extractor
     path = _checkpoint_from(epoch, checkpoint, checkpoints)
     out = Path(out or path.with_suffix(".half.decoder.onnx" if half else ".decoder.onnx"))
@@ -335,13 +382,15 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path, ma
     model, meta = decoder_from_checkpoint(path)
     ext = Path(onnx_path or meta["onnx_path"]) if end_to_end else None
     refuse_overlap({"--out": out, "the end-to-end graph": e2e}, {"--checkpoint": path, "--onnx": ext})
+    fine = uses_fine(model)
     if end_to_end:
-        open_extractor(meta, ext, "cpu")  # same checks as inference: file exists, sha256 matches
-    spec = ExportSpec.from_meta(meta, masks=mask_format, threshold=threshold, full_probs=full_probs, half=half,
+        open_extractor(meta, ext, "cpu", fine=fine)  # same checks as inference: file exists, sha256 matches
+    spec = ExportSpec.from_meta(meta, fine, masks=mask_format, threshold=threshold, full_probs=full_probs, half=half,
                                 scores=getattr(model, "score_head", None) is not None)
     try:
-        report = export_checked(model, spec, out, opset, predictor_metadata(meta, path.name),
-                                (ext, meta["feature_name"], e2e) if end_to_end else None)
+        report = export_checked(model, spec, out, opset, predictor_metadata(meta, path.name, fine),
+                                (ext, meta["feature_name"], e2e, meta["fine"]["name"] if fine else None)
+                                if end_to_end else None)
     except ExportError as exc:
         kept = [str(p) for p in (out, e2e) if p is not None and p.exists()]
         raise UserError(f"{exc}\nnothing was written{'; kept as they were: ' + ', '.join(kept) if kept else ''}") from exc
@@ -349,7 +398,8 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path, ma
                f"-> {', '.join(spec.outputs)})")
     click.echo("parity vs PyTorch (max abs diff): " + format_parity(report))
     if e2e is not None:
-        click.echo(f"wrote {e2e} (images [1,3,H,W] + {', '.join(spec.inputs[1:])} -> {', '.join(spec.outputs)})")
+        click.echo(f"wrote {e2e} (images [1,3,H,W] + {', '.join(i for i in spec.inputs[1:] if i != 'fine')} "
+                   f"-> {', '.join(spec.outputs)})")
     lat = decoder_latency(out, spec)
     click.echo("decoder latency on CPU (ms): " + ", ".join(f"{n} ROIs {ms}" for n, ms in lat.items()))
 

@@ -1,3 +1,4 @@
+import json
 import shutil
 import subprocess
 import sys
@@ -186,3 +187,34 @@ def test_unknown_tensor_lists_stride8_candidates(standin_onnx):
         Extractor(standin_onnx, "/model.99/missing", "cpu")
     msg = str(e.value)
     assert FEATURE_NAME in msg and "/model.1/act" in msg and "output0" not in msg
+
+
+@pytest.mark.slow
+def test_cache_under_torchrun_equals_one_process(synth, standin_onnx, tmp_path):
+    """`torchrun --nproc-per-node 2 cli.py cache`: one shard per rank, rank 0 reports for both, and
+    the store equals a one-process run bitwise (fine and mirrored maps included); --shard is refused
+    under torchrun; a re-run of the finished store has nothing to do."""
+    from clikit import torchrun
+
+    from roiseg.featcache.standin import FINE_NAME
+    args = ["cache", "--ann", synth["train"], "--images", synth["root"] / "images/train2017", "--onnx", standin_onnx,
+            "--provider", "cpu", "--flip", "--fine-feature", FINE_NAME, "--workers", "1"]
+    p = torchrun(2, *args, "--out", tmp_path / "ddp.zarr", timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    n = len(json.loads(Path(synth["train"]).read_text())["images"])
+    assert f"{n}/{n} images cached" in p.stdout and "by 2 ranks" in p.stdout
+    assert p.stdout.count("images cached") == 1                  # rank 0 alone reports
+    run_cache(CacheConfig(ann=synth["train"], images=synth["root"] / "images/train2017", onnx=standin_onnx,
+                          out=tmp_path / "one.zarr", feature_name=FEATURE_NAME, provider="cpu", workers=1, flip=True,
+                          fine_feature=FINE_NAME), progress=False)
+    a, b = FeatureStore(tmp_path / "ddp.zarr"), FeatureStore(tmp_path / "one.zarr")
+    for i in range(n):
+        np.testing.assert_array_equal(a.features(i), b.features(i))
+        np.testing.assert_array_equal(a.features(i, flipped=True), b.features(i, flipped=True))
+        np.testing.assert_array_equal(a.fine(i), b.fine(i))
+        np.testing.assert_array_equal(a.packed_masks(i), b.packed_masks(i))
+        assert a.gt_rles(i) == b.gt_rles(i)
+    p = torchrun(2, *args, "--out", tmp_path / "ddp.zarr", "--shard", "0/2", timeout=120)
+    assert p.returncode != 0 and "--shard and torchrun" in p.stderr
+    p = torchrun(2, *args, "--out", tmp_path / "ddp.zarr", timeout=120)
+    assert p.returncode == 0 and "0 this run" in p.stdout
