@@ -29,9 +29,10 @@ log = logging.getLogger("cv")
 AREA_S, AREA_M = 32 ** 2, 96 ** 2     # COCO small / medium limits (original pixels)
 
 
-def build_store(out: Path) -> Path:
-    store = out / "store.zarr"
-    run_cache(CacheConfig(ann=ANN, images=IMAGES, onnx=ONNX, out=store, feature_name=FEATURE,
+def build_store(out: Path, fine: str | None = None, tag: str = "") -> Path:
+    """The CV store (mirrored features included); ``fine``: with that fine map (``store_<tag>.zarr``)."""
+    store = out / (f"store_{tag}.zarr" if tag else "store.zarr")
+    run_cache(CacheConfig(ann=ANN, images=IMAGES, onnx=ONNX, out=store, feature_name=FEATURE, fine_feature=fine,
                           channel_order="bgr", scale=1.0, provider="cpu", flip=True), progress=False)
     return store
 
@@ -98,12 +99,16 @@ def _train_job(job: dict) -> dict:
 
     tr = Trainer(cfg, hooks=[raw_validation])
     hist = tr.fit()
+    tr.evaluator.coco_eval = bool(job.get("coco_dets"))   # the final epoch's COCO results, for pooled AP
     final = tr.validate(details=True)
     res = {"variant": job["variant"], "fold": job["fold"], "seed": job["seed"],
            "curve": [h["instance_mIoU"] for h in hist], "miou_curve": [h["mIoU"] for h in hist],
            "other_curve": [h["iou"].get("non_target", float("nan")) for h in hist], "raw_curve": raw_curve,
            "per_roi": final["per_roi"], "steps_per_epoch": hist[-1].get("steps"),
            "rois_per_s": float(np.mean([h["rois_per_s"] for h in hist])), "seconds": 0.0}
+    if job.get("coco_dets"):
+        res["coco_dets"] = tr.evaluator.coco_dets
+        tr.evaluator.coco_eval = False
     if tr.ema is not None:  # the same run scored without EMA: EMA measured at no extra training
         res["per_roi_raw"] = tr.validate(tr.model, details=True)["per_roi"]
     res["seconds"] = round(time.perf_counter() - t0, 1)
@@ -113,7 +118,7 @@ def _train_job(job: dict) -> dict:
 
 def run_jobs(variants: dict[str, dict], store: Path, out: Path, folds: int, seeds: list[int],
              epochs: int, procs: int, common: dict | None = None, only_folds: list[int] | None = None,
-             raw_curve: bool = True) -> list[dict]:
+             raw_curve: bool = True, coco_dets: bool = False) -> list[dict]:
     """Train every variant on every fold (or ``only_folds`` of the k) and seed; results cached per
     job in ``out/runs``.  ``raw_curve``: EMA runs also validate their raw weights every epoch."""
     names = make_folds(store, folds)
@@ -135,7 +140,7 @@ def run_jobs(variants: dict[str, dict], store: Path, out: Path, folds: int, seed
                 cfg.update(common or {})
                 cfg.update(over)
                 jobs.append({"key": key, "variant": variant, "fold": f, "seed": seed, "config": cfg,
-                             "out": cfg["out"], "raw_curve": raw_curve})
+                             "out": cfg["out"], "raw_curve": raw_curve, "coco_dets": coco_dets})
     done, todo = [], []
     for j in jobs:
         p = runs_dir / f"{j['key']}.json"

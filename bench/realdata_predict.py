@@ -53,7 +53,21 @@ def ck_dir(variant: str, fold: int, seed: int) -> Path:
     return OUT / "ck" / (f"{variant.replace(' ', '_')}_f{fold}" + (f"_s{seed}" if seed else ""))
 
 
-VARIANTS = {"default": {}, "prior": {"model": "prior"}, "score head": {"score_head": True}}
+VARIANTS = {"default": {}, "prior": {"model": "prior"}, "score head": {"score_head": True}, "fine s4": {}}
+# variants trained on a store with a fine map (cache --fine-feature): variant -> (tag, tensor)
+FINE_STORES = {"fine s4": ("s4", "/backbone/backbone/dark2/dark2.1/conv3/act/Mul_output_0")}
+BASELINES = ("default", "prior")     # the rows every run needs
+
+
+def variant_store(v: str) -> Path:
+    """The store variant ``v`` trains and is evaluated on (built on first use)."""
+    if v not in FINE_STORES:
+        return OUT / "store.zarr"
+    tag, tensor = FINE_STORES[v]
+    store = OUT / f"store_{tag}.zarr"
+    if not (store / ".zattrs").exists():
+        cv.build_store(OUT, tensor, tag)
+    return store
 
 
 def train_folds(store: Path, folds: int, procs: int, seeds, variants=tuple(VARIANTS)) -> dict:
@@ -65,7 +79,8 @@ def train_folds(store: Path, folds: int, procs: int, seeds, variants=tuple(VARIA
         if not analysis.exists():
             cv.fold_analysis(OUT, train, f)
         for v in variants:
-            cfg = dict(train_store=str(store), val_store=str(store), train_images=train, val_images=names[f],
+            vs = variant_store(v)
+            cfg = dict(train_store=str(vs), val_store=str(vs), train_images=train, val_images=names[f],
                        analysis=str(analysis), seed=seed, workers=0, resident="cpu", visualize=False,
                        tensorboard=False, device="cpu", out=str(ck_dir(v, f, seed)))
             cfg.update(VARIANTS[v])
@@ -153,6 +168,7 @@ def main():
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--boot", type=int, default=200, help="bootstrap resamples of the images")
     ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="decoders to compare (default and prior always)")
     ap.add_argument("--conf", type=float, default=0.01, help="detection score threshold (low for AP, as YOLO val)")
     args = ap.parse_args()
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -161,7 +177,8 @@ def main():
     store = OUT / "store.zarr"
     if not (store / ".zattrs").exists():
         cv.build_store(OUT)
-    cks = train_folds(store, args.folds, args.procs, seeds)
+    variants = list(dict.fromkeys([*BASELINES, *args.variants.split(",")]))
+    cks = train_folds(store, args.folds, args.procs, seeds, variants)
     if args.train_only:
         return
     import torch
@@ -185,7 +202,7 @@ def main():
 
     gt = json.loads(ANN.read_text())
     runs, info = {}, {}
-    for v in VARIANTS:
+    for v in variants:
         for boxes in ("auto", "gt"):
             key = f"{v} / {boxes} boxes"
             runs[key], info[key] = [], {"images_per_s": [], "predict_vs_evaluate_max_diff": 0.0}
@@ -203,7 +220,7 @@ def main():
                     info[key]["images_per_s"].append(summary["images_per_s"])
                     pooled += json.loads((Path(summary["out"]) / "predictions.json").read_text())
                     if boxes == "gt":   # predict with GT boxes == evaluate on the cached fold
-                        ev = evaluate_checkpoint(Path(ck), val_store=store, val_images=names)
+                        ev = evaluate_checkpoint(Path(ck), val_store=variant_store(v), val_images=names)
                         info[key]["predict_vs_evaluate_max_diff"] = max(
                             info[key]["predict_vs_evaluate_max_diff"],
                             abs(summary["instance_mIoU"] - ev["instance_mIoU"]),
@@ -238,8 +255,11 @@ def main():
         for base in (f"box filled / {boxes} boxes", f"prior / {boxes} boxes"):
             results[d][f"minus {base.split(' /')[0]}"] = [results[d]["AP"] - results[base]["AP"],
                                                           *ci(boots[d] - boots[base])]
-        sh = f"score head / {boxes} boxes"     # the same masks (detached head), other scores
-        results[sh]["minus default"] = [results[sh]["AP"] - results[d]["AP"], *ci(boots[sh] - boots[d])]
+        for v in variants:
+            if v in BASELINES:
+                continue
+            o = f"{v} / {boxes} boxes"
+            results[o]["minus default"] = [results[o]["AP"] - results[d]["AP"], *ci(boots[o] - boots[d])]
     lines = ["| boxes | decoder | mask AP [95% CI] | AP50 | AP75 | AP S/M/L | boundary AP | boundary AP75 | images/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
@@ -252,11 +272,14 @@ def main():
         r = results[f"default / {boxes} boxes"]
         for k in ("minus box filled", "minus prior"):
             lines.append(f"\n{boxes} boxes, default {k}: {r[k][0]:+.3f} [{r[k][1]:+.3f}, {r[k][2]:+.3f}]")
-        sh = results[f"score head / {boxes} boxes"]
-        lines.append(f"\n{boxes} boxes, rank correlation of the score with the true mask IoU: default "
-                     f"{r['score_vs_true_iou_spearman']:.3f}, score head {sh['score_vs_true_iou_spearman']:.3f}")
-        lines.append(f"\n{boxes} boxes, score head minus default: {sh['minus default'][0]:+.3f} "
-                     f"[{sh['minus default'][1]:+.3f}, {sh['minus default'][2]:+.3f}]")
+        lines.append(f"\n{boxes} boxes, rank correlation of the score with the true mask IoU: "
+                     + ", ".join(f"{v} {results[f'{v} / {boxes} boxes']['score_vs_true_iou_spearman']:.3f}"
+                                 for v in variants if v != "prior"))
+        for v in variants:
+            if v not in BASELINES:
+                o = results[f"{v} / {boxes} boxes"]
+                lines.append(f"\n{boxes} boxes, {v} minus default: {o['minus default'][0]:+.3f} "
+                             f"[{o['minus default'][1]:+.3f}, {o['minus default'][2]:+.3f}]")
         if boxes == "gt":
             lines.append(f"\npredict --boxes gt vs evaluate, instance mIoU and boundary IoU: max |difference| over folds and seeds "
                          f"{r['predict_vs_evaluate_max_diff']:.1e}")
