@@ -158,7 +158,7 @@ def test_streaming_resident_and_pinned_batches_carry_the_same_fine_maps(fine_sto
     assert flips > 0
 
 
-def test_decoder_fine_path_needs_the_map_and_learns_from_it():
+def test_decoder_fine_path_needs_the_map_starts_neutral_and_learns_from_it():
     torch.manual_seed(0)
     m = RoiAlignDecoder(16, hidden=16, roi_size=7, mask_size=28, fine_channels=8, fine_width=8)
     feats, fine = torch.randn(2, 16, 80, 80), torch.randn(2, 8, 160, 160)
@@ -167,13 +167,21 @@ def test_decoder_fine_path_needs_the_map_and_learns_from_it():
         m(feats, rois)
     logits = m(feats, rois, fine=fine)
     assert logits.shape == (2, 3, 28, 28)
-    logits.sum().backward()
-    assert m.fine.reduce[0].weight.grad.abs().sum() > 0
-    fine2 = fine.clone()
-    fine2[1] += 1.0                         # the fine map changes only image 1's masks
+    # zero-init residual: at the start the fine map changes nothing
     with torch.no_grad():
+        assert torch.equal(m(feats, rois, fine=fine + 3.0), logits)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    for _ in range(2):          # the last conv learns first, then the gradient reaches the reduction
+        opt.zero_grad()
+        m(feats, rois, fine=fine).logsumexp(1).mean().backward()
+        opt.step()
+    assert m.fine.reduce[0].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        before = m(feats, rois, fine=fine)
+        fine2 = fine.clone()
+        fine2[1] += 1.0                     # the fine map changes only image 1's masks
         other = m(feats, rois, fine=fine2)
-    assert torch.equal(other[0], logits[0].detach()) and not torch.equal(other[1], logits[1].detach())
+    assert torch.equal(other[0], before[0]) and not torch.equal(other[1], before[1])
     assert not uses_fine(RoiAlignDecoder(16, hidden=16, roi_size=7, mask_size=28))
 
 

@@ -84,16 +84,20 @@ class MaskIoUHead(nn.Module):
 class FineFusion(nn.Module):
     """The fine-detail path (RefineMask / HQ-SAM style): the ROI read from a finer map (stride 4 or
     2, or the input image) at the mask size, normalized and reduced to ``width`` channels, then
-    fused with the upsampled coarse decoder features by two 3x3 convs: the coarse path says which
-    person, the fine one where its outline runs."""
+    fused with the upsampled coarse decoder features: the coarse path says which person, the fine
+    one where its outline runs.  A residual whose last conv starts at zero (zero-init residuals,
+    Goyal et al. 2017): at the start the decoder is exactly the coarse one, and the fine map changes
+    a mask only as far as training finds it useful (small sets cannot afford a noisy new path)."""
 
     def __init__(self, fine_channels: int, coarse_channels: int, size: int, width: int = 32, sampling_ratio: int = 2):
         super().__init__()
         self.norm = FeatureNorm(fine_channels)
         self.size, self.sampling_ratio = size, sampling_ratio   # a Python int: the exported RoiAlign's size
         self.reduce = conv_gn_relu(fine_channels, width, 1)
-        self.fuse = nn.Sequential(conv_gn_relu(coarse_channels + width, coarse_channels),
-                                  conv_gn_relu(coarse_channels, coarse_channels))
+        last = nn.Conv2d(coarse_channels, coarse_channels, 3, padding=1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.fuse = nn.Sequential(conv_gn_relu(coarse_channels + width, coarse_channels), last)
 
     @property
     def norm_conv(self) -> nn.Conv2d:
@@ -105,7 +109,7 @@ class FineFusion(nn.Module):
 
     def forward(self, coarse: torch.Tensor, fine: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         x = self.reduce(self.norm(roi_features(fine, rois, self.size, self.sampling_ratio)))
-        return self.fuse(torch.cat([coarse, x.to(coarse.dtype)], 1))
+        return coarse + self.fuse(torch.cat([coarse, x.to(coarse.dtype)], 1))
 
 
 class RoiAlignDecoder(nn.Module):
