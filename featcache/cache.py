@@ -27,6 +27,7 @@ from tqdm import tqdm
 from .coco import ImageRecord, load_person_records
 from .errors import FeatCacheError
 from .cache_config import CacheConfig
+from . import fine_projection
 from .extractor import Extractor
 from .files import file_sha256, refuse_overlap
 from .geometry import ResizePolicy, pad_box
@@ -115,9 +116,80 @@ def _metadata(cfg: CacheConfig, ex: Extractor, prep: Preprocess) -> dict:
             "annotation_path": str(cfg.ann), "annotation_sha256": file_sha256(cfg.ann),
             "images_dir": str(cfg.images), "limit": cfg.limit, "flip": cfg.flip,
             "sparse": {"margin": cfg.sparse_margin} if cfg.sparse else None, "codec": cfg.codec,
-            "fine": {"name": cfg.fine_feature, "shape": list(ex.fine_shape)} if cfg.fine_feature else None,
+            "fine": _fine_entry(cfg, ex), "fine_projection": ex.fine_projection,
             # not part of the fingerprint: the same features up to the provider's rounding
             "extractor_provider": ex.provider, "extractor_precision": ex.precision}
+
+
+def _fine_entry(cfg: CacheConfig, ex: Extractor) -> dict | None:
+    """The store's ``fine`` entry: the tensor and its stored shape, with a channel reduction where
+    it came from and the projection's sha256 (what train/val pairs and checkpoints must share)."""
+    if not cfg.fine_feature:
+        return None
+    entry = {"name": cfg.fine_feature, "shape": list(ex.fine_shape)}
+    if ex.fine_projection is not None:
+        entry |= {"source_channels": len(ex.fine_projection["mean"]),
+                  "projection_sha256": fine_projection.sha256(ex.fine_projection)}
+    return entry
+
+
+def complete_store_meta(out: Path) -> dict | None:
+    """The metadata of a complete store at ``out`` (None: no store, or one still being created); a
+    JSON file instead of a store: its top level (``fine`` and ``fine_projection``, as evaluate writes)."""
+    out = Path(out)
+    try:
+        if out.is_file():
+            meta = json.loads(out.read_text())
+        else:
+            meta = json.loads((out / ".zattrs").read_text()).get("metadata")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def choose_fine_projection(cfg: CacheConfig, ex: Extractor, records: list, prep: Preprocess) -> dict | None:
+    """The fine map's channel reduction for this run: the one the store at ``--out`` already has, or
+    ``--fine-projection-from``'s, or a PCA fitted now on ``fine_projection.SAMPLE_IMAGES`` images spread
+    over the annotation file (the same images for every shard); None without a reduction."""
+    if not cfg.fine_feature or not (cfg.fine_channels or cfg.fine_projection_from):
+        return None
+    given = None
+    if cfg.fine_projection_from:
+        src = complete_store_meta(cfg.fine_projection_from)
+        if src is None or not src.get("fine_projection") or not isinstance(src.get("fine"), dict):
+            raise FeatCacheError(f"--fine-projection-from {cfg.fine_projection_from} is not a store with a fine-map "
+                                 f"projection (cache --fine-channels)")
+        if src["fine"]["name"] != cfg.fine_feature:
+            raise FeatCacheError(f"--fine-projection-from {cfg.fine_projection_from} reduces {src['fine']['name']!r}, "
+                                 f"not --fine-feature {cfg.fine_feature!r}")
+        given = src["fine_projection"]
+        if cfg.fine_channels and cfg.fine_channels != len(given["components"]):
+            raise FeatCacheError(f"--fine-channels {cfg.fine_channels}, but --fine-projection-from "
+                                 f"{cfg.fine_projection_from} keeps {len(given['components'])}")
+    have = None if cfg.overwrite else complete_store_meta(cfg.out)
+    if have is not None and have.get("fine_projection"):
+        if given is not None and fine_projection.sha256(given) != fine_projection.sha256(have["fine_projection"]):
+            raise StoreError(f"the cache at {cfg.out} holds another fine-map projection than "
+                             f"--fine-projection-from {cfg.fine_projection_from}: use --out for a new store, or "
+                             f"--overwrite")
+        return have["fine_projection"]       # a re-run, another shard: the store's own
+    if given is not None:
+        return given
+    picks = fine_projection.sample_indices(len(records))
+    print(f"fitting a {cfg.fine_channels}-channel PCA of {cfg.fine_feature} on {len(picks)} images ...")
+    def maps():
+        for i in picks:
+            try:
+                x = prepare_image(records[i], cfg.images, prep, cfg.max_pixels)[0]
+            except ImageDecodeError:   # skipped later anyway; the fit uses the others
+                continue
+            yield ex.run_fine(x[None])[1][0]
+    try:
+        p = fine_projection.fit_pca(maps(), cfg.fine_channels)
+    except ValueError as exc:
+        raise FeatCacheError(str(exc)) from None
+    print(f"the {cfg.fine_channels} components keep {p['explained']:.1%} of the fine map's variance")
+    return p
 
 
 def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extractor) -> FeatureStore:
@@ -243,6 +315,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True, on_store_ready=None) -> d
     policy = ResizePolicy(ex.input_hw[0], ex.input_hw[1], cfg.resize)
     prep = Preprocess(cfg.channel_order, cfg.scale, policy)
     tables = build_tables(records, policy, cfg.roi_padding)
+    ex.set_fine_projection(choose_fine_projection(cfg, ex, records, prep))
     store = open_or_create_store(cfg, _metadata(cfg, ex, prep), tables, ex)
     if on_store_ready is not None:
         on_store_ready()

@@ -27,6 +27,11 @@ class CacheConfig:
     fine_feature: str | None = option(None, "Also store this finer tensor of the same run (stride 4 or 2; 'input': the "
                                       "preprocessed image) for sharper outlines; train uses it automatically.",
                                       shown="none")
+    fine_channels: int = option(0, "Reduce the fine map to this many channels by PCA fitted on a sample of the "
+                                "images (for wide maps; 0 = keep all).", ge=0)
+    fine_projection_from: Path | None = option(None, "Reuse the fine-map PCA of this store (or JSON file with its "
+                                               "fine and fine_projection entries): cache the validation split "
+                                               "with the training store's.", shown="none")
     provider: Literal[PROVIDERS] = option(
         "auto", "ONNX Runtime provider; auto tries TensorRT, CUDA, then CPU.")
     channel_order: Literal["rgb", "bgr"] = option("rgb", "Channel order the extractor expects.")

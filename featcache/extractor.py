@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from . import fine_projection
 from .errors import FeatCacheError
 from .providers import ProviderError, cuda_available, make_session
 
@@ -129,7 +130,7 @@ class Extractor:
         onnx_path = Path(onnx_path)
         model = read_onnx(onnx_path)
         self.outputs = graph_outputs(model)
-        self.fine_name = fine_name
+        self.fine_name, self.fine_projection = fine_name, None
         if fine_name == feature_name:
             raise ExtractorError(f"--fine-feature {fine_name} is the feature map itself: pick a finer tensor "
                                  f"(stride 4 or 2) or {INPUT_TENSOR!r}")
@@ -206,9 +207,22 @@ class Extractor:
         out = self.session.run(None, {self.input_name: batch})
         extra = dict(zip(self.extra_outputs, out[self._n_exposed:]))
         if self.fine_name:
-            extra[self.fine_name] = (out[1] if self.fine_name != INPUT_TENSOR
-                                     else np.clip(batch, -65504, 65504).astype(np.float16))
+            fine = out[1] if self.fine_name != INPUT_TENSOR else np.clip(batch, -65504, 65504).astype(np.float16)
+            extra[self.fine_name] = fine if self.fine_projection is None else fine_projection.apply(
+                self.fine_projection, fine)
         return out[0], extra
+
+    def set_fine_projection(self, p: dict | None) -> None:
+        """Reduce the fine map's channels with ``p`` (``featcache.fine_projection``) from now on."""
+        if p is None:
+            return
+        c, h, w = self.fine_shape if self.fine_projection is None else (len(self.fine_projection["mean"]),
+                                                                         *self.fine_shape[1:])
+        if len(p["mean"]) != c:
+            raise ExtractorError(f"the fine-map projection expects {len(p['mean'])} channels, but {self.fine_name} "
+                                 f"has {c}")
+        self.fine_projection = p
+        self.fine_shape = (len(p["components"]), h, w)
 
     def run_fine(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(features, fine map or None) of one batch, fp16, from one ORT run."""

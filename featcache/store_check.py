@@ -50,6 +50,17 @@ def check_preprocess(pre, where: str) -> None:
         bad("policy", "{input_h, input_w, mode: stretch|letterbox}", pol)
 
 
+def is_projection(p) -> bool:
+    if p is None:
+        return True
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if not isinstance(p, dict) or not isinstance(p.get("mean"), list) or not isinstance(p.get("components"), list):
+        return False
+    c = len(p["mean"])
+    return (0 < c < 1 << 16 and all(num(v) for v in p["mean"]) and 0 < len(p["components"]) < c
+            and all(isinstance(r, list) and len(r) == c and all(num(v) for v in r) for r in p["components"]))
+
+
 def check_metadata(meta, where: str) -> None:
     """Types and sizes of the store's metadata (a complete store)."""
     def bad(key, want):
@@ -70,7 +81,8 @@ def check_metadata(meta, where: str) -> None:
             ("preprocess", lambda v: isinstance(v, dict) and isinstance(v.get("policy"), dict), "an object"),
             ("fine", lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("name"), str)
                                              and _is_ints(v.get("shape"), 3) and all(0 < x < 1 << 16 for x in v["shape"])),
-             "null or {name, shape: [C, H, W]}")):
+             "null or {name, shape: [C, H, W]}"),
+            ("fine_projection", is_projection, "null or {mean: [C numbers], components: [K x C numbers]}")):
         if key in meta and not test(meta[key]):
             bad(key, want)
     for key in ("n_images", "feature_shape", "input_hw", "mask_hw", "roi_padding", "preprocess"):

@@ -255,3 +255,68 @@ def test_ddp_streams_the_fine_map_to_every_rank(fine_stores, stores, tmp_path):
     assert m["replicas"].startswith("identical on 2 ranks")
     assert "fine path: " + FINE_NAME in p.stderr
     assert uses_fine(decoder_from_checkpoint(out / "last.pth")[0])
+
+
+def test_pca_keeps_the_leading_components_and_is_reproducible():
+    from roiseg.featcache import fine_projection as fp
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(6, 2))
+    maps = [(basis @ rng.normal(size=(2, 40 * 40)) + 0.01 * rng.normal(size=(6, 1600)) + 3.0).reshape(6, 40, 40)
+            for _ in range(5)]
+    p = fp.fit_pca(maps, 2)
+    assert p["explained"] > 0.999 and p["images"] == 5
+    w = np.asarray(p["components"])
+    np.testing.assert_allclose(w @ w.T, np.eye(2), atol=1e-5)        # orthonormal rows
+    # they span the data's plane: projecting the basis out of it leaves ~nothing
+    resid = basis - w.T @ (w @ basis)
+    assert np.abs(resid).max() < 0.01
+    x = np.stack(maps[:2]).astype(np.float16)
+    y = fp.apply(p, x)
+    want = np.einsum("kc,bchw->bkhw", w, x.astype(np.float64) - np.asarray(p["mean"])[None, :, None, None])
+    np.testing.assert_allclose(y.astype(np.float64), want, atol=2e-2)
+    assert fp.sha256(p) == fp.sha256(fp.fit_pca(maps, 2)) and fp.sample_indices(100, 4) == [0, 33, 66, 99]
+    with pytest.raises(ValueError, match="fine-channels"):
+        fp.fit_pca(maps, 6)
+
+
+def test_fine_channels_reduce_the_map_everywhere(synth, standin_onnx, stores, tmp_path):
+    """cache --fine-channels: a PCA fitted once, recorded in the store; the validation store reuses it
+    (--fine-projection-from) and one with its own is refused by train; checkpoint, exported decoder
+    and end-to-end graph apply it and agree."""
+    from roiseg.featcache import fine_projection as fp
+    from roiseg.trainer.inference.export import export_checked, predictor_metadata
+    from roiseg.trainer.inference.export_graph import ExportSpec
+    from roiseg.trainer.inference.evaluate import evaluate_checkpoint, live_store
+    from roiseg.trainer.inference.torch_decoder import predictor_from_checkpoint
+    from roiseg.trainer.runtime.pipeline import Predictor
+    tr, va, own = tmp_path / "tr.zarr", tmp_path / "va.zarr", tmp_path / "own.zarr"
+    _cache(synth, standin_onnx, tr, fine_feature=FINE_NAME, fine_channels=3)
+    _cache(synth, standin_onnx, va, "val", fine_feature=FINE_NAME, fine_projection_from=tr)
+    _cache(synth, standin_onnx, own, "val", fine_feature=FINE_NAME, fine_channels=3)
+    a, b = FeatureStore(tr), FeatureStore(va)
+    assert a.meta["fine"]["shape"] == [3, 160, 160] and a.meta["fine"]["source_channels"] == 8
+    assert a.meta["fine"] == b.meta["fine"] and a.meta["fine_projection"] == b.meta["fine_projection"]
+    ex = Extractor(standin_onnx, FEATURE_NAME, "cpu", fine_name=FINE_NAME)
+    prep = Preprocess.from_dict(a.meta["preprocess"])
+    x = preprocess(load_rgb(synth["root"] / "images/train2017" / a.tables["file_name"][2]), prep)[None]
+    np.testing.assert_array_equal(a.fine(2), fp.apply(a.meta["fine_projection"], ex.run_fine(x)[1])[0])
+    with pytest.raises(FeatCacheError, match="fine"):
+        Trainer(_train_cfg({"train": tr, "val": own}, stores, tmp_path / "bad"))
+    out = tmp_path / "run"
+    Trainer(_train_cfg({"train": tr, "val": va}, stores, out)).fit()
+    ck = out / "last.pth"
+    stored = torch.load(ck, map_location="cpu", weights_only=False)["metrics"]["instance_mIoU"]
+    with live_store(ck, synth["val"], synth["root"] / "images/val2017", tmp_path, standin_onnx, "cpu") as live:
+        assert evaluate_checkpoint(ck, live)["instance_mIoU"] == pytest.approx(stored, abs=1e-6)
+    model, meta = decoder_from_checkpoint(ck)
+    dec, e2e = tmp_path / "r.decoder.onnx", tmp_path / "r.e2e.onnx"
+    export_checked(model, ExportSpec.from_meta(meta, fine=True), dec, 17, predictor_metadata(meta, ck.name, True),
+                   (standin_onnx, meta["feature_name"], e2e, meta["fine"]["name"]))
+    image = synth["root"] / "images/val2017" / b.tables["file_name"][0]
+    boxes = np.array([[0.1, 0.15, 0.5, 0.9], [0.4, 0.2, 0.8, 0.7]])
+    probs = [p.predict(image, boxes).probs for p in (predictor_from_checkpoint(ck, standin_onnx, "cpu"),
+                                                     Predictor.from_onnx(dec, standin_onnx, "cpu"),
+                                                     Predictor.from_onnx(e2e, None, "cpu"))]
+    for other in probs[1:]:
+        for u, v in zip(probs[0], other):
+            np.testing.assert_allclose(u, v, atol=2e-3)

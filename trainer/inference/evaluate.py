@@ -8,6 +8,7 @@ the images go through the checkpoint's own extractor and preprocessing into a te
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -74,9 +75,13 @@ def live_store(ck_path: Path, ann: Path, images: Path, work_dir: Path | None, on
         Path(work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="evaluate_", dir=work_dir) as tmp:
         out = Path(tmp) / "val.zarr"
+        projection = None
+        if fine and meta.get("fine_projection"):    # the same channel reduction as the training store
+            projection = Path(tmp) / "fine_projection.json"
+            projection.write_text(json.dumps({"fine": fine, "fine_projection": meta["fine_projection"]}))
         s = run_cache(CacheConfig(ann=Path(ann), images=Path(images), onnx=Path(onnx or meta["onnx_path"]), out=out,
                                   feature_name=meta["feature_name"], provider=provider,
-                                  fine_feature=fine["name"] if fine else None,
+                                  fine_feature=fine["name"] if fine else None, fine_projection_from=projection,
                                   channel_order=prep["channel_order"], scale=float(prep["scale"]),
                                   resize=prep["policy"]["mode"], roi_padding=float(meta["roi_padding"]),
                                   limit=limit, trt_cache=TRT_CACHE, device_id=device_id), progress=True)

@@ -36,7 +36,8 @@ def predictor_metadata(meta: dict, checkpoint: str, fine: bool = False) -> dict:
     """What an ONNX-only predictor needs from the checkpoint: the extractor tensor and its sha256,
     the preprocessing, the ROI padding, the feature shape (``fine``: and the fine map's)."""
     keep = ("feature_name", "feature_shape", "preprocess", "roi_padding", "input_hw", "onnx_sha256", "onnx_path")
-    out = {k: meta[k] for k in keep if k in meta} | ({"fine": meta["fine"]} if fine else {})
+    out = {k: meta[k] for k in keep if k in meta} | (
+        {"fine": meta["fine"], "fine_projection": meta.get("fine_projection")} if fine else {})
     return {"checkpoint": checkpoint, "featcache": out}
 
 
@@ -115,17 +116,19 @@ def export_checked(model, spec: ExportSpec, out: Path, opset: int, meta: dict | 
         report = check_parity(model, tmp_dec, spec)
         if end_to_end is not None:
             ext, feature_name, e2e, *fine = end_to_end
+            projection = (meta or {}).get("featcache", {}).get("fine_projection") if fine else None
             with atomic_write(e2e) as tmp_e2e:
-                export_end_to_end(ext, feature_name, tmp_dec, tmp_e2e, fine[0] if fine else None)
+                export_end_to_end(ext, feature_name, tmp_dec, tmp_e2e, fine[0] if fine else None, projection)
                 cpu_session(tmp_e2e)
     return report
 
 
 def export_end_to_end(extractor_onnx: Path, feature_name: str, decoder_onnx: Path, out: Path,
-                      fine_name: str | None = None) -> Path:
+                      fine_name: str | None = None, projection: dict | None = None) -> Path:
     """Join extractor and decoder into one graph: images [1,3,H,W] + rois (+ image_rects) -> the
     decoder's outputs; ``fine_name``: the extractor tensor (or its input) that feeds the decoder's
-    fine map.  The decoder's metadata comes along."""
+    fine map, through ``projection`` (the store's channel reduction, a 1x1 conv) when given.  The
+    decoder's metadata comes along."""
     from roiseg.featcache.extractor import INPUT_TENSOR, expose_tensor
     model = onnx.load(str(extractor_onnx))
     io_map = [(feature_name, "features")]
@@ -136,6 +139,16 @@ def export_end_to_end(extractor_onnx: Path, feature_name: str, decoder_onnx: Pat
         ext = expose_tensor(model, (feature_name, fine_name))
     else:
         ext = expose_tensor(model, (feature_name, fine_name) if fine_name else feature_name)
+    if fine_name and projection:
+        from roiseg.featcache.fine_projection import weights
+        w, b = weights(projection)
+        ext.graph.initializer.extend([onnx.numpy_helper.from_array(w[:, :, None, None], "fine_projection_w"),
+                                      onnx.numpy_helper.from_array(b, "fine_projection_b")])
+        ext.graph.node.append(onnx.helper.make_node("Conv", [fine_name, "fine_projection_w", "fine_projection_b"],
+                                                    ["fine_projected"]))
+        ext.graph.output.remove(next(o for o in ext.graph.output if o.name == fine_name))
+        ext.graph.output.append(onnx.helper.make_tensor_value_info("fine_projected", onnx.TensorProto.FLOAT, None))
+        fine_name = "fine_projected"
     if fine_name:
         io_map.append((fine_name, "fine"))
     dec = onnx.load(str(decoder_onnx))

@@ -43,6 +43,9 @@ def export_contract(props: dict, path: Path) -> dict:
     for key, ok in checks.items():
         if key not in meta or not ok(meta[key]):
             bad(f"has {key} = {meta.get(key)!r}")
+    from roiseg.featcache.store_check import is_projection
+    if not is_projection(meta.get("fine_projection")):
+        bad("has a malformed fine_projection")
     try:
         check_preprocess(meta.get("preprocess"), str(path))
     except UntrustedStoreError as exc:

@@ -202,6 +202,8 @@ def open_extractor(meta: dict, onnx_path=None, provider="auto", detections: bool
     if list(ex.feature_shape) != list(meta["feature_shape"]):     # channels and map size the decoder expects
         raise FeatCacheError(f"{path} gives {meta['feature_name']} as {list(ex.feature_shape)}, but the decoder was "
                              f"trained on {list(meta['feature_shape'])}")
+    if fine:
+        ex.set_fine_projection(meta.get("fine_projection"))   # the channel reduction the store applied
     if fine and list(ex.fine_shape) != list(meta["fine"]["shape"]):
         raise FeatCacheError(f"{path} gives the fine map {meta['fine']['name']} as {list(ex.fine_shape)}, but the "
                              f"decoder was trained on {list(meta['fine']['shape'])}")
