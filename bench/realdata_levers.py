@@ -38,7 +38,6 @@ VARIANTS = {
     "score-head": (None, {"score_head": True}),
     "boundary-loss": (None, {"boundary_weight": 1.0}),
     "mask-112": (None, {"mask_size": 112}),
-    "roi-28": (None, {"roi_size": 28}),          # ROIAlign at 28: large persons keep the map's resolution
     "fine-s4": ("s4", {}),
     "fine-s2": ("s2", {}),
     "rgb": ("rgb", {}),

@@ -1,0 +1,354 @@
+"""COCO scale, measured: the real commands at N = 1k, 4k, 16k and 64k synthetic images (issue 22).
+
+    uv run python bench/bench_scale.py [--sizes 1000,4000,16000,64000] [--val 2700] [--channels 8]
+
+Renders a COCO-like person set once (``bench/make_coco_scale.py --images-dir``: real JPEGs of COCO's
+sizes, ~3.85 persons per image) and a validation set, builds a stand-in extractor with few channels
+(so the run measures the pipeline's own costs, not the model's), then for every N runs the commands a
+user runs, each in its own process, and records wall time, time per image, the peak RSS of the
+command's whole process tree (workers included: /proc polled every 0.1 s), files and bytes on disk:
+
+* ``analyze``; ``cache`` dense and ``--sparse``; the re-run of the finished store (the resume scan);
+  ``cache`` killed with SIGKILL at half the images, then re-run (its store compared with the
+  uninterrupted one on a sample of images);
+* ``train`` start-up (store open, index, resident load) and a fixed number of reads, resident and
+  streaming, plus one validation over the val store (``bench/bench_scale.py --phase train``);
+* ``evaluate`` of the checkpoint on the val store, and ``predict`` on a 2k-image folder (largest N only).
+
+Writes ``bench/out/scale/scale.json``, a markdown table (``bench/out/scale.md``) and a log-log plot of
+cost against N with each stage's slope (``bench/out/scale.png``).  Disk: checked before it starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "bench/out/scale"
+CLI = [sys.executable, str(ROOT / "cli.py")]
+FEATURE = "/model.34/Concat_output_0"
+
+
+# ---- measuring one command ------------------------------------------------------------------
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc)."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                parent[int(d)] = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [pid], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure(cmd: list, kill_when=None, env: dict | None = None, timeout: float = 6 * 3600) -> dict:
+    """Run ``cmd``; wall time, peak RSS of its process tree, exit code, output tail.  ``kill_when()``:
+    polled with the run; when it turns true the whole tree gets SIGKILL (a crash mid-run)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True, env={**os.environ, **(env or {})})
+    peak, killed = 0, False
+    log = []
+
+    def read():
+        for line in p.stdout:
+            log.append(line)
+    import threading
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    while p.poll() is None:
+        pids = tree_pids(p.pid)
+        peak = max(peak, sum(rss_bytes(q) for q in pids))
+        if kill_when is not None and not killed and kill_when():
+            for q in pids:
+                try:
+                    os.kill(q, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            killed = True
+        if time.perf_counter() - t0 > timeout:
+            os.killpg(p.pid, signal.SIGKILL)
+            raise RuntimeError(f"{cmd[:4]} ran past {timeout} s")
+        time.sleep(0.1)
+    reader.join(5)
+    wall = time.perf_counter() - t0
+    tail = "".join(log)[-2000:]
+    if p.returncode != 0 and not killed:
+        raise RuntimeError(f"{' '.join(map(str, cmd[:6]))} failed ({p.returncode}):\n{tail}")
+    last_json = next((x for x in reversed("".join(log).splitlines()) if x.startswith("{")), None)
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(peak / 2**20, 1), "rc": p.returncode,
+            "killed": killed, "tail": tail[-600:], **(json.loads(last_json) if last_json else {})}
+
+
+def disk(path: Path) -> tuple[int, int]:
+    """(files, bytes) under ``path``."""
+    n = size = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            n += 1
+            size += os.path.getsize(os.path.join(root, f))
+    return n, size
+
+
+# ---- the data -------------------------------------------------------------------------------
+def dataset(n_max: int, n_val: int, work: Path) -> dict:
+    from bench.make_coco_scale import make, render_images
+    from roiseg.featcache.standin import build_standin_extractor
+    paths = {"train": work / "ann_train.json", "val": work / "ann_val.json", "images": work / "images",
+             "onnx": work / "standin.onnx"}
+    if not paths["train"].is_file():
+        train = make(n_max, 3.85, 0)
+        paths["train"].write_text(json.dumps(train))
+        val = make(n_val, 3.85, 1)
+        for im in val["images"]:       # other names than the training images
+            im["file_name"] = "val_" + im["file_name"]
+        paths["val"].write_text(json.dumps(val))
+    t0 = time.perf_counter()
+    for split in ("train", "val"):
+        render_images(json.loads(paths[split].read_text()), paths["images"], os.cpu_count() or 1,
+                      seed=0 if split == "train" else 1)
+    paths["render_s"] = round(time.perf_counter() - t0, 1)
+    return paths
+
+
+def subset(paths: dict, n: int, work: Path) -> Path:
+    """The first ``n`` training images' annotation file."""
+    out = work / f"ann_train_{n}.json"
+    if not out.is_file():
+        d = json.loads(paths["train"].read_text())
+        keep = {im["id"] for im in d["images"][:n]}
+        out.write_text(json.dumps({**d, "images": d["images"][:n],
+                                   "annotations": [a for a in d["annotations"] if a["image_id"] in keep]}))
+    return out
+
+
+def cache_cmd(ann: Path, paths: dict, out: Path, *extra) -> list:
+    return CLI + ["cache", "--ann", ann, "--images", paths["images"], "--onnx", paths["onnx"], "--feature-name",
+                  FEATURE, "--provider", "cpu", "--out", out, *extra]
+
+
+def done_images(store: Path) -> int:
+    d = store / "features"
+    return sum(1 for n in os.listdir(d) if n[0].isdigit()) if d.is_dir() else 0
+
+
+def same_images(a: Path, b: Path, k: int = 64) -> bool:
+    """Store ``a`` equals ``b`` on ``k`` images spread over it (features, masks, RLEs)."""
+    from roiseg.featcache.store import FeatureStore
+    sa, sb = FeatureStore(a), FeatureStore(b)
+    n = sa.meta["n_images"]
+    for i in np.linspace(0, n - 1, min(k, n)).astype(int):
+        if not (np.array_equal(sa.features(int(i)), sb.features(int(i)))
+                and np.array_equal(sa.packed_masks(int(i)), sb.packed_masks(int(i)))
+                and sa.gt_rles(int(i)) == sb.gt_rles(int(i))):
+            return False
+    return True
+
+
+# ---- train, in its own process (--phase train) ----------------------------------------------
+def train_phase(a) -> None:
+    """Start-up, ``a.reads`` training reads, one validation: times and the process's own peak RSS."""
+    import resource
+
+    import torch
+    torch.set_num_threads(max(1, os.cpu_count() // 2))
+    import roiseg.trainer.training.loop as loop
+    from roiseg.featcache.store import FeatureStore
+    from roiseg.trainer.training.config import make_config
+    t0 = time.perf_counter()
+    FeatureStore(a.store).tables
+    t_open = time.perf_counter() - t0
+    full = loop.epoch_batches
+    # a fixed number of training reads (validation, unshuffled, stays whole)
+    loop.epoch_batches = lambda *x, **k: full(*x, **k)[: a.reads] if k.get("shuffle", True) else full(*x, **k)
+    cfg = make_config(train_store=str(a.store), val_store=str(a.val_store), out=str(a.run), epochs=1,
+                      resident=a.resident, workers=a.workers, device="cpu", visualize=False, tensorboard=False,
+                      analysis=str(a.analysis), hflip=0.0, batch_size=8)
+    t0 = time.perf_counter()
+    tr = loop.Trainer(cfg)
+    t_start = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    m = tr.train_epoch(1)
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    v = tr.validate()
+    t_val = time.perf_counter() - t0
+    tr.checkpointer.save(1, {**m, **v, "epoch": 1})
+    print(json.dumps({"store_open_s": round(t_open, 3), "startup_s": round(t_start, 2), "reads": a.reads,
+                      "train_s": round(t_train, 2), "steps": m["steps"], "rois": m["train_rois"],
+                      "ms_per_step": round(1000 * t_train / max(1, m["steps"]), 1), "val_s": round(t_val, 2),
+                      "val_rois": v["instances"],
+                      "self_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+
+
+def train_stage(store: Path, val: Path, analysis: Path, run: Path, resident: str, reads: int) -> dict:
+    shutil.rmtree(run, ignore_errors=True)
+    r = measure([sys.executable, __file__, "--phase", "train", "--store", store, "--val-store", val,
+                 "--analysis", analysis, "--run", run, "--resident", resident, "--reads", reads,
+                 "--workers", 0 if resident == "cpu" else 2], env={"OMP_NUM_THREADS": "2"})
+    return r
+
+
+# ---- the run --------------------------------------------------------------------------------
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1000,4000,16000,64000")
+    ap.add_argument("--val", type=int, default=2700)
+    ap.add_argument("--channels", type=int, default=8)
+    ap.add_argument("--reads", type=int, default=30, help="training reads (8 images each) per train stage")
+    ap.add_argument("--predict-images", type=int, default=2000)
+    ap.add_argument("--work", type=Path, default=OUT)
+    ap.add_argument("--phase", default="all")
+    ap.add_argument("--store", type=Path)
+    ap.add_argument("--val-store", type=Path)
+    ap.add_argument("--analysis", type=Path)
+    ap.add_argument("--run", type=Path)
+    ap.add_argument("--resident", default="cpu")
+    ap.add_argument("--workers", type=int, default=0)
+    a = ap.parse_args()
+    if a.phase == "train":
+        return train_phase(a)
+    sizes = [int(s) for s in a.sizes.split(",")]
+    work = a.work
+    work.mkdir(parents=True, exist_ok=True)
+    need = (max(sizes) + a.val) * (16_000 + 2 * 2 * a.channels * 80 * 80 * 0.7) + 3 * max(sizes) * 3_000
+    free = shutil.disk_usage(work).free
+    print(f"disk: ~{need / 1e9:.1f} GB needed for N = {max(sizes)}, {free / 1e9:.1f} GB free")
+    if need > free:
+        raise SystemExit("not enough disk space")
+    from roiseg.featcache.standin import build_standin_extractor
+    paths = dataset(max(sizes), a.val, work)
+    if not paths["onnx"].is_file():
+        build_standin_extractor(paths["onnx"], channels=a.channels)
+    results = json.loads((work / "scale.json").read_text()) if (work / "scale.json").is_file() else {}
+
+    def record(stage: str, n: int, r: dict) -> None:
+        results.setdefault(stage, {})[str(n)] = r
+        (work / "scale.json").write_text(json.dumps(results, indent=1))
+        print(f"{stage:>22} N={n:>6}: {r.get('wall_s', 0):8.1f} s  {r.get('peak_rss_mb', 0):8.1f} MB  "
+              + " ".join(f"{k}={v}" for k, v in r.items() if k not in ("tail", "wall_s", "peak_rss_mb", "rc")))
+
+    val_store = work / "val.zarr"
+    if not (val_store / ".zattrs").is_file() or done_images(val_store) < a.val:
+        measure(cache_cmd(paths["val"], paths, val_store, "--sparse"))
+    for n in sizes:
+        ann = subset(paths, n, work)
+        analysis = work / f"analyze_{n}.json"
+        r = measure(CLI + ["analyze", "--ann", ann, "--out", analysis])
+        record("analyze", n, {**r, "per_image_ms": round(1000 * r["wall_s"] / n, 3)})
+        for kind, extra in (("dense", ()), ("sparse", ("--sparse",))):
+            store = work / f"train_{n}_{kind}.zarr"
+            shutil.rmtree(store, ignore_errors=True)
+            r = measure(cache_cmd(ann, paths, store, *extra))
+            files, size = disk(store)
+            t0 = time.perf_counter()
+            from roiseg.featcache.store import FeatureStore
+            FeatureStore(store).tables
+            record(f"cache {kind}", n, {**r, "per_image_ms": round(1000 * r["wall_s"] / n, 3), "files": files,
+                                        "bytes_per_image": int(size / n), "store_open_s": round(time.perf_counter() - t0, 3)})
+        store = work / f"train_{n}_sparse.zarr"
+        r = measure(cache_cmd(ann, paths, store, "--sparse"))
+        record("cache re-run (done)", n, r)
+        killed = work / f"train_{n}_killed.zarr"
+        shutil.rmtree(killed, ignore_errors=True)
+        r1 = measure(cache_cmd(ann, paths, killed, "--sparse"), kill_when=lambda: done_images(killed) >= n // 2)
+        at = done_images(killed)
+        r2 = measure(cache_cmd(ann, paths, killed, "--sparse"))
+        record("cache resume after kill", n, {**r2, "killed_at": at, "first_killed": r1["killed"],
+                                              "first_wall_s": r1["wall_s"],
+                                              "equal_on_sample": same_images(killed, store)})
+        shutil.rmtree(killed, ignore_errors=True)
+        for resident in ("cpu", "off"):
+            r = train_stage(store, val_store, analysis, work / f"run_{n}_{resident}", resident, a.reads)
+            record(f"train resident={resident}", n, r)
+        ck = sorted((work / f"run_{n}_cpu").glob("checkpoint_epoch_*.pth"))[-1]
+        r = measure(CLI + ["evaluate", "--checkpoint", ck, "--val-store", val_store, "--device", "cpu"])
+        record("evaluate", n, {**r, "per_image_ms": round(1000 * r["wall_s"] / a.val, 3)})
+        shutil.rmtree(work / f"train_{n}_dense.zarr", ignore_errors=True)   # disk: keep the sparse one
+    n = max(sizes)
+    folder = work / "predict_src"
+    if not folder.is_dir():
+        folder.mkdir()
+        for im in json.loads(paths["val"].read_text())["images"][: a.predict_images]:
+            os.link(paths["images"] / im["file_name"], folder / im["file_name"])
+    shutil.rmtree(work / "pred", ignore_errors=True)
+    ck = sorted((work / f"run_{n}_cpu").glob("checkpoint_epoch_*.pth"))[-1]
+    r = measure(CLI + ["predict", "--source", folder, "--checkpoint", ck,
+                       "--boxes", "gt", "--ann", paths["val"], "--out", work / "pred", "--no-overlays",
+                       "--device", "cpu", "--provider", "cpu"])
+    record("predict", n, {**r, "per_image_ms": round(1000 * r["wall_s"] / a.predict_images, 3)})
+    report(results, sizes, work)
+
+
+def slope(ns, ys) -> float:
+    ok = [(x, y) for x, y in zip(ns, ys) if y and y > 0]
+    if len(ok) < 2:
+        return float("nan")
+    x, y = np.log([p[0] for p in ok]), np.log([p[1] for p in ok])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def report(results: dict, sizes: list, work: Path) -> None:
+    lines = ["| stage | " + " | ".join(f"N={n}: s (per image ms) / peak MB" for n in sizes) + " | slope of wall time |",
+             "|---|" + "---|" * (len(sizes) + 1)]
+    for stage, per in results.items():
+        cells, walls = [], []
+        for n in sizes:
+            r = per.get(str(n))
+            if r is None:
+                cells.append("-")
+                walls.append(None)
+                continue
+            pim = f" ({r['per_image_ms']:.2f})" if "per_image_ms" in r else ""
+            cells.append(f"{r['wall_s']:.1f}{pim} / {r['peak_rss_mb']:.0f}")
+            walls.append(r["wall_s"])
+        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {slope(sizes, walls):.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    (work.parent / "scale.md").write_text(text + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for stage, per in results.items():
+        ns = [n for n in sizes if str(n) in per]
+        ys = [per[str(n)]["wall_s"] for n in ns]
+        if len(ns) > 1:
+            ax.loglog(ns, ys, "o-", label=f"{stage} (slope {slope(ns, ys):.2f})")
+    ax.set_xlabel("images N")
+    ax.set_ylabel("wall time (s)")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(work.parent / "scale.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
