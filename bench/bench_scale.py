@@ -120,7 +120,6 @@ def disk(path: Path) -> tuple[int, int]:
 # ---- the data -------------------------------------------------------------------------------
 def dataset(n_max: int, n_val: int, work: Path) -> dict:
     from bench.make_coco_scale import make, render_images
-    from roiseg.featcache.standin import build_standin_extractor
     paths = {"train": work / "ann_train.json", "val": work / "ann_val.json", "images": work / "images",
              "onnx": work / "standin.onnx"}
     if not paths["train"].is_file():
