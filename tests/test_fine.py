@@ -57,6 +57,19 @@ def fine_run(fine_stores, stores, tmp_path_factory):
     return out
 
 
+def _same_masks_everywhere(ck, dec, e2e, onnx, image):
+    """Predict from the checkpoint, the exported decoder and the end-to-end graph: the same masks."""
+    from roiseg.trainer.inference.torch_decoder import predictor_from_checkpoint
+    from roiseg.trainer.runtime.pipeline import Predictor
+    boxes = np.array([[0.1, 0.15, 0.5, 0.9], [0.4, 0.2, 0.8, 0.7]])
+    probs = [p.predict(image, boxes).probs for p in (predictor_from_checkpoint(ck, onnx, "cpu"),
+                                                     Predictor.from_onnx(dec, onnx, "cpu"),
+                                                     Predictor.from_onnx(e2e, None, "cpu"))]
+    for other in probs[1:]:
+        for u, v in zip(probs[0], other):
+            np.testing.assert_allclose(u, v, atol=2e-3)
+
+
 def test_unknown_fine_tensor_lists_the_finer_candidates(standin_onnx):
     with pytest.raises(ExtractorError) as e:
         Extractor(standin_onnx, FEATURE_NAME, "cpu", fine_name="/nope")
@@ -215,8 +228,6 @@ def test_every_inference_path_feeds_the_fine_map(fine_run, fine_stores, synth, s
     from roiseg.trainer.inference.evaluate import evaluate_checkpoint, live_store
     from roiseg.trainer.inference.export import export_checked, predictor_metadata
     from roiseg.trainer.inference.export_graph import ExportSpec
-    from roiseg.trainer.inference.torch_decoder import predictor_from_checkpoint
-    from roiseg.trainer.runtime.pipeline import Predictor
     ck = fine_run / "last.pth"
     stored = torch.load(ck, map_location="cpu", weights_only=False)["metrics"]["instance_mIoU"]
     assert evaluate_checkpoint(ck, fine_stores["val"])["instance_mIoU"] == pytest.approx(stored, abs=1e-9)
@@ -231,13 +242,7 @@ def test_every_inference_path_feeds_the_fine_map(fine_run, fine_stores, synth, s
                             (standin_onnx, meta["feature_name"], e2e, meta["fine"]["name"]))
     assert report["N=5"]["max_abs_diff"] < 1e-3
     image = synth["root"] / "images/val2017" / json.loads(synth["val"].read_text())["images"][0]["file_name"]
-    boxes = np.array([[0.1, 0.15, 0.5, 0.9], [0.4, 0.2, 0.8, 0.7]])
-    probs = [p.predict(image, boxes).probs for p in (predictor_from_checkpoint(ck, standin_onnx, "cpu"),
-                                                     Predictor.from_onnx(dec, standin_onnx, "cpu"),
-                                                     Predictor.from_onnx(e2e, None, "cpu"))]
-    for other in probs[1:]:
-        for a, b in zip(probs[0], other):
-            np.testing.assert_allclose(a, b, atol=2e-3)
+    _same_masks_everywhere(ck, dec, e2e, standin_onnx, image)
 
 
 @pytest.mark.slow
@@ -287,8 +292,6 @@ def test_fine_channels_reduce_the_map_everywhere(synth, standin_onnx, stores, tm
     from roiseg.trainer.inference.export import export_checked, predictor_metadata
     from roiseg.trainer.inference.export_graph import ExportSpec
     from roiseg.trainer.inference.evaluate import evaluate_checkpoint, live_store
-    from roiseg.trainer.inference.torch_decoder import predictor_from_checkpoint
-    from roiseg.trainer.runtime.pipeline import Predictor
     tr, va, own = tmp_path / "tr.zarr", tmp_path / "va.zarr", tmp_path / "own.zarr"
     _cache(synth, standin_onnx, tr, fine_feature=FINE_NAME, fine_channels=3)
     _cache(synth, standin_onnx, va, "val", fine_feature=FINE_NAME, fine_projection_from=tr)
@@ -312,11 +315,4 @@ def test_fine_channels_reduce_the_map_everywhere(synth, standin_onnx, stores, tm
     dec, e2e = tmp_path / "r.decoder.onnx", tmp_path / "r.e2e.onnx"
     export_checked(model, ExportSpec.from_meta(meta, fine=True), dec, 17, predictor_metadata(meta, ck.name, True),
                    (standin_onnx, meta["feature_name"], e2e, meta["fine"]["name"]))
-    image = synth["root"] / "images/val2017" / b.tables["file_name"][0]
-    boxes = np.array([[0.1, 0.15, 0.5, 0.9], [0.4, 0.2, 0.8, 0.7]])
-    probs = [p.predict(image, boxes).probs for p in (predictor_from_checkpoint(ck, standin_onnx, "cpu"),
-                                                     Predictor.from_onnx(dec, standin_onnx, "cpu"),
-                                                     Predictor.from_onnx(e2e, None, "cpu"))]
-    for other in probs[1:]:
-        for u, v in zip(probs[0], other):
-            np.testing.assert_allclose(u, v, atol=2e-3)
+    _same_masks_everywhere(ck, dec, e2e, standin_onnx, synth["root"] / "images/val2017" / b.tables["file_name"][0])
