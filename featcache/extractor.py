@@ -171,13 +171,13 @@ class Extractor:
         self.feature_name = feature_name
         zeros = np.zeros((self.fixed_batch or 1, 3, *self.input_hw), np.float32)
         feat, extra = self.run_all(zeros)
+        fine = extra.pop(fine_name) if fine_name else None    # the detection outputs stay in extra_shapes
         self.extra_shapes = {k: list(v.shape) for k, v in extra.items()}  # actual, not declared
         self.feature_shape = tuple(int(s) for s in feat.shape[1:])
         if len(self.feature_shape) != 3:
             raise ExtractorError(f"tensor {feature_name} has shape {list(feat.shape)}, expected [N,C,H,W]")
         self.fine_shape = None
-        if fine_name:
-            fine = self.run_fine(zeros)[1]
+        if fine is not None:
             self.fine_shape = tuple(int(s) for s in fine.shape[1:])
             if len(self.fine_shape) != 3 or self.fine_shape[1] <= self.feature_shape[1]:
                 raise ExtractorError(f"--fine-feature {fine_name} has shape {list(fine.shape)}: expected [N,C,H,W] "
@@ -213,11 +213,13 @@ class Extractor:
         return out[0], extra
 
     def set_fine_projection(self, p: dict | None) -> None:
-        """Reduce the fine map's channels with ``p`` (``featcache.fine_projection``) from now on."""
+        """Reduce the fine map's channels with ``p`` (``featcache.fine_projection``) from now on
+        (once: ``fine_shape`` then becomes the reduced shape)."""
         if p is None:
             return
-        c, h, w = self.fine_shape if self.fine_projection is None else (len(self.fine_projection["mean"]),
-                                                                         *self.fine_shape[1:])
+        if self.fine_projection is not None:
+            raise ExtractorError("the fine-map projection is already set")
+        c, h, w = self.fine_shape
         if len(p["mean"]) != c:
             raise ExtractorError(f"the fine-map projection expects {len(p['mean'])} channels, but {self.fine_name} "
                                  f"has {c}")

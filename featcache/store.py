@@ -121,6 +121,7 @@ def _norm(v):
 
 def check_compatible(have: dict, want: dict, what: str, keys=FINGERPRINT_KEYS,
                      labels=("store has", "asked for")) -> None:
+    """``keys=None``: every key either side has (two fingerprints)."""
     diffs = diff_metadata(have, want, keys, labels)
     if diffs:
         raise StoreError(f"{what} does not match:\n  " + "\n  ".join(diffs))

@@ -160,9 +160,8 @@ def check_decoder_on_store(model_name: str, ck_fingerprint: dict, store_meta: di
     the same extractor tensor, channels, preprocessing and ROI padding (and fine map, for a decoder
     that fuses one); and a ``global`` decoder, which reads whole feature maps, never on a ROI-sparse
     store (its zeros would change the result)."""
-    fine = bool(ck_fingerprint.get("fine"))
-    check_compatible(ck_fingerprint, fingerprint(store_meta, fine), what,
-                     keys=FINGERPRINT_KEYS + (("fine",) if fine else ()), labels=("checkpoint has", "store has"))
+    check_compatible(ck_fingerprint, fingerprint(store_meta, bool(ck_fingerprint.get("fine"))), what,
+                     keys=None, labels=("checkpoint has", "store has"))
     if model_name == "global" and store_meta.get("sparse"):
         raise FeatCacheError(f"{what}: a --model global decoder reads whole feature maps, but the store is ROI-sparse "
                              f"(cache --sparse): use a dense store (cache without --sparse)")

@@ -268,6 +268,12 @@ def build_model(name: str, in_channels: int, feature_stats=None, fine_stats=None
     return model
 
 
+def decode_rois(model, features: torch.Tensor, rois: torch.Tensor, fine: torch.Tensor | None = None):
+    """``model(features, rois, with_scores=True[, fine=fine])``: (logits, scores or None).  ``fine``
+    is passed only when there is one, so decoders of the older interface (no such argument) run too."""
+    return model(features, rois, with_scores=True, **({} if fine is None else {"fine": fine}))
+
+
 def uses_fine(model: nn.Module) -> bool:
     """Whether the decoder reads a fine map (``cache --fine-feature``)."""
     return getattr(model, "fine", None) is not None

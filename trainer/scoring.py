@@ -27,7 +27,7 @@ from roiseg.featcache.rasterize import native_windows
 from roiseg.trainer.boundary import boundary_band, boundary_width
 from roiseg.trainer.coco_eval import coco_result
 from roiseg.trainer.data import CacheIndex, epoch_batches, make_source
-from roiseg.trainer.models import paste_masks
+from roiseg.trainer.models import decode_rois, paste_masks
 from roiseg.trainer.sampling import RoiSampling
 from roiseg.trainer.target_sampling import sample_roi_targets, union_packed
 
@@ -331,7 +331,7 @@ def run_evaluator(model: torch.nn.Module, batches: Iterable[dict], evaluator: Ro
         if not amp:
             f, fine = f.float(), None if fine is None else fine.float()
         with torch.autocast(f.device.type, dtype=torch.float16, enabled=amp):
-            logits, scores = model(f, batch["rois"], with_scores=True, **({} if fine is None else {"fine": fine}))
+            logits, scores = decode_rois(model, f, batch["rois"], fine)
         evaluator.process(batch["roi_ids"], logits.float().softmax(1), scores)
     model.train(was_training)
     return evaluator

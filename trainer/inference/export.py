@@ -132,13 +132,10 @@ def export_end_to_end(extractor_onnx: Path, feature_name: str, decoder_onnx: Pat
     from roiseg.featcache.extractor import INPUT_TENSOR, expose_tensor
     model = onnx.load(str(extractor_onnx))
     io_map = [(feature_name, "features")]
-    if fine_name == INPUT_TENSOR:    # the image itself: an Identity makes it an output to connect
+    if fine_name == INPUT_TENSOR:    # the image itself: an Identity makes it a tensor to expose and connect
         model.graph.node.append(onnx.helper.make_node("Identity", [model.graph.input[0].name], ["fine_image"]))
         fine_name = "fine_image"
-        model.graph.output.append(onnx.helper.make_tensor_value_info(fine_name, onnx.TensorProto.FLOAT, None))
-        ext = expose_tensor(model, (feature_name, fine_name))
-    else:
-        ext = expose_tensor(model, (feature_name, fine_name) if fine_name else feature_name)
+    ext = expose_tensor(model, (feature_name, fine_name) if fine_name else feature_name)
     if fine_name and projection:
         from roiseg.featcache.fine_projection import weights
         w, b = weights(projection)

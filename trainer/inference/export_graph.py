@@ -33,7 +33,7 @@ from torch import nn
 
 from roiseg.featcache.errors import FeatCacheError
 from roiseg.featcache.geometry import pad_box
-from roiseg.trainer.models import FeatureNorm, interp_weights, paste_masks
+from roiseg.trainer.models import FeatureNorm, decode_rois, interp_weights, paste_masks
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +188,7 @@ class DecoderExport(nn.Module):
         else:
             rect = image_rects[rois[:, 0].long()]
             padded = pad_box(rois[:, 1:5], s.roi_padding, rect[:, [0, 1, 0, 1]], rect[:, [2, 3, 2, 3]])
-        logits, quality = self.model(features, torch.cat([rois[:, :1], padded], 1), with_scores=True,
-                                     **({} if fine is None else {"fine": fine}))
+        logits, quality = decode_rois(self.model, features, torch.cat([rois[:, :1], padded], 1), fine)
         px = padded * torch.tensor([w, h, w, h], dtype=padded.dtype, device=padded.device)
         prob = logits.float().softmax(1)
         real = (torch.arange(rois.shape[0], device=prob.device) > 0).to(prob.dtype)

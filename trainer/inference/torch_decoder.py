@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from roiseg.trainer.checkpoint import decoder_from_checkpoint
-from roiseg.trainer.models import paste_masks, uses_fine
+from roiseg.trainer.models import decode_rois, paste_masks, uses_fine
 from roiseg.trainer.runtime.detection import DetectionSettings
 from roiseg.trainer.runtime.pipeline import Predictor, open_extractor
 
@@ -28,9 +28,7 @@ class TorchDecoder:
                             device=self.device)
         fine = None if fine is None else torch.from_numpy(fine).float().to(self.device)
         with torch.no_grad():
-            # ``fine`` only when there is one: decoders of the older interface take no such argument
-            logits, quality = self.model(torch.from_numpy(x).float().to(self.device), r, with_scores=True,
-                                         **({} if fine is None else {"fine": fine}))
+            logits, quality = decode_rois(self.model, torch.from_numpy(x).float().to(self.device), r, fine)
             pasted = paste_masks(logits.softmax(1)[:, 1:2], torch.as_tensor(rel, dtype=torch.float32,
                                                                                device=self.device),
                                  *hw, fill_background=False)

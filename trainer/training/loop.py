@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from roiseg.featcache.errors import FeatCacheError
 from roiseg.featcache.files import refuse_overlap
-from roiseg.featcache.store import FINGERPRINT_KEYS, FeatureStore, check_compatible
+from roiseg.featcache.store import FeatureStore, check_compatible
 from roiseg.trainer.data import CacheIndex, epoch_batches, make_source, rank_images
 from roiseg.trainer.devices import default_batch_size
-from roiseg.trainer.models import build_model
+from roiseg.trainer.models import build_model, decode_rois
 from roiseg.trainer.sampling import RoiSampling, roi_copies
 from roiseg.trainer.scoring import RoiEvaluator, run_evaluator
 from roiseg.trainer.training import distributed as D
@@ -166,8 +166,7 @@ class Trainer:
                               and cfg.model == "roialign" else 0)
         fine = bool(self.fine_channels)
         check_compatible(fingerprint(train.meta, fine), fingerprint(val.meta, fine),
-                         f"validation cache {cfg.val_store} vs training cache {cfg.train_store}",
-                         keys=FINGERPRINT_KEYS + (("fine",) if fine else ()),
+                         f"validation cache {cfg.val_store} vs training cache {cfg.train_store}", keys=None,
                          labels=("training cache has", "validation cache has"))
         check_sparse_stores(cfg, train.meta, val.meta)
         if len(train.images) == 0 or len(val.images) == 0:
@@ -317,8 +316,7 @@ class Trainer:
                 lr = self._set_lr(epoch - 1 + min(1.0, (done + rois_before_step(counts, len(chunks), j))
                                                   / self.epoch_rois))
                 with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                    logits, scores = self.net(feats, batch["rois"][sel], with_scores=True,
-                                              **({} if fine is None else {"fine": fine}))
+                    logits, scores = decode_rois(self.net, feats, batch["rois"][sel], fine)
                 if len(sel):
                     losses = self.loss(logits, targets[sel], scores)
                     loss = losses["loss"]
