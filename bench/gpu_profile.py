@@ -11,6 +11,7 @@ from bench.bench_train import synthetic_store
 from roiseg.trainer.data import CacheIndex, ResidentSource, epoch_batches
 from roiseg.trainer.models import build_model
 from roiseg.trainer.sampling import RoiSampling
+from roiseg.trainer.target_sampling import sample_roi_targets
 from roiseg.trainer.training.losses import LossConfig, SegLoss
 
 dev = torch.device("cuda")
@@ -33,9 +34,9 @@ print("host_part (cpu, per batch) ms", t(lambda: src.host_parts[items[0]], 10))
 print("device_part ms", t(lambda: src.device_part(pinned[0])))
 b = src.device_part(pinned[0])
 print("rois per batch", len(b["rois"]))
-print("targets only ms", t(lambda: src.device_part.__self__ and __import__("trainer.roi_targets", fromlist=["x"]).sample_roi_targets(
-    src.packed, src.unions, b["rois"].new_zeros(len(b["rois"]), dtype=torch.long), b["rois"].new_zeros(len(b["rois"]), dtype=torch.long),
-    b["rois"][:, 1:].double() * 640, 56, 56, 640)))
+zeros = b["rois"].new_zeros(len(b["rois"]), dtype=torch.long)
+print("targets only ms", t(lambda: sample_roi_targets(src.masks, src.unions, zeros, zeros,
+                                                      b["rois"][:, 1:].double() * 640, 56, 56, 640)))
 print("gather features ms", t(lambda: src.features[torch.arange(16, device=dev)]))
 def step(bb):
     with torch.autocast("cuda", dtype=torch.float16):

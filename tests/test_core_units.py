@@ -114,6 +114,34 @@ def test_sample_roi_targets_equal_the_reference():
                               torch.zeros(0, 4), 5, 6, w).shape == (0, 5, 6)
 
 
+def test_cropped_masks_read_like_full_frames():
+    """Resident masks are cropped to their set bits; every pixel (inside, outside the crop, off the
+    frame) reads as from the full frame, for blobs, an empty mask and one touching the last byte."""
+    from roiseg.trainer.target_sampling import PackedCrops, gather_bits, sample_roi_targets, union_packed
+    rng = np.random.default_rng(1)
+    h, w = 41, 61
+    masks = np.zeros((5, h, w), bool)
+    masks[0, 3:9, 10:17] = rng.random((6, 7)) < 0.7
+    masks[1, 20:41, 45:61] = True                       # touches the bottom edge and the partial last byte
+    masks[3, 0, 0] = True                               # masks[2] stays empty
+    masks[4] = rng.random((h, w)) < 0.2
+    packed = np.packbits(masks, axis=-1)
+    crops = PackedCrops.crop(packed)
+    assert crops.bits.numel() < packed.size / 2 and crops.geom[2, 3] == 0   # smaller; the empty mask has 0 rows
+    parts = PackedCrops.cat([PackedCrops.crop(packed[:2]), PackedCrops.crop(packed[2:])])   # offsets shift
+    ys = torch.arange(-2, h + 2)[None].repeat(5, 1)
+    xs = torch.arange(-9, w + 9)[None].repeat(5, 1)
+    full = gather_bits(torch.from_numpy(packed), torch.arange(5), ys, xs, w)
+    assert torch.equal(gather_bits(crops, torch.arange(5), ys, xs, w), full)
+    assert torch.equal(gather_bits(parts, torch.arange(5), ys, xs, w), full)
+    union = union_packed(packed)[None]
+    boxes = torch.tensor([[3.2, 4.7, 40.1, 30.2], [-10, -5, 20, 12], [30, 20, 70, 50], [0, 0, w, h], [44, 19, 62, 42]])
+    for t in range(5):
+        args = (torch.full((5,), t), torch.zeros(5, dtype=torch.long), boxes, 13, 17, w)
+        assert torch.equal(sample_roi_targets(crops, PackedCrops.crop(union), *args),
+                           sample_roi_targets(torch.from_numpy(packed), torch.from_numpy(union), *args)), t
+
+
 # ---- decoders: geometry, paste, normalization ---------------------------------------------------
 def test_paste_equals_grid_sample_and_fills_background():
     from roiseg.trainer.models import interp_weights, paste_masks

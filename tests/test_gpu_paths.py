@@ -225,10 +225,15 @@ def test_losses_accumulate_in_fp32():
 
 # ---- data paths -------------------------------------------------------------------------------------
 def test_resident_auto_counts_masks_and_shares_ram_between_local_ranks(stores):
-    from roiseg.trainer.data import CacheIndex, resident_bytes, resident_choice
+    from roiseg.trainer.data import CacheIndex, ResidentSource, resident_bytes, resident_choice
+    from roiseg.trainer.sampling import RoiSampling
     idx = CacheIndex(stores["train"])
     feats, masks = resident_bytes(idx, len(idx.images))
     assert feats == len(idx.images) * int(np.prod(idx.feature_shape)) * 2 and masks > 0
+    # the mask estimate (from the ROI boxes) bounds what the resident cache really holds, not by much
+    src = ResidentSource(idx, RoiSampling(), 28, 0, torch.device("cpu"), keep_features=False)
+    held = src.masks.nbytes + src.unions.nbytes
+    assert held <= masks < 3 * held
     need = feats + masks
     # the GPU must hold the masks too: features alone would fit, features + masks do not
     gpu_free = int(feats * 1.1 / 0.6) + 1

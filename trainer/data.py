@@ -33,7 +33,7 @@ from roiseg.trainer.sampling import (
     rois_with_others,
     train_rois,
 )
-from roiseg.trainer.target_sampling import sample_roi_targets, union_packed
+from roiseg.trainer.target_sampling import PackedCrops, sample_roi_targets, union_packed
 
 log = logging.getLogger(__name__)
 
@@ -255,32 +255,33 @@ class ResidentSource:
         self.maps = ({k: torch.empty((len(imgs), *shape), dtype=torch.float16, device=device)
                       for k, shape in self.map_shapes.items()} if keep_features else {})
         self.maps_flip = {k: torch.empty_like(v) for k, v in self.maps.items()} if mirrored else {}
-        packed, unions, offsets = [], [], [0]
+        masks, unions, offsets = [], [], [0]
 
         def load(k):
             i = int(imgs[k])
             got = {name: torch.from_numpy(read_map(store, name, i)) for name in self.maps}
             got_flip = {name: torch.from_numpy(read_map(store, name, i, True)) for name in self.maps_flip}
-            return k, got, got_flip, torch.from_numpy(store.packed_masks(i).copy())
+            p = store.packed_masks(i)  # cropped here, in the thread: full frames never pile up
+            return k, got, got_flip, PackedCrops.crop(p), PackedCrops.crop(union_packed(p)[None])
 
         with ThreadPoolExecutor(threads) as pool:  # blosc/zstd decode releases the GIL
-            for k, got, got_flip, p in pool.map(load, range(len(imgs))):
+            for k, got, got_flip, m_crops, u_crops in pool.map(load, range(len(imgs))):
                 for name, m in got.items():
                     self.maps[name][k] = m.to(device)
                 for name, m in got_flip.items():
                     self.maps_flip[name][k] = m.to(device)
-                packed.append(p)
-                unions.append(union_packed(p))
-                offsets.append(offsets[-1] + len(p))
-        self.packed = torch.cat(packed).to(device)
-        self.unions = torch.stack(unions).to(device)
+                masks.append(m_crops)
+                unions.append(u_crops)
+                offsets.append(offsets[-1] + len(m_crops))
+        self.masks = PackedCrops.cat(masks).to(device)
+        self.unions = PackedCrops.cat(unions).to(device)
         self.inst_offset = np.asarray(offsets[:-1])
         self.host_parts = HostParts(index, sampling, seed, self.row, self.inst_offset)
         self.host_workers = host_workers
-        if self.keep_features:
-            size = sum(m.numel() * 2 for m in (*self.maps.values(), *self.maps_flip.values()))
-            log.info("resident cache: %d images, %.2f GB %s%s on %s", len(imgs), size / 1e9,
-                     " + ".join(self.maps), " (with mirrored)" if self.maps_flip else "", device)
+        size = sum(m.numel() * 2 for m in (*self.maps.values(), *self.maps_flip.values()))
+        log.info("resident cache: %d images, %.2f GB %s%s + %.2f GB masks on %s", len(imgs), size / 1e9,
+                 " + ".join(self.maps) or "no maps", " (with mirrored)" if self.maps_flip else "",
+                 (self.masks.nbytes + self.unions.nbytes) / 1e9, device)
 
     @property
     def features(self) -> torch.Tensor | None:
@@ -294,7 +295,7 @@ class ResidentSource:
         h, w = self.index.input_hw
         n = d["rois"].shape[0]
         if n:
-            targets = sample_roi_targets(self.packed, self.unions, d["tgt_rows"], d["img_rows"], d["boxes_px"],
+            targets = sample_roi_targets(self.masks, self.unions, d["tgt_rows"], d["img_rows"], d["boxes_px"],
                                          self.mask_size, self.mask_size, w)
             if len(flipped):
                 targets = torch.where(d["roi_flip"][:, None, None], targets.flip(-1), targets)
@@ -432,14 +433,31 @@ def uses_stored_flip(sampling: RoiSampling) -> bool:
 def resident_bytes(index: CacheIndex, n_images: int, copies: int = 1, fine: bool = False) -> tuple[int, int]:
     """(feature bytes, mask bytes) of ``n_images`` resident: fp16 maps (``copies``: 2 with the
     stored mirrored maps; ``fine``: the fine maps too) and, on the same device, the bit-packed
-    instance masks and per-image unions (``ResidentSource``), estimated from the ROI table's
-    persons per image."""
+    instance masks and per-image unions cropped to their boxes (``ResidentSource``), estimated from
+    the ROI table's boxes (their mean, scaled to ``n_images``)."""
+    return n_images * _map_bytes_per_image(index, fine) * copies, int(n_images * _mask_bytes_per_image(index))
+
+
+def _map_bytes_per_image(index: CacheIndex, fine: bool) -> int:
+    return 2 * sum(int(np.prod(shape)) for shape in index.map_shapes(fine).values())
+
+
+def _mask_bytes_per_image(index: CacheIndex) -> float:
+    """Mean bytes of one image's cropped masks + union: each crop is its box's rows x byte columns
+    (plus one of each for the rounding), with 40 bytes of geometry."""
     h, w = index.input_hw
-    per_mask = h * ((w + 7) // 8)
-    persons = len(index.padded_input) / max(len(index.roi_start) - 1, 1)
-    cells = sum(int(np.prod(shape)) for shape in index.map_shapes(fine).values())
-    feats = n_images * cells * 2 * copies
-    return feats, int(n_images * (persons + 1) * per_mask)
+    n_img = len(index.roi_start) - 1
+    if n_img <= 0 or len(index.box_input) == 0:
+        return 0.0
+
+    def crop(b):
+        return ((b[:, 3] - b[:, 1]) * h + 1) * ((b[:, 2] - b[:, 0]) * w / 8 + 2) + 40
+
+    b = index.box_input.clip(0, 1)
+    starts = index.roi_start[:-1][index.roi_start[:-1] < index.roi_start[1:]]
+    union = np.stack([np.minimum.reduceat(b[:, 0], starts), np.minimum.reduceat(b[:, 1], starts),
+                      np.maximum.reduceat(b[:, 2], starts), np.maximum.reduceat(b[:, 3], starts)], 1)
+    return float(crop(b).sum() + crop(union).sum()) / n_img
 
 
 def resident_choice(mode: str, need: int, device_type: str, gpu_free: int, ram_available: int,
