@@ -190,6 +190,78 @@ def test_unknown_tensor_lists_stride8_candidates(standin_onnx):
 
 
 @pytest.mark.slow
+def test_cache_rank_killed_mid_run_is_completed_by_a_rerun(synth, standin_onnx, tmp_path):
+    """A rank SIGKILLed mid-run (the others frozen first, so some images are done and some are not)
+    makes torchrun fail; a re-run of the same command completes the store, equal bitwise to a
+    one-process run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from clikit import ROOT, descendants, torchrun
+    out = tmp_path / "ddp.zarr"
+    args = ["cache", "--ann", synth["train"], "--images", synth["root"] / "images/train2017", "--onnx", standin_onnx,
+            "--provider", "cpu", "--flip", "--workers", "1", "--out", out]
+    n = len(json.loads(Path(synth["train"]).read_text())["images"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "cli.py"), *map(str, args)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def done() -> int:
+        return int(FeatureStore(out).done_mask().sum()) if (out / ".zattrs").is_file() else 0
+
+    def ranks() -> dict[int, int]:
+        """rank -> pid of the processes torchrun started (its direct children)."""
+        found = {}
+        for pid in descendants(p.pid):
+            try:
+                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            rank = [int(e[5:]) for e in env if e.startswith(b"RANK=")]
+            if ppid == p.pid and rank:
+                found[rank[0]] = pid
+        return found
+
+    try:
+        deadline = time.time() + 240
+        while done() == 0:
+            assert p.poll() is None and time.time() < deadline, "the first run ended before any image was cached"
+            time.sleep(0.005)
+        workers = ranks()
+        for pid in workers.values():
+            os.kill(pid, signal.SIGSTOP)
+        at = done()
+        assert 0 < at < n, at          # mid-run: the rerun below has real work left
+        os.kill(workers[1], signal.SIGKILL)
+        os.kill(workers[0], signal.SIGCONT)
+        p.wait(timeout=120)
+    finally:
+        for pid in [p.pid, *descendants(p.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert p.returncode != 0
+    r = torchrun(2, *args, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{n}/{n} images cached" in r.stdout
+    run_cache(CacheConfig(ann=synth["train"], images=synth["root"] / "images/train2017", onnx=standin_onnx,
+                          out=tmp_path / "one.zarr", feature_name=FEATURE_NAME, provider="cpu", workers=1, flip=True),
+              progress=False)
+    a, b = FeatureStore(out), FeatureStore(tmp_path / "one.zarr")
+    for i in range(n):
+        np.testing.assert_array_equal(a.features(i), b.features(i))
+        np.testing.assert_array_equal(a.features(i, flipped=True), b.features(i, flipped=True))
+        np.testing.assert_array_equal(a.packed_masks(i), b.packed_masks(i))
+        assert a.gt_rles(i) == b.gt_rles(i)
+
+
+@pytest.mark.slow
 def test_cache_under_torchrun_equals_one_process(synth, standin_onnx, tmp_path):
     """`torchrun --nproc-per-node 2 cli.py cache`: one shard per rank, rank 0 reports for both, and
     the store equals a one-process run bitwise (fine and mirrored maps included); --shard is refused
