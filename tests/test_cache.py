@@ -86,6 +86,30 @@ def test_rerun_is_noop_and_mismatch_refused(synth, standin_onnx, val_store):
         run_cache(_cfg(synth, standin_onnx, out, roi_padding=0.2), progress=False)
 
 
+def test_rerun_of_a_finished_store_does_not_parse_the_annotations(synth, standin_onnx, val_store, tmp_path,
+                                                                  monkeypatch):
+    """Nothing to do (complete, same annotation file): the polygons are not parsed again (~35 s at
+    COCO scale), the summary is the one a full re-run gives, and other settings are still refused;
+    an edited annotation file (another sha256) is parsed and refused as before."""
+    import roiseg.featcache.cache as cache_mod
+    out, first = val_store
+    full = run_cache(_cfg(synth, standin_onnx, out), progress=False)
+    monkeypatch.setattr(cache_mod, "load_person_records", lambda *a, **k: pytest.fail("annotations parsed"))
+    fast = run_cache(_cfg(synth, standin_onnx, out), progress=False)
+    same = ("images", "cached", "skipped", "processed_now", "newly_skipped", "complete", "provider")
+    assert {k: fast[k] for k in same} == {k: full[k] for k in same}
+    assert fast["cached"] == first["images"] and fast["processed_now"] == 0
+    with pytest.raises(StoreError, match="channel_order"):
+        run_cache(_cfg(synth, standin_onnx, out, channel_order="bgr"), progress=False)
+    monkeypatch.undo()
+    edited = tmp_path / "ann.json"
+    edited.write_text(Path(synth["val"]).read_text() + "\n")
+    cfg = _cfg(synth, standin_onnx, out)
+    cfg.ann = edited
+    with pytest.raises(StoreError, match="annotation_sha256"):
+        run_cache(cfg, progress=False)
+
+
 def test_kill9_midway_then_resume_equals_uninterrupted(synth, standin_onnx, val_store, tmp_path):
     out = tmp_path / "killed.zarr"
     # A real SIGKILL after the 3rd image write, in a separate process running the CLI.
@@ -144,6 +168,8 @@ def test_bad_images_skipped_and_reported(synth, standin_onnx, tmp_path):
     assert set(st.skipped()) == {0, 1}
     assert list(st.valid_images()) == list(range(2, len(names)))
     assert s["complete"]
+    again = run_cache(cfg, progress=False)          # nothing to do: the skips are still reported
+    assert again["skipped"] == s["skipped"] and again["processed_now"] == 0 and again["complete"]
 
 
 def test_cli_cache_errors(synth, standin_onnx, tmp_path):
