@@ -215,6 +215,33 @@ def train_stage(store: Path, val: Path, analysis: Path, run: Path, resident: str
     return r
 
 
+def cache_stages(ann: Path, paths: dict, work: Path, n: int, record) -> None:
+    """``cache`` dense and sparse from scratch, the re-run of the finished sparse store, and a sparse
+    run killed at half the images then completed (compared with the uninterrupted one)."""
+    from roiseg.featcache.store import FeatureStore
+    for kind, extra in (("dense", ()), ("sparse", ("--sparse",))):
+        store = work / f"train_{n}_{kind}.zarr"
+        shutil.rmtree(store, ignore_errors=True)
+        r = measure(cache_cmd(ann, paths, store, *extra))
+        files, size = disk(store)
+        t0 = time.perf_counter()
+        FeatureStore(store).tables
+        record(f"cache {kind}", n, {**r, "per_image_ms": round(1000 * r["wall_s"] / n, 3), "files": files,
+                                    "bytes_per_image": int(size / n), "store_open_s": round(time.perf_counter() - t0, 3)})
+    shutil.rmtree(work / f"train_{n}_dense.zarr", ignore_errors=True)   # disk: keep the sparse one
+    store = work / f"train_{n}_sparse.zarr"
+    r = measure(cache_cmd(ann, paths, store, "--sparse"))
+    record("cache re-run (done)", n, r)
+    killed = work / f"train_{n}_killed.zarr"
+    shutil.rmtree(killed, ignore_errors=True)
+    r1 = measure(cache_cmd(ann, paths, killed, "--sparse"), kill_when=lambda: done_images(killed) >= n // 2)
+    at = done_images(killed)
+    r2 = measure(cache_cmd(ann, paths, killed, "--sparse"))
+    record("cache resume after kill", n, {**r2, "killed_at": at, "first_killed": r1["killed"],
+                                          "first_wall_s": r1["wall_s"], "equal_on_sample": same_images(killed, store)})
+    shutil.rmtree(killed, ignore_errors=True)
+
+
 # ---- the run --------------------------------------------------------------------------------
 def main():
     ap = argparse.ArgumentParser()
@@ -224,6 +251,9 @@ def main():
     ap.add_argument("--reads", type=int, default=30, help="training reads (8 images each) per train stage")
     ap.add_argument("--predict-images", type=int, default=2000)
     ap.add_argument("--work", type=Path, default=OUT)
+    ap.add_argument("--stages", default="analyze,cache,train,evaluate,predict",
+                    help="re-measure only these (the others keep their recorded figures); "
+                         "rerun: only the re-run of a finished store")
     ap.add_argument("--phase", default="all")
     ap.add_argument("--store", type=Path)
     ap.add_argument("--val-store", type=Path)
@@ -235,6 +265,7 @@ def main():
     if a.phase == "train":
         return train_phase(a)
     sizes = [int(s) for s in a.sizes.split(",")]
+    stages = set(a.stages.split(","))
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
     need = (max(sizes) + a.val) * (16_000 + 2 * 2 * a.channels * 80 * 80 * 0.7) + 3 * max(sizes) * 3_000
@@ -260,49 +291,36 @@ def main():
     for n in sizes:
         ann = subset(paths, n, work)
         analysis = work / f"analyze_{n}.json"
-        r = measure(CLI + ["analyze", "--ann", ann, "--out", analysis])
-        record("analyze", n, {**r, "per_image_ms": round(1000 * r["wall_s"] / n, 3)})
-        for kind, extra in (("dense", ()), ("sparse", ("--sparse",))):
-            store = work / f"train_{n}_{kind}.zarr"
-            shutil.rmtree(store, ignore_errors=True)
-            r = measure(cache_cmd(ann, paths, store, *extra))
-            files, size = disk(store)
-            t0 = time.perf_counter()
-            from roiseg.featcache.store import FeatureStore
-            FeatureStore(store).tables
-            record(f"cache {kind}", n, {**r, "per_image_ms": round(1000 * r["wall_s"] / n, 3), "files": files,
-                                        "bytes_per_image": int(size / n), "store_open_s": round(time.perf_counter() - t0, 3)})
+        if "analyze" in stages or not analysis.is_file():
+            r = measure(CLI + ["analyze", "--ann", ann, "--out", analysis])
+            record("analyze", n, {**r, "per_image_ms": round(1000 * r["wall_s"] / n, 3)})
         store = work / f"train_{n}_sparse.zarr"
-        r = measure(cache_cmd(ann, paths, store, "--sparse"))
-        record("cache re-run (done)", n, r)
-        killed = work / f"train_{n}_killed.zarr"
-        shutil.rmtree(killed, ignore_errors=True)
-        r1 = measure(cache_cmd(ann, paths, killed, "--sparse"), kill_when=lambda: done_images(killed) >= n // 2)
-        at = done_images(killed)
-        r2 = measure(cache_cmd(ann, paths, killed, "--sparse"))
-        record("cache resume after kill", n, {**r2, "killed_at": at, "first_killed": r1["killed"],
-                                              "first_wall_s": r1["wall_s"],
-                                              "equal_on_sample": same_images(killed, store)})
-        shutil.rmtree(killed, ignore_errors=True)
-        for resident in ("cpu", "off"):
-            r = train_stage(store, val_store, analysis, work / f"run_{n}_{resident}", resident, a.reads)
-            record(f"train resident={resident}", n, r)
+        if "cache" in stages or not (store / ".zattrs").is_file():
+            cache_stages(ann, paths, work, n, record)
+        elif "rerun" in stages:     # only the re-run of the finished store
+            record("cache re-run (done)", n, measure(cache_cmd(ann, paths, store, "--sparse")))
+        if "train" in stages:
+            for resident in ("cpu", "off"):
+                r = train_stage(store, val_store, analysis, work / f"run_{n}_{resident}", resident, a.reads)
+                record(f"train resident={resident}", n, r)
+        if "evaluate" in stages:
+            ck = sorted((work / f"run_{n}_cpu").glob("checkpoint_epoch_*.pth"))[-1]
+            r = measure(CLI + ["evaluate", "--checkpoint", ck, "--val-store", val_store, "--device", "cpu"])
+            record("evaluate", n, {**r, "per_image_ms": round(1000 * r["wall_s"] / a.val, 3)})
+    if "predict" in stages:
+        n = max(sizes)
+        folder = work / "predict_src"
+        if not folder.is_dir():
+            folder.mkdir()
+            for im in json.loads(paths["val"].read_text())["images"][: a.predict_images]:
+                os.link(paths["images"] / im["file_name"], folder / im["file_name"])
+        shutil.rmtree(work / "pred", ignore_errors=True)
         ck = sorted((work / f"run_{n}_cpu").glob("checkpoint_epoch_*.pth"))[-1]
-        r = measure(CLI + ["evaluate", "--checkpoint", ck, "--val-store", val_store, "--device", "cpu"])
-        record("evaluate", n, {**r, "per_image_ms": round(1000 * r["wall_s"] / a.val, 3)})
-        shutil.rmtree(work / f"train_{n}_dense.zarr", ignore_errors=True)   # disk: keep the sparse one
-    n = max(sizes)
-    folder = work / "predict_src"
-    if not folder.is_dir():
-        folder.mkdir()
-        for im in json.loads(paths["val"].read_text())["images"][: a.predict_images]:
-            os.link(paths["images"] / im["file_name"], folder / im["file_name"])
-    shutil.rmtree(work / "pred", ignore_errors=True)
-    ck = sorted((work / f"run_{n}_cpu").glob("checkpoint_epoch_*.pth"))[-1]
-    r = measure(CLI + ["predict", "--source", folder, "--checkpoint", ck,
-                       "--boxes", "gt", "--ann", paths["val"], "--out", work / "pred", "--no-overlays",
-                       "--device", "cpu", "--provider", "cpu"])
-    record("predict", n, {**r, "per_image_ms": round(1000 * r["wall_s"] / a.predict_images, 3)})
+        r = measure(CLI + ["predict", "--source", folder, "--checkpoint", ck,
+                           "--boxes", "gt", "--ann", paths["val"], "--out", work / "pred", "--no-overlays",
+                           "--device", "cpu", "--provider", "cpu"])
+        record("predict", n, {**r, "per_image_ms": round(1000 * r["wall_s"] / a.predict_images, 3)})
+    sizes = sorted({int(k) for per in results.values() for k in per})   # the table shows every size measured
     report(results, sizes, work)
 
 
@@ -315,8 +333,12 @@ def slope(ns, ys) -> float:
 
 
 def report(results: dict, sizes: list, work: Path) -> None:
-    lines = ["| stage | " + " | ".join(f"N={n}: s (per image ms) / peak MB" for n in sizes) + " | slope of wall time |",
-             "|---|" + "---|" * (len(sizes) + 1)]
+    """The table: wall time (per image where it scales with N) and peak RSS at each N, the slope of
+    wall time in N (log-log), and the largest N's per-image time and peak RSS against the smallest's."""
+    lo, hi = min(sizes), max(sizes)
+    lines = ["| stage | " + " | ".join(f"N={n}: s (per image ms) / peak MB" for n in sizes)
+             + f" | slope of wall time | per image N={hi} / N={lo} | peak MB N={hi} - N={lo} |",
+             "|---|" + "---|" * (len(sizes) + 3)]
     for stage, per in results.items():
         cells, walls = [], []
         for n in sizes:
@@ -328,7 +350,13 @@ def report(results: dict, sizes: list, work: Path) -> None:
             pim = f" ({r['per_image_ms']:.2f})" if "per_image_ms" in r else ""
             cells.append(f"{r['wall_s']:.1f}{pim} / {r['peak_rss_mb']:.0f}")
             walls.append(r["wall_s"])
-        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {slope(sizes, walls):.2f} |")
+        a, b = per.get(str(lo)), per.get(str(hi))
+        ratio = growth = "-"
+        if a and b and lo != hi:
+            key = "per_image_ms" if "per_image_ms" in a else ("ms_per_step" if "ms_per_step" in a else None)
+            ratio = f"{b[key] / a[key]:.2f}" if key else f"{b['wall_s'] / a['wall_s']:.2f} (whole command)"
+            growth = f"{b['peak_rss_mb'] - a['peak_rss_mb']:+.0f}"
+        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {slope(sizes, walls):.2f} | {ratio} | {growth} |")
     text = "\n".join(lines)
     print(text)
     (work.parent / "scale.md").write_text(text + "\n")
