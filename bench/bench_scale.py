@@ -254,6 +254,8 @@ def main():
     ap.add_argument("--stages", default="analyze,cache,train,evaluate,predict",
                     help="re-measure only these (the others keep their recorded figures); "
                          "rerun: only the re-run of a finished store")
+    ap.add_argument("--assume-extractor-ms", type=float, default=20.0,
+                    help="YOLOv9-E time per image on one GPU for the projection (not measured here)")
     ap.add_argument("--phase", default="all")
     ap.add_argument("--store", type=Path)
     ap.add_argument("--val-store", type=Path)
@@ -322,6 +324,68 @@ def main():
         record("predict", n, {**r, "per_image_ms": round(1000 * r["wall_s"] / a.predict_images, 3)})
     sizes = sorted({int(k) for per in results.values() for k in per})   # the table shows every size measured
     report(results, sizes, work)
+    projection(results, work, max(sizes), a.assume_extractor_ms)
+
+
+# ---- the projection to COCO train2017 with the real extractor --------------------------------
+# Figures measured elsewhere, with the command that measured them (docs/benchmarks.md):
+RAW_1024 = 1024 * 80 * 80 * 2          # bytes of one [1024,80,80] fp16 map
+KEPT_CELL_RATIO = 0.393 / 0.497        # bench/bench_store.py: sparse lz4 stored/raw on the real features,
+#                                        over the share of cells kept (0.497): bytes per kept cell vs raw
+LZ4_ENCODE_GBS = 0.68                  # bench/bench_codecs.py: blosc-lz4 + byte shuffle encode, one core
+GPU_ROIS_S = 20_200                    # bench/gpu_bench.sh (H100, resident, hidden 256, 64 images/step)
+GPU_MEMORY_GB, AUTO_SHARE = 141, 0.6   # an H200; --resident auto takes the GPU below 60% of free memory
+COCO_IMAGES = 64_115                   # COCO train2017 images with a person
+
+
+def projection(results: dict, work: Path, n: int, extractor_ms: float) -> None:
+    """COCO train2017 with YOLOv9-E's [1024,80,80] map, from the per-image costs measured at the
+    largest N (``measured``) and the constants above (``projected``): bench/out/scale_projection.md."""
+    key = str(n)
+    sparse = results["cache sparse"][key]
+    share = json.loads((work / f"analyze_{n}.json").read_text())["sparse_cells"]["mean"]
+    store = work / f"train_{n}_sparse.zarr"
+    feat_files, feat_bytes = disk(store / "features")
+    all_files, all_bytes = disk(store)
+    other_per_image = (all_bytes - feat_bytes) / n                      # masks, RLEs, tables
+    feat_per_image = share * RAW_1024 * KEPT_CELL_RATIO
+    pipeline_ms = sparse["per_image_ms"]
+    compress_ms = 1000 * RAW_1024 / (LZ4_ENCODE_GBS * 1e9)
+    train = results["train resident=cpu"][key]
+    rois_per_image = train["rois"] / (train["reads"] * 8)
+    from roiseg.trainer.data import CacheIndex, resident_bytes
+    _, masks = resident_bytes(CacheIndex(store), n)
+    masks_per_image = masks / n
+    m, p = "measured", "projected"
+    rows = [("images", f"{COCO_IMAGES:,}", "COCO train2017 images with a person"),
+            ("share of feature cells a sparse store keeps", f"{share:.3f}", f"{m} (`analyze` at N={n})"),
+            ("stored bytes per image, features", f"{feat_per_image / 1e6:.2f} MB",
+             f"{p}: share x 13.1 MB x {KEPT_CELL_RATIO:.3f} (lz4 per kept cell, bench_store)"),
+            ("stored bytes per image, masks + RLEs + tables", f"{other_per_image / 1e3:.1f} KB", f"{m} at N={n}"),
+            ("store, sparse lz4 (x2 with --flip)", f"{COCO_IMAGES * (feat_per_image + other_per_image) / 1e9:.0f} GB",
+             p),
+            ("files in the store", f"{int(all_files / n * COCO_IMAGES):,}",
+             f"{m}: {all_files / n:.2f} per image at N={n}"),
+            ("cache: the pipeline's own time per image", f"{pipeline_ms:.1f} ms",
+             f"{m} at N={n} (decode, resize, masks, write; the 8-channel stand-in extractor included)"),
+            ("cache: lz4 of a 1024-channel map per image", f"{compress_ms:.1f} ms", f"{p} (bench_codecs encode speed)"),
+            ("cache: extractor time per image", f"{extractor_ms:.0f} ms", "assumed: not measured (no GPU, no YOLOv9-E here)"),
+            ("training ROIs per image and epoch", f"{rois_per_image:.1f}", f"{m} at N={n} (defaults: 2 samples per ROI)"),
+            ("resident masks per image (cropped)", f"{masks_per_image / 1e3:.1f} KB", f"{p} from the ROI boxes at N={n}")]
+    lines = ["| quantity | value | source |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    per_image_s = (extractor_ms + pipeline_ms + compress_ms) / 1000
+    epoch_rois = rois_per_image * COCO_IMAGES
+    lines += ["", "| GPUs | cache hours (projected) | training seconds per epoch (projected) | resident memory per GPU, GB "
+              "(with --flip) | `--resident auto` on 141 GB H200s |", "|---|---|---|---|---|"]
+    for g in (1, 2, 4, 8, 16):
+        mem = COCO_IMAGES / g * (RAW_1024 + masks_per_image) / 1e9
+        mem_flip = COCO_IMAGES / g * (2 * RAW_1024 + masks_per_image) / 1e9
+        where = "gpu" if mem * 1.1 < AUTO_SHARE * GPU_MEMORY_GB else "not the GPU (CPU RAM, else streaming)"
+        lines.append(f"| {g} | {COCO_IMAGES * per_image_s / g / 3600:.2f} | {epoch_rois / (GPU_ROIS_S * g):.0f} | "
+                     f"{mem:.0f} ({mem_flip:.0f}) | {where} |")
+    text = "\n".join(lines)
+    print(text)
+    (work.parent / "scale_projection.md").write_text(text + "\n")
 
 
 def slope(ns, ys) -> float:
