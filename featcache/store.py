@@ -205,6 +205,19 @@ class FeatureStore:
         except Exception as exc:  # blosc/zstd RuntimeError, UnicodeDecodeError, ValueError ...
             raise self.damaged(array, i, exc) from exc
 
+    def _read_many(self, array: str, images: list[int]) -> np.ndarray:
+        """The chunks of ``images`` of a small per-image array, stacked, in one zarr read (one
+        metadata load, not one per image: start-up at 64k images).  A damaged chunk is still named:
+        the images are then read one by one to find it."""
+        if not images:
+            return np.zeros((0,), np.float64)
+        try:
+            return self.root[array].get_orthogonal_selection((np.asarray(images, np.int64),))
+        except Exception:  # noqa: BLE001 - find the damaged chunk and raise its own message
+            for i in images:
+                self._read(array, i)
+            raise
+
     def damaged(self, array: str, i: int, exc: Exception) -> DamagedChunkError:
         try:
             name = f" ({self.tables['file_name'][i]})"
@@ -323,7 +336,7 @@ class FeatureStore:
         if not images:
             raise StoreError(f"{self.path}: no images to compute fine-map statistics from")
         _, hs, ws = self.meta["fine"]["shape"]
-        return _mean_std(np.stack([self._read("fine_stats", i) for i in images]), hs * ws)
+        return _mean_std(self._read_many("fine_stats", images), hs * ws)
 
     @property
     def has_flip(self) -> bool:
@@ -352,19 +365,17 @@ class FeatureStore:
             log.info("%s: computing per-channel feature statistics of %d image(s) (a store written "
                      "before they were recorded)%s", self.path, len(missing),
                      "; saved in the store" if writable else "")
-        sums = []
-        for i in images:
-            if i in have:
-                sums.append(self._read("feature_stats", i))
-                continue
+        recorded = [i for i in images if i in have]
+        sums = dict(zip(recorded, self._read_many("feature_stats", recorded)))
+        for i in missing:
             s = channel_sums(self.features(i))
             if writable:
                 try:
                     self.root["feature_stats"][i] = s
                 except OSError:  # read-only or full disk: the statistics are still right, just not kept
                     writable = False
-            sums.append(s)
-        return _mean_std(np.stack(sums), hf * wf)
+            sums[i] = s
+        return _mean_std(np.stack([sums[i] for i in images]), hf * wf)   # in order: the same float sums
 
     def masks(self, i: int) -> np.ndarray:
         """Instance masks ``[K, H, W]`` bool in the input frame."""

@@ -56,6 +56,22 @@ def test_feature_stats_exact_over_any_subset(stores):
     assert np.allclose(std, np.where(ref_std > 1e-6, ref_std, 1), rtol=1e-3, atol=1e-5)
 
 
+def test_stats_read_in_one_go_still_name_a_damaged_chunk(stores, tmp_path):
+    """The per-image sums are read with one zarr call (start-up at 64k images); a half-recorded
+    store (some sums missing) gives the same statistics, and a damaged sum names its image."""
+    from roiseg.featcache.store import DamagedChunkError
+    copy = tmp_path / "s.zarr"
+    shutil.copytree(stores["train"], copy)
+    imgs = FeatureStore(copy).valid_images()
+    want = FeatureStore(copy).feature_stats(imgs)
+    (copy / "feature_stats" / f"{imgs[1]}.0.0").unlink()           # one sum missing: computed again
+    got = FeatureStore(copy).feature_stats(imgs)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    (copy / "feature_stats" / f"{imgs[2]}.0.0").write_bytes(b"garbage")
+    with pytest.raises(DamagedChunkError, match=f"'feature_stats' chunk of image {imgs[2]}"):
+        FeatureStore(copy).feature_stats(imgs)
+
+
 def test_old_store_gets_stats_on_first_train(stores, tmp_path, caplog):
     old = tmp_path / "old.zarr"
     shutil.copytree(stores["train"], old)
