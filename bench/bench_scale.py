@@ -6,7 +6,8 @@ Renders a COCO-like person set once (``bench/make_coco_scale.py --images-dir``: 
 sizes, ~3.85 persons per image) and a validation set, builds a stand-in extractor with few channels
 (so the run measures the pipeline's own costs, not the model's), then for every N runs the commands a
 user runs, each in its own process, and records wall time, time per image, the peak RSS of the
-command's whole process tree (workers included: /proc polled every 0.1 s), files and bytes on disk:
+command's whole process tree (workers included: /proc polled every 0.1 s; also its PSS, which counts
+pages shared with forked workers once), files and bytes on disk:
 
 * ``analyze``; ``cache`` dense and ``--sparse``; the re-run of the finished store (the resume scan);
   ``cache`` killed with SIGKILL at half the images, then re-run (its store compared with the
@@ -68,13 +69,26 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: pages shared with forked workers (copy-on-write) count once over the
+    tree, where summing RSS counts them in every process (``analyze`` forks after loading the file)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def measure(cmd: list, kill_when=None, env: dict | None = None, timeout: float = 6 * 3600) -> dict:
     """Run ``cmd``; wall time, peak RSS of its process tree, exit code, output tail.  ``kill_when()``:
     polled with the run; when it turns true the whole tree gets SIGKILL (a crash mid-run)."""
     t0 = time.perf_counter()
     p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, start_new_session=True, env={**os.environ, **(env or {})})
-    peak, killed = 0, False
+    peak = peak_pss = 0
+    killed = False
     log = []
 
     def read():
@@ -86,6 +100,7 @@ def measure(cmd: list, kill_when=None, env: dict | None = None, timeout: float =
     while p.poll() is None:
         pids = tree_pids(p.pid)
         peak = max(peak, sum(rss_bytes(q) for q in pids))
+        peak_pss = max(peak_pss, sum(pss_bytes(q) for q in pids))
         if kill_when is not None and not killed and kill_when():
             for q in pids:
                 try:
@@ -103,7 +118,8 @@ def measure(cmd: list, kill_when=None, env: dict | None = None, timeout: float =
     if p.returncode != 0 and not killed:
         raise RuntimeError(f"{' '.join(map(str, cmd[:6]))} failed ({p.returncode}):\n{tail}")
     last_json = next((x for x in reversed("".join(log).splitlines()) if x.startswith("{")), None)
-    return {"wall_s": round(wall, 2), "peak_rss_mb": round(peak / 2**20, 1), "rc": p.returncode,
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(peak / 2**20, 1),
+            "peak_pss_mb": round(peak_pss / 2**20, 1), "rc": p.returncode,
             "killed": killed, "tail": tail[-600:], **(json.loads(last_json) if last_json else {})}
 
 
@@ -400,7 +416,7 @@ def report(results: dict, sizes: list, work: Path) -> None:
     """The table: wall time (per image where it scales with N) and peak RSS at each N, the slope of
     wall time in N (log-log), and the largest N's per-image time and peak RSS against the smallest's."""
     lo, hi = min(sizes), max(sizes)
-    lines = ["| stage | " + " | ".join(f"N={n}: s (per image ms) / peak MB" for n in sizes)
+    lines = ["| stage | " + " | ".join(f"N={n}: s (per image ms) / peak RSS MB" for n in sizes)
              + f" | slope of wall time | per image N={hi} / N={lo} | peak MB N={hi} - N={lo} |",
              "|---|" + "---|" * (len(sizes) + 3)]
     for stage, per in results.items():
@@ -412,7 +428,8 @@ def report(results: dict, sizes: list, work: Path) -> None:
                 walls.append(None)
                 continue
             pim = f" ({r['per_image_ms']:.2f})" if "per_image_ms" in r else ""
-            cells.append(f"{r['wall_s']:.1f}{pim} / {r['peak_rss_mb']:.0f}")
+            pss = f" (PSS {r['peak_pss_mb']:.0f})" if r.get("peak_pss_mb") else ""
+            cells.append(f"{r['wall_s']:.1f}{pim} / {r['peak_rss_mb']:.0f}{pss}")
             walls.append(r["wall_s"])
         a, b = per.get(str(lo)), per.get(str(hi))
         ratio = growth = "-"
