@@ -223,6 +223,29 @@ def train_phase(a) -> None:
                       "self_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 
 
+def resident_phase(a) -> None:
+    """The resident cache alone: its load time and this process's peak RSS growth against the bytes
+    it holds (features + cropped masks): whether loading costs more than the data."""
+    import resource
+
+    import torch
+    torch.set_num_threads(1)
+    from roiseg.trainer.data import CacheIndex, ResidentSource, resident_bytes
+    from roiseg.trainer.sampling import RoiSampling
+    idx = CacheIndex(a.store)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    src = ResidentSource(idx, RoiSampling(), 56, 0, torch.device("cpu"), threads=2)
+    feats = sum(m.numel() * 2 for m in src.maps.values()) / 2**20
+    masks = (src.masks.nbytes + src.unions.nbytes) / 2**20
+    grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    n = len(idx.images)
+    print(json.dumps({"images": n, "load_s": round(time.perf_counter() - t0, 1), "features_mb": round(feats),
+                      "masks_mb": round(masks), "mask_kb_per_image": round(masks * 2**20 / n / 1e3, 1),
+                      "mask_estimate_kb_per_image": round(resident_bytes(idx, n)[1] / n / 1e3, 1),
+                      "peak_growth_mb": round(grew), "held_over_peak_growth": round((feats + masks) / grew, 3)}))
+
+
 def train_stage(store: Path, val: Path, analysis: Path, run: Path, resident: str, reads: int) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     r = measure([sys.executable, __file__, "--phase", "train", "--store", store, "--val-store", val,
@@ -254,6 +277,7 @@ def cache_stages(ann: Path, paths: dict, work: Path, n: int, record) -> None:
     at = done_images(killed)
     r2 = measure(cache_cmd(ann, paths, killed, "--sparse"))
     record("cache resume after kill", n, {**r2, "killed_at": at, "first_killed": r1["killed"],
+                                          "per_image_ms": round(1000 * r2["wall_s"] / max(1, n - at), 3),
                                           "first_wall_s": r1["wall_s"], "equal_on_sample": same_images(killed, store)})
     shutil.rmtree(killed, ignore_errors=True)
 
@@ -282,6 +306,8 @@ def main():
     a = ap.parse_args()
     if a.phase == "train":
         return train_phase(a)
+    if a.phase == "resident":    # python bench/bench_scale.py --phase resident --store STORE
+        return resident_phase(a)
     sizes = [int(s) for s in a.sizes.split(",")]
     stages = set(a.stages.split(","))
     work = a.work
@@ -434,7 +460,7 @@ def report(results: dict, sizes: list, work: Path) -> None:
         a, b = per.get(str(lo)), per.get(str(hi))
         ratio = growth = "-"
         if a and b and lo != hi:
-            key = "per_image_ms" if "per_image_ms" in a else ("ms_per_step" if "ms_per_step" in a else None)
+            key = next((k for k in ("per_image_ms", "ms_per_step") if k in a and k in b), None)
             ratio = f"{b[key] / a[key]:.2f}" if key else f"{b['wall_s'] / a['wall_s']:.2f} (whole command)"
             growth = f"{b['peak_rss_mb'] - a['peak_rss_mb']:+.0f}"
         lines.append(f"| {stage} | " + " | ".join(cells) + f" | {slope(sizes, walls):.2f} | {ratio} | {growth} |")

@@ -33,7 +33,7 @@ from roiseg.trainer.sampling import (
     rois_with_others,
     train_rois,
 )
-from roiseg.trainer.target_sampling import PackedCrops, sample_roi_targets, union_packed
+from roiseg.trainer.target_sampling import CropsBuilder, PackedCrops, sample_roi_targets, union_packed
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class ResidentSource:
         self.maps = ({k: torch.empty((len(imgs), *shape), dtype=torch.float16, device=device)
                       for k, shape in self.map_shapes.items()} if keep_features else {})
         self.maps_flip = {k: torch.empty_like(v) for k, v in self.maps.items()} if mirrored else {}
-        masks, unions, offsets = [], [], [0]
+        masks, unions, offsets = CropsBuilder(), CropsBuilder(), [0]
 
         def load(k):
             i = int(imgs[k])
@@ -273,8 +273,8 @@ class ResidentSource:
                 masks.append(m_crops)
                 unions.append(u_crops)
                 offsets.append(offsets[-1] + len(m_crops))
-        self.masks = PackedCrops.cat(masks).to(device)
-        self.unions = PackedCrops.cat(unions).to(device)
+        self.masks = masks.build().to(device)
+        self.unions = unions.build().to(device)
         self.inst_offset = np.asarray(offsets[:-1])
         self.host_parts = HostParts(index, sampling, seed, self.row, self.inst_offset)
         self.host_workers = host_workers

@@ -67,15 +67,32 @@ class PackedCrops:
     @staticmethod
     def cat(parts: list[PackedCrops]) -> PackedCrops:
         """One set of all ``parts``' masks, in order (each part's trailing zero byte is kept)."""
-        if not parts:
-            return PackedCrops(torch.zeros(1, dtype=torch.uint8), torch.zeros((0, 5), dtype=torch.long))
-        starts = np.cumsum([0] + [p.bits.numel() for p in parts[:-1]])
-        geoms = []
-        for p, s in zip(parts, starts):
-            g = p.geom.clone()
-            g[:, 0] += int(s)
-            geoms.append(g)
-        return PackedCrops(torch.cat([p.bits for p in parts]), torch.cat(geoms))
+        b = CropsBuilder()
+        for p in parts:
+            b.append(p)
+        return b.build()
+
+
+class CropsBuilder:
+    """Appends ``PackedCrops`` into one growing buffer (a bytearray: CPython grows large ones with
+    realloc, which Linux does by remapping pages, not copying), so building 64k images' masks peaks
+    at about one copy of them, where collecting the parts and concatenating held two."""
+
+    def __init__(self):
+        self.bits = bytearray()
+        self.geoms: list[torch.Tensor] = []
+
+    def append(self, part: PackedCrops) -> None:
+        g = part.geom.clone()
+        g[:, 0] += len(self.bits)
+        self.geoms.append(g)
+        self.bits += part.bits.numpy().tobytes()
+
+    def build(self) -> PackedCrops:
+        if not self.bits:
+            self.bits += b"\0"
+        geom = torch.cat(self.geoms) if self.geoms else torch.zeros((0, 5), dtype=torch.long)
+        return PackedCrops(torch.frombuffer(self.bits, dtype=torch.uint8), geom)
 
 
 def _as_crops(masks: torch.Tensor | PackedCrops) -> PackedCrops:
