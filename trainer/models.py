@@ -66,41 +66,19 @@ class FeatureNorm(nn.Module):
 class MaskIoUHead(nn.Module):
     """Mask Scoring R-CNN's MaskIoU head, small: the decoder's ROI features and its predicted
     target-class probability (max-pooled to the ROI size) -> the predicted mask's IoU with the GT
-    person, in [0, 1].  Both inputs are detached, so the head never changes a mask.
+    person, in [0, 1].  Both inputs are detached, so the head never changes a mask."""
 
-    ``box_inputs``: also four numbers the pooled ROI features cannot carry: the ROI's log width and
-    height (ROIAlign resamples every person to the same grid, so size is lost, yet small persons get
-    much lower IoUs), the share of the ROI the mask fills and its mean probability (how sure it is).
-    On the real 61 images a linear fit of these alone ranked held-out masks at 0.44 (Spearman with
-    the true IoU) against 0.25 for the mean probability (``bench/realdata_predict.py``)."""
-
-    EXTRA = 4
-
-    def __init__(self, channels: int, roi_size: int, mask_size: int, width: int = 64, box_inputs: bool = False):
+    def __init__(self, channels: int, roi_size: int, mask_size: int, width: int = 64):
         super().__init__()
         self.pool = mask_size // roi_size
-        self.box_inputs = box_inputs
         self.convs = nn.Sequential(conv_gn_relu(channels + 1, width), conv_gn_relu(width, width))
-        self.fc = nn.Sequential(nn.Linear(width + (self.EXTRA if box_inputs else 0), width), nn.ReLU(inplace=True),
-                                nn.Linear(width, 1))
+        self.fc = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, 1))
 
-    @staticmethod
-    def box_features(prob: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        """[N, 4]: log ROI width and height (normalized frame), mask fill share, mean probability
-        inside the mask; ``prob`` [N, 1, M, M] the target-class probability."""
-        wh = (rois[:, 3:5] - rois[:, 1:3]).float().clamp(min=1e-4)
-        inside = (prob > 0.5).float()
-        fill = inside.mean((1, 2, 3))
-        sure = (prob * inside).sum((1, 2, 3)) / inside.sum((1, 2, 3)).clamp(min=1.0)
-        return torch.cat([wh.log(), fill[:, None], sure[:, None]], 1)
-
-    def forward(self, feats: torch.Tensor, logits: torch.Tensor, rois: torch.Tensor | None = None) -> torch.Tensor:
-        prob = logits.detach().float().softmax(1)[:, 1:2]
-        target = F.max_pool2d(prob, self.pool) if self.pool > 1 else prob
-        x = self.convs(torch.cat([feats.detach(), target.to(feats.dtype)], 1)).mean((2, 3))
-        if self.box_inputs:
-            x = torch.cat([x, self.box_features(prob, rois).to(x.dtype)], 1)
-        return torch.sigmoid(self.fc(x).float()[:, 0])
+    def forward(self, feats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        target = logits.detach().float().softmax(1)[:, 1:2]
+        target = F.max_pool2d(target, self.pool) if self.pool > 1 else target
+        x = self.convs(torch.cat([feats.detach(), target.to(feats.dtype)], 1))
+        return torch.sigmoid(self.fc(x.mean((2, 3))).float()[:, 0])
 
 
 class FineFusion(nn.Module):
@@ -146,10 +124,8 @@ class RoiAlignDecoder(nn.Module):
 
     def __init__(self, in_channels: int, hidden: int = 128, roi_size: int = 14, mask_size: int = 56,
                  num_classes: int = 3, num_convs: int = 4, sampling_ratio: int = 2, score_head: bool = False,
-                 fine_channels: int = 0, fine_width: int = 32, score_box: bool = False):
-        """``fine_channels``: channels of the fine map (0: no fine path, the decoder of old checkpoints);
-        ``score_box``: the score head also sees the ROI's size and the mask's fill and certainty
-        (False: the head of checkpoints from before it)."""
+                 fine_channels: int = 0, fine_width: int = 32):
+        """``fine_channels``: channels of the fine map (0: no fine path, the decoder of old checkpoints)."""
         super().__init__()
         self.num_classes = num_classes
         self.norm = FeatureNorm(in_channels)
@@ -169,7 +145,7 @@ class RoiAlignDecoder(nn.Module):
         self.upsample = nn.Sequential(*up)
         self.fine = FineFusion(fine_channels, ch, mask_size, fine_width, sampling_ratio) if fine_channels else None
         self.classifier = nn.Conv2d(ch, num_classes, 1)
-        self.score_head = MaskIoUHead(hidden, roi_size, mask_size, box_inputs=score_box) if score_head else None
+        self.score_head = MaskIoUHead(hidden, roi_size, mask_size) if score_head else None
 
     @property
     def norm_conv(self) -> nn.Conv2d:
@@ -193,7 +169,7 @@ class RoiAlignDecoder(nn.Module):
         logits = self.classifier(up)
         if not with_scores:
             return logits
-        return logits, (self.score_head(x, logits, rois) if self.score_head is not None else None)
+        return logits, (self.score_head(x, logits) if self.score_head is not None else None)
 
 
 class GlobalContextDecoder(nn.Module):

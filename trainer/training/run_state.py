@@ -30,7 +30,7 @@ def model_kwargs(cfg, hidden: int, fine_channels: int = 0) -> dict:
     # only when on: checkpoints from before the score head / fine path keep their kwargs (and resume)
     if fine_channels:
         kw |= {"fine_channels": fine_channels, "fine_width": cfg.fine_width}
-    return kw | ({"score_head": True, "score_box": True} if cfg.score_head else {})
+    return kw | ({"score_head": True} if cfg.score_head else {})
 
 
 def training_set(meta: dict, config: dict) -> dict:
