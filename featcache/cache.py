@@ -300,6 +300,14 @@ def _open_extractor(cfg: CacheConfig) -> tuple[Extractor, Preprocess]:
     return ex, Preprocess(cfg.channel_order, cfg.scale, ResizePolicy(ex.input_hw[0], ex.input_hw[1], cfg.resize))
 
 
+def _announce(cfg: CacheConfig, ex: Extractor, images: int, done: int, todo: int) -> None:
+    """The line every run starts with: provider, tensors, and what is left to do."""
+    fine = f" + fine {cfg.fine_feature} {list(ex.fine_shape)}" if cfg.fine_feature else ""
+    si, sn = cfg.shard
+    print(f"provider: {ex.provider} | feature {cfg.feature_name} {list(ex.feature_shape)}{fine} | "
+          f"{images} images, {done} already cached, {todo} to do" + (f" (shard {si}/{sn})" if sn > 1 else ""))
+
+
 def _finished_store(cfg: CacheConfig) -> FeatureStore | None:
     """The store at ``--out`` when this run has nothing to do: complete, every image done (or
     skipped), built from this very annotation file (sha256) and ``--limit``; None otherwise (and
@@ -326,9 +334,7 @@ def _rerun_finished(cfg: CacheConfig, store: FeatureStore, t0: float, on_store_r
     if on_store_ready is not None:
         on_store_ready()
     n = store.meta["n_images"]
-    fine = f" + fine {cfg.fine_feature} {list(ex.fine_shape)}" if cfg.fine_feature else ""
-    print(f"provider: {ex.provider} | feature {cfg.feature_name} {list(ex.feature_shape)}{fine} | "
-          f"{n} images, {n} already cached, 0 to do" + (f" (shard {cfg.shard[0]}/{cfg.shard[1]})" if cfg.shard[1] > 1 else ""))
+    _announce(cfg, ex, n, n, 0)
     names = store.tables["file_name"]
     skipped = store.skipped()
     return {"store": str(cfg.out), "provider": ex.provider, "images": n, "cached": n - len(skipped),
@@ -374,10 +380,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True, on_store_ready=None) -> d
               f"{len(damaged)} damaged" + (" (redone now)" if damaged else ""))
         done = store.done_mask()
     todo = [i for i in range(len(records)) if not done[i] and i % sn == si]
-    fine = f" + fine {cfg.fine_feature} {list(ex.fine_shape)}" if cfg.fine_feature else ""
-    print(f"provider: {ex.provider} | feature {cfg.feature_name} {list(ex.feature_shape)}{fine} | "
-          f"{len(records)} images, {int(done.sum())} already cached, {len(todo)} to do"
-          + (f" (shard {si}/{sn})" if sn > 1 else ""))
+    _announce(cfg, ex, len(records), int(done.sum()), len(todo))
     if todo:
         maps = [ex.feature_shape] + ([ex.fine_shape] if ex.fine_shape else [])
         kept = np.ones((len(todo), len(maps)))
