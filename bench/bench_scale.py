@@ -59,26 +59,25 @@ def tree_pids(pid: int) -> list[int]:
     return out
 
 
-def rss_bytes(pid: int) -> int:
+def proc_bytes(pid: int, file: str, key: str) -> int:
+    """A ``key: N kB`` line of ``/proc/PID/FILE`` in bytes (0 once the process is gone)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def rss_bytes(pid: int) -> int:
+    return proc_bytes(pid, "status", "VmRSS:")
 
 
 def pss_bytes(pid: int) -> int:
     """Proportional set size: pages shared with forked workers (copy-on-write) count once over the
     tree, where summing RSS counts them in every process (``analyze`` forks after loading the file)."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_bytes(pid, "smaps_rollup", "Pss:")
 
 
 def measure(cmd: list, kill_when=None, env: dict | None = None, timeout: float = 6 * 3600) -> dict:
