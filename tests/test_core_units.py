@@ -117,7 +117,7 @@ def test_sample_roi_targets_equal_the_reference():
 def test_cropped_masks_read_like_full_frames():
     """Resident masks are cropped to their set bits; every pixel (inside, outside the crop, off the
     frame) reads as from the full frame, for blobs, an empty mask and one touching the last byte."""
-    from roiseg.trainer.target_sampling import PackedCrops, gather_bits, sample_roi_targets, union_packed
+    from roiseg.trainer.target_sampling import CropsBuilder, PackedCrops, gather_bits, sample_roi_targets, union_packed
     rng = np.random.default_rng(1)
     h, w = 41, 61
     masks = np.zeros((5, h, w), bool)
@@ -128,7 +128,10 @@ def test_cropped_masks_read_like_full_frames():
     packed = np.packbits(masks, axis=-1)
     crops = PackedCrops.crop(packed)
     assert crops.bits.numel() < packed.size / 2 and crops.geom[2, 3] == 0   # smaller; the empty mask has 0 rows
-    parts = PackedCrops.cat([PackedCrops.crop(packed[:2]), PackedCrops.crop(packed[2:])])   # offsets shift
+    builder = CropsBuilder()                        # two images' crops in one buffer: offsets shift
+    builder.append(PackedCrops.crop(packed[:2]))
+    builder.append(PackedCrops.crop(packed[2:]))
+    parts = builder.build()
     ys = torch.arange(-2, h + 2)[None].repeat(5, 1)
     xs = torch.arange(-9, w + 9)[None].repeat(5, 1)
     full = gather_bits(torch.from_numpy(packed), torch.arange(5), ys, xs, w)

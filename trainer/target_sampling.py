@@ -21,7 +21,7 @@ import torch
 class PackedCrops:
     """K bit-packed masks, each cropped to a window of its packed frame [H, ceil(W/8)].
 
-    bits: flat uint8 (one zero byte at the end, so empty windows still index something);
+    bits: flat uint8 (cropped ones end with a zero byte, so an empty window still indexes something);
     geom: [K, 5] int64 rows of (offset into bits, first row, first byte column, rows, byte columns).
     """
     bits: torch.Tensor
@@ -39,9 +39,10 @@ class PackedCrops:
 
     @staticmethod
     def full(packed: torch.Tensor) -> PackedCrops:
-        """Uncropped: a view of ``packed`` [K, H, Wb] (no copy when it is contiguous)."""
+        """Uncropped: a view of ``packed`` [K, H, Wb] (no copy when it is contiguous; every window is
+        the whole frame, never empty, so no trailing byte is needed)."""
         k, h, wb = packed.shape
-        flat = torch.cat([packed.reshape(-1), packed.new_zeros(1)])
+        flat = packed.reshape(-1)
         geom = torch.zeros((k, 5), dtype=torch.long, device=packed.device)
         geom[:, 0] = torch.arange(k, device=packed.device) * (h * wb)
         geom[:, 3], geom[:, 4] = h, wb
@@ -63,14 +64,6 @@ class PackedCrops:
             offset += parts[-1].size
         parts.append(np.zeros(1, np.uint8))
         return PackedCrops(torch.from_numpy(np.concatenate(parts)), torch.from_numpy(geom))
-
-    @staticmethod
-    def cat(parts: list[PackedCrops]) -> PackedCrops:
-        """One set of all ``parts``' masks, in order (each part's trailing zero byte is kept)."""
-        b = CropsBuilder()
-        for p in parts:
-            b.append(p)
-        return b.build()
 
 
 class CropsBuilder:
