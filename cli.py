@@ -385,8 +385,7 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path, ma
     fine = uses_fine(model)
     if end_to_end:
         open_extractor(meta, ext, "cpu", fine=fine)  # same checks as inference: file exists, sha256 matches
-    spec = ExportSpec.from_meta(meta, fine, masks=mask_format, threshold=threshold, full_probs=full_probs, half=half,
-                                scores=getattr(model, "score_head", None) is not None)
+    spec = ExportSpec.from_meta(meta, fine, masks=mask_format, threshold=threshold, full_probs=full_probs, half=half)
     try:
         report = export_checked(model, spec, out, opset, predictor_metadata(meta, path.name, fine),
                                 (ext, meta["feature_name"], e2e, meta["fine"]["name"] if fine else None)

@@ -148,6 +148,20 @@ def resample(gt: dict, results: list, pick: np.ndarray) -> tuple[dict, list]:
     return out_gt, out_res
 
 
+def watched(make_predictor, seen: list):
+    """``make_predictor`` whose predictor also appends every ``Prediction`` to ``seen``."""
+    def make(detection):
+        predictor = make_predictor(detection)
+        predict = predictor.predict
+
+        def predict_and_keep(*a, **k):
+            seen.append(predict(*a, **k))
+            return seen[-1]
+        predictor.predict = predict_and_keep
+        return predictor
+    return make
+
+
 def bootstrap_ap(gt: dict, runs: dict[str, list[list]], n: int, seed: int = 0) -> dict:
     """AP (mean over seeds) of each protocol with a 95% CI over images, and the differences to
     the baselines with the same resampled images.  ``runs``: name -> one results list per seed."""
@@ -216,9 +230,15 @@ def main():
                                           detection=DetectionSettings(conf=args.conf), progress=False,
                                           provider="cpu")
                     shutil.rmtree(out, ignore_errors=True)   # predict would start out2 next to a used folder
-                    summary = run_predict(opts, checkpoint_predictor(opts))
+                    seen = []
+                    summary = run_predict(opts, watched(checkpoint_predictor(opts), seen))
                     info[key]["images_per_s"].append(summary["images_per_s"])
-                    pooled += json.loads((Path(summary["out"]) / "predictions.json").read_text())
+                    preds = json.loads((Path(summary["out"]) / "predictions.json").read_text())
+                    # the score before mask certainty: the detector's, or the mask's mean probability
+                    before = [d if d != 1.0 else (float(p[p > 0.5].mean()) if (p > 0.5).any() else 0.0)
+                              for pr in seen for d, p in zip(pr.scores, pr.probs)]
+                    assert len(before) == len(preds)
+                    pooled += [{**r, "score_before": b} for r, b in zip(preds, before)]
                     if boxes == "gt":   # predict with GT boxes == evaluate on the cached fold
                         ev = evaluate_checkpoint(Path(ck), val_store=variant_store(v), val_images=names)
                         info[key]["predict_vs_evaluate_max_diff"] = max(
@@ -237,6 +257,8 @@ def main():
                     [{**r, "score": float(t)} for r, t in zip(p, iou)] for p, iou in zip(runs[key], ious)]
                 runs[f"default, constant score / {boxes} boxes"] = [[{**r, "score": 1.0} for r in p]
                                                                     for p in runs[key]]
+                runs[f"default, score before certainty / {boxes} boxes"] = [
+                    [{**r, "score": r["score_before"]} for r in p] for p in runs[key]]
     results = {}
     for key, per_seed in runs.items():
         stats = np.mean([quiet_ap(gt, r) for r in per_seed], 0)
@@ -252,7 +274,8 @@ def main():
         results[key]["AP_CI"] = ci(boots[key]) if key in boots else [float("nan")] * 2
     for boxes in ("auto", "gt"):
         d = f"default / {boxes} boxes"
-        for base in (f"box filled / {boxes} boxes", f"prior / {boxes} boxes"):
+        for base in (f"box filled / {boxes} boxes", f"prior / {boxes} boxes",
+                     f"default, score before certainty / {boxes} boxes"):
             results[d][f"minus {base.split(' /')[0]}"] = [results[d]["AP"] - results[base]["AP"],
                                                           *ci(boots[d] - boots[base])]
         for v in variants:
@@ -270,7 +293,7 @@ def main():
                      f"{r['boundary_AP']:.3f} | {r['boundary_AP75']:.3f} | {speed} |")
     for boxes in ("auto", "gt"):
         r = results[f"default / {boxes} boxes"]
-        for k in ("minus box filled", "minus prior"):
+        for k in ("minus box filled", "minus prior", "minus default, score before certainty"):
             lines.append(f"\n{boxes} boxes, default {k}: {r[k][0]:+.3f} [{r[k][1]:+.3f}, {r[k][2]:+.3f}]")
         lines.append(f"\n{boxes} boxes, rank correlation of the score with the true mask IoU: "
                      + ", ".join(f"{v} {results[f'{v} / {boxes} boxes']['score_vs_true_iou_spearman']:.3f}"

@@ -718,7 +718,7 @@ def test_run_evaluator_feeds_softmax_and_zeroed_features(stores):
     out = run_evaluator(spy, val_batches(index, torch.device("cpu"), 4, 14), ev, zero_features=True)
     assert out is ev and spy.training and all(s[1] == 0 and not s[2] and s[0] == torch.float32 for s in seen)
     assert ev.result()["iou"]["background"] < 0.5 and ev.result()["instances"] == int(index.roi_start[-1])
-    assert "score_rank_corr" not in ev.result()
+    assert -1 <= ev.result()["score_rank_corr"] <= 1     # without a head: the masks' certainty
     seen.clear()
     run_evaluator(spy, val_batches(index, torch.device("cpu"), 4, 14), ev)
     assert all(s[1] > 0 and s[3] for s in seen)
@@ -738,7 +738,7 @@ def test_evaluator_records_coco_detections_and_single_rois(stores):
     from roiseg.featcache.coco import window_rle
     from roiseg.featcache.store import FeatureStore
     from roiseg.trainer.data import CacheIndex
-    from roiseg.trainer.models import paste_masks
+    from roiseg.trainer.models import mask_certainty, paste_masks
     from roiseg.trainer.scoring import RoiEvaluator
     index = CacheIndex(stores["val"])
     store = FeatureStore(stores["val"])
@@ -768,7 +768,7 @@ def test_evaluator_records_coco_detections_and_single_rois(stores):
                          b1 - b0, a1 - a0, fill_background=False)[0, 0].numpy()
         m = fg > 0.5
         d = dets[(int(t["image_id"][i]), window_rle(m, (a0, b0, a1, b1), (oh, ow))["counts"])]
-        assert d["score"] == pytest.approx(float(fg[m].mean()) if m.any() else 0.0, abs=1e-6)
+        assert d["score"] == pytest.approx(float(mask_certainty(probs[r:r + 1, 1])[0]), abs=1e-6)
     # one ROI alone: every subset it belongs to has exactly one person
     one = RoiEvaluator(index, store, 3, "cpu")
     big = int(np.argmax(areas))

@@ -26,11 +26,12 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     ck = load_checkpoint(s["checkpoint"])
     assert ck["epoch"] == 2 and "model" in ck
     sess = ort.InferenceSession(s["end_to_end_onnx"], providers=["CPUExecutionProvider"])
-    masks, inst, logits, _ = sess.run(None, {"images": np.random.rand(1, 3, 640, 640).astype(np.float32),
+    masks, inst, logits, _, scores = sess.run(None, {"images": np.random.rand(1, 3, 640, 640).astype(np.float32),
                                              "rois": np.array([[0, 0.3, 0.2, 0.6, 0.9], [0, 0.1, 0.1, 0.2, 0.3]],
                                                               np.float32)})
     assert masks.shape == (2, 640, 640) and masks.dtype == np.uint8 and inst.shape == (1, 640, 640)
     assert logits.shape[:2] == (2, 3) and set(np.unique(inst)) <= {0, 1, 2}
+    assert scores.shape == (2,) and ((scores >= 0) & (scores < 1)).all()
     dec = ort.InferenceSession(s["decoder_onnx"], providers=["CPUExecutionProvider"])
     assert [i.name for i in dec.get_inputs()] == ["features", "rois"]
     # it learns: the second epoch is far better than the first (0.27 -> 0.55 when written; the

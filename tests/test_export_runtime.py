@@ -50,7 +50,7 @@ def test_onnx_decoder_and_end_to_end_equal_torch_predictor(standin_onnx, tmp_pat
     meta = {"preprocess": Preprocess(policy=ResizePolicy(640, 640, mode)).to_dict(), "roi_padding": 0.1,
             "feature_name": FEATURE_NAME, "feature_shape": [16, 80, 80], "input_hw": [640, 640],
             "onnx_path": str(standin_onnx), "onnx_sha256": file_sha256(standin_onnx)}
-    spec = ExportSpec.from_meta(meta, scores=scored)
+    spec = ExportSpec.from_meta(meta)
     dec = export_decoder(model, spec, tmp_path / "d.onnx", meta=predictor_metadata(meta, "x.pth"))
     check_parity(model, dec, spec)          # scores [N] included: a float output, compared like the logits
     e2e = export_end_to_end(standin_onnx, FEATURE_NAME, dec, tmp_path / "e2e.onnx")
@@ -65,10 +65,8 @@ def test_onnx_decoder_and_end_to_end_equal_torch_predictor(standin_onnx, tmp_pat
         assert np.array_equal(got.windows, want.windows)
         for g, w in zip(got.probs, want.probs):
             assert g.shape == w.shape and np.abs(g - w).max() < 1e-3
-        if scored:   # the score head's mask IoUs, the same through every path
-            assert len(want.quality) == 3 and np.abs(np.array(got.quality) - want.quality).max() < 1e-4
-        else:
-            assert got.quality is None and want.quality is None
+        # the score head's mask IoUs or the masks' certainty, the same through every path
+        assert len(want.quality) == 3 and np.abs(np.array(got.quality) - want.quality).max() < 1e-4
     with pytest.raises(Exception, match="end-to-end graph"):
         Predictor.from_onnx(e2e, provider="cpu").predict(im)
 

@@ -4,6 +4,7 @@ import logging
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -25,6 +26,7 @@ from roiseg.trainer.inference.visualize import (
     person_colour,
     render_validation_png,
 )
+from roiseg.trainer.models import mask_certainty
 from roiseg.trainer.runtime.pipeline import Predictor
 
 
@@ -118,18 +120,21 @@ def test_export_parity_dynamic_shapes_and_end_to_end(trained, synth, tmp_path):
     assert r.exit_code == 0, r.output
     assert "parity vs PyTorch" in r.output and "latency" in r.output
     s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    assert [o.name for o in s.get_outputs()] == ["masks", "instance_map", "logits", "roi_boxes", "probs"]
+    assert [o.name for o in s.get_outputs()] == ["masks", "instance_map", "logits", "roi_boxes", "probs", "scores"]
     meta = s.get_modelmeta().custom_metadata_map
     assert json.loads(meta["mask_threshold"]) == 0.5 and meta["mask_format"] == "binary"
-    assert set(json.loads(meta["outputs"])) == {"masks", "instance_map", "logits", "roi_boxes", "probs"}
+    assert set(json.loads(meta["outputs"])) == {"masks", "instance_map", "logits", "roi_boxes", "probs", "scores"}
     rng = np.random.default_rng(0)
     for b, n in ((1, 0), (2, 5), (3, 1)):
         feats = rng.random((b, 16, 80, 80), np.float32)
         rois = np.array([[k % b, 0.1 + 0.05 * k, 0.1, 0.5 + 0.05 * k, 0.6] for k in range(n)], np.float32).reshape(n, 5)
-        masks, inst, logits, boxes, probs = s.run(None, {"features": feats, "rois": rois})
+        masks, inst, logits, boxes, probs, scores = s.run(None, {"features": feats, "rois": rois})
         assert boxes.shape == (n, 4) and logits.shape == (n, 3, 28, 28)
         assert masks.shape == (n, 640, 640) and masks.dtype == np.uint8 and inst.shape == (b, 640, 640)
         assert inst.dtype == np.int16 and probs.shape == (n, 3, 640, 640)
+        # each mask's certainty, computed in the graph from its own ROI grid
+        assert scores.shape == (n,) and np.allclose(
+            scores, mask_certainty(torch.from_numpy(logits).softmax(1)[:, 1]).numpy(), atol=1e-5)
         fg = probs[:, 1]
         assert np.array_equal(masks, fg > 0.5)
         for i in range(b):

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from roiseg.trainer.models import build_model
+from roiseg.trainer.models import build_model, mask_certainty, mask_scores
 from roiseg.trainer.training.losses import LossConfig, SegLoss, grid_mask_iou
 
 
@@ -14,6 +14,31 @@ def test_grid_mask_iou_by_hand():
     targets = torch.zeros(2, 4, 4, dtype=torch.long)
     targets[0, :, :2] = 1                          # the target is the left half: IoU 4 / 12
     assert grid_mask_iou(logits, targets).tolist() == pytest.approx([4 / 12, 1.0])   # ROI 1: both empty
+
+
+def test_mask_certainty_by_hand():
+    fg = torch.zeros(4, 4, 4)
+    fg[1, :2] = 1.0                        # 8 sure cells: S = 8, U = 0 -> 8 / 9
+    fg[2, :2] = 1.0
+    fg[2, 2, :2] = 0.5                     # + 2 unsure cells: S = 9, U = 2 -> 9 / 12
+    fg[3, 0, 0] = 0.76                     # on the ramp: U = (0.25 - 0.26) / 0.05 + 0.5 = 0.3
+    fg[3, 0, 1] = 0.8                      # past the ramp: sure
+    want = [0.0, 8 / 9, 9 / 12, 1.56 / (1.56 + 0.3 + 1)]      # an empty mask scores 0
+    assert mask_certainty(fg).tolist() == pytest.approx(want, abs=1e-6)
+    # continuous across the band's edges (a hard band would jump by 4 unsure cells: > 0.2 here),
+    # and a blurrier copy of the same mask scores lower
+    edge = torch.tensor([0.7499, 0.7501, 0.2499, 0.2501])[:, None, None].expand(4, 2, 2)
+    c = mask_certainty(edge)
+    assert abs(c[0] - c[1]) < 2e-3 and abs(c[2] - c[3]) < 2e-3
+    sharp = torch.zeros(1, 8, 8)
+    sharp[0, 2:6, 2:6] = 1.0
+    blurry = torch.nn.functional.avg_pool2d(sharp[None], 3, 1, 1)[0]
+    assert mask_certainty(blurry) < mask_certainty(sharp)
+    # a score head's predicted IoU takes precedence; without one, the certainty of the logits
+    logits = torch.randn(3, 3, 4, 4)
+    head = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.equal(mask_scores(logits, head), head)
+    assert torch.allclose(mask_scores(logits), mask_certainty(logits.softmax(1)[:, 1]))
 
 
 def test_score_head_output_and_masks_untouched():
@@ -86,7 +111,7 @@ def test_train_with_a_score_head_checkpoints_and_predicts(stores, synth, tmp_pat
     assert model.score_head is not None
     # a run without the head keeps the old checkpoint layout (no score_head key)
     plain = run_training(make_config(**{**base, "out": str(tmp_path / "p"), "epochs": 1}))
-    assert "score_rank_corr" not in plain.history[-1]
+    assert -1 <= plain.history[-1]["score_rank_corr"] <= 1     # the masks' certainty ranks them too
     assert "score_head" not in load_checkpoint(tmp_path / "p" / "last.pth")["model_kwargs"]
 
     # predict: given boxes are scored by the head's predicted mask IoU

@@ -9,7 +9,9 @@ per batch, ``result()``.  ``train`` and ``evaluate`` use the same one.  Metrics 
   COCO size (S/M/L by GT mask area) and for "overlapped" persons (another person inside the ROI);
 * ``boundary_IoU`` per person at original resolution (``trainer/boundary.py``: the IoU of the
   predicted and the GT mask's boundary bands, 2% of the image diagonal wide), with the same subsets;
-* the box-filled baseline on the same persons (the GT box filled as the mask).
+* the box-filled baseline on the same persons (the GT box filled as the mask);
+* ``score_rank_corr``: how well each mask's score (the score head's predicted IoU, else its
+  certainty, ``models.mask_certainty``) ranks the masks by their true instance IoU.
 
 ROIs of a batch are pasted together into one padded frame per chunk (windows sorted by size, a pixel
 budget per chunk), so there is no host round-trip per ROI: the only host syncs are per chunk.
@@ -27,7 +29,7 @@ from roiseg.featcache.rasterize import native_windows
 from roiseg.trainer.boundary import boundary_band, boundary_width
 from roiseg.trainer.coco_eval import coco_result
 from roiseg.trainer.data import CacheIndex, epoch_batches, make_source
-from roiseg.trainer.models import decode_rois, paste_masks
+from roiseg.trainer.models import decode_rois, mask_certainty, paste_masks
 from roiseg.trainer.sampling import RoiSampling
 from roiseg.trainer.target_sampling import sample_roi_targets, union_packed
 
@@ -117,7 +119,7 @@ class RoiEvaluator:
         self.biou_sum = z(len(SUBSETS))
         self.records: list[dict] = []
         self.coco_dets: list = []
-        self.score_pairs: list = []     # (predicted, true instance IoU) per ROI, with a score head
+        self.score_pairs: list = []     # (score, true instance IoU) per ROI
         self._gt_cache: dict = {}
 
     # ---- ground truth of one image ------------------------------------------------------------
@@ -137,11 +139,13 @@ class RoiEvaluator:
     @torch.no_grad()
     def process(self, roi_ids, probs: torch.Tensor, scores: torch.Tensor | None = None) -> None:
         """``roi_ids`` [n] rows of the store's ROI table; ``probs`` [n, K, M, M] softmax outputs;
-        ``scores`` [n]: a score head's predicted mask IoUs (None: the mean probability scores)."""
+        ``scores`` [n]: a score head's predicted mask IoUs (None: each mask's certainty,
+        ``models.mask_certainty``, as predict scores them)."""
         roi_ids = np.asarray(roi_ids.cpu() if torch.is_tensor(roi_ids) else roi_ids, np.int64)
         if len(roi_ids) == 0:
             return
         probs = probs.float()
+        scores = mask_certainty(probs[:, 1]) if scores is None else scores
         h, w = self.index.input_hw
         images = self.roi_image[roi_ids]
         local = self.roi_inst[roi_ids]
@@ -156,7 +160,7 @@ class RoiEvaluator:
         for sel in _chunks(sizes, self.budget):
             pick = torch.as_tensor(sel, device=probs.device)
             self._process_chunk(roi_ids[sel], probs[pick], images[sel], local[sel], in_box[sel], in_win[sel],
-                                o_box[sel], o_win[sel], o_hw[sel], gts, None if scores is None else scores[pick])
+                                o_box[sel], o_win[sel], o_hw[sel], gts, scores[pick])
 
     def _semantic(self, probs, images, local, box, win, gts):
         """[n, 2, K] intersections/unions of the argmax labels inside each input-frame window."""
@@ -227,9 +231,8 @@ class RoiEvaluator:
         self.biou_sum += (member * biou[:, None]).sum(0)
         self.box_sum += (member * torch.as_tensor(box_iou, device=self.device)[:, None]).sum(0)
         self.count += member.sum(0)
-        scores_h = None if scores is None else scores.float().cpu().numpy()
-        if scores_h is not None:
-            self.score_pairs += list(zip(scores_h.tolist(), iou.cpu().numpy().tolist()))
+        scores_h = scores.float().cpu().numpy()
+        self.score_pairs += list(zip(scores_h.tolist(), iou.cpu().numpy().tolist()))
         if self.coco_eval or self._keep_records:
             iou_h, iu_h, biou_h = iou.cpu().numpy(), iu.cpu().numpy(), biou.cpu().numpy()
             if self._keep_records:
@@ -239,15 +242,13 @@ class RoiEvaluator:
                                          "has_other": bool(self.index.has_other[roi_ids[j]]),
                                          "iou": float(iou_h[j]), "biou": float(biou_h[j]),
                                          "box_iou": float(box_iou[j]),
-                                         **({} if scores_h is None else {"score": float(scores_h[j])})})
+                                         "score": float(scores_h[j])})
             if self.coco_eval:
-                pred_h, fg_h = pred.cpu().numpy(), fg.cpu().numpy()
+                pred_h = pred.cpu().numpy()
                 for j in range(n):
                     x0, y0, x1, y1 = o_win[j]
-                    m = pred_h[j, : y1 - y0, : x1 - x0]
-                    score = (float(scores_h[j]) if scores_h is not None else
-                             float(fg_h[j, : y1 - y0, : x1 - x0][m].mean()) if m.any() else 0.0)
-                    self.coco_dets.append(coco_result(int(self.image_id[images[j]]), (x0, y0, x1, y1), m, score,
+                    self.coco_dets.append(coco_result(int(self.image_id[images[j]]), (x0, y0, x1, y1),
+                                                      pred_h[j, : y1 - y0, : x1 - x0], float(scores_h[j]),
                                                       tuple(int(v) for v in o_hw[j])))
 
     def keep_records(self, on: bool = True) -> "RoiEvaluator":
@@ -298,7 +299,8 @@ class RoiEvaluator:
 
 
 def score_quality(pairs: np.ndarray) -> dict:
-    """How well predicted mask IoUs ([n, 2]: predicted, true) rank and match the true ones."""
+    """How well mask scores ([n, 2]: score, true IoU) rank the masks and, for a score head's
+    predicted IoUs, match the true ones."""
     rank = lambda x: np.argsort(np.argsort(x, kind="stable"), kind="stable")  # noqa: E731
     corr = float(np.corrcoef(rank(pairs[:, 0]), rank(pairs[:, 1]))[0, 1]) if len(pairs) > 1 else float("nan")
     return {"score_rank_corr": corr, "score_mae": float(np.abs(pairs[:, 0] - pairs[:, 1]).mean())}

@@ -14,7 +14,8 @@ model-input resolution inside the graph (like segment-anything's ``utils/onnx.py
   set; overlaps go to the higher class-1 probability;
 * ``logits [N,K,M,M]``: the ROI grid, for users who paste themselves; ``roi_boxes [N,4]``: where the
   grid lies (the padded ROI in input pixels);
-* ``probs [N,K,H,W]`` (only with ``full_probs``): all classes pasted, 3 x 4 bytes per pixel and ROI.
+* ``probs [N,K,H,W]`` (only with ``full_probs``): all classes pasted, 3 x 4 bytes per pixel and ROI;
+* ``scores [N]``: each mask's quality score (``trainer.models.mask_scores``).
 
 Only the class-1 channel is pasted (separable bilinear matmuls, ``trainer.models.paste_masks``):
 compact outputs cost ~1 byte per pixel and ROI instead of 12.  Ops: RoiAlign (opset 16+,
@@ -33,7 +34,7 @@ from torch import nn
 
 from roiseg.featcache.errors import FeatCacheError
 from roiseg.featcache.geometry import pad_box
-from roiseg.trainer.models import FeatureNorm, decode_rois, interp_weights, paste_masks
+from roiseg.trainer.models import FeatureNorm, decode_rois, interp_weights, mask_scores, paste_masks
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,9 @@ OUTPUT_DOC = {
     "logits": "[N,K,M,M] decoder logits on the padded ROI's grid (0 background, 1 target, 2 other persons)",
     "roi_boxes": "[N,4] the padded ROI in input pixels (xyxy): where the logits grid lies",
     "probs": "[N,K,H,W] all class probabilities pasted at input resolution (export --full-probs)",
-    "scores": "[N] the score head's predicted mask IoU in [0, 1] (decoders trained with --score-head)",
+    "scores": "[N] each mask's quality score in [0, 1]: the score head's predicted mask IoU (decoders trained "
+              "with --score-head), else the mask's certainty (few ROI-grid cells with a class-1 probability "
+              "in 0.25-0.75); predict multiplies it by the detector's score",
 }
 
 
@@ -65,7 +68,6 @@ class ExportSpec:
     threshold: float = 0.5
     full_probs: bool = False    # also the old probs [N,K,H,W] output
     half: bool = False          # fp16 weights and activations in the conv stack
-    scores: bool = False        # the decoder has a score head: a scores [N] output
     fine_shape: tuple | None = None   # [Cf, Hs, Ws] of the fine map the decoder fuses (graph input fine)
 
     def __post_init__(self):
@@ -88,8 +90,7 @@ class ExportSpec:
 
     @property
     def outputs(self) -> list[str]:
-        return (["masks", "instance_map", "logits", "roi_boxes"] + (["probs"] if self.full_probs else [])
-                + (["scores"] if self.scores else []))
+        return ["masks", "instance_map", "logits", "roi_boxes"] + (["probs"] if self.full_probs else []) + ["scores"]
 
 
 def fold_feature_norm(model: nn.Module) -> nn.Module:
@@ -204,10 +205,7 @@ class DecoderExport(nn.Module):
                "instance_map": instance_map, "logits": logits[1:].float(), "roi_boxes": px[1:], "fg": fg}
         if s.full_probs:
             out["probs"] = paste_masks(prob[1:], px[1:], h, w)
-        if s.scores:
-            if quality is None:
-                raise ExportError("scores output asked for, but the decoder has no score head")
-            out["scores"] = quality[1:].float()
+        out["scores"] = mask_scores(logits[1:], None if quality is None else quality[1:])
         return out
 
     def forward(self, *inputs):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from roiseg.trainer.checkpoint import decoder_from_checkpoint
-from roiseg.trainer.models import decode_rois, paste_masks, uses_fine
+from roiseg.trainer.models import decode_rois, mask_scores, paste_masks, uses_fine
 from roiseg.trainer.runtime.detection import DetectionSettings
 from roiseg.trainer.runtime.pipeline import Predictor, open_extractor
 
@@ -23,7 +23,8 @@ class TorchDecoder:
         self.fine = uses_fine(model)     # the pipeline then hands it the fine map too
 
     def __call__(self, x: np.ndarray, boxes_in: np.ndarray, rois_in: np.ndarray, rect_in: np.ndarray,
-                 rel: np.ndarray, hw: tuple, fine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                 rel: np.ndarray, hw: tuple, fine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The class-1 probability pasted into each ROI's window, and each mask's quality score."""
         r = torch.as_tensor(np.concatenate([np.zeros((len(rois_in), 1)), rois_in], 1), dtype=torch.float32,
                             device=self.device)
         fine = None if fine is None else torch.from_numpy(fine).float().to(self.device)
@@ -32,7 +33,7 @@ class TorchDecoder:
             pasted = paste_masks(logits.softmax(1)[:, 1:2], torch.as_tensor(rel, dtype=torch.float32,
                                                                                device=self.device),
                                  *hw, fill_background=False)
-        return pasted[:, 0].cpu().numpy(), (None if quality is None else quality.float().cpu().numpy())
+        return pasted[:, 0].cpu().numpy(), mask_scores(logits, quality).cpu().numpy()
 
 
 

@@ -73,7 +73,8 @@ class OnnxDecoder:
         self.inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
         if "logits" not in [o.name for o in model.graph.output]:
             raise FeatCacheError(f"{path} has no logits output")
-        self.has_scores = "scores" in [o.name for o in model.graph.output]    # a score head's mask IoUs
+        # each mask's quality score; graphs exported before it existed have it only with a score head
+        self.has_scores = "scores" in [o.name for o in model.graph.output]
         self.end_to_end = self.inputs[0] != "features"
         self.fine = "fine" in self.inputs       # a decoder that fuses the fine map (cache --fine-feature)
         if self.fine and not isinstance(self.meta.get("fine"), dict):

@@ -50,7 +50,7 @@ class Prediction:
     rois: np.ndarray             # [N, 4] padded ROIs, normalized xyxy
     windows: np.ndarray          # [N, 4] int
     probs: list = field(default_factory=list)
-    quality: list | None = None  # [N] the decoder's predicted mask IoUs (a score head), else None
+    quality: list | None = None  # [N] the decoder's mask quality scores (None: an old graph without them)
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -66,8 +66,9 @@ class Prediction:
         return out
 
     def mask_scores(self, threshold: float = THRESHOLD) -> np.ndarray:
-        """Each mask's quality: the score head's predicted IoU when the decoder has one, else the
-        mean class-1 probability over the mask (0 for an empty one)."""
+        """Each mask's quality score, as the decoder gives it (``trainer.models.mask_scores``: the
+        score head's predicted IoU, else the mask's certainty); for a graph exported before decoders
+        gave one, the mean class-1 probability over the mask (0 for an empty one)."""
         if self.quality is not None:
             return np.asarray(self.quality, np.float64)
         return np.array([float(p[p > threshold].mean()) if (p > threshold).any() else 0.0 for p in self.probs])

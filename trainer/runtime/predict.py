@@ -200,7 +200,7 @@ class PersonRecord:
     file_name: str | None        # None for video frames (the record's image_id is the frame index)
     category_id: int
     box: np.ndarray              # x1, y1, x2, y2 original pixels
-    score: float                 # the detector's, else the mask's mean probability
+    score: float                 # the detector's x the mask's quality score (given boxes: the mask's)
     window: tuple                # x0, y0, x1, y1: where ``mask`` lies
     mask: np.ndarray             # bool, the window's size
     image_hw: tuple
@@ -235,8 +235,8 @@ def person_records(pred: Prediction, image_id: int, category_id: int, threshold:
                    file_name: str | None = None) -> list[PersonRecord]:
     h, w = pred.size
     mask_scores = pred.mask_scores(threshold)
-    # with a score head: detector score x predicted mask IoU (given boxes: the predicted IoU);
-    # without: the detector's score, or the mask's mean probability for given boxes
+    # detector score x the mask's quality score (given boxes: the quality score); a graph exported
+    # without scores: the detector's score, or the mask's mean probability for given boxes
     score = (pred.scores * mask_scores if pred.quality is not None else
              np.where(pred.scores != 1.0, pred.scores, mask_scores))
     return [PersonRecord(image_id, file_name, category_id, pred.boxes[k] * [w, h, w, h], float(score[k]),
