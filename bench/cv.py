@@ -116,6 +116,15 @@ def _train_job(job: dict) -> dict:
     return res
 
 
+def train_subset(train: list[str], share: float, fold: int) -> list[str]:
+    """``share`` of ``train`` drawn without replacement, the same for every seed of a fold (the
+    seed varies the training run, not its data)."""
+    if share >= 1.0:
+        return train
+    pick = np.random.default_rng(1000 + fold).permutation(len(train))[: max(1, round(share * len(train)))]
+    return sorted(train[k] for k in pick)
+
+
 def run_jobs(variants: dict[str, dict], store: Path, out: Path, folds: int, seeds: list[int],
              epochs: int, procs: int, common: dict | None = None, only_folds: list[int] | None = None,
              raw_curve: bool = True, coco_dets: bool = False) -> list[dict]:
@@ -134,7 +143,10 @@ def run_jobs(variants: dict[str, dict], store: Path, out: Path, folds: int, seed
         for seed in seeds:
             for variant, over in variants.items():
                 key = f"{re.sub(r'[^A-Za-z0-9_.+-]+', '-', variant)}_f{f}_s{seed}_e{epochs}"
-                cfg = dict(train_store=str(store), val_store=str(store), train_images=train, val_images=val,
+                over = dict(over)
+                share = over.pop("train_share", 1.0)   # a learning curve: part of the fold's training images
+                cfg = dict(train_store=str(store), val_store=str(store), val_images=val,
+                           train_images=train_subset(train, share, f),
                            analysis=str(analysis), epochs=epochs, seed=seed, workers=0, resident="cpu",
                            visualize=False, tensorboard=False, device="cpu", out=str(out / "ck" / key))
                 cfg.update(common or {})

@@ -9,6 +9,10 @@ and COCO mask AP / AP75 / boundary AP with the annotated boxes, each from the fi
 all folds pooled (one COCO evaluation over all 61 images per seed; mean over seeds, then the seeds'
 range), plus the cost: stored bytes per image (dense and ROI-sparse) and training ROIs/s.
 Runs are cached in bench/out/levers/runs (delete to retrain).
+
+The learning curve (the default on a quarter and a half of each fold's training images):
+
+    uv run python bench/realdata_levers.py --variants default,train-1/4,train-1/2 --report realdata_learning_curve
 """
 from __future__ import annotations
 
@@ -43,6 +47,9 @@ VARIANTS = {
     "rgb": ("rgb", {}),
     "fine-s4+112": ("s4", {"mask_size": 112}),
     "fine-s4+boundary": ("s4", {"boundary_weight": 1.0}),
+    # the learning curve: the default on a quarter and a half of each fold's training images
+    "train-1/4": (None, {"train_share": 0.25}),
+    "train-1/2": (None, {"train_share": 0.5}),
 }
 
 
@@ -93,6 +100,7 @@ def main():
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/levers")
+    ap.add_argument("--report", default="realdata_levers", help="name of the .md/.json written next to --out")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     a.out.mkdir(parents=True, exist_ok=True)
@@ -157,8 +165,8 @@ def main():
                      f"{st['features_sparse_share']:.2f} / {st.get('fine_sparse_share', float('nan')):.2f} |")
     text = f"{title}\n\n{header}\n" + "\n".join(rows) + "\n\nStorage:\n\n" + "\n".join(costs) + "\n"
     print(text)
-    (a.out.parent / "realdata_levers.md").write_text(text)
-    (a.out.parent / "realdata_levers.json").write_text(json.dumps(summary, indent=2, default=float))
+    (a.out.parent / f"{a.report}.md").write_text(text)
+    (a.out.parent / f"{a.report}.json").write_text(json.dumps(summary, indent=2, default=float))
 
 
 if __name__ == "__main__":
