@@ -281,11 +281,12 @@ UNSURE, RAMP = 0.25, 0.05
 
 
 def mask_certainty(fg: torch.Tensor) -> torch.Tensor:
-    """[N] in [0, 1) from the class-1 probabilities ``fg`` [N, M, M]: ``S / (S + U + 1)`` on each ROI's grid, ``S`` the summed class-1 probability (the
-    soft mask area, in cells), ``U`` the cells whose probability lies in the unsure band (0.25, 0.75).
-    A mask whose outline the decoder is unsure of is more often wrong: on held-out real images this
-    ranks masks by their true IoU at 0.44-0.47 where the mean probability inside the mask ranks them
-    at 0.25 (docs/benchmarks.md).  The +1 makes an empty mask score 0, not 1."""
+    """[N] in [0, 1) from the class-1 probabilities ``fg`` [N, M, M] of each ROI's grid:
+    ``S / (S + U + 1)``, ``S`` the summed probability (the soft mask area, in cells), ``U`` the cells
+    whose probability lies in the unsure band (0.25, 0.75).  A mask whose outline the decoder is
+    unsure of is more often wrong: on held-out real images this ranks masks by their true IoU at
+    0.44 where the mean probability inside the mask ranks them at 0.25 (docs/benchmarks.md).  The
+    +1 makes an empty mask score 0, not 1."""
     p = fg.float()
     soft_area = p.sum((1, 2))
     unsure = ((UNSURE - (p - 0.5).abs()) / RAMP + 0.5).clamp(0, 1).sum((1, 2))
