@@ -293,10 +293,10 @@ def mask_certainty(fg: torch.Tensor) -> torch.Tensor:
     return soft_area / (soft_area + unsure + 1)
 
 
-def mask_scores(logits: torch.Tensor, head_scores: torch.Tensor | None = None) -> torch.Tensor:
-    """Each ROI mask's quality score [N]: the score head's predicted mask IoU when the decoder has
-    one (``decode_rois``), else its certainty (``mask_certainty``)."""
-    return head_scores.float() if head_scores is not None else mask_certainty(logits.float().softmax(1)[:, 1])
+def mask_scores(fg: torch.Tensor, head_scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Each ROI mask's quality score [N] (``fg`` [N, M, M]: its class-1 probabilities): the score
+    head's predicted mask IoU when the decoder has one (``decode_rois``), else its certainty."""
+    return head_scores.float() if head_scores is not None else mask_certainty(fg)
 
 
 def uses_fine(model: nn.Module) -> bool:

@@ -29,7 +29,7 @@ from roiseg.featcache.rasterize import native_windows
 from roiseg.trainer.boundary import boundary_band, boundary_width
 from roiseg.trainer.coco_eval import coco_result
 from roiseg.trainer.data import CacheIndex, epoch_batches, make_source
-from roiseg.trainer.models import decode_rois, mask_certainty, paste_masks
+from roiseg.trainer.models import decode_rois, mask_scores, paste_masks
 from roiseg.trainer.sampling import RoiSampling
 from roiseg.trainer.target_sampling import sample_roi_targets, union_packed
 
@@ -145,7 +145,7 @@ class RoiEvaluator:
         if len(roi_ids) == 0:
             return
         probs = probs.float()
-        scores = mask_certainty(probs[:, 1]) if scores is None else scores
+        scores = mask_scores(probs[:, 1], scores)
         h, w = self.index.input_hw
         images = self.roi_image[roi_ids]
         local = self.roi_inst[roi_ids]

@@ -205,7 +205,7 @@ class DecoderExport(nn.Module):
                "instance_map": instance_map, "logits": logits[1:].float(), "roi_boxes": px[1:], "fg": fg}
         if s.full_probs:
             out["probs"] = paste_masks(prob[1:], px[1:], h, w)
-        out["scores"] = mask_scores(logits[1:], None if quality is None else quality[1:])
+        out["scores"] = mask_scores(prob[1:, 1], None if quality is None else quality[1:])
         return out
 
     def forward(self, *inputs):

@@ -30,10 +30,10 @@ class TorchDecoder:
         fine = None if fine is None else torch.from_numpy(fine).float().to(self.device)
         with torch.no_grad():
             logits, quality = decode_rois(self.model, torch.from_numpy(x).float().to(self.device), r, fine)
-            pasted = paste_masks(logits.softmax(1)[:, 1:2], torch.as_tensor(rel, dtype=torch.float32,
-                                                                               device=self.device),
+            fg = logits.softmax(1)[:, 1]
+            pasted = paste_masks(fg[:, None], torch.as_tensor(rel, dtype=torch.float32, device=self.device),
                                  *hw, fill_background=False)
-        return pasted[:, 0].cpu().numpy(), mask_scores(logits, quality).cpu().numpy()
+        return pasted[:, 0].cpu().numpy(), mask_scores(fg, quality).cpu().numpy()
 
 
 
