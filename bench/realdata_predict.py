@@ -14,6 +14,7 @@ it also checks that predict's instance IoU equals `evaluate` on the cached fold.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -162,6 +163,13 @@ def watched(make_predictor, seen: list):
     return make
 
 
+def score_before(pred) -> list[float]:
+    """Each person's score as predict gave it before mask certainty: the rule predict still applies
+    to a graph without a scores output (the detector's score, or the mask's mean probability)."""
+    from roiseg.trainer.runtime.predict import person_records
+    return [r.score for r in person_records(dataclasses.replace(pred, quality=None), 0, 1, 0.5)]
+
+
 def bootstrap_ap(gt: dict, runs: dict[str, list[list]], n: int, seed: int = 0) -> dict:
     """AP (mean over seeds) of each protocol with a 95% CI over images, and the differences to
     the baselines with the same resampled images.  ``runs``: name -> one results list per seed."""
@@ -234,9 +242,7 @@ def main():
                     summary = run_predict(opts, watched(checkpoint_predictor(opts), seen))
                     info[key]["images_per_s"].append(summary["images_per_s"])
                     preds = json.loads((Path(summary["out"]) / "predictions.json").read_text())
-                    # the score before mask certainty: the detector's, or the mask's mean probability
-                    before = [d if d != 1.0 else (float(p[p > 0.5].mean()) if (p > 0.5).any() else 0.0)
-                              for pr in seen for d, p in zip(pr.scores, pr.probs)]
+                    before = [b for pr in seen for b in score_before(pr)]
                     assert len(before) == len(preds)
                     pooled += [{**r, "score_before": b} for r, b in zip(preds, before)]
                     if boxes == "gt":   # predict with GT boxes == evaluate on the cached fold

@@ -12,6 +12,7 @@ seeds; the oracle scores by the true IoU).  Numbers of a mask, on its window at 
 the log box area, ``fill`` mask area / box area, ``unsure`` the pixels with a probability in
 (lo, 1 - lo) per mask pixel.  Detected boxes: every score is multiplied by the detector's.
 """
+import dataclasses
 import json
 import shutil
 import sys
@@ -30,13 +31,12 @@ BANDS = (0.1, 0.2, 0.25, 0.3, 0.4)
 def mask_numbers(pred) -> list[dict]:
     h, w = pred.size
     rows = []
-    for box, det, p in zip(pred.boxes, pred.scores, pred.probs):
-        m = p > 0.5
-        area = int(m.sum())
+    mean_p = dataclasses.replace(pred, quality=None).mask_scores()    # the mean probability inside each mask
+    for box, det, p, mp in zip(pred.boxes, pred.scores, pred.probs, mean_p):
+        area = int((p > 0.5).sum())
         x1, y1, x2, y2 = box * [w, h, w, h]
         box_area = max((x2 - x1) * (y2 - y1), 1.0)
-        row = {"det": float(det), "mean_p": float(p[m].mean()) if area else 0.0, "log_box": float(np.log(box_area)),
-               "fill": area / box_area}
+        row = {"det": float(det), "mean_p": float(mp), "log_box": float(np.log(box_area)), "fill": area / box_area}
         for lo in BANDS:
             row[f"unsure{lo}"] = float(((p > lo) & (p < 1 - lo)).sum()) / max(area, 1)
         rows.append(row)

@@ -231,7 +231,7 @@ class RoiEvaluator:
         self.biou_sum += (member * biou[:, None]).sum(0)
         self.box_sum += (member * torch.as_tensor(box_iou, device=self.device)[:, None]).sum(0)
         self.count += member.sum(0)
-        scores_h = scores.float().cpu().numpy()
+        scores_h = scores.cpu().numpy()
         self.score_pairs += list(zip(scores_h.tolist(), iou.cpu().numpy().tolist()))
         if self.coco_eval or self._keep_records:
             iou_h, iu_h, biou_h = iou.cpu().numpy(), iu.cpu().numpy(), biou.cpu().numpy()
