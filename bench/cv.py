@@ -112,24 +112,31 @@ def _train_job(job: dict) -> dict:
     if tr.ema is not None:  # the same run scored without EMA: EMA measured at no extra training
         res["per_roi_raw"] = tr.validate(tr.model, details=True)["per_roi"]
     res["seconds"] = round(time.perf_counter() - t0, 1)
+    if job.get("keep"):
+        Path(job["keep"]).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tr.last_checkpoint or Path(job["out"]) / "last.pth", job["keep"])
+        res["checkpoint"] = job["keep"]
     shutil.rmtree(job["out"], ignore_errors=True)
     return res
 
 
-def train_subset(train: list[str], share: float, fold: int) -> list[str]:
-    """``share`` of ``train`` drawn without replacement, the same for every seed of a fold (the
-    seed varies the training run, not its data)."""
-    if share >= 1.0:
+def train_subset(train: list[str], share: float, fold: int, count: int | None = None) -> list[str]:
+    """``share`` of ``train`` (or ``count`` images) drawn without replacement, the same for every seed
+    of a fold (the seed varies the training run, not its data); smaller subsets are prefixes of the
+    same permutation, so a learning curve's sets are nested."""
+    n = len(train) if share >= 1.0 and count is None else max(1, min(count or round(share * len(train)), len(train)))
+    if n >= len(train):
         return train
-    pick = np.random.default_rng(1000 + fold).permutation(len(train))[: max(1, round(share * len(train)))]
+    pick = np.random.default_rng(1000 + fold).permutation(len(train))[:n]
     return sorted(train[k] for k in pick)
 
 
 def run_jobs(variants: dict[str, dict], store: Path, out: Path, folds: int, seeds: list[int],
              epochs: int, procs: int, common: dict | None = None, only_folds: list[int] | None = None,
-             raw_curve: bool = True, coco_dets: bool = False) -> list[dict]:
+             raw_curve: bool = True, coco_dets: bool = False, keep_checkpoints: bool = False) -> list[dict]:
     """Train every variant on every fold (or ``only_folds`` of the k) and seed; results cached per
-    job in ``out/runs``.  ``raw_curve``: EMA runs also validate their raw weights every epoch."""
+    job in ``out/runs``.  ``raw_curve``: EMA runs also validate their raw weights every epoch;
+    ``keep_checkpoints``: each run's last checkpoint is kept as ``out/kept/<key>.pth`` (for predict)."""
     names = make_folds(store, folds)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -145,14 +152,16 @@ def run_jobs(variants: dict[str, dict], store: Path, out: Path, folds: int, seed
                 key = f"{re.sub(r'[^A-Za-z0-9_.+-]+', '-', variant)}_f{f}_s{seed}_e{epochs}"
                 over = dict(over)
                 share = over.pop("train_share", 1.0)   # a learning curve: part of the fold's training images
+                count = over.pop("train_count", None)
                 cfg = dict(train_store=str(store), val_store=str(store), val_images=val,
-                           train_images=train_subset(train, share, f),
+                           train_images=train_subset(train, share, f, count),
                            analysis=str(analysis), epochs=epochs, seed=seed, workers=0, resident="cpu",
                            visualize=False, tensorboard=False, device="cpu", out=str(out / "ck" / key))
                 cfg.update(common or {})
                 cfg.update(over)
                 jobs.append({"key": key, "variant": variant, "fold": f, "seed": seed, "config": cfg,
-                             "out": cfg["out"], "raw_curve": raw_curve, "coco_dets": coco_dets})
+                             "out": cfg["out"], "raw_curve": raw_curve, "coco_dets": coco_dets,
+                             "keep": str(out / "kept" / f"{key}.pth") if keep_checkpoints else None})
     done, todo = [], []
     for j in jobs:
         p = runs_dir / f"{j['key']}.json"

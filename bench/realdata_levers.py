@@ -50,6 +50,17 @@ VARIANTS = {
     # the learning curve: the default on a quarter and a half of each fold's training images
     "train-1/4": (None, {"train_share": 0.25}),
     "train-1/2": (None, {"train_share": 0.5}),
+    # ... or on a fixed number of them (nested: 12 of the 24, 24 of the 48 ...)
+    "train-12": (None, {"train_count": 12}),
+    "train-24": (None, {"train_count": 24}),
+    "train-48": (None, {"train_count": 48}),
+    "train-96": (None, {"train_count": 96}),
+    # the seed's ablations (each one default reverted)
+    "2-classes": (None, {"classes": 2}),
+    "ce-only": (None, {"dice_weight": 0.0}),
+    "no-class-weights": (None, {"class_weights": "none"}),
+    "global": (None, {"model": "global"}),
+    "zero-features": (None, {"zero_features": True}),
 }
 
 
@@ -99,6 +110,9 @@ def main():
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--only-folds", help="run only these folds of the k (a screen: e.g. 0,1)")
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep each run's last checkpoint in <out>/kept (for bench/realdata_posthoc.py)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/levers")
     ap.add_argument("--report", default="realdata_levers", help="name of the .md/.json written next to --out")
     a = ap.parse_args()
@@ -117,10 +131,17 @@ def main():
             stores[tag] = cv.build_store(a.out, FINE[tag], tag)
     jobs = {v: {**VARIANTS[v][1], "train_store": str(stores[VARIANTS[v][0]]),
                 "val_store": str(stores[VARIANTS[v][0]])} for v in names}
-    results = cv.run_jobs(jobs, base, a.out, a.folds, seeds, 0, a.procs, raw_curve=False, coco_dets=True)
+    only = [int(f) for f in a.only_folds.split(",")] if a.only_folds else None
+    results = cv.run_jobs(jobs, base, a.out, a.folds, seeds, 0, a.procs, raw_curve=False, coco_dets=True,
+                          only_folds=only, keep_checkpoints=a.keep_checkpoints)
+    results = [r for r in results if r["seed"] in seeds and (only is None or r["fold"] in only)]
     fs = FeatureStore(base)
     roi_image = fs.tables["roi_image"]
-    gt = store_ground_truth(fs)
+    if only is None:
+        gt = store_ground_truth(fs)
+    else:   # a screen on some folds: AP over their images only
+        val = {n for f in only for n in cv.make_folds(base, a.folds)[f]}
+        gt = store_ground_truth(fs, [i for i in fs.valid_images() if fs.tables["file_name"][i] in val])
     pooled = {v: cv.pooled_table(results, v) for v in names}
     ref = "default" if "default" in names else names[0]
     rows = []
