@@ -68,6 +68,18 @@ class ExitOneGroup(click.Group):
 MAX_PIXELS_HELP = "Images larger than this many pixels are skipped (decompression bombs) [89478485, Pillow's]."
 
 
+def refuse_unused(ctx: click.Context, names, why: str) -> None:
+    """Options the user gave (command line or environment) that would do nothing here: an error
+    that says why, never a silent no-op."""
+    from click.core import ParameterSource
+    given = [n for n in names if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE,
+                                                                  ParameterSource.ENVIRONMENT)]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-").replace("onnx-path", "onnx").replace("mask-format", "masks")
+                          for n in given)
+        raise UserError(f"{flags}: {why}")
+
+
 @click.group(cls=ExitOneGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool):
@@ -204,6 +216,8 @@ def cache(split, subset, ann, images, onnx_path, scale, shard, out, **opts):
     s = _run_cache_launched(cfg, shard is not None)
     if s is None:
         return   # a torchrun rank other than 0: rank 0 reports for all
+    from roiseg.featcache.cache import check_something_cached
+    check_something_cached(s)
     click.echo(f"{s['cached']}/{s['images']} images cached in {s['store']} ({s['elapsed_s']:.1f}s, "
                f"{s['processed_now']} this run{s.get('ranks', '')}, provider {s['provider']})")
     if s["skipped"]:
@@ -253,7 +267,7 @@ def _run_cache_launched(cfg, shard_given: bool):
                 "processed_now": sum(r["processed_now"] for r in every),
                 "newly_skipped": sum(r["newly_skipped"] for r in every),
                 "skipped": {k: v for r in every for k, v in r["skipped"].items()},
-                "elapsed_s": max(r["elapsed_s"] for r in every),
+                "elapsed_s": max(r["elapsed_s"] for r in every), "created": every[0].get("created", False),
                 "ranks": f" by {world} ranks (" + ", ".join(str(r["processed_now"]) for r in every) + ")"}
     finally:
         dist.destroy_process_group()
@@ -329,14 +343,14 @@ def _checkpoint_from(epoch, checkpoint, folder, default: str | None = None) -> P
 def visualize(epoch, checkpoint, checkpoints, ann, images, onnx_path, provider, vis_images, out_dir):
     """Redraw an epoch's validation PNG from its checkpoint (live extractor, full resolution)."""
     from roiseg.featcache.files import refuse_overlap
-    from roiseg.trainer.checkpoint import load_checkpoint
+    from roiseg.trainer.checkpoint import load_checkpoint, referenced_inputs
     from roiseg.trainer.inference.torch_decoder import predictor_from_checkpoint
     from roiseg.trainer.inference.visualize import write_validation_png
     path = _checkpoint_from(epoch, checkpoint, checkpoints)
     ck = load_checkpoint(path)
     val_meta = ck["cache_metadata"]["val"]
     refuse_overlap({"--out-dir": out_dir}, {"--checkpoint": path, "--ann": ann, "--images": images,
-                                            "--onnx": onnx_path}, inputs_inside_outputs=False)
+                                            "--onnx": onnx_path, **referenced_inputs(ck)}, inputs_inside_outputs=False)
     pred = predictor_from_checkpoint(path, onnx_path, provider)
     wanted = [v.strip() for v in vis_images.split(",")] if vis_images else ck["config"].get("vis_images")
     png = write_validation_png(pred, Path(ann or val_meta["annotation_path"]),
@@ -361,10 +375,14 @@ def visualize(epoch, checkpoint, checkpoints, ann, images, onnx_path, provider, 
 @click.option("--full-probs", is_flag=True, help="Also output probs [N,3,H,W] (all classes, fp32: 12 bytes per pixel and ROI).")
 @click.option("--half", is_flag=True, help="fp16 weights and activations in the conv stack (GPU); parity is checked and reported.")
 @_user_errors
-def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path, mask_format, threshold, full_probs, half):
+@click.pass_context
+def export(ctx, epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path, mask_format, threshold,
+           full_probs, half):
     """Export the decoder to ONNX, check parity with PyTorch in ONNX Runtime, report latency."""
+    if not end_to_end:
+        refuse_unused(ctx, ["onnx_path"], "the extractor is part of the end-to-end graph only: add --end-to-end")
     from roiseg.featcache.files import refuse_overlap
-    from roiseg.trainer.checkpoint import decoder_from_checkpoint
+    from roiseg.trainer.checkpoint import decoder_from_checkpoint, load_checkpoint, referenced_inputs
     from roiseg.trainer.inference.export import (
         check_opset,
         export_checked,
@@ -379,9 +397,11 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path, ma
     stem = out.name[: -len(".decoder.onnx")] if out.name.endswith(".decoder.onnx") else out.stem
     e2e = out.with_name(f"{stem}.e2e.onnx") if end_to_end else None
     check_opset(opset)   # everything a user can get wrong is checked before any work
-    model, meta = decoder_from_checkpoint(path)
+    ck = load_checkpoint(path)
+    model, meta = decoder_from_checkpoint(ck)
     ext = Path(onnx_path or meta["onnx_path"]) if end_to_end else None
-    refuse_overlap({"--out": out, "the end-to-end graph": e2e}, {"--checkpoint": path, "--onnx": ext})
+    refuse_overlap({"--out": out, "the end-to-end graph": e2e},
+                   {"--checkpoint": path, "--onnx": onnx_path or ext, **referenced_inputs(ck)})
     fine = uses_fine(model)
     if end_to_end:
         open_extractor(meta, ext, "cpu", fine=fine)  # same checks as inference: file exists, sha256 matches
@@ -444,16 +464,30 @@ def export(epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_path, ma
                    "whose coordinates refer to the pixels as stored].")
 @click.option("--max-pixels", type=int, default=None, callback=_at_least(1), help=MAX_PIXELS_HELP)
 @_user_errors
-def predict(source, checkpoint, epoch, checkpoints, exported, out, boxes, box_format, ann, onnx_path, provider, device,
-            det_output, det_format, person_class, conf, iou, max_det, threshold, save_masks, polygons,
+@click.pass_context
+def predict(ctx, source, checkpoint, epoch, checkpoints, exported, out, boxes, box_format, ann, onnx_path, provider,
+            device, det_output, det_format, person_class, conf, iou, max_det, threshold, save_masks, polygons,
             no_overlays, hide_boxes, hide_scores, max_frames, exif, max_pixels):
     """Person masks for new images, a video or a camera, with the extractor's own person boxes."""
+    from roiseg.trainer.runtime.predict import VIDEO_EXT, is_camera
+    if boxes != "auto":
+        refuse_unused(ctx, ["det_output", "det_format", "person_class", "conf", "iou", "max_det"],
+                      f"they set the extractor's own detections, and --boxes {boxes} gives the boxes")
+    if boxes in ("auto", "gt"):
+        refuse_unused(ctx, ["box_format"], "it reads normalized boxes of a --boxes FILE only")
+    if no_overlays:
+        refuse_unused(ctx, ["hide_boxes", "hide_scores"], "they change the overlays, and --no-overlays writes none")
+    if not (is_camera(source) or Path(str(source)).suffix.lower() in VIDEO_EXT):
+        refuse_unused(ctx, ["max_frames"], "it limits a video or camera, and --source is images")
     from roiseg.trainer.runtime.detection import DetectionSettings
     from roiseg.trainer.runtime.predict import PredictOptions, run_predict
     if exported is not None and (checkpoint or epoch is not None):
         raise UserError("give --exported or a checkpoint (--checkpoint/--epoch), not both")
+    if exported is not None and device != "auto":
+        raise UserError("--device is the PyTorch decoder's device; an --exported graph runs in ONNX Runtime: "
+                        "choose its provider with --provider")
     path = None if exported is not None else _checkpoint_from(epoch, checkpoint, checkpoints, default="best")
-    if device == "auto" and exported is None:
+    if exported is None:
         from roiseg.trainer.devices import resolve_device
         device = str(resolve_device(device))
     opts = PredictOptions(source=source, out=out, checkpoint=path, exported=exported, onnx=onnx_path, provider=provider,
@@ -497,9 +531,15 @@ def predict(source, checkpoint, epoch, checkpoints, exported, out, boxes, box_fo
 @click.option("--batch-size", type=int, callback=_at_least(1), help="Images per batch [64 CUDA, 8 CPU].")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write all metrics here.")
 @_user_errors
-def evaluate(checkpoint_list, epochs, checkpoints, val_store, ann, images, onnx_path, provider, limit, work_dir,
+@click.pass_context
+def evaluate(ctx, checkpoint_list, epochs, checkpoints, val_store, ann, images, onnx_path, provider, limit, work_dir,
              coco_eval, device, batch_size, json_out):
     """Score one or more checkpoints: mIoU, class IoUs, instance mIoU (S/M/L, overlapped), box baseline."""
+    if ann is None:
+        refuse_unused(ctx, ["onnx_path", "provider", "limit", "work_dir"],
+                      "they build a temporary store from --ann/--images; without them the cached store is read")
+    elif val_store is not None:
+        raise UserError("give --val-store or --ann with --images, not both")
     import glob
     import json as _json
 
@@ -509,6 +549,8 @@ def evaluate(checkpoint_list, epochs, checkpoints, val_store, ann, images, onnx_
         evaluate_checkpoint,
         live_store,
     )
+    from roiseg.trainer.devices import resolve_device
+    resolve_device(device)         # an absent GPU is one message before any work
     paths = []
     for spec in checkpoint_list:
         if any(ch in spec for ch in "*?["):
@@ -524,9 +566,11 @@ def evaluate(checkpoint_list, epochs, checkpoints, val_store, ann, images, onnx_
     if (ann is None) != (images is None):
         raise UserError("--ann and --images go together")
     from roiseg.featcache.files import refuse_overlap
+    from roiseg.trainer.checkpoint import load_checkpoint, referenced_inputs
+    referenced = {k: v for p in paths for k, v in referenced_inputs(load_checkpoint(p)).items()}
     refuse_overlap({"--json": json_out, "--work-dir": work_dir},
                    {**{f"--checkpoint {p.name}": p for p in paths}, "--val-store": val_store, "--ann": ann,
-                    "--images": images, "--onnx": onnx_path}, inputs_inside_outputs=False)
+                    "--images": images, "--onnx": onnx_path, **referenced}, inputs_inside_outputs=False)
     results = []
     if ann is not None:
         from roiseg.featcache.providers import device_id_for
@@ -553,6 +597,8 @@ def evaluate(checkpoint_list, epochs, checkpoints, val_store, ann, images, onnx_
 def demo(folder, fresh, epochs, device):
     """Run the whole pipeline on built-in synthetic data (no downloads, a few minutes on a CPU)."""
     from roiseg.demo import DemoSettings, run_demo
+    from roiseg.trainer.devices import resolve_device
+    resolve_device(device)         # checked before the demo writes anything
     run_demo(folder, DemoSettings(epochs=epochs), fresh=fresh, device=device)
 
 

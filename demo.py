@@ -39,8 +39,53 @@ def _done(t0: float, what: str = "") -> None:
     click.echo(f"      done in {time.perf_counter() - t0:.1f}s {what}")
 
 
+# The demo owns only what it creates: a folder it made (or found empty) and marked with MARKER.
+MARKER = ".roiseg-demo"
+DEMO_ENTRIES = ("data", "ext_extractor", "cache", "checkpoints", "export", "data_analyze.json",
+                "demo_summary.json")
+
+
+def claim_demo_folder(folder: Path, fresh: bool):
+    """Lock ``folder`` for this demo run, refusing any folder the demo did not create: a new or
+    empty folder is marked as the demo's; one without the mark that holds anything is refused with
+    what it holds.  ``fresh`` deletes the demo's own entries (``DEMO_ENTRIES``) of a marked folder,
+    nothing else."""
+    from roiseg.featcache.errors import FeatCacheError
+    from roiseg.featcache.files import claim_folder, folder_entries, write_text_atomic
+    if folder.exists() and not folder.is_dir():
+        raise FeatCacheError(f"--dir {folder} is a file, not a folder: pick a new folder for the demo")
+    claim = claim_folder(folder, "demo folder")
+    held = folder_entries(folder)
+    if held and MARKER not in held:
+        claim.release()
+        shown = ", ".join(held[:8]) + (f" ... ({len(held)} entries)" if len(held) > 8 else "")
+        raise FeatCacheError(f"--dir {folder} holds files the demo did not create ({shown}): the demo writes only "
+                             f"into a new or empty folder it marks as its own (or one it made before). Pick another "
+                             f"--dir (default: demo_run)")
+    if not held:
+        write_text_atomic(folder / MARKER, "made by `cli.py demo`: `demo --fresh` may delete the demo's folders here\n")
+    elif fresh:
+        for name in DEMO_ENTRIES:
+            path = folder / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    return claim
+
+
 def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool = False,
              device: str = "auto") -> dict:
+    """The demo in ``folder`` (see the module docstring); its summary."""
+    folder = Path(folder).resolve()
+    claim = claim_demo_folder(folder, fresh)
+    try:
+        return _run_demo(folder, settings, device)
+    finally:
+        claim.release()
+
+
+def _run_demo(folder: Path, settings: DemoSettings, device: str) -> dict:
     from roiseg.featcache.analyze import run_analyze
     from roiseg.featcache.cache import CacheConfig, run_cache
     from roiseg.featcache.files import write_json_atomic, write_text_atomic
@@ -64,12 +109,8 @@ def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool 
     from roiseg.trainer.training.config import make_config
     from roiseg.trainer.training.run import run_training
 
-    folder = Path(folder).resolve()
     t_start = time.perf_counter()
     total = 7
-    if fresh and folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     data, onnx_path = folder / "data", folder / "ext_extractor" / "standin_featext.onnx"
     stamp = folder / "data" / "settings.json"
     want = json.dumps({"n_train": settings.n_train, "n_val": settings.n_val, "seed": settings.seed,

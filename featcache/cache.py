@@ -29,7 +29,7 @@ from .errors import FeatCacheError
 from .cache_config import CacheConfig
 from . import fine_projection
 from .extractor import Extractor
-from .files import file_sha256, refuse_overlap
+from .files import file_sha256, human_bytes, refuse_overlap
 from .geometry import ResizePolicy, pad_box
 from .images import (
     DEFAULT_MAX_PIXELS,
@@ -166,8 +166,14 @@ def choose_fine_projection(cfg: CacheConfig, ex: Extractor, records: list, prep:
         if cfg.fine_channels and cfg.fine_channels != len(given["components"]):
             raise FeatCacheError(f"--fine-channels {cfg.fine_channels}, but --fine-projection-from "
                                  f"{cfg.fine_projection_from} keeps {len(given['components'])}")
-    have = None if cfg.overwrite else complete_store_meta(cfg.out)
+    # --overwrite: shard 0 (torchrun's rank 0) rebuilds the store and fits the projection before the
+    # other shards start; they take it from the new store, as any later shard does
+    have = None if cfg.overwrite and cfg.shard[0] == 0 else complete_store_meta(cfg.out)
     if have is not None and have.get("fine_projection"):
+        kept = len(have["fine_projection"]["components"])
+        if cfg.fine_channels and cfg.fine_channels != kept:
+            raise StoreError(f"the cache at {cfg.out} was built with --fine-channels {kept}, asked for "
+                             f"{cfg.fine_channels}: use --out for a new store, or --overwrite to rebuild this one")
         if given is not None and fine_projection.sha256(given) != fine_projection.sha256(have["fine_projection"]):
             raise StoreError(f"the cache at {cfg.out} holds another fine-map projection than "
                              f"--fine-projection-from {cfg.fine_projection_from}: use --out for a new store, or "
@@ -196,7 +202,7 @@ def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extract
     out = cfg.out
     if cfg.overwrite and out.exists() and cfg.shard[0] == 0:
         shutil.rmtree(out)
-    if (out / ".zattrs").is_file() and "metadata" in json.loads((out / ".zattrs").read_text()):
+    if (out / ".zattrs").is_file() and "metadata" in _store_attributes(out):
         store = FeatureStore(out, "r+")
         keys = FINGERPRINT_KEYS + ("annotation_sha256", "limit", "flip", "sparse", "codec", "fine")
         diffs = diff_metadata({"flip": False, "sparse": None, "codec": "lz4", "fine": None, **store.meta}, meta, keys)
@@ -230,6 +236,19 @@ def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extract
     finally:
         os.close(fd)
         lock.unlink()
+
+
+def _store_attributes(out: Path) -> dict:
+    """The store's ``.zattrs``; a damaged one is an error (re-creating the store over it would
+    delete its finished images)."""
+    try:
+        attrs = json.loads((out / ".zattrs").read_text())
+        if not isinstance(attrs, dict):
+            raise ValueError("not a JSON object")
+        return attrs
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{out}: its attributes file .zattrs is damaged ({type(exc).__name__}: {exc}), so what the "
+                         f"store holds cannot be trusted. Rebuild it with --overwrite, or pick another --out") from exc
 
 
 def stale_lock(lock: Path) -> bool:
@@ -270,13 +289,14 @@ def check_disk(out: Path, kept_cells: np.ndarray, map_shapes, input_hw, n_masks:
     need = raw * STORED_FRACTION[codec]
     free = shutil.disk_usage(out if out.exists() else out.parent).free
     sparse = stored < 1 if n_todo else False
-    print(f"estimated size: {raw / 1e9:.2f} GB raw fp16{f' (sparse: {stored:.0%} of the cells)' if sparse else ''}"
-          f", stored ~{need / 1e9:.2f} GB with {codec}{', flipped maps included: 2x' if flip else ''}; free {free / 1e9:.2f} GB")
+    print(f"estimated size: {human_bytes(raw)} raw fp16{f' (sparse: {stored:.0%} of the cells)' if sparse else ''}"
+          f", stored ~{human_bytes(need)} with {codec}{', flipped maps included: 2x' if flip else ''}; "
+          f"free {human_bytes(free)}")
     if enforce and need > free:
         raise FeatCacheError(
-            f"not enough disk space for {out}: about {need / 1e9:.1f} GB needed ({n_todo} images x "
-            f"{per_image * STORED_FRACTION[codec] / 1e6:.1f} MB"
-            f"{' incl. flipped' if flip else ''}), {free / 1e9:.1f} GB free. Use --sparse, --limit, --subset, "
+            f"not enough disk space for {out}: about {human_bytes(need)} needed ({n_todo} images x "
+            f"{human_bytes(per_image * STORED_FRACTION[codec])}"
+            f"{' incl. flipped' if flip else ''}), {human_bytes(free)} free. Use --sparse, --limit, --subset, "
             f"--shard, another --out, or --no-space-check.")
 
 
@@ -284,6 +304,10 @@ def check_out_folder(cfg: CacheConfig) -> None:
     """``--out`` is new, empty, or a store `cache` wrote (complete or interrupted): anything else
     is refused, so ``--overwrite`` never deletes, and a store never mixes into, a folder of the user's."""
     refuse_overlap({"--out": cfg.out}, {"--ann": cfg.ann, "--images": cfg.images, "--onnx": cfg.onnx})
+    if cfg.overwrite and Path(cfg.out).is_symlink():
+        raise StoreError(f"--out {cfg.out} is a symbolic link (to {os.readlink(cfg.out)}): --overwrite deletes only a "
+                         f"store folder itself, never through a link. Pass the store's own path "
+                         f"({Path(cfg.out).resolve()}) or another --out")
     if store_folder_kind(cfg.out) is None:
         out = Path(cfg.out)
         what = (f"holds {', '.join(sorted(os.listdir(out))[:5])}{' ...' if len(os.listdir(out)) > 5 else ''}"
@@ -340,7 +364,7 @@ def _rerun_finished(cfg: CacheConfig, store: FeatureStore, t0: float, on_store_r
     return {"store": str(cfg.out), "provider": ex.provider, "images": n, "cached": n - len(skipped),
             "skipped": {str(names[i]): r for i, r in skipped.items()}, "processed_now": 0, "newly_skipped": 0,
             "annotation_skips": {}, "elapsed_s": round(time.perf_counter() - t0, 2), "loop_s": 0.0,
-            "damaged": {}, "complete": True}
+            "damaged": {}, "complete": True, "created": False}
 
 
 def run_cache(cfg: CacheConfig, progress: bool = True, on_store_ready=None) -> dict:
@@ -365,6 +389,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True, on_store_ready=None) -> d
     ex, prep = _open_extractor(cfg)
     tables = build_tables(records, prep.policy, cfg.roi_padding)
     ex.set_fine_projection(choose_fine_projection(cfg, ex, records, prep))
+    created = cfg.overwrite or complete_store_meta(cfg.out) is None
     store = open_or_create_store(cfg, _metadata(cfg, ex, prep), tables, ex)
     if on_store_ready is not None:
         on_store_ready()
@@ -400,8 +425,24 @@ def run_cache(cfg: CacheConfig, progress: bool = True, on_store_ready=None) -> d
                "processed_now": len(todo), "newly_skipped": newly_skipped,
                "annotation_skips": dict(skips.counts), "elapsed_s": round(elapsed, 2),
                "loop_s": round(t_loop, 3), "damaged": {records[i].file_name: a for i, a in damaged.items()},
-               "complete": n_done == len(records)}
+               "complete": n_done == len(records), "created": created}
     return summary
+
+
+def check_something_cached(summary: dict) -> None:
+    """A finished store without a single cached image (every image skipped: a wrong folder, sizes
+    that do not match the annotations, all over --max-pixels) is a failure: its first reasons, and
+    a store this run created is removed (it holds nothing; a re-run would take the skips as done)."""
+    if not summary["complete"] or summary["cached"] > 0 or not summary["images"]:
+        return
+    reasons = "\n  ".join(f"{k}: {v}" for k, v in list(summary["skipped"].items())[:10])
+    if summary.get("created"):
+        shutil.rmtree(summary["store"], ignore_errors=True)
+        fate = "the empty store was removed"
+    else:
+        fate = f"fix them and rebuild {summary['store']} with --overwrite"
+    raise FeatCacheError(f"no image could be cached: all {summary['images']} were skipped ({fate}). First reasons:"
+                         f"\n  {reasons}")
 
 
 def verify_images(store: FeatureStore, images, workers: int, progress: bool = True) -> dict[int, str]:

@@ -9,7 +9,7 @@ from typing import Literal
 
 from .images import DEFAULT_MAX_PIXELS
 from .providers import PROVIDERS
-from .schema import check, option
+from .schema import ConfigError, check, option
 from .sparse import DEFAULT_MARGIN
 
 DEFAULT_FEATURE = "/model.34/Concat_output_0"   # the YOLOv9-E wholebody25 stride-8 map [1,1024,80,80]
@@ -64,3 +64,8 @@ class CacheConfig:
 
     def __post_init__(self):
         check(self)
+        if not self.sparse and self.sparse_margin != DEFAULT_MARGIN:
+            raise ConfigError("--sparse-margin sets what a ROI-sparse store keeps: it needs --sparse")
+        for name, value in (("fine_channels", self.fine_channels), ("fine_projection_from", self.fine_projection_from)):
+            if value and not self.fine_feature:
+                raise ConfigError(f"--{name.replace('_', '-')} reduces the fine map: it needs --fine-feature TENSOR")

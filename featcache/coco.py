@@ -110,22 +110,32 @@ def load_coco(path: str | Path) -> COCO:
     except Exception as exc:  # json errors, missing keys
         raise AnnotationError(f"cannot read COCO annotations from {path}: {exc}") from exc
     # pycocotools silently accepts a file without them (and everything downstream becomes empty)
-    missing = [k for k in ("images", "annotations") if not isinstance(coco.dataset.get(k), list)]
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(coco.dataset.get(k), list)]
     if missing:
-        raise AnnotationError(f"{path} is not a COCO instances file: no {' or '.join(repr(m) for m in missing)} list")
+        raise AnnotationError(f"{path} is not a COCO instances file: no {' or '.join(repr(m) for m in missing)} list"
+                              + (" (a person-only file names its class: [{\"id\": 1, \"name\": \"person\"}])"
+                                 if "categories" in missing else ""))
+    person_category_ids(coco, path)   # checked once, here, for every command that reads the file
     return coco
 
 
-def person_category_ids(coco: COCO) -> set[int]:
-    ids = set(coco.getCatIds(catNms=["person"]))
-    return ids or set(coco.getCatIds())  # person-only files sometimes name the class differently
+def person_category_ids(coco: COCO, path: str | Path | None = None) -> set[int]:
+    """The ids of the category named "person": a file without one holds no persons for this
+    project (its only category may be anything else), so it is refused, never taken as persons."""
+    cats = [c for c in coco.dataset.get("categories", []) if isinstance(c, dict)]
+    ids = {c["id"] for c in cats if str(c.get("name", "")).strip().lower() == "person" and "id" in c}
+    if not ids:
+        names = ", ".join(sorted({str(c.get("name")) for c in cats})[:8]) or "none"
+        raise AnnotationError(f"{path or 'the annotation file'} has no category named 'person' (its categories: "
+                              f"{names}): this project segments persons; use a COCO person file")
+    return ids
 
 
 def load_person_records(path: str | Path, keep_empty_images: bool = False
                         ) -> tuple[list[ImageRecord], SkipReport]:
     """All images with at least one usable person instance, sorted by image id."""
     coco = load_coco(path)
-    cats = person_category_ids(coco)
+    cats = person_category_ids(coco, path)
     skips = SkipReport()
     records = []
     for image_id in sorted(coco.imgs):

@@ -397,6 +397,21 @@ class FeatureStore:
         except ValueError as exc:
             raise self.damaged("gt_rle", i, exc) from exc
 
+    def incomplete(self, images) -> dict[int, list[str]]:
+        """Of ``images``: those whose chunk files are not all there (a deleted or never written
+        chunk), image -> the arrays it lacks; skipped images need none."""
+        wanted = {int(i) for i in images} - set(self.skipped())
+        missing: dict[int, list[str]] = {}
+        for array in PER_IMAGE:
+            if array not in self.root:
+                continue
+            d = self.path / array
+            present = {int(n.split(".")[0]) for n in (os.listdir(d) if d.is_dir() else [])
+                       if n[0].isdigit() and not n.endswith(".partial")}
+            for i in sorted(wanted - present):
+                missing.setdefault(i, []).append(array)
+        return missing
+
     def valid_images(self) -> np.ndarray:
         """Indices of images with features (skipped ones excluded)."""
         done = self.done_mask()

@@ -170,8 +170,9 @@ def test_yaml_strings_are_converted():
 
 
 def test_analyze_refuses_files_without_persons(tmp_path):
-    for body, msg in (({"images": []}, "no 'annotations' list"),
-                      ({"annotations": []}, "no 'images' list"),
+    person = [{"id": 1, "name": "person"}]
+    for body, msg in (({"images": [], "categories": person}, "no 'annotations' list"),
+                      ({"annotations": [], "categories": person}, "no 'images' list"),
                       ({"images": [{"id": 1, "width": 8, "height": 8, "file_name": "a.jpg"}], "annotations": [],
                         "categories": [{"id": 1, "name": "person"}]}, "no usable person instances")):
         ann = tmp_path / "a.json"

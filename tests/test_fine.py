@@ -46,7 +46,9 @@ def fine_stores(synth, standin_onnx, tmp_path_factory):
 def _train_cfg(fine_stores, stores, out, **kw):
     base = dict(train_store=str(fine_stores["train"]), val_store=str(fine_stores["val"]), out=str(out),
                 analysis=str(stores["analysis"]), hidden=16, roi_size=7, mask_size=28, epochs=1, batch_size=4,
-                workers=0, resident="cpu", tensorboard=False, visualize=False, fine_width=8)
+                workers=0, resident="cpu", tensorboard=False, visualize=False)
+    if kw.get("fine") != "off":
+        base["fine_width"] = 8
     return make_config(**{**base, **kw})
 
 

@@ -52,5 +52,10 @@ def test_wheel_holds_one_import_root_and_a_working_command(tmp_path):
                          cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "predict" in run.stdout, run.stderr[-2000:]
+    # python -m roiseg (what `torchrun -m roiseg` runs) is the same command line
+    run = subprocess.run([sys.executable, "-m", "roiseg", "--help"], cwd=tmp_path,
+                         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "predict" in run.stdout, run.stderr[-2000:]
     import roiseg
     assert str(tmp_path) not in roiseg.__file__

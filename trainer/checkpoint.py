@@ -83,6 +83,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or a full disk "
                               f"while it was written elsewhere; use another checkpoint")
+    other = _other_format(path)
+    if other:
+        raise CheckpointError(f"{path} is not a checkpoint of this project: it is {other}")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -93,6 +96,21 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupted: its tensors do not match the checksum saved "
                               f"with it (flipped bits or a damaged copy); use another checkpoint")
     return ck
+
+
+def _other_format(path: Path) -> str | None:
+    """What a file given as a checkpoint is instead, when its first bytes tell (a torch checkpoint is
+    a zip archive or a pickle): an ONNX graph or a JSON file; None otherwise."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return None
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON file (checkpoints are the .pth files train writes into its run folder)"
+    if head[:1] == b"\x08" and (path.suffix.lower() == ".onnx" or b"onnx" in head.lower() or b"pytorch" in head):
+        return ("an ONNX model: predict takes an exported graph with --exported, cache takes the "
+                "extractor with --onnx; a checkpoint is a .pth file train writes")
+    return None
 
 
 def _load_failure(exc: Exception) -> str:
@@ -165,3 +183,28 @@ def check_decoder_on_store(model_name: str, ck_fingerprint: dict, store_meta: di
     if model_name == "global" and store_meta.get("sparse"):
         raise FeatCacheError(f"{what}: a --model global decoder reads whole feature maps, but the store is ROI-sparse "
                              f"(cache --sparse): use a dense store (cache without --sparse)")
+
+
+def referenced_inputs(ck: dict) -> dict[str, str]:
+    """Every file and folder a checkpoint's run points at (the extractor, the stores, annotation
+    files, image folders, the class-weight file), labelled for a message: no command's output may
+    replace one of them (``featcache.files.refuse_overlap``)."""
+    found: dict[str, str] = {}
+    for split, meta in (ck.get("cache_metadata") or {}).items():
+        for key, label in (("onnx_path", "extractor"), ("annotation_path", "annotation file"),
+                           ("images_dir", "image folder")):
+            if isinstance(meta, dict) and meta.get(key):
+                found.setdefault(f"the checkpoint's {label} ({split})", str(meta[key]))
+    config, resolved = ck.get("config") or {}, ck.get("resolved") or {}
+    for key, label in (("train_store", "training cache"), ("val_store", "validation cache"),
+                       ("analysis", "class-weight file")):
+        value = resolved.get(key) or config.get(key)
+        if value:
+            found[f"the checkpoint's {label}"] = str(value)
+    # the same path under two labels (train and val extractor) is named once
+    seen, unique = set(), {}
+    for label, path in found.items():
+        if path not in seen:
+            seen.add(path)
+            unique[label] = path
+    return unique

@@ -44,12 +44,12 @@ class CacheIndex:
     ``file_names``: use only these images of the store (k-fold splits of one store); others are
     ignored as if not cached."""
 
-    def __init__(self, path: str | Path, file_names: list[str] | None = None):
+    def __init__(self, path: str | Path, file_names: list[str] | None = None, allow_partial: bool = False):
         self.path = Path(path)
         store = FeatureStore(self.path)
         self.meta = store.meta
         t = store.tables
-        self.images = store.valid_images()
+        listed = np.arange(self.meta["n_images"])
         if file_names is not None:
             names = np.asarray(t["file_name"], dtype=object)
             wanted = set(file_names)
@@ -57,7 +57,10 @@ class CacheIndex:
             if unknown:
                 raise StoreError(f"{len(unknown)} image(s) asked for are not in {self.path}: "
                                  f"{', '.join(sorted(unknown)[:5])}")
-            self.images = np.array([i for i in self.images if names[i] in wanted], np.int64)
+            listed = np.array([i for i in listed if names[i] in wanted], np.int64)
+        check_complete(store, listed, allow_partial)
+        valid = set(store.valid_images().tolist())
+        self.images = np.array([i for i in listed if i in valid], np.int64)
         self.has_flip = store.has_flip
         self.roi_start = t["image_roi_start"]
         self.padded_input = t["roi_padded_input"].astype(np.float64)
@@ -79,6 +82,24 @@ class CacheIndex:
 
     def rois_of(self, i: int) -> tuple[int, int]:
         return int(self.roi_start[i]), int(self.roi_start[i + 1])
+
+
+def check_complete(store: FeatureStore, images, allow_partial: bool) -> None:
+    """Every image of ``images`` (but skipped ones) has all its chunks, or an error that says how
+    many do not and how to repair the store; ``allow_partial``: a warning, and they are left out."""
+    missing = store.incomplete(images)
+    if not missing:
+        return
+    names = store.tables["file_name"]
+    some = "; ".join(f"{names[i]} ({', '.join(a)})" for i, a in list(missing.items())[:3])
+    what = (f"{store.path}: {len(missing)} of {len(images)} images are not completely cached (missing chunks: "
+            f"{some}{' ...' if len(missing) > 3 else ''})")
+    if allow_partial:
+        log.warning("%s; --allow-partial: using the other %d", what, len(images) - len(missing))
+        return
+    raise StoreError(f"{what}. The cache was interrupted or damaged: re-run the `cli.py cache` command that wrote "
+                     f"it (add --verify to also re-check the finished images), or pass --allow-partial to use the "
+                     f"{len(images) - len(missing)} complete images")
 
 
 def image_samples(index: CacheIndex, i: int, epoch: int, train: bool, sampling: RoiSampling,

@@ -25,7 +25,14 @@ from tqdm import tqdm
 
 from roiseg.featcache.coco import window_rle
 from roiseg.featcache.errors import FeatCacheError
-from roiseg.featcache.files import atomic_write, refuse_overlap, write_json_atomic
+from roiseg.featcache.files import (
+    FolderClaim,
+    atomic_write,
+    claim_fresh_folder,
+    folder_entries,
+    refuse_overlap,
+    write_json_atomic,
+)
 from roiseg.featcache.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
 from roiseg.trainer.metrics import instance_boundary_iou, instance_iou
 from roiseg.trainer.runtime.boxes import BoxSource
@@ -125,17 +132,19 @@ def output_stems(names: list[str]) -> dict[str, str]:
     return {n: Path(n).stem if clash[Path(n).stem] == 1 else n for n in names}
 
 
-def fresh_output_folder(out: Path) -> Path:
-    """``out`` when it is new or empty, else the first free ``out2``, ``out3`` ...: two runs
-    never mix their files."""
-    def used(d: Path) -> bool:
-        return d.exists() and (not d.is_dir() or any(d.iterdir()))
-    if not used(out):
-        return out
+def output_candidates(out: Path):
+    """``out``, then ``out2``, ``out3`` ... (endless)."""
+    yield out
     k = 2
-    while used(out.with_name(f"{out.name}{k}")):
+    while True:
+        yield out.with_name(f"{out.name}{k}")
         k += 1
-    return out.with_name(f"{out.name}{k}")
+
+
+def claim_output_folder(out: Path) -> FolderClaim:
+    """``out`` when it is new or empty, else the first free ``out2``, ``out3`` ..., claimed for this
+    run: two runs, even started at the same moment, never mix their files."""
+    return claim_fresh_folder(output_candidates(out), lambda d: bool(folder_entries(d)))
 
 
 def video_frames(source, max_frames=None):
@@ -346,6 +355,24 @@ def _gt_ious(pred: Prediction, given: tuple, name: str, boxes: BoxSource, thresh
     return out
 
 
+def _close_after_error(sink: Outputs, images: int) -> bool:
+    """Write the JSON files of the images done before an error; False when that fails too."""
+    try:
+        sink.close(write=images > 0)
+        return images > 0
+    except OSError:
+        return False
+
+
+def _disk_full(out: Path, images: int, json_saved: bool) -> FeatCacheError:
+    """The message of a full disk: where this run's part is, and that a re-run starts a new folder."""
+    done = (f"the {images} image(s) done before it are there"
+            + (" with their predictions.json" if json_saved else " (overlays only: predictions.json could not be "
+               "written)") if images else "no image was finished")
+    return FeatCacheError(f"disk full while writing into {out}: {done}. Free space and re-run: the re-run writes to "
+                          f"a new folder next to it (delete {out} first to reuse its name)")
+
+
 @dataclass
 class _Tally:
     images: int = 0
@@ -365,7 +392,14 @@ def run_predict(opts: PredictOptions, predictor=None) -> dict:
     if source.kind == "images":
         boxes.check_matches(source.names)
     refuse_overlap({"--out": opts.out}, _inputs(opts, source))
-    out = fresh_output_folder(Path(opts.out))
+    claim = claim_output_folder(Path(opts.out))
+    try:
+        return _predict_into(claim.folder, opts, source, boxes, predictor)
+    finally:
+        claim.release(remove_if_empty=True)    # a run that wrote nothing leaves no folder
+
+
+def _predict_into(out: Path, opts: PredictOptions, source: Source, boxes: BoxSource, predictor) -> dict:
     if out != Path(opts.out):
         log.warning("%s holds an earlier run: writing to %s", opts.out, out)
     predictor = _ready_predictor(opts, predictor)
@@ -393,14 +427,22 @@ def run_predict(opts: PredictOptions, predictor=None) -> dict:
             if given is not None:
                 tally.ious += _gt_ious(pred, given, name, boxes, opts.threshold)
             bar.set_postfix(persons=tally.persons)
-    except BaseException:
+    except BaseException as exc:
+        bar.close()
+        json_saved = _close_after_error(sink, tally.images)
+        if isinstance(exc, OSError) and exc.errno == 28:
+            raise _disk_full(out, tally.images, json_saved) from exc
         if tally.images:
             log.warning("stopped by an error: predictions of the %d image(s) done before it are in %s",
                         tally.images, out)
         raise
-    finally:
-        bar.close()
+    bar.close()
+    try:
         sink.close(write=tally.images > 0)
+    except OSError as exc:
+        if exc.errno == 28:
+            raise _disk_full(out, tally.images, False) from exc
+        raise
     if tally.images == 0:
         raise FeatCacheError("no image could be read from --source:\n  " + "\n  ".join(tally.skipped[:20]))
     dt = time.perf_counter() - t0

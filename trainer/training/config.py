@@ -8,6 +8,7 @@ folder, the analysis file) is ``Resolved``, saved beside them, never written bac
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -84,6 +85,8 @@ class TrainConfig:
     tensorboard: bool = option(True, "TensorBoard logs in <run>/tb.", shown="on")
     resume: str | None = option(None, "auto (latest in --out) or a checkpoint path; the run's args.yaml "
                                 "gives the other settings.")
+    allow_partial: bool = option(False, "Train on an incomplete store's complete images (interrupted or damaged "
+                                 "cache); without it such a store is refused.", shown="off")
     train_images: list[str] | None = option(None, "Only these file names of the training store (k-fold).", cli=None)
     val_images: list[str] | None = option(None, "Only these file names of the validation store.", cli=None)
     vis_images: list[str] | None = option(None, "Comma-separated val file names for the validation PNG.",
@@ -96,6 +99,29 @@ class TrainConfig:
     def __post_init__(self):
         if self.score_head and self.model != "roialign":
             raise ConfigError(f"score_head: needs --model roialign, not {self.model!r}")
+        self._refuse_unused()
+        ratio = self.mask_size / self.roi_size
+        if self.model == "roialign" and (ratio < 1 or 2 ** round(math.log2(ratio)) != ratio):
+            sizes = ", ".join(str(self.roi_size * 2 ** k) for k in range(4))
+            raise ConfigError(f"mask_size: {self.mask_size} must be --roi-size {self.roi_size} x a power of 2 "
+                              f"({sizes} ...): the decoder doubles the ROI grid until it is the mask")
+
+    def _refuse_unused(self) -> None:
+        """A setting that would do nothing with the others (a value other than its default whose
+        switch is off) is an error that says why, never a silent no-op."""
+        default = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                   for f in dataclasses.fields(self)}
+        rules = [("score_weight", not self.score_head, "it weighs the score head's loss: add --score-head"),
+                 ("min_steps", self.epochs > 0, "it sizes auto epochs, and --epochs is given"),
+                 ("hflip_source", self.hflip == 0, "it picks the mirrored features, and --hflip is 0"),
+                 ("fine_width", self.fine == "off" or self.model != "roialign",
+                  "it sizes the fine path, which is off (--fine off, or not --model roialign)"),
+                 ("dice_classes", self.dice_weight == 0, "Dice is off (--dice-weight 0)")]
+        rules += [(k, not self.visualize, "it sets the validation PNG, and --no-vis draws none")
+                  for k in ("vis_images", "vis_ann", "vis_image_dir", "vis_onnx")]
+        for name, off, why in rules:
+            if off and getattr(self, name) != default[name]:
+                raise ConfigError(f"{name}: {why}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,6 +1,7 @@
 """torchrun support: NCCL on GPUs, gloo on CPU; rank 0 alone writes files."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -26,12 +27,13 @@ class DistInfo:
 def setup(device_pref: str) -> tuple[DistInfo, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda") or device_pref.startswith("cuda")
+    from roiseg.trainer.devices import resolve_device
+    use_cuda = resolve_device(device_pref).type == "cuda"    # an unknown or absent device: an error
     if info.enabled and not dist.is_initialized():
         # FEATCACHE_DIST_BACKEND=gloo: several ranks on one GPU (NCCL refuses that), as gpu_bench.sh runs
         dist.init_process_group(os.environ.get("FEATCACHE_DIST_BACKEND") or ("nccl" if use_cuda else "gloo"))
     if use_cuda:
-        device = torch.device(device_pref if device_pref.startswith("cuda:") else f"cuda:{info.local_rank}")
+        device = torch.device(str(device_pref) if str(device_pref).startswith("cuda:") else f"cuda:{info.local_rank}")
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -87,6 +89,34 @@ def check_replicas(model, optimizer, info: DistInfo) -> str:
         from roiseg.featcache.errors import FeatCacheError
         raise FeatCacheError("DDP replicas diverged: " + ", ".join(f"rank {r} {d[:12]}" for r, d in enumerate(digests)))
     return f"identical on {info.world} ranks ({digests[0][:16]})"
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank (itself when alone)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_shared_folder(folder, token: str, info: DistInfo) -> None:
+    """Every rank sees the run folder rank 0 claimed (its lock file holds rank 0's ``token``): ranks
+    on several nodes need one file system for ``--out``, or each would write (and resume) its own."""
+    if not info.enabled:
+        return
+    from roiseg.featcache.files import LOCK_NAME
+    try:
+        seen = json.loads((folder / LOCK_NAME).read_text()).get("token")
+    except (OSError, ValueError, AttributeError):
+        seen = None
+    ok = [None] * info.world
+    dist.all_gather_object(ok, seen == token)
+    if not all(ok):
+        from roiseg.featcache.errors import FeatCacheError
+        blind = [r for r, v in enumerate(ok) if not v]
+        raise FeatCacheError(f"rank(s) {blind} do not see the run folder {folder} that rank 0 claimed: --out (and "
+                             f"--resume) must be on a file system every node shares")
 
 
 def barrier(info: DistInfo) -> None:

@@ -60,6 +60,16 @@ class LogHook:
                  metrics.get("boundary_IoU", float("nan")),
                  trainer.last_checkpoint.name if trainer.last_checkpoint else "-")
 
+    @classmethod
+    def seed(cls, out, history: list[dict]) -> None:
+        """A branched run's folder starts with the history it branched from (its metrics.jsonl and
+        results.csv rows up to the checkpoint)."""
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+        (out / "results.csv").unlink(missing_ok=True)
+        for m in history:
+            cls._csv(out / "results.csv", m)
+
     @staticmethod
     def _csv(csv, metrics: dict) -> None:
         row = {"epoch": metrics["epoch"], "loss": metrics["loss"], "lr": metrics["lr"], "mIoU": metrics["mIoU"],

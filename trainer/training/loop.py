@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from roiseg.featcache.errors import FeatCacheError
-from roiseg.featcache.files import refuse_overlap
+from roiseg.featcache.files import refuse_overlap, same_file
 from roiseg.featcache.store import FeatureStore, check_compatible
 from roiseg.trainer.data import CacheIndex, epoch_batches, make_source, rank_images
 from roiseg.trainer.devices import default_batch_size
@@ -32,6 +32,7 @@ from roiseg.trainer.training.config import Resolved, TrainConfig
 from roiseg.trainer.training.ema import Ema
 from roiseg.trainer.training.hooks import CheckpointHook, LogHook, as_hook
 from roiseg.trainer.training.losses import LossConfig, SegLoss
+from roiseg.trainer.training.run_folder import claim_run_folder
 from roiseg.trainer.training.run_state import Checkpointer, fingerprint, model_kwargs
 from roiseg.trainer.training.schedule import (
     DEFAULT_HIDDEN,
@@ -46,23 +47,6 @@ log = logging.getLogger(__name__)
 # Without stored mirrored features (cache --flip), whether mirroring the feature map is used instead.
 FLIP_MAP_BY_DEFAULT = True  # bench/ablate.py: within noise of stored flips, far better than none
 EpochHook = Callable[[int, Path, dict, "Trainer"], None]
-
-
-RUN_FILES = ("metrics.jsonl", "last.pth", "best.pth", "results.csv")
-
-
-def fresh_run_folder(out: Path) -> Path:
-    """``out`` if it holds no earlier run, else the first free ``out/run2``, ``out/run3``... (as
-    YOLO's train2): two runs never mix checkpoints or metrics.  Every rank computes the same folder
-    before anything is written."""
-    def used(d: Path) -> bool:
-        return d.is_dir() and (any(d.glob("checkpoint_epoch_*.pth")) or any((d / f).exists() for f in RUN_FILES))
-    if not used(out):
-        return out
-    k = 2
-    while used(out / f"run{k}"):
-        k += 1
-    return out / f"run{k}"
 
 
 def check_output_folder(out: Path, checkpoint_bytes: int, keep: int = 3) -> None:
@@ -122,6 +106,14 @@ class Trainer:
         self.dist, self.device = D.setup(cfg.device)
         self.cuda = self.device.type == "cuda"
         self.out = self._run_folder()
+        try:
+            self._build(cfg)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _build(self, cfg: TrainConfig) -> None:
+        """Everything after the run folder: a failure here leaves no trace (``_abandon``)."""
         self.train_index, self.val_index = self._stores()
         self.input_hw = tuple(self.train_index.meta["input_hw"])
         self.run = self._resolve()
@@ -144,31 +136,66 @@ class Trainer:
             check_output_folder(self.out, self._checkpoint_bytes())
             self._log_plan()
 
+    def _abandon(self) -> None:
+        """A run that failed before its first epoch: remove what it wrote (the folder, when this run
+        created it; else a class-weight file it computed there) and release the folder."""
+        folder = getattr(self, "folder", None)
+        if folder is None:
+            return
+        if folder.claim.created:      # everything in it is this run's
+            folder.release()
+            shutil.rmtree(folder.path, ignore_errors=True)
+            return
+        run = getattr(self, "run", None)
+        if run is not None and Path(run.analysis).parent == self.out and Path(run.analysis) != Path(self.cfg.analysis):
+            Path(run.analysis).unlink(missing_ok=True)
+        folder.release()
+
     # ---- construction steps ---------------------------------------------------------------------
     def _run_folder(self) -> Path:
-        """The run folder: ``--out``, or ``<out>/run2`` ... next to another run (every rank computes
-        the same one before anything is written); outputs may not be or lie inside an input."""
+        """The run folder (``run_folder.claim_run_folder``): ``--out``, ``<out>/run2`` ... next to
+        another run, or the resumed run's own; rank 0 claims it and every other rank must see the
+        same folder (its lock file's token), else the run stops before anything is written."""
         cfg = self.cfg
         refuse_overlap({"--out": cfg.out}, {"--train-store": cfg.train_store, "--val-store": cfg.val_store,
                                             "--analysis": cfg.analysis, "--vis-ann": cfg.vis_ann,
-                                            "--vis-image-dir": cfg.vis_image_dir, "--vis-onnx": cfg.vis_onnx},
+                                            "--vis-image-dir": cfg.vis_image_dir, "--vis-onnx": cfg.vis_onnx,
+                                            "--resume": cfg.resume if cfg.resume != "auto" else None},
                        inputs_inside_outputs=False)
-        out = Path(cfg.out) if cfg.resume else fresh_run_folder(Path(cfg.out))
-        if out != Path(cfg.out) and self.dist.is_main:
+        self.folder = None
+        if self.dist.is_main:
+            self.folder = claim_run_folder(cfg.out, cfg.resume)
+            shared = (str(self.folder.path), self.folder.claim.token,
+                      str(self.folder.branch_of) if self.folder.branch_of else None)
+        else:
+            shared = None
+        out, token, branch = D.broadcast_object(shared, self.dist)
+        self.branch_of = Path(branch) if branch else None
+        D.check_shared_folder(Path(out), token, self.dist)
+        if Path(out) != Path(cfg.out) and self.dist.is_main:
             log.warning("%s holds another run's checkpoints: this run writes to %s", cfg.out, out)
-        return out
+        return Path(out)
 
     def _stores(self) -> tuple[CacheIndex, CacheIndex]:
         cfg = self.cfg
-        train, val = CacheIndex(cfg.train_store, cfg.train_images), CacheIndex(cfg.val_store, cfg.val_images)
+        train = CacheIndex(cfg.train_store, cfg.train_images, cfg.allow_partial)
+        val = CacheIndex(cfg.val_store, cfg.val_images, cfg.allow_partial)
         # the fine path: automatic when the training store has a fine map (roialign only)
         self.fine_channels = (train.fine_shape[0] if train.fine_shape and cfg.fine == "auto"
                               and cfg.model == "roialign" else 0)
         fine = bool(self.fine_channels)
+        default_width = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "fine_width")
+        if not fine and cfg.fine_width != default_width:
+            raise FeatCacheError(f"--fine-width sizes the fine path, but {cfg.train_store} has no fine map "
+                                 f"(cache --fine-feature)")
         check_compatible(fingerprint(train.meta, fine), fingerprint(val.meta, fine),
                          f"validation cache {cfg.val_store} vs training cache {cfg.train_store}", keys=None,
                          labels=("training cache has", "validation cache has"))
         check_sparse_stores(cfg, train.meta, val.meta)
+        if same_file(train.path, val.path) and set(train.images) & set(val.images) and self.dist.is_main:
+            log.warning("validating on %d of the training images (--val-store is the training cache): the metrics "
+                        "then measure the fit, not how the decoder does on new images",
+                        len(set(train.images) & set(val.images)))
         if len(train.images) == 0 or len(val.images) == 0:
             raise FeatCacheError("no cached images to train or validate on (check the stores / image lists)")
         return train, val
@@ -393,7 +420,15 @@ class Trainer:
         for hook in self.hooks:
             if hasattr(hook, "after_train"):
                 hook.after_train(self)
+        D.barrier(self.dist)
+        self.release_folder()
         return self.history
 
     def close(self):
+        self.release_folder()
         D.teardown(self.dist)
+
+    def release_folder(self) -> None:
+        """Let another run have the run folder (after the last epoch; ``close`` does it too)."""
+        if getattr(self, "folder", None) is not None:
+            self.folder.release()

@@ -48,7 +48,7 @@ def hash_names(names) -> str:
 
 # Settings of where and how a run executes, not of what it trains: a resumed run takes them from
 # the command line (or their defaults), not from the run it continues.
-RUNTIME_KEYS = ("resume", "device", "workers", "resident")
+RUNTIME_KEYS = ("resume", "device", "workers", "resident", "allow_partial")
 
 
 def run_settings(resume: str, out: str | None = None) -> dict:
@@ -177,4 +177,10 @@ class Checkpointer:
         restore_rng(ck["rng"], t.cuda)
         t.history = list(ck.get("history", []))
         t.start_epoch = int(ck["epoch"]) + 1
-        log.info("resumed from %s: continuing at epoch %d", path, t.start_epoch)
+        if t.branch_of is not None:
+            if t.dist.is_main:
+                from roiseg.trainer.training.hooks import LogHook
+                LogHook.seed(t.out, t.history)
+            log.info("branched from %s into %s: continuing at epoch %d", path, t.out, t.start_epoch)
+        else:
+            log.info("resumed from %s: continuing at epoch %d", path, t.start_epoch)
