@@ -34,45 +34,17 @@ def succeeded(r):
 
 def torchrun(nproc: int, *args, timeout: float = 280, env: dict | None = None):
     """``torchrun --standalone`` (a free port: tests never collide) of ``cli.py ARGS``; the whole
-    process group is killed at ``timeout`` so a hang fails the test instead of the CI run."""
+    process tree is killed at ``timeout`` (``bench/proctree.py``) so a hang fails the test instead of
+    the CI run."""
     import os
-    import signal
     import subprocess
     import sys
-    from pathlib import Path
+
+    from bench.proctree import run_tree
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            str(root / "cli.py"), *[str(a) for a in args]]
-    p = subprocess.Popen(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for pid in [p.pid] + descendants(p.pid):   # torchrun's workers lead sessions of their own
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        out, err = p.communicate()
-        raise AssertionError(f"torchrun did not finish in {timeout} s (a hang?)\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc: children, grandchildren ...)."""
-    import os
-    parent = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found, todo = [], [pid]
-    while todo:
-        cur = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == cur]
-        found += kids
-        todo += kids
-    return found
+        return run_tree(cmd, timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=root)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"torchrun did not finish in {timeout} s (a hang?)\n{(exc.stderr or '')[-3000:]}") from None

@@ -226,7 +226,8 @@ def test_cache_rank_killed_mid_run_is_completed_by_a_rerun(synth, standin_onnx, 
     import sys
     import time
 
-    from clikit import ROOT, descendants, torchrun
+    from bench.proctree import descendants
+    from clikit import ROOT, torchrun
     out = tmp_path / "ddp.zarr"
     args = ["cache", "--ann", synth["train"], "--images", synth["root"] / "images/train2017", "--onnx", standin_onnx,
             "--provider", "cpu", "--flip", "--workers", "1", "--out", out]

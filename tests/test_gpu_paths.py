@@ -340,3 +340,113 @@ def test_ddp_empty_reads_identical_replicas_and_one_process_metrics(stores, tmp_
         assert last[k] == pytest.approx(one[k], abs=1e-9), k
     assert last["instances"] == one["instances"] == int(CacheIndex(stores["val"]).roi_start[-1])
     assert last["coco_mask_AP"]["AP"] == pytest.approx(one["coco_mask_AP"]["AP"], abs=1e-9)
+
+
+# ---- round-2 review findings (issue 29), each on the CPU -------------------------------------------
+def test_overwrite_under_torchrun_other_shards_take_the_stores_projection(synth, standin_onnx, tmp_path,
+                                                                          monkeypatch):
+    """``cache --overwrite --fine-channels`` under torchrun: rank 0 rebuilds the store and fits the
+    PCA; the other ranks must take it from the new store, never refit (the store refuses any bit
+    difference)."""
+    from roiseg.featcache import cache, fine_projection
+    from roiseg.featcache.cache import CacheConfig, complete_store_meta, run_cache
+    cfg = CacheConfig(ann=synth["val"], images=synth["root"] / "images/val2017", onnx=standin_onnx,
+                      out=tmp_path / "s.zarr", provider="cpu", fine_feature="input", fine_channels=2, limit=3)
+    run_cache(cfg, progress=False)
+    stored = complete_store_meta(cfg.out)["fine_projection"]
+
+    def no_fit(*a, **k):
+        raise AssertionError("a shard other than 0 refitted the projection")
+    monkeypatch.setattr(fine_projection, "fit_pca", no_fit)
+    import dataclasses
+    rank1 = dataclasses.replace(cfg, overwrite=True, shard=(1, 2))
+    assert cache.choose_fine_projection(rank1, None, [], None) == stored
+    with pytest.raises(AssertionError, match="refitted"):       # rank 0 of --overwrite does fit anew
+        cache.choose_fine_projection(dataclasses.replace(rank1, shard=(0, 2)), None, [None] * 3, None)
+
+
+def test_process_group_gets_the_long_timeout(monkeypatch):
+    from datetime import timedelta
+
+    from roiseg.trainer.training import distributed as D
+    seen = {}
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(D.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    D.setup("cpu", 7.5)
+    assert seen == {"backend": "gloo", "timeout": timedelta(minutes=7.5)}
+    from roiseg.trainer.training.config import make_config
+    assert make_config().dist_timeout == 120.0      # NCCL's own default (10 minutes) aborted slow resident loads
+
+
+def test_resident_auto_reads_memavailable_not_memfree(tmp_path):
+    from roiseg.trainer.data import available_ram
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       24000000 kB\nMemFree:          500000 kB\nMemAvailable:   20000000 kB\n")
+    assert available_ram(str(info)) == 20000000 * 1024      # the page cache a store's read left counts
+    info.write_text("MemTotal: 1 kB\n")                     # no MemAvailable (old kernels): sysconf's figure
+    assert available_ram(str(info)) > 0
+
+
+@pytest.mark.parametrize("world,train,val,ok", [(2, 5, 3, True), (3, 2, 9, False), (4, 9, 3, False)])
+def test_more_ranks_than_images_is_refused(world, train, val, ok):
+    from roiseg.featcache.errors import FeatCacheError
+    from roiseg.trainer.training.loop import check_ranks
+    if ok:
+        check_ranks(world, train, val)
+    else:
+        with pytest.raises(FeatCacheError, match=f"{world} ranks but only {train} training / {val} validation"):
+            check_ranks(world, train, val)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_feature_norm_runs_in_fp32_under_autocast(dtype):
+    from roiseg.trainer.models import FeatureNorm
+    norm = FeatureNorm(3)
+    norm.set([0.0, 1000.0, -5.0], [1e-6, 1e-3, 300.0])     # a near-dead channel, a large mean, a wide one
+    x = torch.tensor([[[[1e-4]], [[1000.5]], [[60000.0]]]], dtype=torch.float16)
+    ref = (x.double() - norm.mean.double()[:, None, None]) / norm.std.double()[:, None, None]
+    with torch.autocast("cpu", dtype=dtype):
+        y = norm(x)
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    assert torch.allclose(y.double(), ref, rtol=1e-3)        # fp16 arithmetic would give inf / 0 here
+
+
+def test_ranks_that_do_not_see_the_run_folder_are_refused(tmp_path, monkeypatch):
+    from roiseg.featcache.errors import FeatCacheError
+    from roiseg.featcache.files import claim_folder
+    from roiseg.trainer.training import distributed as D
+    info = D.DistInfo(rank=0, world=3)
+    with claim_folder(tmp_path / "run") as claim:
+        def gather(out, mine):            # rank 2 is on a node whose --out is another folder
+            out[:] = [mine, mine, False]
+        monkeypatch.setattr(D.dist, "all_gather_object", gather)
+        with pytest.raises(FeatCacheError, match=r"rank\(s\) \[2\] do not see the run folder"):
+            D.check_shared_folder(tmp_path / "run", claim.token, info)
+        monkeypatch.setattr(D.dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), [mine] * 3))
+        D.check_shared_folder(tmp_path / "run", claim.token, info)      # all see it: fine
+
+
+def test_deterministic_switch_sets_cublas_workspace(monkeypatch):
+    from roiseg.trainer.training import distributed as D
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        D.deterministic()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_bfloat16_amp_trains_on_a_cpu(stores, tmp_path):
+    from roiseg.trainer.training.config import make_config
+    from roiseg.trainer.training.loop import Trainer
+    cfg = make_config(train_store=str(stores["train"]), val_store=str(stores["val"]), out=str(tmp_path / "ck"),
+                      analysis=str(stores["analysis"]), hidden=8, roi_size=7, mask_size=14, epochs=1, batch_size=4,
+                      workers=0, resident="cpu", tensorboard=False, visualize=False, amp_dtype="bfloat16",
+                      device="cpu")
+    t = Trainer(cfg)
+    assert t.run.amp and t.run.amp_dtype == "bfloat16" and t.scaler.is_enabled()
+    hist = t.fit()
+    assert np.isfinite(hist[-1]["loss"]) and t.scaler.get_scale() >= 1
+    t.close()

@@ -494,6 +494,23 @@ def resident_choice(mode: str, need: int, device_type: str, gpu_free: int, ram_a
     return "cpu" if need < 0.5 * ram_available / max(1, local_ranks) else "off"
 
 
+def available_ram(meminfo: str = "/proc/meminfo") -> int:
+    """Bytes of RAM a new allocation can get: the kernel's MemAvailable, which counts the page cache
+    it would drop (MemFree does not: once the store has been read, its pages would make residency
+    look unaffordable and the run would silently stream).  Without /proc: sysconf's free pages."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def choose_resident(mode: str, index: CacheIndex, device: torch.device, n_images: int | None = None,
                     copies: int = 1, fine: bool = False) -> str:
     """``resident_choice`` with this machine's free GPU memory and RAM; ``copies``: 2 when the
@@ -502,11 +519,7 @@ def choose_resident(mode: str, index: CacheIndex, device: torch.device, n_images
         return mode
     feats, masks = resident_bytes(index, len(index.images) if n_images is None else n_images, copies, fine)
     gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        avail = 0
-    return resident_choice(mode, feats + masks, device.type, gpu_free, avail,
+    return resident_choice(mode, feats + masks, device.type, gpu_free, available_ram(),
                            int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 
 

@@ -60,7 +60,10 @@ class FeatureNorm(nn.Module):
         self.std.copy_(torch.as_tensor(std, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean[:, None, None].to(x.dtype)) / self.std[:, None, None].to(x.dtype)
+        # fp32 whatever the input and autocast: in fp16 a tiny standard deviation turns the
+        # quotient inf and tiny deviations subnormal (the next layer casts it as autocast wants)
+        with torch.autocast(x.device.type, enabled=False):
+            return (x.float() - self.mean[:, None, None]) / self.std[:, None, None]
 
 
 class MaskIoUHead(nn.Module):

@@ -321,7 +321,7 @@ def _boundary_iou(pred: torch.Tensor, gt_band: torch.Tensor, gt_band_area: np.nd
 
 @torch.no_grad()
 def run_evaluator(model: torch.nn.Module, batches: Iterable[dict], evaluator: RoiEvaluator, amp: bool = False,
-                  zero_features: bool = False) -> RoiEvaluator:
+                  zero_features: bool = False, amp_dtype: torch.dtype = torch.float16) -> RoiEvaluator:
     """Feed every validation batch through ``model`` into ``evaluator`` (no per-ROI host sync)."""
     was_training = model.training
     model.eval()
@@ -332,7 +332,7 @@ def run_evaluator(model: torch.nn.Module, batches: Iterable[dict], evaluator: Ro
             f, fine = torch.zeros_like(f), None if fine is None else torch.zeros_like(fine)
         if not amp:
             f, fine = f.float(), None if fine is None else fine.float()
-        with torch.autocast(f.device.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(f.device.type, dtype=amp_dtype, enabled=amp):
             logits, scores = decode_rois(model, f, batch["rois"], fine)
         evaluator.process(batch["roi_ids"], logits.float().softmax(1), scores)
     model.train(was_training)

@@ -13,6 +13,8 @@ import logging
 import tempfile
 from pathlib import Path
 
+import torch
+
 from roiseg.featcache.errors import FeatCacheError
 from roiseg.featcache.store import FeatureStore
 from roiseg.trainer.checkpoint import (
@@ -50,7 +52,8 @@ def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: l
     ev = RoiEvaluator(index, FeatureStore(index.path), k, dev, coco_eval).keep_records(details)
     bs = batch_size or default_batch_size(dev)
     run_evaluator(model, val_batches(index, dev, bs, int(ck["model_kwargs"]["mask_size"]), fine=uses_fine(model)), ev,
-                  amp=bool(cfg.get("amp")) and dev.type == "cuda", zero_features=bool(cfg.get("zero_features")))
+                  amp=bool(cfg.get("amp")) and (dev.type == "cuda" or cfg.get("amp_dtype") == "bfloat16"),
+                  zero_features=bool(cfg.get("zero_features")), amp_dtype=getattr(torch, cfg.get("amp_dtype", "float16")))
     res = ev.result()
     res.update({"checkpoint": str(path), "epoch": int(ck["epoch"]), "val_store": str(index.path),
                 "stored_metrics": {m: ck.get("metrics", {}).get(m) for m in ("mIoU", "instance_mIoU", "boundary_IoU")}})

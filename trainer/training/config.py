@@ -44,7 +44,15 @@ class TrainConfig:
     weight_decay: float = option(1e-4, "AdamW weight decay.", ge=0, shown="1e-4")
     warmup_epochs: float = option(0.5, "Linear warm-up, then cosine.", ge=0)
     grad_clip: float = option(1.0, "Max gradient norm, 0 = off.", ge=0, shown="1.0")
-    amp: bool = option(True, "fp16 autocast on CUDA.", shown="on")
+    amp: bool = option(True, "Mixed precision (autocast + grad scaler): on CUDA in --amp-dtype; a CPU trains in "
+                       "fp32 unless --amp-dtype bfloat16.", shown="on")
+    amp_dtype: Literal["float16", "bfloat16"] = option("float16", "Autocast type of --amp; bfloat16 also runs "
+                                                       "on a CPU.")
+    deterministic: bool = option(False, "Deterministic algorithms only (torch.use_deterministic_algorithms; CUDA: "
+                                 "a resumed run is then bit-identical to an uninterrupted one, a little slower).",
+                                 shown="off")
+    dist_timeout: float = option(120.0, "Minutes a torchrun rank waits for the others (loading a resident cache "
+                                 "at different speeds can take long).", gt=0, shown="120")
     ema: float = option(0.99, "EMA decay per step, 0 = off; validation and best.pth use the EMA weights.",
                         ge=0, lt=1)
     seed: int = option(0, "Seed of sampling, jitter and initialization.")
@@ -137,7 +145,8 @@ class Resolved:
     batch_size: int
     rois_per_step: int
     lr: float                 # scaled by sqrt(rois_per_step / 16)
-    amp: bool
+    amp: bool                 # autocast on (CUDA, or a CPU with --amp-dtype bfloat16)
+    amp_dtype: str
     device: str
     analysis: str             # the data_analyze.json used (computed into the run folder when missing)
 

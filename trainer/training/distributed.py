@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,14 +25,24 @@ class DistInfo:
         return self.world > 1
 
 
-def setup(device_pref: str) -> tuple[DistInfo, torch.device]:
+def deterministic() -> None:
+    """Deterministic algorithms only (``train --deterministic``): cuBLAS needs a fixed workspace, set
+    before its first call; torchvision's ``roi_align`` then takes its deterministic path on CUDA."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
+def setup(device_pref: str, timeout_minutes: float = 120.0) -> tuple[DistInfo, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     from roiseg.trainer.devices import resolve_device
     use_cuda = resolve_device(device_pref).type == "cuda"    # an unknown or absent device: an error
     if info.enabled and not dist.is_initialized():
         # FEATCACHE_DIST_BACKEND=gloo: several ranks on one GPU (NCCL refuses that), as gpu_bench.sh runs
-        dist.init_process_group(os.environ.get("FEATCACHE_DIST_BACKEND") or ("nccl" if use_cuda else "gloo"))
+        # a long timeout: ranks loading a resident cache at different speeds wait for each other at
+        # the first collective (NCCL's default, 10 minutes, aborted such runs)
+        dist.init_process_group(os.environ.get("FEATCACHE_DIST_BACKEND") or ("nccl" if use_cuda else "gloo"),
+                                timeout=timedelta(minutes=timeout_minutes))
     if use_cuda:
         device = torch.device(str(device_pref) if str(device_pref).startswith("cuda:") else f"cuda:{info.local_rank}")
         torch.cuda.set_device(device)

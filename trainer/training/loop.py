@@ -93,6 +93,14 @@ def check_sparse_stores(cfg: TrainConfig, train_meta: dict, val_meta: dict) -> N
                              f"with --sparse-margin {cfg.max_jitter})")
 
 
+def check_ranks(world: int, n_train: int, n_val: int) -> None:
+    """Every rank owns at least one training and one validation image: a rank with an empty shard
+    would leave the others waiting in their collectives (a hang, not an error)."""
+    if world > min(n_train, n_val):
+        raise FeatCacheError(f"{world} ranks but only {n_train} training / {n_val} validation images: every rank "
+                             f"needs an image of each; launch at most {min(n_train, n_val)} processes")
+
+
 class Trainer:
     """One run: its stores, model, optimizer and sources, built in ``__init__`` from ``cfg`` (never
     changed: what the run makes of it is ``self.run``, a ``Resolved``), then ``fit``."""
@@ -103,7 +111,9 @@ class Trainer:
         self.hooks = [CheckpointHook(), LogHook()] + [as_hook(h) for h in hooks or []]
         self.checkpointer = Checkpointer(self)
         self.last_checkpoint: Path | None = None
-        self.dist, self.device = D.setup(cfg.device)
+        if cfg.deterministic:
+            D.deterministic()
+        self.dist, self.device = D.setup(cfg.device, cfg.dist_timeout)
         self.cuda = self.device.type == "cuda"
         self.out = self._run_folder()
         try:
@@ -125,7 +135,8 @@ class Trainer:
                                  self._fine_stats(), **model_kwargs(cfg, self.run.hidden, self.fine_channels)
                                  ).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=cfg.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.amp_dtype = getattr(torch, self.run.amp_dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.ema = Ema(self.model, cfg.ema) if cfg.ema > 0 else None
         self.start_epoch, self.global_step, self.history = 1, 0, []
         if cfg.resume:
@@ -198,6 +209,7 @@ class Trainer:
                         len(set(train.images) & set(val.images)))
         if len(train.images) == 0 or len(val.images) == 0:
             raise FeatCacheError("no cached images to train or validate on (check the stores / image lists)")
+        check_ranks(self.dist.world, len(train.images), len(val.images))
         return train, val
 
     def _resolve(self) -> Resolved:
@@ -208,8 +220,10 @@ class Trainer:
         # are counted in ROIs, not images, so small subsets still get many updates.
         batch_size = cfg.batch_size or default_batch_size(self.device)
         rois_per_step = cfg.rois_per_step or (256 if self.cuda else REFERENCE_ROIS_PER_STEP)
-        if cfg.amp and not self.cuda and self.dist.is_main:
-            log.info("AMP is a CUDA feature: training in fp32 on %s", self.device)
+        amp = cfg.amp and (self.cuda or cfg.amp_dtype == "bfloat16")
+        if cfg.amp and not amp and self.dist.is_main:
+            log.info("AMP in float16 is a CUDA feature: training in fp32 on %s (--amp-dtype bfloat16 runs it "
+                     "here)", self.device)
         self.sampling = self._sampling()
         # The LR schedule's progress counts ROIs of all ranks together: every replica then steps
         # with the same rate (DDP averages gradients, not rates).
@@ -218,7 +232,7 @@ class Trainer:
         epochs = cfg.epochs or auto_epochs(self.epoch_rois // self.dist.world, rois_per_step, cfg.min_steps)
         return Resolved(out=str(self.out), hidden=cfg.hidden or DEFAULT_HIDDEN.get(cfg.model, 128), epochs=epochs,
                         batch_size=batch_size, rois_per_step=rois_per_step, lr=scaled_lr(cfg.lr, rois_per_step),
-                        amp=cfg.amp and self.cuda, device=str(self.device), analysis=cfg.analysis)
+                        amp=amp, amp_dtype=cfg.amp_dtype, device=str(self.device), analysis=cfg.analysis)
 
     def _loss(self) -> SegLoss:
         cfg = self.cfg
@@ -342,7 +356,7 @@ class Trainer:
             for j, sel in enumerate(chunks):
                 lr = self._set_lr(epoch - 1 + min(1.0, (done + rois_before_step(counts, len(chunks), j))
                                                   / self.epoch_rois))
-                with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                     logits, scores = decode_rois(self.net, feats, batch["rois"][sel], fine)
                 if len(sel):
                     losses = self.loss(logits, targets[sel], scores)
@@ -387,7 +401,8 @@ class Trainer:
         batches = epoch_batches(self.val_index.images, 0, 0, self.batch_size, self.dist.rank, self.dist.world,
                                 shuffle=False, pad=False)
         evaluator = run_evaluator(model, self.val_source.iterate(batches, 0, False),
-                                  self.evaluator.keep_records(details), self.amp, self.cfg.zero_features)
+                                  self.evaluator.keep_records(details), self.amp, self.cfg.zero_features,
+                                  self.amp_dtype)
         D.all_reduce_(evaluator.tensors(), self.dist)
         if self.dist.enabled:   # per-ROI records and COCO detections of every rank's share of the images
             evaluator.records = D.all_gather_lists(evaluator.records, self.dist)

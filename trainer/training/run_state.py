@@ -48,7 +48,7 @@ def hash_names(names) -> str:
 
 # Settings of where and how a run executes, not of what it trains: a resumed run takes them from
 # the command line (or their defaults), not from the run it continues.
-RUNTIME_KEYS = ("resume", "device", "workers", "resident", "allow_partial")
+RUNTIME_KEYS = ("resume", "device", "workers", "resident", "allow_partial", "dist_timeout")
 
 
 def run_settings(resume: str, out: str | None = None) -> dict:
