@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.reference_analyze import reference_counts  # noqa: E402
-from roiseg.featcache.analyze import run_analyze  # noqa: E402
+from roiseg.data.analyze import run_analyze  # noqa: E402
 
 
 def main():

@@ -18,10 +18,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.realdata import ANN, FEATURE, IMAGES, ONNX  # noqa: E402
-from roiseg.featcache.cache import CacheConfig, run_cache  # noqa: E402
-from roiseg.featcache.coco import load_person_records  # noqa: E402
-from roiseg.featcache.extractor import Extractor  # noqa: E402
-from roiseg.featcache.images import Preprocess, load_rgb, preprocess  # noqa: E402
+from roiseg.data.cache import CacheConfig, run_cache  # noqa: E402
+from roiseg.data.coco import load_person_records  # noqa: E402
+from roiseg.data.extractor import Extractor  # noqa: E402
+from roiseg.data.images import Preprocess, load_rgb, preprocess  # noqa: E402
 
 
 def main():

@@ -18,8 +18,8 @@ from numcodecs import LZ4, Blosc, Zstd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.realdata import IMAGES, ONNX  # noqa: E402
-from roiseg.featcache.extractor import Extractor  # noqa: E402
-from roiseg.featcache.images import Preprocess, load_rgb, preprocess  # noqa: E402
+from roiseg.data.extractor import Extractor  # noqa: E402
+from roiseg.data.images import Preprocess, load_rgb, preprocess  # noqa: E402
 
 CODECS = {
     "blosc-lz4-bitshuffle": Blosc("lz4", 5, Blosc.BITSHUFFLE),

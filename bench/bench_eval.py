@@ -18,15 +18,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from roiseg.featcache.store import FeatureStore  # noqa: E402
-from roiseg.trainer.data import CacheIndex  # noqa: E402
-from roiseg.trainer.inference.evaluate import (  # noqa: E402
+from roiseg.data.store import FeatureStore  # noqa: E402
+from roiseg.evaluation.evaluator import RoiEvaluator  # noqa: E402
+from roiseg.inference.evaluate import (  # noqa: E402
     evaluate_checkpoint,
     run_evaluator,
     val_batches,
 )
-from roiseg.trainer.models import build_model  # noqa: E402
-from roiseg.trainer.scoring import RoiEvaluator  # noqa: E402
+from roiseg.loader.sources import CacheIndex  # noqa: E402
+from roiseg.modeling.decoders import build_model  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "predict"
 COCO_VAL_ROIS = 11_004

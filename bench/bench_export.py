@@ -14,7 +14,7 @@ For each ``CxHIDDEN`` a roialign decoder (random weights, random feature statist
 
 ms per run is the best of --repeat after a warm-up, on one image's features [1,C,80,80]; "per ROI"
 is the marginal cost (N=20 vs N=1); MB is the sum of all outputs at N=20.  With ``--end-to-end``
-the stand-in extractor (featcache.standin, C channels) is joined in front and timed too.
+the stand-in extractor (roiseg.data.standin, C channels) is joined in front and timed too.
 """
 from __future__ import annotations
 
@@ -29,15 +29,15 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from roiseg.featcache.geometry import pad_box  # noqa: E402
-from roiseg.trainer.inference.export import export_decoder, export_end_to_end  # noqa: E402
-from roiseg.trainer.inference.export_graph import (  # noqa: E402
+from roiseg.common.geometry import pad_box  # noqa: E402
+from roiseg.export.export import export_decoder, export_end_to_end  # noqa: E402
+from roiseg.export.graph import (  # noqa: E402
     DecoderExport,
     ExportSpec,
     sample_inputs,
 )
-from roiseg.trainer.inference.parity import check_parity, format_parity  # noqa: E402
-from roiseg.trainer.models import build_model  # noqa: E402
+from roiseg.export.parity import check_parity, format_parity  # noqa: E402
+from roiseg.modeling.decoders import build_model  # noqa: E402
 
 
 def grid_sample_paste(probs, boxes_px, height, width):
@@ -93,7 +93,7 @@ def session(path, provider):
     import onnx
     import onnxruntime as ort
 
-    from roiseg.featcache.providers import make_session
+    from roiseg.common.providers import make_session
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return make_session(onnx.load(str(path)), opts, provider, label=Path(path).name)
@@ -152,7 +152,7 @@ def main():
             sessions = {name: session(path, a.provider) for name, path in graphs.items()}
             all_feeds = {name: feeds for name in graphs}
             if a.end_to_end:
-                from roiseg.featcache.standin import build_standin_extractor
+                from roiseg.data.standin import build_standin_extractor
                 ext = build_standin_extractor(d / "ext.onnx", channels=c)
                 e2e = export_end_to_end(ext, "/model.34/Concat_output_0", graphs["default"], d / "e2e.onnx")
                 sessions["end-to-end (stand-in extractor)"] = session(e2e, a.provider)

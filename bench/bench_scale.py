@@ -175,7 +175,7 @@ def done_images(store: Path) -> int:
 
 def same_images(a: Path, b: Path, k: int = 64) -> bool:
     """Store ``a`` equals ``b`` on ``k`` images spread over it (features, masks, RLEs)."""
-    from roiseg.featcache.store import FeatureStore
+    from roiseg.data.store import FeatureStore
     sa, sb = FeatureStore(a), FeatureStore(b)
     n = sa.meta["n_images"]
     for i in np.linspace(0, n - 1, min(k, n)).astype(int):
@@ -193,9 +193,9 @@ def train_phase(a) -> None:
 
     import torch
     torch.set_num_threads(max(1, os.cpu_count() // 2))
-    import roiseg.trainer.training.loop as loop
-    from roiseg.featcache.store import FeatureStore
-    from roiseg.trainer.training.config import make_config
+    import roiseg.training.loop as loop
+    from roiseg.data.store import FeatureStore
+    from roiseg.training.config import make_config
     t0 = time.perf_counter()
     FeatureStore(a.store).tables
     t_open = time.perf_counter() - t0
@@ -229,8 +229,8 @@ def resident_phase(a) -> None:
 
     import torch
     torch.set_num_threads(1)
-    from roiseg.trainer.data import CacheIndex, ResidentSource, resident_bytes
-    from roiseg.trainer.sampling import RoiSampling
+    from roiseg.loader.sampling import RoiSampling
+    from roiseg.loader.sources import CacheIndex, ResidentSource, resident_bytes
     idx = CacheIndex(a.store)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
@@ -256,7 +256,7 @@ def train_stage(store: Path, val: Path, analysis: Path, run: Path, resident: str
 def cache_stages(ann: Path, paths: dict, work: Path, n: int, record) -> None:
     """``cache`` dense and sparse from scratch, the re-run of the finished sparse store, and a sparse
     run killed at half the images then completed (compared with the uninterrupted one)."""
-    from roiseg.featcache.store import FeatureStore
+    from roiseg.data.store import FeatureStore
     for kind, extra in (("dense", ()), ("sparse", ("--sparse",))):
         store = work / f"train_{n}_{kind}.zarr"
         shutil.rmtree(store, ignore_errors=True)
@@ -316,7 +316,7 @@ def main():
     print(f"disk: ~{need / 1e9:.1f} GB needed for N = {max(sizes)}, {free / 1e9:.1f} GB free")
     if need > free:
         raise SystemExit("not enough disk space")
-    from roiseg.featcache.standin import build_standin_extractor
+    from roiseg.data.standin import build_standin_extractor
     paths = dataset(max(sizes), a.val, work)
     if not paths["onnx"].is_file():
         build_standin_extractor(paths["onnx"], channels=a.channels)
@@ -394,7 +394,7 @@ def projection(results: dict, work: Path, n: int, extractor_ms: float) -> None:
     compress_ms = 1000 * RAW_1024 / (LZ4_ENCODE_GBS * 1e9)
     train = results["train resident=cpu"][key]
     rois_per_image = train["rois"] / (train["reads"] * 8)
-    from roiseg.trainer.data import CacheIndex, resident_bytes
+    from roiseg.loader.sources import CacheIndex, resident_bytes
     _, masks = resident_bytes(CacheIndex(store), n)
     masks_per_image = masks / n
     m, p = "measured", "projected"

@@ -12,7 +12,7 @@ Layouts: dense / ROI-sparse (``cache --sparse``, margin 0.2) x lz4 / zstd.
 Reads decode each image's chunk into one reused buffer (the pinned streaming path's call), with 1 and
 ``--threads`` threads, hot (page cache) and cold (chunk files fsynced, then dropped from the page
 cache with posix_fadvise(DONTNEED) before every pass).  Blosc runs single-threaded.
-Projection: the share of cells `cache --sparse` keeps (``featcache.sparse.readable_cells``, what
+Projection: the share of cells `cache --sparse` keeps (``roiseg.data.sparse.readable_cells``, what
 `analyze` reports as ``sparse_cells``) on a COCO-scale annotation file (bench/make_coco_scale.py:
 60k images, COCO-like person counts and sizes) and on the real images, times the stored/raw ratios
 measured on the real features, for [1024,80,80] fp16 maps (13.1 MB raw).
@@ -35,10 +35,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.realdata import ANN, FEATURE, IMAGES, ONNX  # noqa: E402
-from roiseg.featcache.cache import CacheConfig, run_cache  # noqa: E402
-from roiseg.featcache.geometry import ResizePolicy  # noqa: E402
-from roiseg.featcache.sparse import DEFAULT_MARGIN, readable_cells  # noqa: E402
-from roiseg.featcache.store import FeatureStore  # noqa: E402
+from roiseg.common.geometry import ResizePolicy  # noqa: E402
+from roiseg.data.cache import CacheConfig, run_cache  # noqa: E402
+from roiseg.data.sparse import DEFAULT_MARGIN, readable_cells  # noqa: E402
+from roiseg.data.store import FeatureStore  # noqa: E402
 
 LAYOUTS = [("dense", "lz4"), ("dense", "zstd"), ("sparse", "lz4"), ("sparse", "zstd")]
 RAW_1024 = 1024 * 80 * 80 * 2
@@ -161,8 +161,8 @@ def main():
         print("real images (YOLOX-Nano, 128 x 80 x 80):")
         report["real"] = measure("real", FeatureStore(work / "real.zarr"), work, a.threads, a.repeat)
         if a.synthetic:
-            from roiseg.featcache.standin import FEATURE_NAME, build_standin_extractor
-            from roiseg.featcache.synthetic import make_synthetic_dataset
+            from roiseg.data.standin import FEATURE_NAME, build_standin_extractor
+            from roiseg.data.synthetic import make_synthetic_dataset
             syn = make_synthetic_dataset(work / "syn", n_train=a.synthetic, n_val=1, seed=0, subsets=())
             onnx = build_standin_extractor(work / "standin1024.onnx", channels=1024)
             run_cache(CacheConfig(ann=syn["train"], images=syn["root"] / "images/train2017", onnx=onnx,

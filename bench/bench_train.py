@@ -25,22 +25,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.realdata import ONNX  # noqa: E402
-from roiseg.trainer.data import (  # noqa: E402
+from roiseg.loader.sampling import RoiSampling  # noqa: E402
+from roiseg.loader.sources import (  # noqa: E402
     CacheIndex,
     PinnedStreamSource,
     ResidentSource,
     StreamingSource,
     epoch_batches,
 )
-from roiseg.trainer.models import build_model  # noqa: E402
-from roiseg.trainer.sampling import RoiSampling  # noqa: E402
-from roiseg.trainer.training.losses import LossConfig, SegLoss  # noqa: E402
+from roiseg.modeling.decoders import build_model  # noqa: E402
+from roiseg.training.losses import LossConfig, SegLoss  # noqa: E402
 
 
 def synthetic_store(n: int, channels: int, workers: int, keep: Path | None = None, sparse: bool = False) -> Path:
-    from roiseg.featcache.cache import CacheConfig, run_cache
-    from roiseg.featcache.standin import build_standin_extractor
-    from roiseg.featcache.synthetic import make_synthetic_dataset
+    from roiseg.data.cache import CacheConfig, run_cache
+    from roiseg.data.standin import build_standin_extractor
+    from roiseg.data.synthetic import make_synthetic_dataset
     if keep and (keep / "train.zarr").is_dir():
         return keep / "train.zarr"
     d = keep or Path(tempfile.mkdtemp(prefix="bench_train_"))
@@ -89,8 +89,8 @@ def run_steps(model, opt, loss_fn, batches, device, amp, steps, rois_per_step=0)
 
 def onnx_batches(index, resident, batches, epoch):
     """Earlier project's data path: decode JPEG + run the extractor for every image, every step."""
-    from roiseg.featcache.extractor import Extractor
-    from roiseg.featcache.images import Preprocess, load_rgb, preprocess
+    from roiseg.data.extractor import Extractor
+    from roiseg.data.images import Preprocess, load_rgb, preprocess
     ex = Extractor(ONNX, index.meta["feature_name"], "cpu", streams=1)
     prep = Preprocess.from_dict(index.meta["preprocess"])
     img_dir = Path(index.meta["images_dir"])

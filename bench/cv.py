@@ -20,10 +20,10 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from bench.realdata import ANN, FEATURE, IMAGES, ONNX
-from roiseg.featcache.analyze import run_analyze
-from roiseg.featcache.cache import CacheConfig, run_cache
-from roiseg.featcache.files import write_json_atomic
-from roiseg.featcache.store import FeatureStore
+from roiseg.common.files import write_json_atomic
+from roiseg.data.analyze import run_analyze
+from roiseg.data.cache import CacheConfig, run_cache
+from roiseg.data.store import FeatureStore
 
 log = logging.getLogger("cv")
 AREA_S, AREA_M = 32 ** 2, 96 ** 2     # COCO small / medium limits (original pixels)
@@ -61,7 +61,7 @@ def box_filled_ious(store: Path) -> tuple[dict[int, float], dict[int, float]]:
     filled as the mask with the GT mask."""
     import torch
 
-    from roiseg.trainer.boundary import boundary_band, boundary_width
+    from roiseg.evaluation.boundary import boundary_band, boundary_width
     fs = FeatureStore(store)
     t = fs.tables
     iou, biou = {}, {}
@@ -85,8 +85,8 @@ def _train_job(job: dict) -> dict:
     """One (variant, fold, seed) training run in its own single-threaded process."""
     import torch
     torch.set_num_threads(1)
-    from roiseg.trainer.training.config import make_config
-    from roiseg.trainer.training.loop import Trainer
+    from roiseg.training.config import make_config
+    from roiseg.training.loop import Trainer
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
     shutil.rmtree(job["out"], ignore_errors=True)

@@ -16,7 +16,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from roiseg.featcache.store import FeatureStore  # noqa: E402
+from roiseg.data.store import FeatureStore  # noqa: E402
 
 
 def main():

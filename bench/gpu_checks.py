@@ -66,11 +66,11 @@ class Env:
 
     @functools.cached_property
     def data(self) -> dict:
-        from roiseg.featcache.analyze import run_analyze
-        from roiseg.featcache.cache import CacheConfig, run_cache
-        from roiseg.featcache.files import write_json_atomic
-        from roiseg.featcache.standin import build_standin_extractor
-        from roiseg.featcache.synthetic import make_synthetic_dataset
+        from roiseg.common.files import write_json_atomic
+        from roiseg.data.analyze import run_analyze
+        from roiseg.data.cache import CacheConfig, run_cache
+        from roiseg.data.standin import build_standin_extractor
+        from roiseg.data.synthetic import make_synthetic_dataset
         d = make_synthetic_dataset(self.work / "data", n_train=32, n_val=8, seed=3)
         onnx = build_standin_extractor(self.work / "standin.onnx", channels=64)
         stores = {}
@@ -93,7 +93,7 @@ class Env:
         return out
 
     def config(self, out: Path, fine: bool = False, **over):
-        from roiseg.trainer.training.config import make_config
+        from roiseg.training.config import make_config
         s = self.data
         train, val = (s["fine_train"], s["fine_val"]) if fine else (s["train"], s["val"])
         base = dict(train_store=str(train), val_store=str(val), analysis=str(s["analysis"]), out=str(out),
@@ -131,7 +131,7 @@ class Env:
 def fit(cfg, until: int | None = None):
     """A run as ``cli.py train`` runs it (in this process): the trainer, after ``fit``; ``until``:
     stopped after that epoch, as a run killed there (its LR schedule is the whole run's)."""
-    from roiseg.trainer.training.loop import Trainer
+    from roiseg.training.loop import Trainer
     t = Trainer(cfg)
     try:
         t.fit(until)
@@ -142,13 +142,13 @@ def fit(cfg, until: int | None = None):
 
 def resumed(cfg_over: dict, env: Env, out: Path):
     """``train --resume auto`` of the run in ``out`` with ``cfg_over`` given on the command line."""
-    from roiseg.trainer.training.config import make_config
-    from roiseg.trainer.training.run_state import run_settings
+    from roiseg.training.config import make_config
+    from roiseg.training.run_state import run_settings
     return fit(make_config(base=run_settings("auto", str(out)), resume="auto", **cfg_over))
 
 
 def final_state(out: Path) -> dict:
-    from roiseg.trainer.checkpoint import find_checkpoint, load_checkpoint
+    from roiseg.modeling.checkpoint import find_checkpoint, load_checkpoint
     return load_checkpoint(find_checkpoint(out))
 
 
@@ -156,7 +156,7 @@ def final_state(out: Path) -> dict:
 def check_amp(env: Env) -> str:
     import torch
 
-    from roiseg.trainer.training.loop import Trainer
+    from roiseg.training.loop import Trainer
     t = Trainer(env.config(env.fresh("amp"), epochs=4))
     if not t.amp:
         raise AssertionError(f"AMP is off on {t.device}")
@@ -193,7 +193,7 @@ def check_amp(env: Env) -> str:
 def check_resume(env: Env) -> str:
     import torch
 
-    from roiseg.trainer.checkpoint import tensor_digest
+    from roiseg.modeling.checkpoint import tensor_digest
     full, part = env.fresh("resume_full"), env.fresh("resume_part")
     over = {"deterministic": True, "amp": True}
     try:
@@ -206,7 +206,7 @@ def check_resume(env: Env) -> str:
     keys = ("model", "ema", "optimizer", "scaler")
     same = {k: tensor_digest(a[k]) == tensor_digest(b[k]) for k in keys}
     la, lb = a["metrics"]["loss"], b["metrics"]["loss"]
-    detail = (f"epoch 2 after resume vs uninterrupted: " + ", ".join(f"{k} {'equal' if v else 'DIFFERENT'}"
+    detail = ("epoch 2 after resume vs uninterrupted: " + ", ".join(f"{k} {'equal' if v else 'DIFFERENT'}"
                                                                      for k, v in same.items())
               + f"; loss {lb!r} vs {la!r}; instance_mIoU {b['metrics']['instance_mIoU']:.6f} vs "
               f"{a['metrics']['instance_mIoU']:.6f}")
@@ -235,8 +235,13 @@ def check_resume_to_amp(env: Env) -> str:
 def check_data_paths(env: Env) -> str:
     import torch
 
-    from roiseg.trainer.data import CacheIndex, PinnedStreamSource, ResidentSource, epoch_batches
-    from roiseg.trainer.sampling import RoiSampling
+    from roiseg.loader.sampling import RoiSampling
+    from roiseg.loader.sources import (
+        CacheIndex,
+        PinnedStreamSource,
+        ResidentSource,
+        epoch_batches,
+    )
     index = CacheIndex(env.data["train"])
     sampling = RoiSampling(hflip=0.5)          # stored mirrored maps: the store has them (cache --flip)
     dev = torch.device(env.device)
@@ -316,8 +321,8 @@ def _ort_providers() -> list:
 def check_ort_cuda(env: Env) -> str:
     import numpy as np
 
-    from roiseg.featcache.extractor import Extractor
-    from roiseg.featcache.standin import FEATURE_NAME
+    from roiseg.data.extractor import Extractor
+    from roiseg.data.standin import FEATURE_NAME
     if not env.cuda:
         raise Skip("--device cpu: ONNX Runtime's GPU providers are checked with --device cuda")
     if "CUDAExecutionProvider" not in _ort_providers():
@@ -335,9 +340,9 @@ def check_ort_cuda(env: Env) -> str:
 def check_trt_engines(env: Env) -> str:
     import numpy as np
 
-    from roiseg.featcache.extractor import Extractor
-    from roiseg.featcache.providers import load_tensorrt
-    from roiseg.featcache.standin import FEATURE_NAME, build_standin_extractor
+    from roiseg.common.providers import load_tensorrt
+    from roiseg.data.extractor import Extractor
+    from roiseg.data.standin import FEATURE_NAME, build_standin_extractor
     if not env.cuda:
         raise Skip("--device cpu: TensorRT is checked with --device cuda")
     if "TensorrtExecutionProvider" not in _ort_providers():
@@ -367,7 +372,7 @@ CHECKS = {"amp": check_amp, "resume": check_resume, "resume_to_amp": check_resum
 
 # ---- planted faults: each must turn its check into a FAIL ----------------------------------------
 def _plant_amp():      # every loss inf: the scaler skips every step and its scale collapses
-    from roiseg.trainer.training.losses import SegLoss
+    from roiseg.training.losses import SegLoss
     real = SegLoss.forward
     SegLoss.forward = lambda self, *a, **k: {**(r := real(self, *a, **k)), "loss": r["loss"] * float("inf")}
 
@@ -378,13 +383,13 @@ def _plant_resume():   # the optimizer's moments are not restored: AdamW starts 
 
 
 def _plant_resume_to_amp():   # AMP silently never turns on
-    from roiseg.trainer.training.loop import Trainer
+    from roiseg.training.loop import Trainer
     real = Trainer._resolve
     Trainer._resolve = lambda self: dataclasses.replace(real(self), amp=False)
 
 
 def _plant_data_paths():   # the ring hands out slot 0 at once, while the consumer still reads it
-    from roiseg.trainer.data import PinnedRing
+    from roiseg.loader.sources import PinnedRing
 
     def acquire(self, k):
         return 0, {name: b.numpy() for name, b in self.bufs[0].items()}
@@ -394,7 +399,7 @@ def _plant_data_paths():   # the ring hands out slot 0 at once, while the consum
 def _plant_fine_amp():   # the fusion is cut from the gradient: it never learns
     import torch
 
-    from roiseg.trainer.models import FineFusion, roi_features
+    from roiseg.modeling.decoders import FineFusion, roi_features
 
     def forward(self, coarse, fine, rois):
         x = self.reduce(self.norm(roi_features(fine, rois, self.size, self.sampling_ratio)))

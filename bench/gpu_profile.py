@@ -8,11 +8,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.bench_train import synthetic_store
-from roiseg.trainer.data import CacheIndex, ResidentSource, epoch_batches
-from roiseg.trainer.models import build_model
-from roiseg.trainer.sampling import RoiSampling
-from roiseg.trainer.target_sampling import sample_roi_targets
-from roiseg.trainer.training.losses import LossConfig, SegLoss
+from roiseg.loader.sampling import RoiSampling
+from roiseg.loader.sources import CacheIndex, ResidentSource, epoch_batches
+from roiseg.loader.targets import sample_roi_targets
+from roiseg.modeling.decoders import build_model
+from roiseg.training.losses import LossConfig, SegLoss
 
 dev = torch.device("cuda")
 idx = CacheIndex(synthetic_store(200, 1024, 12))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from roiseg.featcache.synthetic import person_polygons  # noqa: E402
+from roiseg.data.synthetic import person_polygons  # noqa: E402
 
 SIZES = [(640, 480), (640, 427), (480, 640), (640, 426), (500, 375), (427, 640), (640, 640), (612, 612)]
 

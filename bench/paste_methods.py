@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from roiseg.trainer.models import paste_masks  # noqa: E402
+from roiseg.modeling.decoders import paste_masks  # noqa: E402
 
 
 def interp_weights(lo, hi, n_out: int, m: int) -> torch.Tensor:

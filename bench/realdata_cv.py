@@ -21,7 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import cv  # noqa: E402
-from roiseg.featcache.store import FeatureStore  # noqa: E402
+from roiseg.data.store import FeatureStore  # noqa: E402
 
 
 def fmt(x, nd=3):

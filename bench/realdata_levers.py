@@ -27,10 +27,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import cv  # noqa: E402
-from roiseg.featcache.sparse import DEFAULT_MARGIN, readable_cells  # noqa: E402
-from roiseg.featcache.store import FeatureStore  # noqa: E402
-from roiseg.featcache.images import Preprocess  # noqa: E402
-from roiseg.trainer.coco_eval import coco_stats, store_ground_truth  # noqa: E402
+from roiseg.data.images import Preprocess  # noqa: E402
+from roiseg.data.sparse import DEFAULT_MARGIN, readable_cells  # noqa: E402
+from roiseg.data.store import FeatureStore  # noqa: E402
+from roiseg.evaluation.coco_eval import coco_stats, store_ground_truth  # noqa: E402
 
 FINE = {"s4": "/backbone/backbone/dark2/dark2.1/conv3/act/Mul_output_0",   # [32, 160, 160]
         "s2": "/backbone/backbone/stem/conv/act/Mul_output_0",             # [16, 320, 320]

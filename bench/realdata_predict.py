@@ -37,8 +37,8 @@ def _train(job: dict) -> str:
     import torch
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    from roiseg.trainer.training.config import make_config
-    from roiseg.trainer.training.loop import Trainer
+    from roiseg.training.config import make_config
+    from roiseg.training.loop import Trainer
     out = Path(job["out"])
     if (out / "done").exists():
         return str(out / "last.pth")
@@ -95,7 +95,7 @@ def train_folds(store: Path, folds: int, procs: int, seeds, variants=tuple(VARIA
 def quiet_ap(gt: dict, results: list, iou_type: str = "segm") -> np.ndarray:
     """COCO stats[:6] of ``results`` against the annotation dict ``gt``: mask AP (pycocotools) or
     boundary AP (faster-coco-eval), as `evaluate --coco-eval` computes them."""
-    from roiseg.trainer.coco_eval import coco_stats
+    from roiseg.evaluation.coco_eval import coco_stats
     return coco_stats(gt, results, iou_type)
 
 
@@ -166,7 +166,7 @@ def watched(make_predictor, seen: list):
 def score_before(pred) -> list[float]:
     """Each person's score as predict gave it before mask certainty: the rule predict still applies
     to a graph without a scores output (the detector's score, or the mask's mean probability)."""
-    from roiseg.trainer.runtime.predict import person_records
+    from roiseg.runtime.predict import person_records
     return [r.score for r in person_records(dataclasses.replace(pred, quality=None), 0, 1, 0.5)]
 
 
@@ -207,10 +207,10 @@ def main():
     torch.set_num_threads(2)
     from pycocotools import mask as mask_utils
 
-    from roiseg.trainer.inference.evaluate import evaluate_checkpoint
-    from roiseg.trainer.inference.torch_decoder import checkpoint_predictor
-    from roiseg.trainer.runtime.detection import DetectionSettings
-    from roiseg.trainer.runtime.predict import PredictOptions, run_predict
+    from roiseg.inference.evaluate import evaluate_checkpoint
+    from roiseg.inference.torch_decoder import checkpoint_predictor
+    from roiseg.runtime.detection import DetectionSettings
+    from roiseg.runtime.predict import PredictOptions, run_predict
 
     def box_filled(pooled: list) -> list:
         """The same detections with the box filled as the mask (baseline)."""

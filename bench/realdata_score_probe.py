@@ -23,7 +23,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import cv  # noqa: E402
 from bench.realdata import ANN, IMAGES, ONNX  # noqa: E402
-from bench.realdata_predict import OUT, ck_dir, quiet_ap, spearman, true_ious, watched  # noqa: E402
+from bench.realdata_predict import (  # noqa: E402
+    OUT,
+    ck_dir,
+    quiet_ap,
+    spearman,
+    true_ious,
+    watched,
+)
 
 BANDS = (0.1, 0.2, 0.25, 0.3, 0.4)
 
@@ -47,9 +54,9 @@ def held_out(boxes: str, seed: int, names: list) -> tuple[list, list]:
     """Every fold's held-out predictions (COCO results) and the numbers of their masks."""
     import torch
     torch.set_num_threads(2)
-    from roiseg.trainer.inference.torch_decoder import checkpoint_predictor
-    from roiseg.trainer.runtime.detection import DetectionSettings
-    from roiseg.trainer.runtime.predict import PredictOptions, run_predict
+    from roiseg.inference.torch_decoder import checkpoint_predictor
+    from roiseg.runtime.detection import DetectionSettings
+    from roiseg.runtime.predict import PredictOptions, run_predict
     results, numbers = [], []
     for f, fold in enumerate(names):
         out = OUT / "probe" / f"{boxes}_f{f}_s{seed}"

@@ -7,9 +7,9 @@ import io
 import numpy as np
 from pycocotools.coco import COCO
 
-from roiseg.featcache.coco import SkipReport, _parse_instance
-from roiseg.featcache.geometry import normalized_to_pixel, pad_box
-from roiseg.featcache.rasterize import labels_from_masks, native_crop
+from roiseg.common.geometry import normalized_to_pixel, pad_box
+from roiseg.data.coco import SkipReport, _parse_instance
+from roiseg.data.rasterize import labels_from_masks, native_crop
 
 
 def reference_counts(ann_path, roi_padding: float = 0.1, image_ids=None) -> np.ndarray:

@@ -1,7 +1,11 @@
-"""Offline feature cache: COCO person data, ROI targets, analysis, ONNX extraction, Zarr store."""
+"""The design's ``featcache`` (COCO reading, target rasterization, analysis, ONNX extraction, the Zarr
+store), kept at the checkout's root as a name only: the code is ``roiseg.data`` on the shared layer
+``roiseg.common`` (see ``roiseg/__init__.py`` for the layers).  Re-exports for scripts that import
+``featcache``; the wheel installs ``roiseg`` alone."""
+from roiseg.data.analyze import run_analyze
+from roiseg.data.cache import CacheConfig, run_cache
+from roiseg.data.coco import load_person_records
+from roiseg.data.extractor import Extractor
+from roiseg.data.store import FeatureStore
 
-from .threads import configure_threads
-
-configure_threads()  # before torch is imported anywhere
-
-__version__ = "0.1.0"
+__all__ = ["CacheConfig", "Extractor", "FeatureStore", "load_person_records", "run_analyze", "run_cache"]

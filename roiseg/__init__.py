@@ -1,10 +1,22 @@
-"""roi-seg-featcache's import root: ``roiseg.featcache`` (the data layer), ``roiseg.trainer``
-(training, scoring, inference), ``roiseg.cli`` and ``roiseg.demo``.
+"""roi-seg-featcache: an offline feature cache and a trainer for an ROI-conditioned person
+instance-segmentation decoder.  The package's layers, bottom up (imports run one way; import-linter
+checks it, ``pyproject.toml``):
 
-In a source checkout the folders stay where the design puts them, at the repository root, and
-this folder links to them (``roiseg/featcache -> ../featcache`` ...); an installed wheel holds them
-here (``pyproject.toml``).  Either way the code imports ``roiseg.*`` only, so installing never puts
-a generic top-level name such as ``trainer`` into site-packages.
+    common      the shared layer: errors, atomic files and folder claims, geometry, ONNX Runtime
+                providers, the config schema, thread settings                       (no torch)
+    data        COCO reading, target rasterization, analysis, ONNX extraction, the Zarr store
+                (``cache``)                                                        (no torch)
+    modeling    the decoders, checkpoints, devices
+    loader      store -> training batches: sources, ROI sampling, targets
+    evaluation  the evaluator (metrics, boundary IoU, COCO AP)
+    training    the loop, resume, hooks, losses, DDP, the train config
+    runtime     image -> extractor -> decoder -> masks with ONNX Runtime, predict     (no torch)
+    export      decoder (+ extractor) -> ONNX, parity checks
+    inference   the PyTorch predictor, evaluate, the validation PNG
+    cli, demo   the command line
 """
+from roiseg.common.threads import configure_threads
+
+configure_threads()  # before torch is imported anywhere (OpenMP reads its wait policy once)
 
 __version__ = "0.1.0"

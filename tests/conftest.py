@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from roiseg.featcache.threads import configure_threads
+from roiseg.common.threads import configure_threads
 
 configure_threads()  # before the test modules import torch
 
@@ -34,13 +34,13 @@ def _kept(tmp_path_factory, name: str, build):
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory):
     """Small synthetic COCO person dataset (train 24 / val 8 images)."""
-    from roiseg.featcache.synthetic import make_synthetic_dataset
+    from roiseg.data.synthetic import make_synthetic_dataset
     return _kept(tmp_path_factory, "synth", lambda d: make_synthetic_dataset(d, n_train=24, n_val=8, seed=1))
 
 
 @pytest.fixture(scope="session")
 def standin_onnx(tmp_path_factory):
-    from roiseg.featcache.standin import build_standin_extractor
+    from roiseg.data.standin import build_standin_extractor
     return _kept(tmp_path_factory, "onnx", lambda d: build_standin_extractor(d / "standin.onnx", channels=16))
 
 
@@ -51,9 +51,9 @@ def stores(synth, standin_onnx, tmp_path_factory):
 
 
 def _build_stores(d, synth, standin_onnx):
-    from roiseg.featcache.analyze import run_analyze
-    from roiseg.featcache.cache import CacheConfig, run_cache
-    from roiseg.featcache.files import write_json_atomic
+    from roiseg.common.files import write_json_atomic
+    from roiseg.data.analyze import run_analyze
+    from roiseg.data.cache import CacheConfig, run_cache
     out = {}
     for split in ("train", "val"):
         out[split] = d / f"{split}.zarr"
@@ -72,9 +72,9 @@ def trained(stores, tmp_path_factory):
 
 
 def _train(out, stores):
-    from roiseg.trainer.inference.visualize import training_hooks
-    from roiseg.trainer.training.config import make_config
-    from roiseg.trainer.training.run import run_training
+    from roiseg.inference.visualize import training_hooks
+    from roiseg.training.config import make_config
+    from roiseg.training.run import run_training
     cfg = make_config(train_store=str(stores["train"]), val_store=str(stores["val"]), out=str(out),
                       analysis=str(stores["analysis"]), hidden=16, roi_size=7, mask_size=28, epochs=1,
                       batch_size=4, workers=0, resident="cpu", tensorboard=False, visualize=True)

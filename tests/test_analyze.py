@@ -3,10 +3,10 @@ import json
 import numpy as np
 from click.testing import CliRunner
 
-from roiseg.featcache.analyze import run_analyze
-from roiseg.featcache.coco import decode_masks, load_person_records
-from roiseg.featcache.geometry import normalized_to_pixel, pad_box
-from roiseg.featcache.rasterize import roi_target
+from roiseg.common.geometry import normalized_to_pixel, pad_box
+from roiseg.data.analyze import run_analyze
+from roiseg.data.coco import decode_masks, load_person_records
+from roiseg.data.rasterize import roi_target
 
 
 def _independent_counts(ann, padding):

@@ -6,8 +6,8 @@ import torch
 from faster_coco_eval.core.mask import rleToBoundaryCV
 from pycocotools import mask as mask_utils
 
-from roiseg.trainer.boundary import boundary_band, boundary_width
-from roiseg.trainer.metrics import boundary_band_np, instance_boundary_iou
+from roiseg.evaluation.boundary import boundary_band, boundary_width
+from roiseg.evaluation.metrics import boundary_band_np, instance_boundary_iou
 
 
 def _mask(h, w, rows, cols):

@@ -10,15 +10,15 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from roiseg.featcache.cache import CacheConfig, run_cache
-from roiseg.featcache.coco import decode_masks, load_person_records
-from roiseg.featcache.errors import FeatCacheError
-from roiseg.featcache.extractor import Extractor, ExtractorError
-from roiseg.featcache.geometry import ResizePolicy
-from roiseg.featcache.images import Preprocess, load_rgb, preprocess
-from roiseg.featcache.rasterize import masks_to_input_frame
-from roiseg.featcache.standin import FEATURE_NAME, build_standin_extractor
-from roiseg.featcache.store import FeatureStore, StoreError
+from roiseg.common.errors import FeatCacheError
+from roiseg.common.geometry import ResizePolicy
+from roiseg.data.cache import CacheConfig, run_cache
+from roiseg.data.coco import decode_masks, load_person_records
+from roiseg.data.extractor import Extractor, ExtractorError
+from roiseg.data.images import Preprocess, load_rgb, preprocess
+from roiseg.data.rasterize import masks_to_input_frame
+from roiseg.data.standin import FEATURE_NAME, build_standin_extractor
+from roiseg.data.store import FeatureStore, StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_store_features_equal_direct_ort(synth, standin_onnx, val_store):
     assert s.meta["feature_shape"] == [16, 80, 80] and s.meta["input_hw"] == [640, 640]
     import onnx
 
-    from roiseg.featcache.extractor import expose_tensor
+    from roiseg.data.extractor import expose_tensor
     sess = ort.InferenceSession(expose_tensor(onnx.load(str(standin_onnx)), FEATURE_NAME).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
     prep = Preprocess()
@@ -91,7 +91,7 @@ def test_rerun_of_a_finished_store_does_not_parse_the_annotations(synth, standin
     """Nothing to do (complete, same annotation file): the polygons are not parsed again (~35 s at
     COCO scale), the summary is the one a full re-run gives, and other settings are still refused;
     an edited annotation file (another sha256) is parsed and refused as before."""
-    import roiseg.featcache.cache as cache_mod
+    import roiseg.data.cache as cache_mod
     out, first = val_store
     full = run_cache(_cfg(synth, standin_onnx, out), progress=False)
     monkeypatch.setattr(cache_mod, "load_person_records", lambda *a, **k: pytest.fail("annotations parsed"))
@@ -116,7 +116,7 @@ def test_kill9_midway_then_resume_equals_uninterrupted(synth, standin_onnx, val_
     script = f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
-from roiseg.featcache import store
+from roiseg.data import store
 orig = store.FeatureStore.write_image
 n = [0]
 def write(self, *a):
@@ -188,7 +188,7 @@ def test_cli_cache_errors(synth, standin_onnx, tmp_path):
 
 
 def test_disk_space_check(synth, standin_onnx, tmp_path, monkeypatch):
-    import roiseg.featcache.cache as cache_mod
+    import roiseg.data.cache as cache_mod
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda p: Usage(10**9, 10**9, 1000))
     with pytest.raises(FeatCacheError, match="not enough disk space"):
@@ -294,8 +294,7 @@ def test_cache_under_torchrun_equals_one_process(synth, standin_onnx, tmp_path):
     the store equals a one-process run bitwise (fine and mirrored maps included); --shard is refused
     under torchrun; a re-run of the finished store has nothing to do."""
     from clikit import torchrun
-
-    from roiseg.featcache.standin import FINE_NAME
+    from roiseg.data.standin import FINE_NAME
     args = ["cache", "--ann", synth["train"], "--images", synth["root"] / "images/train2017", "--onnx", standin_onnx,
             "--provider", "cpu", "--flip", "--fine-feature", FINE_NAME, "--workers", "1"]
     p = torchrun(2, *args, "--out", tmp_path / "ddp.zarr", timeout=240)

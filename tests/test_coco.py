@@ -3,7 +3,7 @@ import json
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from roiseg.featcache.coco import decode_masks, load_person_records, segmentation_to_rle
+from roiseg.data.coco import decode_masks, load_person_records, segmentation_to_rle
 
 
 def _write(tmp_path, anns, images=None):

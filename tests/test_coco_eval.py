@@ -5,8 +5,8 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from roiseg.trainer.boundary import boundary_band, boundary_width
-from roiseg.trainer.coco_eval import coco_stats
+from roiseg.evaluation.boundary import boundary_band, boundary_width
+from roiseg.evaluation.coco_eval import coco_stats
 
 
 def _rle(m):

@@ -10,13 +10,18 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from roiseg.featcache.geometry import ResizePolicy, normalized_to_pixel, pad_box, pixel_center_span
-from roiseg.featcache.rasterize import native_crop, roi_target
+from roiseg.common.geometry import (
+    ResizePolicy,
+    normalized_to_pixel,
+    pad_box,
+    pixel_center_span,
+)
+from roiseg.data.rasterize import native_crop, roi_target
 
 
 # ---- the LR schedule --------------------------------------------------------------------------
 def test_warmup_cosine_values():
-    from roiseg.trainer.training.schedule import warmup_cosine
+    from roiseg.training.schedule import warmup_cosine
     assert warmup_cosine(0.0, 10, 0.5) == 1e-3                       # never exactly 0
     assert warmup_cosine(0.25, 10, 0.5) == pytest.approx(0.5)
     assert warmup_cosine(0.5, 10, 0.5) == pytest.approx(1.0)
@@ -28,7 +33,7 @@ def test_warmup_cosine_values():
 
 
 def test_auto_epochs_scaled_lr_and_step_counts():
-    from roiseg.trainer.training.schedule import auto_epochs, rois_before_step, scaled_lr
+    from roiseg.training.schedule import auto_epochs, rois_before_step, scaled_lr
     assert auto_epochs(100_000, 16, 600) == 12
     assert auto_epochs(100, 16, 600) == 96                  # ceil(600 * 16 / 100)
     assert auto_epochs(0, 16, 600) == 9600                  # no ROIs: as if one
@@ -41,7 +46,7 @@ def test_auto_epochs_scaled_lr_and_step_counts():
 
 # ---- ROI sampling -----------------------------------------------------------------------------
 def test_mirror_and_jitter():
-    from roiseg.trainer.sampling import jitter_person_boxes, mirror_boxes
+    from roiseg.loader.sampling import jitter_person_boxes, mirror_boxes
     b = np.array([[0.1, 0.2, 0.4, 0.9], [0.5, 0.0, 1.0, 0.3]])
     assert np.allclose(mirror_boxes(b), [[0.6, 0.2, 0.9, 0.9], [0.0, 0.0, 0.5, 0.3]])
     assert np.array_equal(jitter_person_boxes(b, 0, 0, np.random.default_rng(0)), b)
@@ -57,7 +62,7 @@ def test_mirror_and_jitter():
 
 
 def test_roi_copies_and_train_rois():
-    from roiseg.trainer.sampling import RoiSampling, roi_copies, train_rois
+    from roiseg.loader.sampling import RoiSampling, roi_copies, train_rois
     policy = ResizePolicy(640, 640)
     padded = np.array([[0, 0, 0.5, 0.5], [0, 0, 0.01, 0.5], [0, 0, 0.5, 0.011], [0.2, 0.2, 0.3, 0.3]])
     other = np.array([False, False, False, True])
@@ -82,7 +87,7 @@ def test_roi_copies_and_train_rois():
 
 
 def test_rois_with_others():
-    from roiseg.trainer.sampling import rois_with_others
+    from roiseg.loader.sampling import rois_with_others
     boxes = np.array([[0.0, 0.0, 0.2, 0.2], [0.3, 0.0, 0.5, 0.2], [0.21, 0.0, 0.29, 0.2],   # image 0
                       [0.0, 0.0, 1.0, 1.0]])                                                  # image 1
     padded = np.array([[0.0, 0.0, 0.2, 0.2], [0.3, 0.0, 0.5, 0.2], [0.19, 0.0, 0.31, 0.2], [0, 0, 1, 1]])
@@ -92,7 +97,7 @@ def test_rois_with_others():
 
 # ---- targets from packed bits -----------------------------------------------------------------
 def test_sample_roi_targets_equal_the_reference():
-    from roiseg.trainer.target_sampling import gather_bits, sample_roi_targets, union_packed
+    from roiseg.loader.targets import gather_bits, sample_roi_targets, union_packed
     rng = np.random.default_rng(0)
     h, w = 37, 53                                   # width not a multiple of 8: the last byte is partial
     masks = rng.random((4, h, w)) < 0.3
@@ -117,7 +122,13 @@ def test_sample_roi_targets_equal_the_reference():
 def test_cropped_masks_read_like_full_frames():
     """Resident masks are cropped to their set bits; every pixel (inside, outside the crop, off the
     frame) reads as from the full frame, for blobs, an empty mask and one touching the last byte."""
-    from roiseg.trainer.target_sampling import CropsBuilder, PackedCrops, gather_bits, sample_roi_targets, union_packed
+    from roiseg.loader.targets import (
+        CropsBuilder,
+        PackedCrops,
+        gather_bits,
+        sample_roi_targets,
+        union_packed,
+    )
     rng = np.random.default_rng(1)
     h, w = 41, 61
     masks = np.zeros((5, h, w), bool)
@@ -147,7 +158,7 @@ def test_cropped_masks_read_like_full_frames():
 
 # ---- decoders: geometry, paste, normalization ---------------------------------------------------
 def test_paste_equals_grid_sample_and_fills_background():
-    from roiseg.trainer.models import interp_weights, paste_masks
+    from roiseg.modeling.decoders import interp_weights, paste_masks
     g = torch.Generator().manual_seed(0)
     probs = torch.rand(3, 2, 7, 7, generator=g)
     boxes = torch.tensor([[3.5, 2.0, 20.25, 15.0], [-4.0, -2.0, 10.0, 30.0], [0.0, 0.0, 31.0, 23.0]])
@@ -169,8 +180,14 @@ def test_paste_equals_grid_sample_and_fills_background():
 
 
 def test_roi_features_feature_norm_and_state_loading():
-    from roiseg.trainer.models import (FeatureNorm, GlobalContextDecoder, RoiAlignDecoder, build_model,
-                                       load_decoder_state, roi_features)
+    from roiseg.modeling.decoders import (
+        FeatureNorm,
+        GlobalContextDecoder,
+        RoiAlignDecoder,
+        build_model,
+        load_decoder_state,
+        roi_features,
+    )
     h, w = 20, 40
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32) + 0.5, torch.arange(w, dtype=torch.float32) + 0.5,
                             indexing="ij")
@@ -209,7 +226,7 @@ def test_roi_features_feature_norm_and_state_loading():
 
 # ---- losses -------------------------------------------------------------------------------------
 def test_dice_focal_and_boundary_terms_by_hand():
-    from roiseg.trainer.training.losses import LossConfig, SegLoss, boundary_map
+    from roiseg.training.losses import LossConfig, SegLoss, boundary_map
     t = torch.tensor([[[0, 1], [1, 2]]])
     logits = torch.tensor([[[[2.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [0.5, 0.0]], [[0.0, 0.0], [0.0, 3.0]]]])
     p = logits.softmax(1)
@@ -238,7 +255,7 @@ def test_dice_focal_and_boundary_terms_by_hand():
 
 # ---- checkpoint files ---------------------------------------------------------------------------
 def test_checkpoint_names_digests_and_files(tmp_path):
-    from roiseg.trainer import checkpoint as C
+    from roiseg.modeling import checkpoint as C
     assert C.checkpoint_name(7, (640, 480), 0.42609) == "checkpoint_epoch_0007_640x480_4260.pth"
     assert C.checkpoint_name(12, (640, 640), 0.99999) == "checkpoint_epoch_0012_640x640_9999.pth"
     base = {"model": {"w": torch.ones(3)}, "opt": [torch.zeros(2, dtype=torch.int64)], "x": 1}
@@ -273,9 +290,8 @@ def test_checkpoint_names_digests_and_files(tmp_path):
 
 
 def test_decoder_rules_on_a_store():
-    from roiseg.featcache.store import FINGERPRINT_KEYS
-    from roiseg.featcache.store import StoreError
-    from roiseg.trainer.checkpoint import check_decoder_on_store, fingerprint
+    from roiseg.data.store import FINGERPRINT_KEYS, StoreError
+    from roiseg.modeling.checkpoint import check_decoder_on_store, fingerprint
     meta = {k: f"v_{k}" for k in FINGERPRINT_KEYS} | {"other": 1}
     assert fingerprint(meta) == {k: f"v_{k}" for k in FINGERPRINT_KEYS}
     check_decoder_on_store("global", fingerprint(meta), meta, "x")            # dense: fine
@@ -291,7 +307,7 @@ def _reference(store, index, roi_ids, probs, k):
     """Per ROI, the definitions: 3-class argmax labels pasted at input resolution inside the
     padded ROI's window vs the store's targets; class-1 probability pasted at original resolution,
     > 0.5, IoU with the full GT mask; the GT box filled as the mask."""
-    from roiseg.trainer.models import paste_masks
+    from roiseg.modeling.decoders import paste_masks
     h, w = index.input_hw
     t = index.tables
     from faster_coco_eval.core.mask import rleToBoundaryCV
@@ -337,9 +353,9 @@ def _reference(store, index, roi_ids, probs, k):
 
 @pytest.mark.parametrize("classes,budget", [(3, None), (3, 5000), (2, None)])
 def test_evaluator_equals_the_definitions(stores, classes, budget):
-    from roiseg.featcache.store import FeatureStore
-    from roiseg.trainer.data import CacheIndex
-    from roiseg.trainer.scoring import MEDIUM, SMALL, RoiEvaluator
+    from roiseg.data.store import FeatureStore
+    from roiseg.evaluation.evaluator import MEDIUM, SMALL, RoiEvaluator
+    from roiseg.loader.sources import CacheIndex
     index = CacheIndex(stores["val"])
     store = FeatureStore(stores["val"])
     n = int(index.roi_start[-1])
@@ -376,7 +392,7 @@ def test_evaluator_equals_the_definitions(stores, classes, budget):
 
 
 def test_evaluator_helpers():
-    from roiseg.trainer.scoring import _chunks, _valid, first_argmax
+    from roiseg.evaluation.evaluator import _chunks, _valid, first_argmax
     x = torch.tensor([[[0.2, 0.5]], [[0.5, 0.5]], [[0.3, 0.1]]])[None].permute(0, 1, 2, 3)   # [1, 3, 1, 2]
     assert first_argmax(x).tolist() == [[[1, 0]]]                           # ties go to the first class
     g = torch.Generator().manual_seed(0)
@@ -398,7 +414,7 @@ def test_evaluator_helpers():
 
 # ---- geometry, by hand ------------------------------------------------------------------------------
 def test_box_helpers_by_hand():
-    from roiseg.featcache import geometry as G
+    from roiseg.common import geometry as G
     xyxy = np.array([[10.0, 20.0, 50.0, 100.0]])
     cx = G.xyxy_to_cxcywh(xyxy)
     assert cx.tolist() == [[30.0, 60.0, 40.0, 80.0]] and G.cxcywh_to_xyxy(cx).tolist() == xyxy.tolist()
@@ -424,7 +440,7 @@ def test_box_helpers_by_hand():
 
 
 def test_resize_policies_by_hand():
-    from roiseg.featcache.geometry import ResizePolicy, content_rect
+    from roiseg.common.geometry import ResizePolicy, content_rect
     lb = ResizePolicy(640, 640, "letterbox")
     assert lb.transform(320, 640) == (1.0, 1.0, 160, 0) and lb.resized_size(320, 640) == (320, 640)
     assert lb.transform(1280, 640) == (0.5, 0.5, 0, 160) and lb.resized_size(1280, 640) == (640, 320)
@@ -440,8 +456,13 @@ def test_resize_policies_by_hand():
 
 # ---- rasterization ---------------------------------------------------------------------------------
 def test_rasterized_targets_by_hand():
-    from roiseg.featcache.rasterize import (labels_from_masks, masks_to_input_frame, native_windows,
-                                            rles_to_input_frame_packed, sample_masks)
+    from roiseg.data.rasterize import (
+        labels_from_masks,
+        masks_to_input_frame,
+        native_windows,
+        rles_to_input_frame_packed,
+        sample_masks,
+    )
     m = np.zeros((2, 4, 6), bool)
     m[0, 1:3, 1:4] = True
     m[1, 2:4, 3:6] = True
@@ -470,7 +491,7 @@ def test_rasterized_targets_by_hand():
 
 # ---- sparse cells ----------------------------------------------------------------------------------
 def test_readable_cells_one_person_and_mirrored():
-    from roiseg.featcache.sparse import clamp_to_margin, readable_cells, zero_unreadable
+    from roiseg.data.sparse import clamp_to_margin, readable_cells, zero_unreadable
     policy = ResizePolicy(640, 640)
     one = np.array([[0.25, 0.25, 0.5, 0.5]])
     keep = readable_cells(one, (640, 640), policy, 0.0, 0.0, (8, 8))
@@ -492,7 +513,12 @@ def test_decoder_layouts():
     """The state-dict layout of each decoder, as the architecture is described: old checkpoints
     load only while it holds (1x1 conv to ``hidden``, 4 3x3 convs, a x2 up-stage per doubling down to
     16 channels, a 1x1 classifier; GroupNorm of min(32, C/4) groups)."""
-    from roiseg.trainer.models import GlobalContextDecoder, MeanShapePrior, RoiAlignDecoder, conv_gn_relu
+    from roiseg.modeling.decoders import (
+        GlobalContextDecoder,
+        MeanShapePrior,
+        RoiAlignDecoder,
+        conv_gn_relu,
+    )
     m = RoiAlignDecoder(16, hidden=32, roi_size=7, mask_size=28)
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert shapes["convs.0.0.weight"] == (32, 16, 1, 1) and "convs.0.0.bias" not in shapes
@@ -526,8 +552,9 @@ def test_decoder_layouts():
 
 
 def test_roi_align_keeps_fp32_boxes_for_half_features():
-    from roiseg.trainer.models import roi_align_fp32_boxes
     from torchvision.ops import roi_align
+
+    from roiseg.modeling.decoders import roi_align_fp32_boxes
     g = torch.Generator().manual_seed(0)
     f = torch.randn(2, 3, 16, 16, generator=g)
     boxes = torch.tensor([[1.0, 3.3, 2.1, 11.7, 9.9], [0.0, 0.0, 0.0, 16.0, 16.0]])
@@ -544,7 +571,7 @@ def test_roi_align_keeps_fp32_boxes_for_half_features():
 # ---- sampling, exactly --------------------------------------------------------------------------------
 def test_jitter_formula_with_the_same_draws():
     """centre += N(0, jitter) x size, size x= exp(N(0, jitter_scale)), clipped to [0, 1]."""
-    from roiseg.trainer.sampling import jitter_person_boxes
+    from roiseg.loader.sampling import jitter_person_boxes
     b = np.array([[0.2, 0.3, 0.4, 0.7], [0.5, 0.1, 0.9, 0.3]])
     got = jitter_person_boxes(b, 0.1, 0.2, np.random.default_rng(4))
     rng = np.random.default_rng(4)
@@ -560,7 +587,7 @@ def test_jitter_formula_with_the_same_draws():
 
 
 def test_train_rois_selection_and_flips():
-    from roiseg.trainer.sampling import RoiSampling, roi_copies, train_rois
+    from roiseg.loader.sampling import RoiSampling, roi_copies, train_rois
     policy = ResizePolicy(100, 100)
     padded = np.array([[0.0, 0.0, 0.08, 0.5], [0.0, 0.0, 0.5, 0.08], [0.0, 0.0, 0.5, 0.5]])
     keep, _ = roi_copies(padded, np.zeros(3, bool), policy, RoiSampling(min_roi_px=8.0))
@@ -588,7 +615,7 @@ def test_train_rois_selection_and_flips():
 
 
 def test_rois_with_others_per_image_and_per_axis():
-    from roiseg.trainer.sampling import rois_with_others
+    from roiseg.loader.sampling import rois_with_others
     boxes = np.array([[0.0, 0.0, 0.2, 0.2], [0.0, 0.3, 0.2, 0.5],           # image 0: apart in y only
                       [0.5, 0.5, 0.6, 0.6],                                 # image 1: alone
                       [0.0, 0.0, 0.4, 0.4], [0.3, 0.3, 0.5, 0.5], [0.9, 0.0, 1.0, 0.1]])   # image 2
@@ -600,7 +627,7 @@ def test_rois_with_others_per_image_and_per_axis():
 
 # ---- targets on a grid -----------------------------------------------------------------------------
 def test_target_grid_cell_centres():
-    from roiseg.trainer.target_sampling import _grid
+    from roiseg.loader.targets import _grid
     ys, xs = _grid(torch.tensor([[2.0, 10.0, 12.0, 14.0]]), 2, 5)
     assert xs.tolist() == [[3, 5, 7, 9, 11]] and ys.tolist() == [[11, 13]]
     ys, xs = _grid(torch.tensor([[-4.0, -1.0, 0.0, 3.0]]), 2, 2)
@@ -609,7 +636,7 @@ def test_target_grid_cell_centres():
 
 # ---- checkpoints: messages and what a decoder is loaded from -----------------------------------------
 def test_load_failure_words():
-    from roiseg.trainer.checkpoint import _load_failure
+    from roiseg.modeling.checkpoint import _load_failure
     assert "other than tensors" in _load_failure(RuntimeError("Weights only load failed ... weights_only=False"))
     assert "other than tensors" in _load_failure(Exception("Unsupported global: GLOBAL x.Y"))
     for text in ("PytorchStreamReader failed reading zip archive", "failed finding central directory",
@@ -619,7 +646,7 @@ def test_load_failure_words():
 
 
 def test_checkpoint_errors_and_decoder_loading(trained, tmp_path, monkeypatch):
-    from roiseg.trainer import checkpoint as C
+    from roiseg.modeling import checkpoint as C
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(C.CheckpointError, match=r"is empty \(0 bytes\)"):
         C.load_checkpoint(tmp_path / "empty.pth")
@@ -661,7 +688,7 @@ def test_checkpoint_errors_and_decoder_loading(trained, tmp_path, monkeypatch):
 
 
 def test_latest_checkpoint_is_the_highest_epoch(tmp_path):
-    from roiseg.trainer import checkpoint as C
+    from roiseg.modeling import checkpoint as C
     for e in (2, 10, 3):
         C.save_checkpoint({"model": {}}, tmp_path, e, (64, 64), 0.5)
     assert C.find_checkpoint(tmp_path).name.startswith("checkpoint_epoch_0010")
@@ -675,9 +702,9 @@ def test_latest_checkpoint_is_the_highest_epoch(tmp_path):
 # ---- the evaluator's batches and records ------------------------------------------------------------
 @pytest.mark.parametrize("resident", ["off", "cpu"])
 def test_val_batches_cover_every_roi_in_store_order(stores, resident):
-    from roiseg.featcache.store import FeatureStore
-    from roiseg.trainer.data import CacheIndex
-    from roiseg.trainer.scoring import val_batches
+    from roiseg.data.store import FeatureStore
+    from roiseg.evaluation.evaluator import val_batches
+    from roiseg.loader.sources import CacheIndex
     index = CacheIndex(stores["val"])
     store = FeatureStore(stores["val"])
     h, w = index.input_hw
@@ -697,9 +724,9 @@ def test_val_batches_cover_every_roi_in_store_order(stores, resident):
 
 
 def test_run_evaluator_feeds_softmax_and_zeroed_features(stores):
-    from roiseg.featcache.store import FeatureStore
-    from roiseg.trainer.data import CacheIndex
-    from roiseg.trainer.scoring import RoiEvaluator, run_evaluator, val_batches
+    from roiseg.data.store import FeatureStore
+    from roiseg.evaluation.evaluator import RoiEvaluator, run_evaluator, val_batches
+    from roiseg.loader.sources import CacheIndex
     index = CacheIndex(stores["val"])
     seen = []
 
@@ -735,11 +762,11 @@ def test_run_evaluator_feeds_softmax_and_zeroed_features(stores):
 
 
 def test_evaluator_records_coco_detections_and_single_rois(stores):
-    from roiseg.featcache.coco import window_rle
-    from roiseg.featcache.store import FeatureStore
-    from roiseg.trainer.data import CacheIndex
-    from roiseg.trainer.models import mask_certainty, paste_masks
-    from roiseg.trainer.scoring import RoiEvaluator
+    from roiseg.data.coco import window_rle
+    from roiseg.data.store import FeatureStore
+    from roiseg.evaluation.evaluator import RoiEvaluator
+    from roiseg.loader.sources import CacheIndex
+    from roiseg.modeling.decoders import mask_certainty, paste_masks
     index = CacheIndex(stores["val"])
     store = FeatureStore(stores["val"])
     t = index.tables
@@ -785,7 +812,7 @@ def test_evaluator_records_coco_detections_and_single_rois(stores):
 
 
 def test_paste_on_non_square_grids_and_sub_pixel_boxes():
-    from roiseg.trainer.models import interp_weights, paste_masks
+    from roiseg.modeling.decoders import interp_weights, paste_masks
     g = torch.Generator().manual_seed(3)
     probs = torch.rand(1, 1, 4, 9, generator=g)                 # 4 rows, 9 columns
     box = torch.tensor([[2.0, 1.0, 20.0, 9.0]])
@@ -803,7 +830,7 @@ def test_results_csv_keeps_columns_aligned_when_a_column_appears():
     import csv
     import io
 
-    from roiseg.trainer.training.hooks import _csv_with_row
+    from roiseg.training.hooks import _csv_with_row
     first = _csv_with_row("", {"epoch": 1, "loss": 0.5, "steps": None})
     assert first == "epoch,loss,steps\n1,0.5,\n"
     resumed = _csv_with_row(first, {"epoch": 2, "loss": 0.25, "boundary_IoU": 0.3125, "steps": 7})

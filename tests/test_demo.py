@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from roiseg.trainer.checkpoint import load_checkpoint
+from roiseg.modeling.checkpoint import load_checkpoint
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from clikit import ROOT, cli
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

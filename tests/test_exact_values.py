@@ -8,7 +8,7 @@ import torch
 
 
 def test_every_class_weight_variant_by_hand():
-    from roiseg.featcache.analyze import class_weights
+    from roiseg.data.analyze import class_weights
     r = {"background": 0.5, "target": 0.4, "non_target": 0.1}
     w = class_weights(r)
     inv = [1 / 0.5, 1 / 0.4, 1 / 0.1]
@@ -23,7 +23,7 @@ def test_every_class_weight_variant_by_hand():
 
 def test_feature_boxes_on_a_non_square_map():
     """x scales with the map's width, y with its height (a swap would pass on any square map)."""
-    from roiseg.trainer.models import roi_features, rois_to_feature_boxes
+    from roiseg.modeling.decoders import roi_features, rois_to_feature_boxes
     rois = torch.tensor([[1.0, 0.25, 0.5, 0.75, 1.0]])
     assert rois_to_feature_boxes(rois, (40, 100)).tolist() == [[1.0, 25.0, 20.0, 75.0, 40.0]]
     h, w = 30, 90
@@ -37,7 +37,7 @@ def test_feature_boxes_on_a_non_square_map():
 
 
 def test_cross_entropy_uses_the_class_weights():
-    from roiseg.trainer.training.losses import LossConfig, SegLoss
+    from roiseg.training.losses import LossConfig, SegLoss
     logits = torch.tensor([[[[2.0]], [[0.5]], [[-1.0]]], [[[0.1]], [[1.5]], [[0.3]]]])     # [2, 3, 1, 1]
     t = torch.tensor([[[0]], [[2]]])
     weights = (0.5, 1.0, 3.0)
@@ -51,7 +51,7 @@ def test_cross_entropy_uses_the_class_weights():
 
 def test_coco_size_ranges_are_areas():
     """COCO's small/medium/large are mask areas below 32^2 and 96^2 pixels."""
-    from roiseg.trainer.scoring import MEDIUM, SMALL, RoiEvaluator
+    from roiseg.evaluation.evaluator import MEDIUM, SMALL, RoiEvaluator
     assert (SMALL, MEDIUM) == (32 ** 2, 96 ** 2)
 
     class Index:
@@ -69,8 +69,8 @@ def test_coco_size_ranges_are_areas():
 @pytest.mark.parametrize("max_jitter", [0.02, 0.1])
 def test_training_rois_stay_within_max_jitter(max_jitter):
     """Jittered person boxes are clamped into the box grown by ``max_jitter`` (not a fixed margin)."""
-    from roiseg.featcache.geometry import ResizePolicy, pad_box
-    from roiseg.trainer.sampling import RoiSampling, train_rois
+    from roiseg.common.geometry import ResizePolicy, pad_box
+    from roiseg.loader.sampling import RoiSampling, train_rois
     person = np.array([[0.3, 0.3, 0.5, 0.7]])
     cfg = RoiSampling(jitter=0.5, jitter_scale=0.5, samples_per_roi=400, max_jitter=max_jitter)
     policy = ResizePolicy(640, 640)
@@ -82,8 +82,8 @@ def test_training_rois_stay_within_max_jitter(max_jitter):
 
 
 def test_ema_follows_the_weights_during_training(stores, tmp_path):
-    from roiseg.trainer.training.config import make_config
-    from roiseg.trainer.training.loop import Trainer
+    from roiseg.training.config import make_config
+    from roiseg.training.loop import Trainer
     t = Trainer(make_config(train_store=str(stores["train"]), val_store=str(stores["val"]), out=str(tmp_path),
                             analysis=str(stores["analysis"]), hidden=8, roi_size=7, mask_size=14, epochs=1,
                             batch_size=4, workers=0, resident="cpu", tensorboard=False, visualize=False, ema=0.9))

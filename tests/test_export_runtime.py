@@ -11,21 +11,21 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from roiseg.featcache.extractor import Extractor
-from roiseg.featcache.files import file_sha256
-from roiseg.featcache.geometry import ResizePolicy
-from roiseg.featcache.images import Preprocess
-from roiseg.featcache.standin import FEATURE_NAME
-from roiseg.trainer.inference.export import (
+from roiseg.common.files import file_sha256
+from roiseg.common.geometry import ResizePolicy
+from roiseg.data.extractor import Extractor
+from roiseg.data.images import Preprocess
+from roiseg.data.standin import FEATURE_NAME
+from roiseg.export.export import (
     export_decoder,
     export_end_to_end,
     predictor_metadata,
 )
-from roiseg.trainer.inference.export_graph import ExportSpec
-from roiseg.trainer.inference.parity import check_parity
-from roiseg.trainer.inference.torch_decoder import TorchDecoder
-from roiseg.trainer.models import build_model
-from roiseg.trainer.runtime.pipeline import Predictor
+from roiseg.export.graph import ExportSpec
+from roiseg.export.parity import check_parity
+from roiseg.inference.torch_decoder import TorchDecoder
+from roiseg.modeling.decoders import build_model
+from roiseg.runtime.pipeline import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_TORCH = """
@@ -121,9 +121,9 @@ def test_export_without_metadata_is_refused_by_predict(tmp_path, standin_onnx, s
 
 
 def test_numpy_paste_equals_torch_paste():
-    """The ORT path's paste (trainer/inference/paste.py) is the PyTorch paste, without torch."""
-    from roiseg.trainer.models import paste_masks
-    from roiseg.trainer.runtime.paste import paste_numpy
+    """The ORT path's paste (roiseg/runtime/paste.py) is the PyTorch paste, without torch."""
+    from roiseg.modeling.decoders import paste_masks
+    from roiseg.runtime.paste import paste_numpy
     rng = np.random.default_rng(0)
     maps = rng.random((4, 28, 28), np.float32)
     boxes = np.array([[-10, 5, 120, 90], [0, 0, 200, 150], [30.5, 40.25, 31.5, 60], [150, 100, 260, 210]], np.float32)

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from roiseg.cli import main
-from roiseg.trainer.checkpoint import list_checkpoints, load_checkpoint
+from roiseg.modeling.checkpoint import list_checkpoints, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +64,7 @@ def test_pickle_filter_store_is_refused_without_decoding(stores, tmp_path):
     shutil.copytree(stores["val"], bad2)
     spec["shape"][1] = 3
     (bad2 / "features" / ".zarray").write_text(json.dumps(spec))
-    from roiseg.featcache.store import FeatureStore
+    from roiseg.data.store import FeatureStore
     with pytest.raises(Exception, match="shape"):
         FeatureStore(bad2)
 
@@ -160,7 +160,7 @@ def test_yaml_strings_are_converted():
     """YAML reads 1e-3 as a string: converted, not a crash later."""
     import tempfile
 
-    from roiseg.trainer.training.config import load_config_file, make_config
+    from roiseg.training.config import load_config_file, make_config
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write("lr: 1e-3\nepochs: '3'\nhflip: 0\namp: 'false'\n")
     cfg = make_config(f.name)
@@ -184,8 +184,8 @@ def test_analyze_refuses_files_without_persons(tmp_path):
 
 
 def test_analysis_of_another_dataset_is_refused(stores, synth, tmp_path):
-    from roiseg.featcache.analyze import run_analyze
-    from roiseg.featcache.files import write_json_atomic
+    from roiseg.common.files import write_json_atomic
+    from roiseg.data.analyze import run_analyze
     other = tmp_path / "other_analyze.json"
     write_json_atomic(other, run_analyze(synth["val"], workers=1, progress=False))   # val images only
     args = train_args(stores, tmp_path / "ck", "--epochs", "1")
@@ -247,14 +247,14 @@ def test_help_texts():
     assert "i % N == I" in r.output and "%%" not in r.output
 
 
-@pytest.mark.parametrize("command,schema", [("train", "roiseg.trainer.training.config:TrainConfig"),
-                                            ("cache", "roiseg.featcache.cache_config:CacheConfig")])
+@pytest.mark.parametrize("command,schema", [("train", "roiseg.training.config:TrainConfig"),
+                                            ("cache", "roiseg.data.cache_config:CacheConfig")])
 def test_options_help_and_defaults_come_from_the_schema(command, schema):
     """Every schema field with an option is in --help with the schema's help and default, so a
     default changed in the schema changes --help, the config file and args.yaml together."""
     import importlib
 
-    from roiseg.featcache.schema import specs
+    from roiseg.common.schema import specs
     mod, cls = schema.split(":")
     cls = getattr(importlib.import_module(mod), cls)
     text = " ".join(run(command, "--help").output.split())
@@ -269,7 +269,7 @@ def test_options_help_and_defaults_come_from_the_schema(command, schema):
 def test_args_yaml_round_trips_through_the_schema():
     import yaml
 
-    from roiseg.trainer.training.config import TrainConfig, make_config
+    from roiseg.training.config import TrainConfig, make_config
     cfg = make_config(lr=2e-3, epochs=3, vis_images="a.jpg,b.jpg", classes="2", amp="false")
     assert (cfg.lr, cfg.epochs, cfg.vis_images, cfg.classes, cfg.amp) == (2e-3, 3, ["a.jpg", "b.jpg"], 2, False)
     again = make_config(base=yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
@@ -279,8 +279,8 @@ def test_args_yaml_round_trips_through_the_schema():
 def test_fallback_images_logged_once_and_in_words(synth, caplog):
     import logging
 
-    from roiseg.featcache.coco import load_person_records
-    from roiseg.trainer.inference.visualize import choose_images
+    from roiseg.data.coco import load_person_records
+    from roiseg.inference.visualize import choose_images
     recs, _ = load_person_records(synth["val"])
     kept = [r for r in recs if r.file_name != "000000020992.jpg"]     # the 1-person image is missing
     with caplog.at_level(logging.INFO):
@@ -298,8 +298,8 @@ def test_stride_16_tensor_is_warned(standin_onnx, tmp_path, caplog):
     import onnx
     from onnx import helper
 
-    from roiseg.featcache.extractor import Extractor
-    from roiseg.featcache.standin import FEATURE_NAME
+    from roiseg.data.extractor import Extractor
+    from roiseg.data.standin import FEATURE_NAME
     m = onnx.load(str(standin_onnx))
     m.graph.node.append(helper.make_node("AveragePool", [FEATURE_NAME], ["/model.40/stride16"],
                                          kernel_shape=[2, 2], strides=[2, 2]))

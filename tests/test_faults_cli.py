@@ -7,10 +7,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from clikit import cli, succeeded, user_error
 from PIL import Image
 
-from roiseg.trainer.checkpoint import list_checkpoints, load_checkpoint
+from clikit import cli, succeeded, user_error
+from roiseg.modeling.checkpoint import list_checkpoints, load_checkpoint
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -66,7 +66,7 @@ def test_unsupported_opset_is_refused_before_anything_is_replaced(exported_copy,
 
 def test_failed_parity_keeps_the_previous_export(exported_copy, monkeypatch):
     ck, out, before = exported_copy
-    from roiseg.trainer.inference import export as ex
+    from roiseg.export import export as ex
 
     def broken(*a, **k):
         raise ex.ExportError("ONNX/PyTorch parity failed for N=5: max abs difference 0.3 > 0.001")
@@ -81,7 +81,7 @@ def test_end_to_end_inputs_are_checked_before_any_work(exported_copy, tmp_path, 
     ck, out, before = exported_copy
     onnx_path = tmp_path / "nope.onnx"
     if which == "other":
-        from roiseg.featcache.standin import build_standin_extractor
+        from roiseg.data.standin import build_standin_extractor
         build_standin_extractor(onnx_path, channels=16, seed=5)
     r = user_error(cli("export", "--checkpoint", ck, "--end-to-end", "--onnx", onnx_path))
     assert ("not found" in r.output) if which == "missing" else ("not the extractor" in r.output), r.output
@@ -157,7 +157,7 @@ def test_predict_applies_exif_orientation_when_asked(trained, synth, tmp_path):
 
 
 def test_many_boxes_are_decoded_in_chunks_with_the_same_masks(trained, synth):
-    from roiseg.trainer.inference.torch_decoder import predictor_from_checkpoint
+    from roiseg.inference.torch_decoder import predictor_from_checkpoint
     p = predictor_from_checkpoint(trained / "best.pth", provider="cpu")
     src = sorted((synth["root"] / "images/val2017").iterdir())[1]
     rng = np.random.default_rng(0)
@@ -184,5 +184,5 @@ def test_errors_name_the_file_asked_for_not_a_temp_file(trained, tmp_path, monke
     out = tmp_path / "metrics.json"
     r = user_error(cli("evaluate", "--checkpoint", trained / "best.pth", "--json", out), "disk full", str(out))
     assert ".tmp" not in r.output and not list(tmp_path.iterdir())
-    from roiseg.featcache.files import user_facing_name
+    from roiseg.common.files import user_facing_name
     assert user_facing_name("/s/features/3.0.0.0.0123456789abcdef0123456789abcdef.partial") == "/s/features/3.0.0.0"

@@ -8,11 +8,11 @@ import zlib
 import numpy as np
 import onnx
 import pytest
-from clikit import cli, succeeded, user_error
 from PIL import Image
 
-from roiseg.featcache.coco import load_person_records
-from roiseg.featcache.images import ImageDecodeError, load_rgb
+from clikit import cli, succeeded, user_error
+from roiseg.data.coco import load_person_records
+from roiseg.data.images import ImageDecodeError, load_rgb
 
 
 # ---- images -----------------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def test_cache_verify_redoes_damaged_chunks(synth, standin_onnx, tmp_path):
     r = succeeded(cli(*args, "--verify"))
     assert "2 damaged" in r.output and "0 to do" not in r.output, r.output
     assert chunk.read_bytes() == good[chunk.name]
-    from roiseg.featcache.store import FeatureStore
+    from roiseg.data.store import FeatureStore
     s = FeatureStore(out)
     assert len(s.gt_rles(3)) > 0
 
@@ -357,7 +357,7 @@ def test_cache_skips_bombs_and_reads_16_bit_images(synth, standin_onnx, tmp_path
     r = succeeded(cli("cache", "--ann", synth["val"], "--images", root, "--onnx", standin_onnx, "--out", out,
                       "--provider", "cpu", "--limit", "3"))
     assert "1 image(s) skipped" in r.output and "pixels" in r.output and names[0] in r.output
-    from roiseg.featcache.store import FeatureStore
+    from roiseg.data.store import FeatureStore
     st = FeatureStore(out)
     k = list(st.tables["file_name"]).index(names[1])
     assert k in st.valid_images() and np.abs(st.features(k)).sum() > 0

@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+
 from clikit import cli, succeeded, user_error
 
 

@@ -11,10 +11,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from clikit import cli, succeeded, user_error
 from PIL import Image
 
-from roiseg.featcache.files import LOCK_NAME, claim_fresh_folder, claim_folder, try_claim
+from clikit import cli, succeeded, user_error
+from roiseg.common.files import LOCK_NAME, claim_folder, claim_fresh_folder, try_claim
 
 
 def digest(*paths) -> dict:
@@ -111,7 +111,7 @@ def test_demo_folder_in_use_is_refused(tmp_path):
 @pytest.fixture
 def run_copy(stores, tmp_path):
     """A user's run: its own extractor, stores and analysis, and a 1-epoch checkpoint of them."""
-    from roiseg.featcache.store import FeatureStore
+    from roiseg.data.store import FeatureStore
     user = tmp_path / "user"
     user.mkdir()
     for k in ("train", "val"):
@@ -394,8 +394,8 @@ def test_train_warns_when_validating_on_its_training_images(stores, tmp_path, ca
 def test_disk_estimate_of_a_small_store_is_in_a_unit_that_shows_it(tmp_path, capsys, monkeypatch):
     import numpy as np
 
-    from roiseg.featcache import cache
-    from roiseg.featcache.errors import FeatCacheError
+    from roiseg.common.errors import FeatCacheError
+    from roiseg.data import cache
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 6, 0, 40_000))
     with pytest.raises(FeatCacheError) as exc:
         cache.check_disk(tmp_path, np.ones((12, 1)), [(8, 80, 80)], (640, 640), 20, True)
@@ -425,7 +425,7 @@ def test_overwrite_through_a_link_names_the_link_and_keeps_the_store(synth, stan
 
 def test_predict_on_a_full_disk_says_where_the_part_is_and_where_a_rerun_goes(trained, synth, tmp_path,
                                                                               monkeypatch):
-    from roiseg.trainer.runtime import predict as P
+    from roiseg.runtime import predict as P
     real = P.Outputs.add
     calls = []
 

@@ -7,24 +7,28 @@ import numpy as np
 import pytest
 import torch
 
-from roiseg.featcache.cache import CacheConfig, mirror_input, run_cache
-from roiseg.featcache.errors import FeatCacheError
-from roiseg.featcache.extractor import INPUT_TENSOR, Extractor, ExtractorError
-from roiseg.featcache.images import Preprocess, load_rgb, preprocess
-from roiseg.featcache.standin import FEATURE_NAME, FINE_NAME
-from roiseg.featcache.store import FeatureStore
-from roiseg.trainer.checkpoint import check_decoder_on_store, decoder_from_checkpoint, fingerprint
-from roiseg.trainer.data import (
+from roiseg.common.errors import FeatCacheError
+from roiseg.data.cache import CacheConfig, mirror_input, run_cache
+from roiseg.data.extractor import INPUT_TENSOR, Extractor, ExtractorError
+from roiseg.data.images import Preprocess, load_rgb, preprocess
+from roiseg.data.standin import FEATURE_NAME, FINE_NAME
+from roiseg.data.store import FeatureStore
+from roiseg.loader.sampling import RoiSampling
+from roiseg.loader.sources import (
     CacheIndex,
     PinnedStreamSource,
     ResidentSource,
     StreamingSource,
     epoch_batches,
 )
-from roiseg.trainer.models import RoiAlignDecoder, roi_features, uses_fine
-from roiseg.trainer.sampling import RoiSampling
-from roiseg.trainer.training.config import make_config
-from roiseg.trainer.training.loop import Trainer
+from roiseg.modeling.checkpoint import (
+    check_decoder_on_store,
+    decoder_from_checkpoint,
+    fingerprint,
+)
+from roiseg.modeling.decoders import RoiAlignDecoder, roi_features, uses_fine
+from roiseg.training.config import make_config
+from roiseg.training.loop import Trainer
 
 
 def _cache(synth, onnx, out, split="train", **kw):
@@ -61,8 +65,8 @@ def fine_run(fine_stores, stores, tmp_path_factory):
 
 def _same_masks_everywhere(ck, dec, e2e, onnx, image):
     """Predict from the checkpoint, the exported decoder and the end-to-end graph: the same masks."""
-    from roiseg.trainer.inference.torch_decoder import predictor_from_checkpoint
-    from roiseg.trainer.runtime.pipeline import Predictor
+    from roiseg.inference.torch_decoder import predictor_from_checkpoint
+    from roiseg.runtime.pipeline import Predictor
     boxes = np.array([[0.1, 0.15, 0.5, 0.9], [0.4, 0.2, 0.8, 0.7]])
     probs = [p.predict(image, boxes).probs for p in (predictor_from_checkpoint(ck, onnx, "cpu"),
                                                      Predictor.from_onnx(dec, onnx, "cpu"),
@@ -227,9 +231,9 @@ def test_resume_keeps_the_fine_path(fine_stores, stores, tmp_path):
 def test_every_inference_path_feeds_the_fine_map(fine_run, fine_stores, synth, standin_onnx, tmp_path):
     """evaluate (store and --ann/--images), predict from the checkpoint, the exported decoder and
     the end-to-end graph give the same masks."""
-    from roiseg.trainer.inference.evaluate import evaluate_checkpoint, live_store
-    from roiseg.trainer.inference.export import export_checked, predictor_metadata
-    from roiseg.trainer.inference.export_graph import ExportSpec
+    from roiseg.export.export import export_checked, predictor_metadata
+    from roiseg.export.graph import ExportSpec
+    from roiseg.inference.evaluate import evaluate_checkpoint, live_store
     ck = fine_run / "last.pth"
     stored = torch.load(ck, map_location="cpu", weights_only=False)["metrics"]["instance_mIoU"]
     assert evaluate_checkpoint(ck, fine_stores["val"])["instance_mIoU"] == pytest.approx(stored, abs=1e-9)
@@ -265,7 +269,7 @@ def test_ddp_streams_the_fine_map_to_every_rank(fine_stores, stores, tmp_path):
 
 
 def test_pca_keeps_the_leading_components_and_is_reproducible():
-    from roiseg.featcache import fine_projection as fp
+    from roiseg.data import fine_projection as fp
     rng = np.random.default_rng(0)
     basis = rng.normal(size=(6, 2))
     maps = [(basis @ rng.normal(size=(2, 40 * 40)) + 0.01 * rng.normal(size=(6, 1600)) + 3.0).reshape(6, 40, 40)
@@ -290,10 +294,10 @@ def test_fine_channels_reduce_the_map_everywhere(synth, standin_onnx, stores, tm
     """cache --fine-channels: a PCA fitted once, recorded in the store; the validation store reuses it
     (--fine-projection-from) and one with its own is refused by train; checkpoint, exported decoder
     and end-to-end graph apply it and agree."""
-    from roiseg.featcache import fine_projection as fp
-    from roiseg.trainer.inference.export import export_checked, predictor_metadata
-    from roiseg.trainer.inference.export_graph import ExportSpec
-    from roiseg.trainer.inference.evaluate import evaluate_checkpoint, live_store
+    from roiseg.data import fine_projection as fp
+    from roiseg.export.export import export_checked, predictor_metadata
+    from roiseg.export.graph import ExportSpec
+    from roiseg.inference.evaluate import evaluate_checkpoint, live_store
     tr, va, own = tmp_path / "tr.zarr", tmp_path / "va.zarr", tmp_path / "own.zarr"
     _cache(synth, standin_onnx, tr, fine_feature=FINE_NAME, fine_channels=3)
     _cache(synth, standin_onnx, va, "val", fine_feature=FINE_NAME, fine_projection_from=tr)

@@ -2,7 +2,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from roiseg.featcache.standin import FEATURE_NAME, build_standin_extractor
+from roiseg.data.standin import FEATURE_NAME, build_standin_extractor
 
 
 def test_standin_has_inner_feature_tensor(tmp_path):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from roiseg.featcache.geometry import (
+from roiseg.common.geometry import (
     ResizePolicy,
     as_xyxy,
     cxcywh_to_xyxy,

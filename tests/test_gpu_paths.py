@@ -9,8 +9,8 @@ import onnx
 import pytest
 import torch
 
-from roiseg.featcache import providers
-from roiseg.featcache.standin import build_standin_extractor
+from roiseg.common import providers
+from roiseg.data.standin import build_standin_extractor
 
 
 # ---- ONNX Runtime providers: the options the code builds ----------------------------------------
@@ -58,7 +58,7 @@ def test_engine_cache_is_per_model_not_per_graph_shape(fake_gpu, tmp_path):
 
 def test_profiles_cover_every_batch_the_cache_sends(fake_gpu, tmp_path, synth):
     """cache --flip runs 2 x --batch images at once on a dynamic-batch extractor."""
-    from roiseg.featcache.cache import CacheConfig, run_cache
+    from roiseg.data.cache import CacheConfig, run_cache
     dyn = build_standin_extractor(tmp_path / "dyn.onnx", channels=8, dynamic_batch=True)
     cfg = CacheConfig(ann=synth["val"], images=synth["root"] / "images/val2017", onnx=dyn, out=tmp_path / "s.zarr",
                       provider="tensorrt", batch=12, flip=True, limit=1)
@@ -79,9 +79,9 @@ def exported_decoder(trained, tmp_path_factory):
 def test_fp16_only_where_the_graph_allows_it(exported_decoder, fake_gpu, tmp_path):
     """The extractor may run in fp16 (its features are stored as fp16); the exported decoder's fp32
     geometry and paste may not: TensorRT must not be told to use fp16 for it."""
-    from roiseg.featcache.extractor import Extractor
-    from roiseg.featcache.standin import FEATURE_NAME
-    from roiseg.trainer.runtime.onnx_decoder import OnnxDecoder
+    from roiseg.data.extractor import Extractor
+    from roiseg.data.standin import FEATURE_NAME
+    from roiseg.runtime.onnx_decoder import OnnxDecoder
     with pytest.raises(Exception):   # the fake session cannot run: only the options matter here
         Extractor(build_standin_extractor(tmp_path / "e.onnx", channels=8), FEATURE_NAME, "tensorrt")
     assert _options(fake_gpu.made[-1], "TensorrtExecutionProvider")["trt_fp16_enable"] is True
@@ -92,7 +92,7 @@ def test_fp16_only_where_the_graph_allows_it(exported_decoder, fake_gpu, tmp_pat
 def test_auto_falls_back_to_cuda_when_tensorrt_fails(fake_gpu, tmp_path, caplog):
     m = onnx.load(str(build_standin_extractor(tmp_path / "a.onnx", channels=8)))
     fake_gpu.fail_tensorrt = True
-    with caplog.at_level(logging.WARNING, logger="featcache.providers"):
+    with caplog.at_level(logging.WARNING, logger="roiseg.common.providers"):
         sess = providers.make_session(m, provider="auto", trt_cache=tmp_path / "e", label="a.onnx")
     assert sess.get_providers()[0] == "CUDAExecutionProvider"
     fallback = [r.message for r in caplog.records if "-> CUDA" in r.message]
@@ -115,7 +115,7 @@ def test_device_id_follows_the_torch_device_and_local_rank(fake_gpu, tmp_path, m
 
 
 def test_evaluate_keeps_tensorrt_engines_out_of_its_temp_folder(trained, synth, tmp_path, monkeypatch):
-    from roiseg.featcache import cache as cache_mod
+    from roiseg.data import cache as cache_mod
     seen = {}
     real = cache_mod.run_cache
 
@@ -123,14 +123,14 @@ def test_evaluate_keeps_tensorrt_engines_out_of_its_temp_folder(trained, synth, 
         seen["cfg"] = cfg
         return real(cfg, progress)
     monkeypatch.setattr(cache_mod, "run_cache", spy)
-    from roiseg.trainer.inference.evaluate import live_store
+    from roiseg.inference.evaluate import live_store
     with live_store(trained / "best.pth", synth["val"], synth["root"] / "images/val2017", tmp_path, None, "cpu", 1):
         pass
     assert seen["cfg"].trt_cache == providers.TRT_CACHE and tmp_path not in seen["cfg"].trt_cache.parents
 
 
 def test_store_records_the_provider_and_precision(stores):
-    from roiseg.featcache.store import FeatureStore
+    from roiseg.data.store import FeatureStore
     meta = FeatureStore(stores["val"]).meta
     assert meta["extractor_provider"] == "CPUExecutionProvider" and meta["extractor_precision"] == "fp32"
 
@@ -159,9 +159,9 @@ def _on_gpu(x):
 def test_resume_from_a_checkpoint_mapped_to_another_device(trained, stores, tmp_path, monkeypatch):
     """load_checkpoint(map_location=cuda) put the numpy RNG state on the GPU and every resume on a
     GPU crashed; restoring must work whatever device the loader put the tensors on."""
-    from roiseg.trainer.training import run_state as checkpointer
-    from roiseg.trainer.training.config import make_config
-    from roiseg.trainer.training.loop import Trainer
+    from roiseg.training import run_state as checkpointer
+    from roiseg.training.config import make_config
+    from roiseg.training.loop import Trainer
     real = checkpointer.load_checkpoint
     monkeypatch.setattr(checkpointer, "load_checkpoint", lambda *a, **k: _on_gpu(real(*a, **k)))
     ck = real(trained / "last.pth")
@@ -182,7 +182,7 @@ def test_resume_from_a_checkpoint_mapped_to_another_device(trained, stores, tmp_
 def test_grad_scaler_across_amp_on_and_off(saved_amp, now_amp):
     """A CPU or --no-amp run saves an empty scaler state: resuming it with AMP starts a fresh
     scaler; an AMP run resumed without AMP ignores the saved one.  (CPU GradScalers stand in for CUDA.)"""
-    from roiseg.trainer.training.run_state import restore_scaler
+    from roiseg.training.run_state import restore_scaler
     saved = torch.amp.GradScaler("cpu", enabled=saved_amp, init_scale=1024.0)
     if saved_amp:
         saved.scale(torch.ones(()))       # lazily creates the scale tensor
@@ -197,7 +197,7 @@ def test_grad_scaler_across_amp_on_and_off(saved_amp, now_amp):
 def test_roi_geometry_stays_fp32_under_autocast():
     """Boxes cast to fp16/bf16 move by up to ~1/32 cell (bf16: 1/4 cell near 60); a map whose value is
     the x coordinate shows where ROIAlign sampled."""
-    from roiseg.trainer.models import roi_features
+    from roiseg.modeling.decoders import roi_features
     hw = 80
     xs = (torch.arange(hw, dtype=torch.float32) + 0.5 - 58.0)         # values near 0: fine in bf16
     feats = xs.expand(1, 1, hw, hw).contiguous()
@@ -212,7 +212,7 @@ def test_roi_geometry_stays_fp32_under_autocast():
 
 
 def test_losses_accumulate_in_fp32():
-    from roiseg.trainer.training.losses import LossConfig, SegLoss
+    from roiseg.training.losses import LossConfig, SegLoss
     loss = SegLoss(LossConfig((0.5, 1.0, 2.0), 1.0, (1, 2), 0.0, 0.5), 3)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 3, 56, 56, generator=g)
@@ -225,8 +225,13 @@ def test_losses_accumulate_in_fp32():
 
 # ---- data paths -------------------------------------------------------------------------------------
 def test_resident_auto_counts_masks_and_shares_ram_between_local_ranks(stores):
-    from roiseg.trainer.data import CacheIndex, ResidentSource, resident_bytes, resident_choice
-    from roiseg.trainer.sampling import RoiSampling
+    from roiseg.loader.sampling import RoiSampling
+    from roiseg.loader.sources import (
+        CacheIndex,
+        ResidentSource,
+        resident_bytes,
+        resident_choice,
+    )
     idx = CacheIndex(stores["train"])
     feats, masks = resident_bytes(idx, len(idx.images))
     assert feats == len(idx.images) * int(np.prod(idx.feature_shape)) * 2 and masks > 0
@@ -248,7 +253,7 @@ def test_resident_auto_counts_masks_and_shares_ram_between_local_ranks(stores):
 def test_pinned_copy_event_is_recorded_on_the_copying_devices_stream(monkeypatch):
     """The H2D copy to cuda:1 is queued on cuda:1's current stream; recording the event on the
     current device's (cuda:0) stream would let the pinned buffer be refilled mid-copy."""
-    from roiseg.trainer import data
+    from roiseg.loader import sources as data
     calls = {}
 
     class Stream:
@@ -268,8 +273,8 @@ def test_pinned_copy_event_is_recorded_on_the_copying_devices_stream(monkeypatch
 def test_ema_update_never_syncs_with_the_host(monkeypatch):
     """torch's AveragedModel tests a tensor counter every step (a GPU->host sync); the EMA must not
     turn any tensor into a Python value while updating."""
-    from roiseg.trainer.models import build_model
-    from roiseg.trainer.training.ema import Ema
+    from roiseg.modeling.decoders import build_model
+    from roiseg.training.ema import Ema
     model = build_model("roialign", 8, hidden=8, roi_size=7, mask_size=14)
     ema = Ema(model, 0.9)
 
@@ -306,8 +311,7 @@ def test_ddp_empty_reads_identical_replicas_and_one_process_metrics(stores, tmp_
     import json
 
     from clikit import torchrun
-
-    from roiseg.trainer.data import CacheIndex, epoch_batches
+    from roiseg.loader.sources import CacheIndex, epoch_batches
     idx = CacheIndex(stores["train"])
     h, w = idx.input_hw
     size = (idx.padded_input[:, 2:] - idx.padded_input[:, :2]) * [w, h]     # what --min-roi-size compares
@@ -348,8 +352,8 @@ def test_overwrite_under_torchrun_other_shards_take_the_stores_projection(synth,
     """``cache --overwrite --fine-channels`` under torchrun: rank 0 rebuilds the store and fits the
     PCA; the other ranks must take it from the new store, never refit (the store refuses any bit
     difference)."""
-    from roiseg.featcache import cache, fine_projection
-    from roiseg.featcache.cache import CacheConfig, complete_store_meta, run_cache
+    from roiseg.data import cache, fine_projection
+    from roiseg.data.cache import CacheConfig, complete_store_meta, run_cache
     cfg = CacheConfig(ann=synth["val"], images=synth["root"] / "images/val2017", onnx=standin_onnx,
                       out=tmp_path / "s.zarr", provider="cpu", fine_feature="input", fine_channels=2, limit=3)
     run_cache(cfg, progress=False)
@@ -368,19 +372,19 @@ def test_overwrite_under_torchrun_other_shards_take_the_stores_projection(synth,
 def test_process_group_gets_the_long_timeout(monkeypatch):
     from datetime import timedelta
 
-    from roiseg.trainer.training import distributed as D
+    from roiseg.training import distributed as D
     seen = {}
     monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(D.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
     monkeypatch.setenv("WORLD_SIZE", "2")
     D.setup("cpu", 7.5)
     assert seen == {"backend": "gloo", "timeout": timedelta(minutes=7.5)}
-    from roiseg.trainer.training.config import make_config
+    from roiseg.training.config import make_config
     assert make_config().dist_timeout == 120.0      # NCCL's own default (10 minutes) aborted slow resident loads
 
 
 def test_resident_auto_reads_memavailable_not_memfree(tmp_path):
-    from roiseg.trainer.data import available_ram
+    from roiseg.loader.sources import available_ram
     info = tmp_path / "meminfo"
     info.write_text("MemTotal:       24000000 kB\nMemFree:          500000 kB\nMemAvailable:   20000000 kB\n")
     assert available_ram(str(info)) == 20000000 * 1024      # the page cache a store's read left counts
@@ -390,8 +394,8 @@ def test_resident_auto_reads_memavailable_not_memfree(tmp_path):
 
 @pytest.mark.parametrize("world,train,val,ok", [(2, 5, 3, True), (3, 2, 9, False), (4, 9, 3, False)])
 def test_more_ranks_than_images_is_refused(world, train, val, ok):
-    from roiseg.featcache.errors import FeatCacheError
-    from roiseg.trainer.training.loop import check_ranks
+    from roiseg.common.errors import FeatCacheError
+    from roiseg.training.loop import check_ranks
     if ok:
         check_ranks(world, train, val)
     else:
@@ -401,7 +405,7 @@ def test_more_ranks_than_images_is_refused(world, train, val, ok):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_feature_norm_runs_in_fp32_under_autocast(dtype):
-    from roiseg.trainer.models import FeatureNorm
+    from roiseg.modeling.decoders import FeatureNorm
     norm = FeatureNorm(3)
     norm.set([0.0, 1000.0, -5.0], [1e-6, 1e-3, 300.0])     # a near-dead channel, a large mean, a wide one
     x = torch.tensor([[[[1e-4]], [[1000.5]], [[60000.0]]]], dtype=torch.float16)
@@ -413,9 +417,9 @@ def test_feature_norm_runs_in_fp32_under_autocast(dtype):
 
 
 def test_ranks_that_do_not_see_the_run_folder_are_refused(tmp_path, monkeypatch):
-    from roiseg.featcache.errors import FeatCacheError
-    from roiseg.featcache.files import claim_folder
-    from roiseg.trainer.training import distributed as D
+    from roiseg.common.errors import FeatCacheError
+    from roiseg.common.files import claim_folder
+    from roiseg.training import distributed as D
     info = D.DistInfo(rank=0, world=3)
     with claim_folder(tmp_path / "run") as claim:
         def gather(out, mine):            # rank 2 is on a node whose --out is another folder
@@ -428,7 +432,7 @@ def test_ranks_that_do_not_see_the_run_folder_are_refused(tmp_path, monkeypatch)
 
 
 def test_deterministic_switch_sets_cublas_workspace(monkeypatch):
-    from roiseg.trainer.training import distributed as D
+    from roiseg.training import distributed as D
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
         D.deterministic()
@@ -439,8 +443,8 @@ def test_deterministic_switch_sets_cublas_workspace(monkeypatch):
 
 
 def test_bfloat16_amp_trains_on_a_cpu(stores, tmp_path):
-    from roiseg.trainer.training.config import make_config
-    from roiseg.trainer.training.loop import Trainer
+    from roiseg.training.config import make_config
+    from roiseg.training.loop import Trainer
     cfg = make_config(train_store=str(stores["train"]), val_store=str(stores["val"]), out=str(tmp_path / "ck"),
                       analysis=str(stores["analysis"]), hidden=8, roi_size=7, mask_size=14, epochs=1, batch_size=4,
                       workers=0, resident="cpu", tensorboard=False, visualize=False, amp_dtype="bfloat16",

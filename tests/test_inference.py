@@ -8,14 +8,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from roiseg.featcache.coco import load_person_records
-from roiseg.featcache.extractor import Extractor
-from roiseg.featcache.geometry import ResizePolicy
-from roiseg.featcache.images import Preprocess
-from roiseg.featcache.standin import FEATURE_NAME
-from roiseg.trainer.checkpoint import list_checkpoints
-from roiseg.trainer.inference.torch_decoder import TorchDecoder
-from roiseg.trainer.inference.visualize import (
+from roiseg.common.geometry import ResizePolicy
+from roiseg.data.coco import load_person_records
+from roiseg.data.extractor import Extractor
+from roiseg.data.images import Preprocess
+from roiseg.data.standin import FEATURE_NAME
+from roiseg.inference.torch_decoder import TorchDecoder
+from roiseg.inference.visualize import (
     BOX_RED,
     CAPTION_H,
     CELL_H,
@@ -26,8 +25,9 @@ from roiseg.trainer.inference.visualize import (
     person_colour,
     render_validation_png,
 )
-from roiseg.trainer.models import mask_certainty
-from roiseg.trainer.runtime.pipeline import Predictor
+from roiseg.modeling.checkpoint import list_checkpoints
+from roiseg.modeling.decoders import mask_certainty
+from roiseg.runtime.pipeline import Predictor
 
 
 @pytest.mark.parametrize("size", [(640, 480), (300, 500), (800, 200)])

@@ -1,33 +1,38 @@
-"""The code's shape: import contracts (pyproject.toml [tool.importlinter]) hold, nothing imports the
-folders under their bare top-level names, and the wheel installs one import root with a command."""
+"""The code's shape: import contracts (pyproject.toml [tool.importlinter]) hold, the code lives in one
+package without links, and the wheel installs one import root with a command."""
+import re
 import subprocess
 import sys
 import zipfile
 
 import pytest
+
 from clikit import ROOT
 
 
 def test_import_contracts_hold():
-    """Layers run one way (featcache -> core -> training | runtime -> inference -> cli) and the
-    ONNX Runtime path and the data layer cannot import torch, not even through another module."""
+    """Layers run one way (common -> data -> modeling -> loader -> evaluation -> training | runtime
+    -> export | inference -> cli) and the ONNX Runtime path, the data layer and the shared layer
+    cannot import torch, not even through another module."""
     lint = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
     p = subprocess.run([sys.executable, "-c", lint], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     assert p.stdout.count(" KEPT") == 3 and "BROKEN" not in p.stdout
 
 
-def test_only_the_import_root_is_imported():
-    """Every module imports ``roiseg.*``: a bare ``featcache`` or ``trainer`` import would load a
-    second copy of the same files (two classes that are not equal)."""
-    code = ("import importlib, pkgutil, sys, roiseg\n"
-            "for m in pkgutil.walk_packages(roiseg.__path__, 'roiseg.'):\n"
-            "    importlib.import_module(m.name)\n"
-            "bare = sorted(k for k in sys.modules if k.split('.')[0] in ('featcache', 'trainer', 'cli', 'demo'))\n"
-            "print(bare)\n")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.strip() == "[]", p.stdout
+def test_the_code_is_where_tools_look():
+    """Real files in one package, no links (tools that do not follow links see every import), one
+    import style (absolute ``roiseg.``), and the design's root names hold re-exports only."""
+    tracked = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True).stdout
+    links = [line.split("\t")[1] for line in tracked.splitlines() if line.startswith("120000")]
+    assert links == [], links
+    relative = [f"{p.relative_to(ROOT)}:{k}" for p in (ROOT / "roiseg").rglob("*.py")
+                for k, line in enumerate(p.read_text().splitlines(), 1) if re.match(r"\s*from \.", line)]
+    assert relative == [], relative
+    for entry in ("featcache/__init__.py", "trainer/__init__.py", "cli.py"):
+        code = [line for line in (ROOT / entry).read_text().split('"""')[2].splitlines()
+                if line.strip() and not line.startswith(("from roiseg", "__all__", "    ", "if __name__"))]
+        assert code == [], (entry, code)
 
 
 @pytest.mark.slow
@@ -46,7 +51,7 @@ def test_wheel_holds_one_import_root_and_a_working_command(tmp_path):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"roiseg"}, tops
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
-    for part in ("roiseg/featcache/store.py", "roiseg/trainer/runtime/pipeline.py", "roiseg/cli.py"):
+    for part in ("roiseg/data/store.py", "roiseg/runtime/pipeline.py", "roiseg/cli.py", "roiseg/__main__.py"):
         assert part in names
     run = subprocess.run([sys.executable, "-c", "import sys; from roiseg.cli import main; sys.exit(main(['--help']))"],
                          cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},

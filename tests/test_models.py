@@ -3,15 +3,15 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-from roiseg.featcache.rasterize import roi_target
-from roiseg.trainer.models import (
+from roiseg.data.rasterize import roi_target
+from roiseg.loader.targets import sample_roi_targets, union_packed
+from roiseg.modeling.decoders import (
     GlobalContextDecoder,
     RoiAlignDecoder,
     paste_masks,
     roi_features,
 )
-from roiseg.trainer.target_sampling import sample_roi_targets, union_packed
-from roiseg.trainer.training.losses import LossConfig, SegLoss
+from roiseg.training.losses import LossConfig, SegLoss
 
 
 def _coord_features():

@@ -9,22 +9,22 @@ from click.testing import CliRunner
 from PIL import Image
 from pycocotools.coco import COCO
 
-from roiseg.featcache.coco import load_person_records
-from roiseg.featcache.extractor import Extractor
-from roiseg.featcache.geometry import ResizePolicy, content_rect, pad_box
-from roiseg.featcache.images import Preprocess
-from roiseg.featcache.standin import FEATURE_NAME, add_constant_output
-from roiseg.trainer.checkpoint import (
+from roiseg.common.geometry import ResizePolicy, content_rect, pad_box
+from roiseg.data.coco import load_person_records
+from roiseg.data.extractor import Extractor
+from roiseg.data.images import Preprocess
+from roiseg.data.standin import FEATURE_NAME, add_constant_output
+from roiseg.export.export import export_decoder
+from roiseg.export.graph import DecoderExport, ExportSpec
+from roiseg.inference.torch_decoder import TorchDecoder
+from roiseg.modeling.checkpoint import (
     decoder_from_checkpoint,
     list_checkpoints,
     load_checkpoint,
 )
-from roiseg.trainer.inference.export import export_decoder
-from roiseg.trainer.inference.export_graph import DecoderExport, ExportSpec
-from roiseg.trainer.inference.torch_decoder import TorchDecoder
-from roiseg.trainer.runtime.detection import YOLOX_STRIDES, DetectionSettings
-from roiseg.trainer.runtime.pipeline import Predictor
-from roiseg.trainer.runtime.predict import PredictOptions, run_predict
+from roiseg.runtime.detection import YOLOX_STRIDES, DetectionSettings
+from roiseg.runtime.pipeline import Predictor
+from roiseg.runtime.predict import PredictOptions, run_predict
 
 # Two persons (class 1 of 3) in input pixels of a 640x640 frame, plus distractors below.
 PERSONS = np.array([[100.0, 120.0, 300.0, 500.0], [350.0, 80.0, 600.0, 400.0]])
@@ -149,7 +149,7 @@ def test_predict_folder_writes_coco_results_masks_polygons(det_predictor, synth,
 def test_polygons_rasterize_back_to_the_mask():
     from pycocotools import mask as mask_utils
 
-    from roiseg.trainer.runtime.predict import polygons_of
+    from roiseg.runtime.predict import polygons_of
     h, w = 120, 160
     yy, xx = np.mgrid[:h, :w]
     m = ((yy - 60) ** 2 / 40 ** 2 + (xx - 50) ** 2 / 30 ** 2 <= 1) | ((yy > 20) & (yy < 90) & (xx > 100) & (xx < 140))
@@ -203,7 +203,7 @@ def test_evaluate_reproduces_stored_metrics_and_compares(trained, stores, tmp_pa
 
 def test_predict_with_gt_boxes_matches_evaluate(trained, synth, tmp_path):
     from roiseg.cli import main
-    from roiseg.trainer.inference.evaluate import evaluate_checkpoint
+    from roiseg.inference.evaluate import evaluate_checkpoint
     ck = trained / "best.pth"
     r = CliRunner().invoke(main, ["predict", "--source", str(synth["root"] / "images/val2017"), "--checkpoint",
                                   str(ck), "--boxes", "gt", "--ann", str(synth["val"]), "--out", str(tmp_path / "g"),
@@ -248,7 +248,7 @@ class _Tiny(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from roiseg.trainer.models import build_model
+        from roiseg.modeling.decoders import build_model
         self.m = build_model("roialign", 4, hidden=8, roi_size=7, mask_size=14)
         self.num_classes = 3
 
@@ -266,7 +266,7 @@ def test_evaluate_from_annotations_and_images_equals_the_store(trained, synth, t
                                   "--provider", "cpu", "--device", "cpu", "--json", str(out)])
     assert r.exit_code == 0, r.output
     live = json.loads(out.read_text())[0]
-    from roiseg.trainer.inference.evaluate import evaluate_checkpoint
+    from roiseg.inference.evaluate import evaluate_checkpoint
     ref = evaluate_checkpoint(trained / "best.pth")
     assert live["mIoU"] == pytest.approx(ref["mIoU"], abs=1e-9)
     assert live["instance_mIoU"] == pytest.approx(ref["instance_mIoU"], abs=1e-9)
@@ -321,7 +321,7 @@ def test_numpy_nms_equals_torchvision():
     """The ORT-only runtime's NMS keeps exactly what torchvision's would."""
     from torchvision.ops import nms as tv_nms
 
-    from roiseg.trainer.runtime.detection import nms
+    from roiseg.runtime.detection import nms
     rng = np.random.default_rng(3)
     for n, iou in ((1, 0.5), (60, 0.65), (300, 0.3), (300, 0.9)):
         xy = rng.uniform(0, 500, (n, 2))

@@ -4,8 +4,8 @@ import logging
 import onnx
 import pytest
 
-from roiseg.featcache import providers
-from roiseg.featcache.providers import ProviderError, provider_chain, trt_profiles
+from roiseg.common import providers
+from roiseg.common.providers import ProviderError, provider_chain, trt_profiles
 
 
 def test_without_gpu_auto_is_cpu_and_gpu_providers_are_refused(monkeypatch):
@@ -28,7 +28,7 @@ def test_tensorrt_without_its_libraries(monkeypatch, caplog):
                                                             "(uv sync --extra tensorrt)")
     with pytest.raises(ProviderError, match="uv sync --extra tensorrt"):
         provider_chain("tensorrt")
-    with caplog.at_level(logging.WARNING, logger="featcache.providers"):
+    with caplog.at_level(logging.WARNING, logger="roiseg.common.providers"):
         assert provider_chain("auto") == [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
     assert [r.message for r in caplog.records] == [
         "provider auto: TensorRT skipped (the TensorRT libraries are not installed (uv sync --extra tensorrt)) -> CUDA"]
@@ -42,9 +42,9 @@ def test_load_tensorrt_names_the_extra_when_missing():
 
 
 def test_trt_profiles_cover_dynamic_batch_and_rois(tmp_path):
-    from roiseg.trainer.inference.export import export_decoder
-    from roiseg.trainer.inference.export_graph import ExportSpec
-    from roiseg.trainer.models import build_model
+    from roiseg.export.export import export_decoder
+    from roiseg.export.graph import ExportSpec
+    from roiseg.modeling.decoders import build_model
     spec = ExportSpec(4, (640, 640), (80, 80), 0.1, letterbox=True)
     m = onnx.load(str(export_decoder(build_model("roialign", 4, hidden=8, roi_size=7, mask_size=14), spec,
                                      tmp_path / "d.onnx")))

@@ -9,32 +9,32 @@ import torch
 from PIL import ImageOps
 from test_train import _cfg
 
-from roiseg.featcache.cache import CacheConfig, run_cache
-from roiseg.featcache.extractor import Extractor
-from roiseg.featcache.images import Preprocess, load_rgb, preprocess
-from roiseg.featcache.store import FeatureStore, StoreError
-from roiseg.trainer.checkpoint import list_checkpoints, load_checkpoint
-from roiseg.trainer.data import (
-    CacheIndex,
-    PinnedStreamSource,
-    ResidentSource,
-    StreamingSource,
-    epoch_batches,
-)
-from roiseg.trainer.inference.export import export_decoder
-from roiseg.trainer.inference.export_graph import ExportSpec
-from roiseg.trainer.inference.parity import check_parity
-from roiseg.trainer.models import build_model
-from roiseg.trainer.sampling import (
+from roiseg.data.cache import CacheConfig, run_cache
+from roiseg.data.extractor import Extractor
+from roiseg.data.images import Preprocess, load_rgb, preprocess
+from roiseg.data.store import FeatureStore, StoreError
+from roiseg.export.export import export_decoder
+from roiseg.export.graph import ExportSpec
+from roiseg.export.parity import check_parity
+from roiseg.loader.sampling import (
     RoiSampling,
     image_rng,
     jitter_person_boxes,
     mirror_boxes,
     rois_with_others,
 )
-from roiseg.trainer.target_sampling import sample_roi_targets, union_packed
-from roiseg.trainer.training.loop import Trainer, expected_rois
-from roiseg.trainer.training.schedule import scaled_lr
+from roiseg.loader.sources import (
+    CacheIndex,
+    PinnedStreamSource,
+    ResidentSource,
+    StreamingSource,
+    epoch_batches,
+)
+from roiseg.loader.targets import sample_roi_targets, union_packed
+from roiseg.modeling.checkpoint import list_checkpoints, load_checkpoint
+from roiseg.modeling.decoders import build_model
+from roiseg.training.loop import Trainer, expected_rois
+from roiseg.training.schedule import scaled_lr
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_feature_stats_exact_over_any_subset(stores):
 def test_stats_read_in_one_go_still_name_a_damaged_chunk(stores, tmp_path):
     """The per-image sums are read with one zarr call (start-up at 64k images); a half-recorded
     store (some sums missing) gives the same statistics, and a damaged sum names its image."""
-    from roiseg.featcache.store import DamagedChunkError
+    from roiseg.data.store import DamagedChunkError
     copy = tmp_path / "s.zarr"
     shutil.copytree(stores["train"], copy)
     imgs = FeatureStore(copy).valid_images()
@@ -256,7 +256,7 @@ def test_image_lists_select_part_of_a_store(stores):
 
 
 def test_auto_epochs_give_small_sets_enough_steps(stores, tmp_path):
-    from roiseg.trainer.training.schedule import auto_epochs
+    from roiseg.training.schedule import auto_epochs
     assert auto_epochs(60_000 * 12, 16, 600) == 12                 # full COCO: the plain 12
     assert auto_epochs(616, 16, 600) == 16                         # a 48-image fold: 16 epochs, ~600 steps
     t = Trainer(_cfg(stores, tmp_path / "a", epochs=0, min_steps=5000, rois_per_step=8))

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from roiseg.trainer.models import build_model, mask_certainty, mask_scores
-from roiseg.trainer.training.losses import LossConfig, SegLoss, grid_mask_iou
+from roiseg.modeling.decoders import build_model, mask_certainty, mask_scores
+from roiseg.training.losses import LossConfig, SegLoss, grid_mask_iou
 
 
 def test_grid_mask_iou_by_hand():
@@ -86,17 +86,17 @@ def test_score_head_learns_the_mask_iou():
 def test_score_quality_by_hand():
     import numpy as np
 
-    from roiseg.trainer.scoring import score_quality
+    from roiseg.evaluation.evaluator import score_quality
     q = score_quality(np.array([[0.1, 0.2], [0.5, 0.9], [0.3, 0.4]]))
     assert q["score_rank_corr"] == pytest.approx(1.0) and q["score_mae"] == pytest.approx(0.2)
     assert score_quality(np.array([[0.9, 0.1], [0.1, 0.9]]))["score_rank_corr"] == pytest.approx(-1.0)
 
 
 def test_train_with_a_score_head_checkpoints_and_predicts(stores, synth, tmp_path):
-    from roiseg.featcache.schema import ConfigError
-    from roiseg.trainer.checkpoint import decoder_from_checkpoint, load_checkpoint
-    from roiseg.trainer.training.config import make_config
-    from roiseg.trainer.training.run import run_training
+    from roiseg.common.schema import ConfigError
+    from roiseg.modeling.checkpoint import decoder_from_checkpoint, load_checkpoint
+    from roiseg.training.config import make_config
+    from roiseg.training.run import run_training
     base = dict(train_store=str(stores["train"]), val_store=str(stores["val"]), out=str(tmp_path / "r"),
                 analysis=str(stores["analysis"]), hidden=16, roi_size=7, mask_size=28, epochs=2, batch_size=4,
                 workers=0, resident="cpu", tensorboard=False, visualize=False, lr=3e-3, coco_eval=True)
@@ -121,7 +121,7 @@ def test_train_with_a_score_head_checkpoints_and_predicts(stores, synth, tmp_pat
     from click.testing import CliRunner
 
     from roiseg.cli import main
-    from roiseg.trainer.inference.torch_decoder import predictor_from_checkpoint
+    from roiseg.inference.torch_decoder import predictor_from_checkpoint
     images = synth["root"] / "images/val2017"
     r = CliRunner().invoke(main, ["predict", "--source", str(images), "--checkpoint", str(tmp_path / "r" / "last.pth"),
                                   "--boxes", "gt", "--ann", str(synth["val"]), "--out", str(tmp_path / "pred"),

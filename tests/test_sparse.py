@@ -8,15 +8,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from roiseg.featcache.cache import CacheConfig, run_cache
-from roiseg.featcache.errors import FeatCacheError
-from roiseg.featcache.geometry import ResizePolicy, pad_box
-from roiseg.featcache.sparse import readable_cells, zero_unreadable
-from roiseg.featcache.standin import FEATURE_NAME
-from roiseg.featcache.store import FeatureStore
-from roiseg.trainer.models import roi_features
-from roiseg.trainer.sampling import RoiSampling, mirror_boxes, train_rois
-from roiseg.trainer.training.config import make_config
+from roiseg.common.errors import FeatCacheError
+from roiseg.common.geometry import ResizePolicy, pad_box
+from roiseg.data.cache import CacheConfig, run_cache
+from roiseg.data.sparse import readable_cells, zero_unreadable
+from roiseg.data.standin import FEATURE_NAME
+from roiseg.data.store import FeatureStore
+from roiseg.loader.sampling import RoiSampling, mirror_boxes, train_rois
+from roiseg.modeling.decoders import roi_features
+from roiseg.training.config import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # person boxes (normalized, original image): image borders, a tiny person, a large one, overlaps
@@ -99,7 +99,7 @@ def test_sparse_store_layout_and_size(sparse_stores, stores):
 @pytest.mark.slow
 @pytest.mark.parametrize("resident", ["cpu", "off"])
 def test_training_on_sparse_equals_dense(sparse_stores, stores, tmp_path, resident):
-    from roiseg.trainer.training.run import run_training
+    from roiseg.training.run import run_training
     runs = []
     for name, st in (("dense", stores), ("sparse", sparse_stores)):
         cfg = make_config(train_store=str(st["train"]), val_store=str(st["val"]), out=str(tmp_path / name),
@@ -112,7 +112,7 @@ def test_training_on_sparse_equals_dense(sparse_stores, stores, tmp_path, reside
 
 
 def test_sparse_store_refusals(sparse_stores):
-    from roiseg.trainer.training.loop import Trainer
+    from roiseg.training.loop import Trainer
     base = dict(train_store=str(sparse_stores["train"]), val_store=str(sparse_stores["val"]), out="unused",
                 analysis=str(sparse_stores["analysis"]), epochs=1, device="cpu", tensorboard=False, visualize=False)
     with pytest.raises(FeatCacheError, match="--model global reads whole feature maps"):

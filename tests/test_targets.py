@@ -1,7 +1,7 @@
 import numpy as np
 
-from roiseg.featcache.geometry import ResizePolicy
-from roiseg.featcache.rasterize import masks_to_input_frame, roi_target, sample_masks
+from roiseg.common.geometry import ResizePolicy
+from roiseg.data.rasterize import masks_to_input_frame, roi_target, sample_masks
 
 
 def _masks():
@@ -64,7 +64,7 @@ def test_masks_to_input_frame_stretch_and_letterbox():
 def test_fast_rle_path_equals_rasterizer():
     from pycocotools import mask as mask_utils
 
-    from roiseg.featcache.rasterize import rles_to_input_frame_packed
+    from roiseg.data.rasterize import rles_to_input_frame_packed
     rng = np.random.default_rng(3)
     m = np.zeros((3, 75, 130), np.uint8)
     for k in range(3):

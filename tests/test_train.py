@@ -5,25 +5,25 @@ import numpy as np
 import pytest
 import torch
 
-from roiseg.featcache.cache import CacheConfig, run_cache
-from roiseg.featcache.store import StoreError
-from roiseg.trainer.checkpoint import (
-    CheckpointError,
-    checkpoint_name,
-    find_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-)
-from roiseg.trainer.data import (
+from roiseg.data.cache import CacheConfig, run_cache
+from roiseg.data.store import StoreError
+from roiseg.loader.sampling import RoiSampling
+from roiseg.loader.sources import (
     CacheIndex,
     PinnedStreamSource,
     ResidentSource,
     StreamingSource,
     epoch_batches,
 )
-from roiseg.trainer.sampling import RoiSampling
-from roiseg.trainer.training.config import make_config
-from roiseg.trainer.training.loop import Trainer
+from roiseg.modeling.checkpoint import (
+    CheckpointError,
+    checkpoint_name,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
+from roiseg.training.config import make_config
+from roiseg.training.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

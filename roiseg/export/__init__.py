@@ -1,0 +1,2 @@
+"""`export`: the decoder (and extractor + decoder) as ONNX graphs, checked against PyTorch before
+anything is replaced."""

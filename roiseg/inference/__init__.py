@@ -1,0 +1,1 @@
+"""Inference with the PyTorch decoder of a checkpoint: the predictor, `evaluate`, the validation PNG."""

@@ -1,0 +1,143 @@
+"""`cli.py evaluate`: score checkpoints on a val store (or straight from annotations + images).
+
+The same ``RoiEvaluator`` and the same batches as `train`'s validation, so evaluating a checkpoint
+on the val store it was trained with reproduces the metrics stored in it.  With ``--ann/--images``
+the images go through the checkpoint's own extractor and preprocessing into a temporary store first
+(the same code path as `cache`), which is then scored and deleted.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from roiseg.common.errors import FeatCacheError
+from roiseg.data.store import FeatureStore
+from roiseg.evaluation.evaluator import RoiEvaluator, run_evaluator, val_batches
+from roiseg.loader.sources import CacheIndex
+from roiseg.modeling.checkpoint import (
+    check_decoder_on_store,
+    decoder_from_checkpoint,
+    load_checkpoint,
+)
+from roiseg.modeling.decoders import uses_fine
+from roiseg.modeling.devices import default_batch_size, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: list | None = None,
+                        device: str = "cpu", coco_eval: bool = False, batch_size: int | None = None,
+                        details: bool = False, index: CacheIndex | None = None) -> dict:
+    ck = load_checkpoint(path)
+    model, meta = decoder_from_checkpoint(ck)
+    cfg = ck.get("config", {})
+    if index is None:
+        store = Path(val_store or cfg.get("val_store") or "")
+        if not (store / ".zattrs").is_file():
+            raise FeatCacheError(f"val store not found: {store} (pass --val-store, or --ann and --images)")
+        index = CacheIndex(store, val_images if val_images is not None else
+                           (cfg.get("val_images") if val_store is None else None))
+    check_decoder_on_store(ck["model_name"], ck["cache_fingerprint"], index.meta,
+                           f"checkpoint {Path(path).name} vs val store {index.path}")
+    if len(index.images) == 0:
+        raise FeatCacheError(f"{index.path} holds no cached image to evaluate on")
+    dev = resolve_device(device)
+    model.to(dev)
+    k = int(ck["model_kwargs"]["num_classes"])
+    ev = RoiEvaluator(index, FeatureStore(index.path), k, dev, coco_eval).keep_records(details)
+    bs = batch_size or default_batch_size(dev)
+    run_evaluator(model, val_batches(index, dev, bs, int(ck["model_kwargs"]["mask_size"]), fine=uses_fine(model)), ev,
+                  amp=bool(cfg.get("amp")) and (dev.type == "cuda" or cfg.get("amp_dtype") == "bfloat16"),
+                  zero_features=bool(cfg.get("zero_features")), amp_dtype=getattr(torch, cfg.get("amp_dtype", "float16")))
+    res = ev.result()
+    res.update({"checkpoint": str(path), "epoch": int(ck["epoch"]), "val_store": str(index.path),
+                "stored_metrics": {m: ck.get("metrics", {}).get(m) for m in ("mIoU", "instance_mIoU", "boundary_IoU")}})
+    return res
+
+
+@contextlib.contextmanager
+def live_store(ck_path: Path, ann: Path, images: Path, work_dir: Path | None, onnx: Path | None = None,
+               provider: str = "auto", limit: int | None = None, device_id: int | None = None):
+    """A temporary val store of ``ann``/``images`` built with the checkpoint's extractor and
+    preprocessing (the same code as `cache`); yields its path and deletes it afterwards.  TensorRT
+    engines go to the persistent engine cache, not the temporary folder: a rebuild takes minutes."""
+    from roiseg.common.providers import TRT_CACHE
+    from roiseg.data.cache import CacheConfig, run_cache
+    from roiseg.runtime.pipeline import open_extractor
+    ck = load_checkpoint(ck_path)
+    meta = ck["cache_metadata"]["train"]
+    fine = meta.get("fine") if ck.get("cache_fingerprint", {}).get("fine") else None   # the decoder fuses it
+    open_extractor(meta, onnx, "cpu", fine=bool(fine))  # the same extractor (sha256) before any work
+    prep = meta["preprocess"]
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="evaluate_", dir=work_dir) as tmp:
+        out = Path(tmp) / "val.zarr"
+        projection = None
+        if fine and meta.get("fine_projection"):    # the same channel reduction as the training store
+            projection = Path(tmp) / "fine_projection.json"
+            projection.write_text(json.dumps({"fine": fine, "fine_projection": meta["fine_projection"]}))
+        s = run_cache(CacheConfig(ann=Path(ann), images=Path(images), onnx=Path(onnx or meta["onnx_path"]), out=out,
+                                  feature_name=meta["feature_name"], provider=provider,
+                                  fine_feature=fine["name"] if fine else None, fine_projection_from=projection,
+                                  channel_order=prep["channel_order"], scale=float(prep["scale"]),
+                                  resize=prep["policy"]["mode"], roi_padding=float(meta["roi_padding"]),
+                                  limit=limit, trt_cache=TRT_CACHE, device_id=device_id), progress=True)
+        if s["cached"] == 0:
+            reasons = "\n  ".join(f"{k}: {v}" for k, v in list(s["skipped"].items())[:5])
+            raise FeatCacheError(f"none of the {s['images']} images of --ann {ann} could be read from --images "
+                                 f"{images}:\n  {reasons}")
+        yield out
+
+
+ROW = [("epoch", "epoch", "{:>5}"), ("mIoU", "mIoU", "{:.4f}"), ("bg", ("iou", "background"), "{:.3f}"),
+       ("target", ("iou", "target"), "{:.3f}"), ("other", ("iou", "non_target"), "{:.3f}"),
+       ("inst", "instance_mIoU", "{:.4f}"), ("bIoU", "boundary_IoU", "{:.4f}"), ("S", ("instance_subsets", "small", "instance_mIoU"), "{:.3f}"),
+       ("M", ("instance_subsets", "medium", "instance_mIoU"), "{:.3f}"),
+       ("L", ("instance_subsets", "large", "instance_mIoU"), "{:.3f}"),
+       ("overlap", ("instance_subsets", "overlapped", "instance_mIoU"), "{:.3f}"),
+       ("bS", ("instance_subsets", "small", "boundary_IoU"), "{:.3f}"),
+       ("bM", ("instance_subsets", "medium", "boundary_IoU"), "{:.3f}"),
+       ("bL", ("instance_subsets", "large", "boundary_IoU"), "{:.3f}"),
+       ("bOver", ("instance_subsets", "overlapped", "boundary_IoU"), "{:.3f}"),
+       ("box", "box_instance_mIoU", "{:.4f}")]
+
+
+COCO_COLUMNS = [("AP", ("coco_mask_AP", "AP"), "{:.4f}"), ("AP75", ("coco_mask_AP", "AP75"), "{:.4f}"),
+                ("bAP", ("coco_boundary_AP", "AP"), "{:.4f}"), ("bAP75", ("coco_boundary_AP", "AP75"), "{:.4f}")]
+
+
+def _get(d, key):
+    for k in (key if isinstance(key, tuple) else (key,)):
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def comparison_table(results: list[dict]) -> str:
+    """One row per checkpoint: 3-class mIoU and class IoUs, instance mIoU and boundary IoU, instance
+    mIoU of S/M/L and overlapped persons, the box-filled baseline on the same persons, and mask and
+    boundary AP when computed."""
+    cols = list(ROW) + (COCO_COLUMNS if any("coco_mask_AP" in r for r in results) else [])
+    names = [Path(r["checkpoint"]).name for r in results]
+    wn = max([10] + [len(n) for n in names])
+    head = f"{'checkpoint':<{wn}} " + " ".join(f"{c:>7}" for c, _, _ in cols)
+    lines = [head, "-" * len(head)]
+    for n, r in zip(names, results):
+        cells = []
+        for _, key, fmt in cols:
+            v = _get(r, key)
+            cells.append(f"{fmt.format(v) if v is not None else '-':>7}")
+        lines.append(f"{n:<{wn}} " + " ".join(cells))
+    if results:
+        s = results[0]["instance_subsets"]
+        lines.append(f"persons: {s['all']['persons']} (S {s['small']['persons']}, M {s['medium']['persons']}, "
+                     f"L {s['large']['persons']}, overlapped {s['overlapped']['persons']}); "
+                     f"bIoU, bS, bM, bL, bOver = boundary IoU; box = the GT box filled as the mask")
+    return "\n".join(lines)

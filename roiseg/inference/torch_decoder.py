@@ -1,0 +1,52 @@
+"""A checkpoint's decoder as the inference pipeline's decoder (PyTorch), and the pipeline built
+from a checkpoint: its extractor (sha256-checked) on the same GPU."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from roiseg.modeling.checkpoint import decoder_from_checkpoint
+from roiseg.modeling.decoders import decode_rois, mask_scores, paste_masks, uses_fine
+from roiseg.runtime.detection import DetectionSettings
+from roiseg.runtime.pipeline import Predictor, open_extractor
+
+
+class TorchDecoder:
+    """A checkpoint's decoder (``nn.Module``) on ``device``."""
+
+    def __init__(self, model, device="cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.provider = f"torch {self.device}"
+        self.fine = uses_fine(model)     # the pipeline then hands it the fine map too
+
+    def __call__(self, x: np.ndarray, boxes_in: np.ndarray, rois_in: np.ndarray, rect_in: np.ndarray,
+                 rel: np.ndarray, hw: tuple, fine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The class-1 probability pasted into each ROI's window, and each mask's quality score."""
+        r = torch.as_tensor(np.concatenate([np.zeros((len(rois_in), 1)), rois_in], 1), dtype=torch.float32,
+                            device=self.device)
+        fine = None if fine is None else torch.from_numpy(fine).float().to(self.device)
+        with torch.no_grad():
+            logits, quality = decode_rois(self.model, torch.from_numpy(x).float().to(self.device), r, fine)
+            fg = logits.softmax(1)[:, 1]
+            pasted = paste_masks(fg[:, None], torch.as_tensor(rel, dtype=torch.float32, device=self.device),
+                                 *hw, fill_background=False)
+        return pasted[:, 0].cpu().numpy(), mask_scores(fg, quality).cpu().numpy()
+
+
+
+def predictor_from_checkpoint(path: str | Path, onnx_path=None, provider: str = "auto", device: str = "cpu",
+                              detection: DetectionSettings | None = None) -> Predictor:
+    """The pipeline of a checkpoint: its decoder (EMA weights) on ``device`` and its extractor."""
+    model, meta = decoder_from_checkpoint(path)
+    return Predictor(TorchDecoder(model, device), meta,
+                     open_extractor(meta, onnx_path, provider, detection is not None, device, uses_fine(model)),
+                     detection)
+
+
+def checkpoint_predictor(opts):
+    """For ``run_predict``: the checkpoint's pipeline, built once the inputs are checked."""
+    return lambda detection: predictor_from_checkpoint(opts.checkpoint, opts.onnx, opts.provider, opts.device,
+                                                       detection)

@@ -1,0 +1,2 @@
+"""The decoders (ROIAlign, global context, the mean-shape prior), their checkpoints, and which device
+they run on."""

@@ -1,0 +1,211 @@
+"""Full-resolution inference: original image + person boxes -> live extractor -> decoder -> masks.
+
+Uses the preprocessing recorded in the checkpoint's cache metadata, pads each box by the training
+ROI padding (``roiseg.common.geometry.pad_box``), runs the decoder once for all persons of an image, and
+pastes each person's probability only inside its own window of the *original* image (detectron2's
+paste-back): memory and time grow with the persons' area, not N x the frame.
+
+Boxes come from the caller (normalized ``xyxy`` or ``cxcywh``) or, when none are given, from the
+extractor's own detection output in the same ONNX run (``detection.py``).
+
+The decoder is any callable of that contract: an exported ONNX graph run by ONNX Runtime alone
+(``Predictor.from_onnx``, ``onnx_decoder.py``: this package imports no torch, an import-linter
+contract guards it), or a checkpoint's PyTorch module (``roiseg.inference.torch_decoder``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from roiseg.common.errors import FeatCacheError
+from roiseg.common.files import file_sha256
+from roiseg.common.geometry import ResizePolicy, as_xyxy, content_rect, pad_box
+from roiseg.common.providers import device_id_for
+from roiseg.data.extractor import Extractor, UnknownTensorError
+from roiseg.data.images import Preprocess, load_rgb, preprocess, to_rgb8
+from roiseg.data.rasterize import native_windows
+from roiseg.runtime.detection import (
+    DetectionSettings,
+    decode,
+    find_detection_output,
+)
+from roiseg.runtime.onnx_decoder import OnnxDecoder
+
+log = logging.getLogger(__name__)
+THRESHOLD = 0.5
+
+
+@dataclass
+class Prediction:
+    """One image's persons.  ``probs[k]`` is person k's class-1 probability on ``windows[k]``
+    (x0, y0, x1, y1 original pixels, the padded ROI's pixels); it is 0 everywhere else."""
+
+    size: tuple                  # (height, width) of the original image
+    boxes: np.ndarray            # [N, 4] person boxes, normalized xyxy
+    scores: np.ndarray           # [N] detector score (1 for given boxes without one)
+    rois: np.ndarray             # [N, 4] padded ROIs, normalized xyxy
+    windows: np.ndarray          # [N, 4] int
+    probs: list = field(default_factory=list)
+    quality: list | None = None  # [N] the decoder's mask quality scores (None: an old graph without them)
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def window_masks(self, threshold: float = THRESHOLD) -> list[np.ndarray]:
+        return [p > threshold for p in self.probs]
+
+    def full_masks(self, threshold: float = THRESHOLD) -> np.ndarray:
+        """[N, H, W] bool at original resolution (for drawing a few persons)."""
+        out = np.zeros((len(self), *self.size), bool)
+        for k, (m, (x0, y0, x1, y1)) in enumerate(zip(self.window_masks(threshold), self.windows)):
+            out[k, y0:y1, x0:x1] = m
+        return out
+
+    def mask_scores(self, threshold: float = THRESHOLD) -> np.ndarray:
+        """Each mask's quality score, as the decoder gives it (``roiseg.modeling.decoders.mask_scores``: the
+        score head's predicted IoU, else the mask's certainty); for a graph exported before decoders
+        gave one, the mean class-1 probability over the mask (0 for an empty one)."""
+        if self.quality is not None:
+            return np.asarray(self.quality, np.float64)
+        return np.array([float(p[p > threshold].mean()) if (p > threshold).any() else 0.0 for p in self.probs])
+
+
+class Predictor:
+    """``decoder``: an ``OnnxDecoder`` or a ``TorchDecoder`` (a checkpoint's module on its device),
+    anything with that call signature and a ``provider``; ``extractor``: None for an end-to-end
+    graph, which takes the image itself."""
+
+    # ROIs per decoder run: an image with thousands of boxes is decoded in pieces (memory stays
+    # bounded, and the caller's progress callback moves between them)
+    max_rois_per_run = 64
+
+    def __init__(self, decoder, meta: dict, extractor: Extractor | None,
+                 detection: DetectionSettings | None = None):
+        self.decoder = decoder
+        self.meta, self.extractor = meta, extractor
+        self.prep = Preprocess.from_dict(meta["preprocess"])
+        self.policy: ResizePolicy = self.prep.policy
+        self.roi_padding = float(meta["roi_padding"])
+        self.detection = detection
+        self.det_output = self.det_format = None
+        if detection is not None:
+            if extractor is None:
+                raise FeatCacheError("an end-to-end graph takes the person boxes as input: give --boxes gt or a "
+                                     "boxes file, or use the decoder ONNX (with the extractor) for --boxes auto")
+            shapes = {**extractor.outputs, **extractor.extra_shapes}  # actual shapes over declared ones
+            self.det_output, self.det_format = find_detection_output(
+                shapes, extractor.feature_name, self.policy_hw, detection)
+            log.info("person boxes from %s (%s layout, class %d, conf %.2f, NMS IoU %.2f)", self.det_output,
+                     self.det_format, detection.person_class, detection.conf, detection.iou)
+
+    @property
+    def policy_hw(self) -> tuple[int, int]:
+        return self.policy.input_h, self.policy.input_w
+
+    @property
+    def provider(self) -> str:
+        """Where the image is encoded: the extractor's provider (the end-to-end graph's)."""
+        return self.extractor.provider if self.extractor is not None else self.decoder.provider
+
+    @classmethod
+    def from_onnx(cls, exported, onnx_path=None, provider="auto",
+                  detection: DetectionSettings | None = None) -> "Predictor":
+        """An exported decoder ONNX (with the extractor ONNX it was trained on) or an end-to-end
+        ONNX; ONNX Runtime only."""
+        dec = OnnxDecoder(exported, provider)
+        extractor = None if dec.end_to_end else open_extractor(dec.meta, onnx_path, provider, detection is not None,
+                                                               fine=dec.fine)
+        return cls(dec, dec.meta, extractor, detection)
+
+    def predict(self, image, boxes=None, box_format: str = "xyxy", scores=None, progress=None) -> Prediction:
+        """``image``: path or PIL image; ``boxes``: normalized person boxes [N, 4] of that image, or
+        None for the extractor's own detections; ``progress(done, total)``: called as persons are
+        decoded."""
+        im = load_rgb(image) if not isinstance(image, Image.Image) else to_rgb8(image)
+        w, h = im.size
+        x = preprocess(im, self.prep)[None]
+        if self.extractor is None:          # end-to-end graph: it encodes the image itself
+            if boxes is None:
+                raise FeatCacheError("an end-to-end graph needs the person boxes as input")
+            feats = x
+            fine = None
+        else:
+            feats, extra = self.extractor.run_all(x)
+            fine = extra.get(self.extractor.fine_name) if self.extractor.fine_name else None
+        if boxes is None:
+            if self.det_output is None:
+                raise FeatCacheError("no person boxes given and no detection output configured")
+            px, scores = decode(extra[self.det_output], self.det_format, self.policy_hw, self.detection,
+                                self.det_output)
+            iw, ih = self.policy.input_w, self.policy.input_h
+            boxes = self.policy.input_norm_to_norm(px / np.array([iw, ih, iw, ih]), w, h)
+        boxes = as_xyxy(np.asarray(boxes, np.float64).reshape(-1, 4), box_format).clip(0, 1)
+        scores = np.ones(len(boxes)) if scores is None else np.asarray(scores, np.float64).reshape(-1)
+        return self.predict_features(feats, (h, w), boxes, scores, progress, fine)
+
+    def predict_features(self, feats: np.ndarray, size, boxes: np.ndarray, scores: np.ndarray,
+                         progress=None, fine: np.ndarray | None = None) -> Prediction:
+        """Decoder + window paste for features of one image already extracted (the preprocessed
+        image for an end-to-end graph), ``max_rois_per_run`` persons at a time; ``fine``: its fine
+        map, for a decoder that fuses one."""
+        h, w = size
+        rois = pad_box(boxes, self.roi_padding).reshape(-1, 4)
+        windows = native_windows(rois * [w, h, w, h], (h, w))
+        pred = Prediction((h, w), boxes, scores, rois, windows)
+        for a in range(0, len(rois), self.max_rois_per_run):
+            probs, quality = self._decode(feats, (h, w), boxes[a:a + self.max_rois_per_run],
+                                          rois[a:a + self.max_rois_per_run], windows[a:a + self.max_rois_per_run],
+                                          fine)
+            pred.probs += probs
+            if quality is not None:
+                pred.quality = (pred.quality or []) + [float(q) for q in quality]
+            if progress is not None:
+                progress(len(pred.probs), len(rois))
+        return pred
+
+    def _decode(self, feats, size, boxes, rois, windows, fine=None) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Each person's class-1 probability on its window (one paste into a frame as big as the
+        largest window, each ROI keeping its own corner), and the predicted mask IoUs or None."""
+        h, w = size
+        hmax = max(int((windows[:, 3] - windows[:, 1]).max()), 1)
+        wmax = max(int((windows[:, 2] - windows[:, 0]).max()), 1)
+        rel = rois * [w, h, w, h] - np.tile(windows[:, :2], 2)
+        pasted, quality = self.decoder(feats, self.policy.norm_to_input_norm(boxes, w, h),
+                                       self.policy.norm_to_input_norm(rois, w, h), content_rect(self.policy, w, h),
+                                       rel, (hmax, wmax), fine)
+        return [pasted[k, : y1 - y0, : x1 - x0] for k, (x0, y0, x1, y1) in enumerate(windows)], quality
+
+
+def open_extractor(meta: dict, onnx_path=None, provider="auto", detections: bool = False,
+                   device=None, fine: bool = False) -> Extractor:
+    """The checkpoint's extractor (checked by sha256); ``detections``: also keep the model's own
+    outputs (its detection head) for automatic person boxes; ``device``: the torch device the
+    decoder runs on (the extractor uses the same GPU); ``fine``: the decoder fuses the fine map
+    recorded in ``meta`` (it is computed in the same run)."""
+    path = Path(onnx_path or meta["onnx_path"])
+    if not path.is_file():
+        raise FeatCacheError(f"extractor ONNX not found: {path} (pass --onnx)")
+    if file_sha256(path) != meta["onnx_sha256"]:
+        raise FeatCacheError(f"{path} is not the extractor this decoder was trained on "
+                             f"(sha256 differs from the cache's {meta['onnx_sha256'][:12]}...)")
+    try:
+        ex = Extractor(path, meta["feature_name"], provider, streams=1, extra_outputs="all" if detections else (),
+                       batch_max=1, device_id=None if device is None else device_id_for(device),
+                       fine_name=meta["fine"]["name"] if fine else None)
+    except UnknownTensorError:
+        raise FeatCacheError(f"the decoder was trained on the tensor {meta['feature_name']!r}"
+                             f"{' and the fine map ' + repr(meta['fine']['name']) if fine else ''}, which {path} does "
+                             f"not have: its metadata does not belong to this extractor") from None
+    if list(ex.feature_shape) != list(meta["feature_shape"]):     # channels and map size the decoder expects
+        raise FeatCacheError(f"{path} gives {meta['feature_name']} as {list(ex.feature_shape)}, but the decoder was "
+                             f"trained on {list(meta['feature_shape'])}")
+    if fine:
+        ex.set_fine_projection(meta.get("fine_projection"))   # the channel reduction the store applied
+    if fine and list(ex.fine_shape) != list(meta["fine"]["shape"]):
+        raise FeatCacheError(f"{path} gives the fine map {meta['fine']['name']} as {list(ex.fine_shape)}, but the "
+                             f"decoder was trained on {list(meta['fine']['shape'])}")
+    return ex

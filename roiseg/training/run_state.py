@@ -1,0 +1,186 @@
+"""Everything a resumable run saves and restores: model, optimizer, LR position, grad scaler, EMA,
+RNG states, history, and what the checkpoint was trained on (config, cache metadata)."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from roiseg.modeling.checkpoint import (
+    CheckpointError,
+    check_decoder_on_store,
+    find_checkpoint,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from roiseg.modeling.decoders import load_decoder_state
+
+log = logging.getLogger(__name__)
+
+
+def model_kwargs(cfg, hidden: int, fine_channels: int = 0) -> dict:
+    """The decoder's constructor arguments (``hidden``: the resolved width; ``fine_channels``: of
+    the fine map the decoder fuses, 0 = none)."""
+    kw = {"hidden": hidden, "roi_size": cfg.roi_size, "mask_size": cfg.mask_size, "num_classes": cfg.classes}
+    # only when on: checkpoints from before the score head / fine path keep their kwargs (and resume)
+    if fine_channels:
+        kw |= {"fine_channels": fine_channels, "fine_width": cfg.fine_width}
+    return kw | ({"score_head": True} if cfg.score_head else {})
+
+
+def training_set(meta: dict, config: dict) -> dict:
+    """What identifies a run's training data beyond the extractor (checked on resume)."""
+    names = config.get("train_images")
+    return {"annotation_sha256": meta.get("annotation_sha256"), "images": meta.get("n_images"),
+            "limit": meta.get("limit"), "train_images": None if names is None else len(names),
+            "train_images_hash": None if names is None else hash_names(names)}
+
+
+def hash_names(names) -> str:
+    import hashlib
+    return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:16]
+
+
+# Settings of where and how a run executes, not of what it trains: a resumed run takes them from
+# the command line (or their defaults), not from the run it continues.
+RUNTIME_KEYS = ("resume", "device", "workers", "resident", "allow_partial", "dist_timeout")
+
+
+def run_settings(resume: str, out: str | None = None) -> dict:
+    """The settings a run was started with (its ``args.yaml``, else the checkpoint's own copy),
+    for ``train --resume``: the stores, model and recipe need not be repeated."""
+    path = find_checkpoint(out or "checkpoints") if resume == "auto" else Path(resume)
+    args = path.parent / "args.yaml"
+    saved = _read_yaml(args) if args.is_file() else {}
+    if not saved:
+        if args.is_file():
+            log.warning("%s is unreadable: using the settings saved in %s", args, path.name)
+        saved = load_checkpoint(path).get("config") or {}
+    settings = {k: v for k, v in saved.items() if k not in RUNTIME_KEYS}
+    settings["out"] = str(path.parent)
+    # the class weights the run used (computed into its folder when its --analysis was missing)
+    resolved = _read_yaml(path.parent / "resolved.yaml")
+    if resolved.get("analysis") and Path(resolved["analysis"]).is_file():
+        settings["analysis"] = resolved["analysis"]
+    return settings
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _plain(meta: dict) -> dict:
+    return json.loads(json.dumps(meta))
+
+
+def to_host(x):
+    """Every tensor of a (nested) checkpoint on the CPU, wherever a loader put it."""
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, dict):
+        return {k: to_host(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_host(v) for v in x)
+    return x
+
+
+def restore_rng(rng: dict, cuda: bool) -> None:
+    """torch, CUDA (as many devices as both runs have), numpy and Python RNG states, from tensors
+    on any device."""
+    torch.set_rng_state(rng["torch"].cpu())
+    states = [x.cpu() for x in rng.get("cuda") or []]
+    if cuda and states:
+        n = min(len(states), torch.cuda.device_count())
+        for d in range(n):
+            torch.cuda.set_rng_state(states[d], d)
+    n = rng["numpy"]
+    np.random.set_state((n[0], n[1].cpu().numpy().astype(np.uint32), *n[2:]))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+
+
+def restore_scaler(scaler, state: dict) -> None:
+    """AMP's grad scaler across AMP on/off: a run saved without AMP (CPU, --no-amp) has an empty
+    state, with which an enabled scaler starts fresh; a disabled scaler ignores a saved one."""
+    if not scaler.is_enabled():
+        return
+    if not state:
+        log.info("the checkpoint was trained without AMP: the grad scaler starts at its initial scale")
+        return
+    scaler.load_state_dict(state)
+
+
+class Checkpointer:
+    def __init__(self, trainer):
+        self.t = trainer
+
+    def state(self, epoch: int, metrics: dict) -> dict:
+        t = self.t
+        np_state = np.random.get_state()
+        return {
+            "epoch": epoch, "metrics": metrics, "config": t.cfg.to_dict(), "resolved": t.run.to_dict(),
+            "model_name": t.cfg.model, "model_kwargs": model_kwargs(t.cfg, t.run.hidden, t.fine_channels),
+            "in_channels": t.train_index.feature_shape[0], "input_hw": list(t.input_hw),
+            "cache_fingerprint": fingerprint(t.train_index.meta, fine=bool(t.fine_channels)),
+            "cache_metadata": {"train": _plain(t.train_index.meta), "val": _plain(t.val_index.meta)},
+            "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+            "scheduler": {"global_step": t.global_step}, "scaler": t.scaler.state_dict(),
+            "ema": t.ema.state_dict() if t.ema else None,
+            "history": t.history,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if t.cuda else [],
+                    "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+                    "python": random.getstate()},
+        }
+
+    def save(self, epoch: int, metrics: dict) -> Path:
+        t = self.t
+        return save_checkpoint(self.state(epoch, metrics), t.out, epoch, t.input_hw, metrics["mIoU"])
+
+    def resume(self, spec: str) -> None:
+        """Restore a run from ``spec`` ("auto": the latest checkpoint in the run folder)."""
+        t = self.t
+        path = find_checkpoint(t.cfg.out) if spec == "auto" else Path(spec)
+        # on the host: the RNG states must be CPU tensors (numpy, torch.set_rng_state), and
+        # load_state_dict moves weights and optimizer state to the parameters' device itself
+        ck = to_host(load_checkpoint(path, map_location="cpu"))
+        check_decoder_on_store(ck["model_name"], ck["cache_fingerprint"], t.train_index.meta,
+                               f"checkpoint {path.name} vs training cache {t.cfg.train_store}")
+        # Same extractor is not enough: another training set (other annotations, another subset or
+        # image list) would continue a schedule that belongs to a different run.
+        have, want = training_set(ck["cache_metadata"]["train"], ck["config"]), \
+            training_set(t.train_index.meta, t.cfg.to_dict())
+        if have != want:
+            diffs = [f"{k}: checkpoint {have[k]!r}, now {want[k]!r}" for k in have if have[k] != want[k]]
+            raise CheckpointError(f"checkpoint {path.name} was trained on another training set:\n  "
+                                  + "\n  ".join(diffs) + "\nresume with the same training cache, or start a new run "
+                                  "(without --resume)")
+        want = model_kwargs(t.cfg, t.run.hidden, t.fine_channels)
+        if ck["model_name"] != t.cfg.model or ck["model_kwargs"] != want:
+            raise CheckpointError(f"checkpoint {path.name} holds model {ck['model_name']} "
+                                  f"{ck['model_kwargs']}, asked for {t.cfg.model} {want}")
+        load_decoder_state(t.model, ck["model"])
+        t.optimizer.load_state_dict(ck["optimizer"])   # moves its state to the parameters' device
+        t.global_step = int(ck.get("scheduler", {}).get("global_step", 0))
+        restore_scaler(t.scaler, ck["scaler"])
+        if t.ema and ck.get("ema"):
+            t.ema.load_state_dict(ck["ema"])
+        restore_rng(ck["rng"], t.cuda)
+        t.history = list(ck.get("history", []))
+        t.start_epoch = int(ck["epoch"]) + 1
+        if t.branch_of is not None:
+            if t.dist.is_main:
+                from roiseg.training.hooks import LogHook
+                LogHook.seed(t.out, t.history)
+            log.info("branched from %s into %s: continuing at epoch %d", path, t.out, t.start_epoch)
+        else:
+            log.info("resumed from %s: continuing at epoch %d", path, t.start_epoch)

@@ -1,2 +1,0 @@
-"""Inference, apart from training: checkpoint -> decoder, detection decoding, predictor,
-evaluation, the validation PNG, and ONNX export."""
