@@ -102,7 +102,7 @@ def main():
                  first_other_epoch(results, n) if VARIANTS[n].get("classes", 3) == 3 else "n/a"]
         rows.append("| " + " | ".join(cells) + " |")
     persons = len(ref)
-    title = (f"Ablations: {a.folds}-fold CV by image over ../shared/realdata (YOLOX-Nano features)"
+    title = (f"Ablations: {a.folds}-fold CV by image over $ROISEG_REALDATA (YOLOX-Nano features)"
              f"{f', folds {only} only' if only else ''} ({persons} persons), seeds {seeds}, {a.epochs or 'auto'} epochs, "
              f"final epoch; CIs: 95% bootstrap over images; each row changes one default")
     text = f"{title}\n\n{HEADER}\n" + "\n".join(rows) + "\n"

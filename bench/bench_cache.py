@@ -3,7 +3,7 @@
     uv run python bench/bench_cache.py [--repeat 2]
 (a) bare ORT session loop on pre-decoded, pre-resized tensors (nothing else running);
 (b) the full `cache` pipeline (decode, resize, masks, ORT, fp16, compression, Zarr writes).
-Uses the real YOLOX-Nano stand-in and the 61 real COCO images of ../shared/realdata.
+Uses the real YOLOX-Nano stand-in and the 61 real COCO images of $ROISEG_REALDATA.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.realdata import ANN, FEATURE, IMAGES, ONNX  # noqa: E402
+from bench.realdata import realdata# noqa: E402
 from roiseg.data.cache import CacheConfig, run_cache  # noqa: E402
 from roiseg.data.coco import load_person_records  # noqa: E402
 from roiseg.data.extractor import Extractor  # noqa: E402
@@ -28,10 +28,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=2, help="passes over the 61 images")
     a = ap.parse_args()
-    recs, _ = load_person_records(ANN)
+    recs, _ = load_person_records(realdata().ann)
     prep = Preprocess("bgr", 1.0)
-    xs = [preprocess(load_rgb(IMAGES / r.file_name), prep)[None] for r in recs]
-    ex = Extractor(ONNX, FEATURE, "cpu", streams=1)  # a plain loop: one run at a time, all cores
+    xs = [preprocess(load_rgb(realdata().images / r.file_name), prep)[None] for r in recs]
+    ex = Extractor(realdata().onnx, realdata().feature, "cpu", streams=1)  # a plain loop: one run at a time, all cores
     ex.run(xs[0])
     bares, rates, loop_rates = [], [], []
     tmp = Path(tempfile.mkdtemp())
@@ -41,8 +41,8 @@ def main():
             ex.run(x)
         bares.append(len(xs) / (time.perf_counter() - t))
         out = tmp / f"s{r}.zarr"
-        cfg = CacheConfig(ann=ANN, images=IMAGES, onnx=ONNX, out=out,
-                          feature_name=FEATURE, channel_order="bgr", scale=1.0, provider="cpu")
+        cfg = CacheConfig(ann=realdata().ann, images=realdata().images, onnx=realdata().onnx, out=out,
+                          feature_name=realdata().feature, channel_order="bgr", scale=1.0, provider="cpu")
         t = time.perf_counter()
         s = run_cache(cfg, progress=False)
         rates.append(len(recs) / (time.perf_counter() - t))

@@ -1,4 +1,4 @@
-"""Measure compressors on real fp16 features (../shared/realdata + YOLOX-Nano stand-in).
+"""Measure compressors on real fp16 features ($ROISEG_REALDATA + YOLOX-Nano stand-in).
 
     uv run python bench/bench_codecs.py [--images 30]
 Reports ratio, encode and decode speed (one thread) per codec: the basis of the store's choice.
@@ -17,7 +17,7 @@ from numcodecs import LZ4, Blosc, Zstd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.realdata import IMAGES, ONNX  # noqa: E402
+from bench.realdata import realdata# noqa: E402
 from roiseg.data.extractor import Extractor  # noqa: E402
 from roiseg.data.images import Preprocess, load_rgb, preprocess  # noqa: E402
 
@@ -37,9 +37,9 @@ def main():
     ap.add_argument("--feature-name", default="/backbone/Concat_1_output_0")
     a = ap.parse_args()
     numcodecs.blosc.set_nthreads(1)
-    ex = Extractor(ONNX, a.feature_name, "cpu")
+    ex = Extractor(realdata().onnx, a.feature_name, "cpu")
     prep = Preprocess("bgr", 1.0)
-    files = sorted(IMAGES.glob("*.jpg"))[: a.images]
+    files = sorted(realdata().images.glob("*.jpg"))[: a.images]
     feats = [ex.run(preprocess(load_rgb(f), prep)[None])[0].astype(np.float16) for f in files]
     raw = sum(f.nbytes for f in feats)
     res = {}

@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import cv  # noqa: E402
+from bench.realdata import realdata  # noqa: E402
 
 EXTRA: list[str] = []       # train options on top of the defaults (--options)
 WORKLOAD: list[str] = []
@@ -46,7 +47,7 @@ def job(tmp: Path, k: int, epochs: int) -> list[str]:
     return [sys.executable, str(ROOT / "cli.py"), "train", "--config", str(cfg), "--train-store", str(STORE),
             "--val-store", str(STORE), "--analysis", str(analysis), "--out", str(tmp / f"ck{k}"),
             "--epochs", str(epochs), *EXTRA, "--vis-onnx",
-            str(cv.ONNX), "--vis-ann", str(cv.ANN), "--vis-image-dir", str(cv.IMAGES)]
+            str(realdata().onnx), "--vis-ann", str(realdata().ann), "--vis-image-dir", str(realdata().images)]
 
 
 def run(settings: dict, n: int, epochs: int) -> list[float]:

@@ -99,6 +99,16 @@ def session(path, provider):
     return make_session(onnx.load(str(path)), opts, provider, label=Path(path).name)
 
 
+def stand_in_source(onnx_path: Path, channels: int):
+    """The stand-in extractor's feature source (RGB 0-1, stretched to 640x640, 10% ROI padding)."""
+    from roiseg.common.files import file_sha256
+    from roiseg.data.images import Preprocess
+    from roiseg.data.standin import FEATURE_NAME
+    from roiseg.data.store_meta import FeatureSource
+    return FeatureSource(str(onnx_path), file_sha256(onnx_path), FEATURE_NAME, (channels, 80, 80), (640, 640),
+                         Preprocess(), 0.1)
+
+
 def time_graphs(sessions: dict, feeds: dict, repeat: int):
     """Best-of-``repeat`` ms per (graph, N), rounds interleaved across graphs so that this VM's
     speed drift hits all of them alike; MB of all outputs per N."""
@@ -154,7 +164,7 @@ def main():
             if a.end_to_end:
                 from roiseg.data.standin import build_standin_extractor
                 ext = build_standin_extractor(d / "ext.onnx", channels=c)
-                e2e = export_end_to_end(ext, "/model.34/Concat_output_0", graphs["default"], d / "e2e.onnx")
+                e2e = export_end_to_end(ext, stand_in_source(ext, c), graphs["default"], d / "e2e.onnx")
                 sessions["end-to-end (stand-in extractor)"] = session(e2e, a.provider)
                 img = torch.rand(1, 3, 640, 640).numpy()
                 all_feeds["end-to-end (stand-in extractor)"] = {n: {"images": img, "rois": f["rois"]}

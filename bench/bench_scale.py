@@ -177,7 +177,7 @@ def same_images(a: Path, b: Path, k: int = 64) -> bool:
     """Store ``a`` equals ``b`` on ``k`` images spread over it (features, masks, RLEs)."""
     from roiseg.data.store import FeatureStore
     sa, sb = FeatureStore(a), FeatureStore(b)
-    n = sa.meta["n_images"]
+    n = sa.meta.n_images
     for i in np.linspace(0, n - 1, min(k, n)).astype(int):
         if not (np.array_equal(sa.features(int(i)), sb.features(int(i)))
                 and np.array_equal(sa.packed_masks(int(i)), sb.packed_masks(int(i)))

@@ -4,7 +4,7 @@ projected full train2017 size.
     uv run python bench/bench_store.py [--synthetic 32] [--threads 2] [--repeat 3]
 
 Layouts: dense / ROI-sparse (``cache --sparse``, margin 0.2) x lz4 / zstd.
-* real: the 61 images of ../shared/realdata through YOLOX-Nano (C=128, the stand-in for the YOLOv9
+* real: the 61 images of $ROISEG_REALDATA through YOLOX-Nano (C=128, the stand-in for the YOLOv9
   features), cached once with `run_cache` (dense lz4); every layout is then written from those
   features (`FeatureStore.write_image`, timed: encode + zero + write);
 * synthetic: N synthetic images through the 1024-channel stand-in extractor (the real map size;
@@ -20,6 +20,7 @@ measured on the real features, for [1024,80,80] fp16 maps (13.1 MB raw).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.realdata import ANN, FEATURE, IMAGES, ONNX  # noqa: E402
+from bench.realdata import realdata# noqa: E402
 from roiseg.common.geometry import ResizePolicy  # noqa: E402
 from roiseg.data.cache import CacheConfig, run_cache  # noqa: E402
 from roiseg.data.sparse import DEFAULT_MARGIN, readable_cells  # noqa: E402
@@ -50,11 +51,9 @@ def feature_files(store: Path) -> list[Path]:
 
 def rewrite(src: FeatureStore, dst: Path, sparse: bool, codec: str) -> tuple[FeatureStore, float]:
     """``src``'s images written into a new store of this layout; seconds spent writing."""
-    meta = {**src.meta, "sparse": {"margin": DEFAULT_MARGIN} if sparse else None, "codec": codec}
-    for k in ("format", "n_images", "n_rois", "mask_hw", "version", "created"):
-        meta.pop(k, None)
+    meta = dataclasses.replace(src.meta, sparse_margin=DEFAULT_MARGIN if sparse else None, codec=codec)
     out = FeatureStore.create(dst, meta, {**src.tables, "file_name": list(src.tables["file_name"])},
-                              src.meta["feature_shape"], src.meta["mask_hw"])
+                              src.meta.source.feature_shape, src.meta.mask_hw)
     imgs = src.valid_images()
     data = [(int(i), src.features(int(i)), src.root["masks"][int(i)], src.gt_rles(int(i))) for i in imgs]
     t = time.perf_counter()
@@ -100,7 +99,7 @@ def kept_share(store: FeatureStore) -> float:
 
 
 def measure(name: str, base: FeatureStore, work: Path, threads: int, repeat: int) -> dict:
-    c, hf, wf = base.meta["feature_shape"]
+    c, hf, wf = base.meta.source.feature_shape
     raw = c * hf * wf * 2
     rows = {}
     for layout, codec in LAYOUTS:
@@ -156,7 +155,7 @@ def main():
     report = {}
     with tempfile.TemporaryDirectory(dir=ROOT / "bench/out") as d:   # on the project's disk, not tmpfs
         work = Path(d)
-        run_cache(CacheConfig(ann=ANN, images=IMAGES, onnx=ONNX, out=work / "real.zarr", feature_name=FEATURE,
+        run_cache(CacheConfig(ann=realdata().ann, images=realdata().images, onnx=realdata().onnx, out=work / "real.zarr", feature_name=realdata().feature,
                               provider="cpu", channel_order="bgr", scale=1.0), progress=False)
         print("real images (YOLOX-Nano, 128 x 80 x 80):")
         report["real"] = measure("real", FeatureStore(work / "real.zarr"), work, a.threads, a.repeat)

@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.realdata import ONNX  # noqa: E402
+from bench.realdata import realdata# noqa: E402
 from roiseg.loader.sampling import RoiSampling  # noqa: E402
 from roiseg.loader.sources import (  # noqa: E402
     CacheIndex,
@@ -90,10 +90,10 @@ def run_steps(model, opt, loss_fn, batches, device, amp, steps, rois_per_step=0)
 def onnx_batches(index, resident, batches, epoch):
     """Earlier project's data path: decode JPEG + run the extractor for every image, every step."""
     from roiseg.data.extractor import Extractor
-    from roiseg.data.images import Preprocess, load_rgb, preprocess
-    ex = Extractor(ONNX, index.meta["feature_name"], "cpu", streams=1)
-    prep = Preprocess.from_dict(index.meta["preprocess"])
-    img_dir = Path(index.meta["images_dir"])
+    from roiseg.data.images import load_rgb, preprocess
+    ex = Extractor(realdata().onnx, index.meta.source.feature_name, "cpu", streams=1)
+    prep = index.meta.source.preprocess
+    img_dir = Path(index.meta.images_dir)
     for b in batches:
         batch = resident.batch(b, epoch, True)
         feats = [ex.run(preprocess(load_rgb(img_dir / index.tables["file_name"][i]), prep)[None])[0] for i in b]

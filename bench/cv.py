@@ -1,4 +1,4 @@
-"""K-fold cross-validation by image over ../shared/realdata, shared by realdata_cv.py and ablate.py.
+"""K-fold cross-validation by image over $ROISEG_REALDATA, shared by realdata_cv.py and ablate.py.
 
 One feature store (YOLOX-Nano stand-in, with mirrored features) holds all 61 images; each fold
 trains on the other folds' images and validates on its own (``train_images``/``val_images``), so every
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from bench.realdata import ANN, FEATURE, IMAGES, ONNX
+from bench.realdata import realdata
 from roiseg.common.files import write_json_atomic
 from roiseg.data.analyze import run_analyze
 from roiseg.data.cache import CacheConfig, run_cache
@@ -32,7 +32,7 @@ AREA_S, AREA_M = 32 ** 2, 96 ** 2     # COCO small / medium limits (original pix
 def build_store(out: Path, fine: str | None = None, tag: str = "") -> Path:
     """The CV store (mirrored features included); ``fine``: with that fine map (``store_<tag>.zarr``)."""
     store = out / (f"store_{tag}.zarr" if tag else "store.zarr")
-    run_cache(CacheConfig(ann=ANN, images=IMAGES, onnx=ONNX, out=store, feature_name=FEATURE, fine_feature=fine,
+    run_cache(CacheConfig(ann=realdata().ann, images=realdata().images, onnx=realdata().onnx, out=store, feature_name=realdata().feature, fine_feature=fine,
                           channel_order="bgr", scale=1.0, provider="cpu", flip=True), progress=False)
     return store
 
@@ -45,7 +45,7 @@ def make_folds(store: Path, k: int, seed: int = 0) -> list[list[str]]:
 
 def fold_analysis(out: Path, train_names: list[str], fold: int) -> Path:
     """data_analyze.json (class weights) of the fold's training images only."""
-    d = json.loads(ANN.read_text())
+    d = json.loads(realdata().ann.read_text())
     keep = {im["id"] for im in d["images"] if im["file_name"] in set(train_names)}
     sub = {**d, "images": [im for im in d["images"] if im["id"] in keep],
            "annotations": [a for a in d["annotations"] if a["image_id"] in keep]}

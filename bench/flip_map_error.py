@@ -38,7 +38,7 @@ def main():
         num = (m * ff).sum(0)
         den = np.linalg.norm(m, axis=0) * np.linalg.norm(ff, axis=0) + 1e-9
         cos.append(float((num / den).mean()))
-    print(f"{len(imgs)} images, {fs.meta['feature_name']} {fs.meta['feature_shape']}, normalized per channel:")
+    print(f"{len(imgs)} images, {fs.meta.source.feature_name} {list(fs.meta.source.feature_shape)}, normalized per channel:")
     print(f"  ||flip(F(x)) - F(flip(x))|| / ||F(flip(x))||: mean {np.mean(rel):.3f} (min {np.min(rel):.3f}, max {np.max(rel):.3f})")
     print(f"  per-cell cosine similarity: mean {np.mean(cos):.3f}")
     print(f"  for scale: the unmirrored map vs F(flip(x)): {np.mean(rel_plain):.3f}")

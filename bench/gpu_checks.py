@@ -204,13 +204,13 @@ def check_resume(env: Env) -> str:
         torch.use_deterministic_algorithms(False)
     a, b = final_state(full), final_state(part)
     keys = ("model", "ema", "optimizer", "scaler")
-    same = {k: tensor_digest(a[k]) == tensor_digest(b[k]) for k in keys}
-    la, lb = a["metrics"]["loss"], b["metrics"]["loss"]
+    same = {k: tensor_digest(getattr(a, k)) == tensor_digest(getattr(b, k)) for k in keys}
+    la, lb = a.metrics["loss"], b.metrics["loss"]
     detail = ("epoch 2 after resume vs uninterrupted: " + ", ".join(f"{k} {'equal' if v else 'DIFFERENT'}"
                                                                      for k, v in same.items())
-              + f"; loss {lb!r} vs {la!r}; instance_mIoU {b['metrics']['instance_mIoU']:.6f} vs "
-              f"{a['metrics']['instance_mIoU']:.6f}")
-    if not (all(same.values()) and la == lb and b["epoch"] == 2):
+              + f"; loss {lb!r} vs {la!r}; instance_mIoU {b.metrics['instance_mIoU']:.6f} vs "
+              f"{a.metrics['instance_mIoU']:.6f}")
+    if not (all(same.values()) and la == lb and b.epoch == 2):
         raise AssertionError(detail)
     return detail
 
@@ -222,12 +222,12 @@ def check_resume_to_amp(env: Env) -> str:
     resumed({"epochs": 2, "device": env.device, "amp": True, "amp_dtype": env.amp_dtype}, env, out)
     resolved = yaml.safe_load((out / "resolved.yaml").read_text())
     ck = final_state(out)
-    scaler = ck.get("scaler") or {}
+    scaler = ck.scaler
     detail = (f"resolved.yaml amp {resolved.get('amp')} ({resolved.get('amp_dtype')}, device {resolved.get('device')}), "
-              f"epoch {ck['epoch']} scaler state {sorted(scaler) or 'EMPTY'}, scale {scaler.get('scale')}, "
-              f"loss {ck['metrics']['loss']:.4f}")
-    if not (resolved.get("amp") is True and scaler.get("scale") and ck["epoch"] == 2
-            and ck["metrics"]["loss"] == ck["metrics"]["loss"]):
+              f"epoch {ck.epoch} scaler state {sorted(scaler) or 'EMPTY'}, scale {scaler.get('scale')}, "
+              f"loss {ck.metrics['loss']:.4f}")
+    if not (resolved.get("amp") is True and scaler.get("scale") and ck.epoch == 2
+            and ck.metrics["loss"] == ck.metrics["loss"]):
         raise AssertionError(detail)
     return detail
 

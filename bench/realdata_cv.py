@@ -1,4 +1,4 @@
-"""Does default `train` learn from real features?  5-fold CV by image over ../shared/realdata.
+"""Does default `train` learn from real features?  5-fold CV by image over $ROISEG_REALDATA.
 
     uv run python bench/realdata_cv.py [--folds 5] [--seeds 0,1] [--epochs 12] [--procs 2] [--global]
 

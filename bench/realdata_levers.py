@@ -1,4 +1,4 @@
-"""Which outline levers help?  The issue-21 table: 5-fold CV by image over ../shared/realdata.
+"""Which outline levers help?  The issue-21 table: 5-fold CV by image over $ROISEG_REALDATA.
 
     uv run python bench/realdata_levers.py [--variants default,fine-s4,...] [--seeds 0,1] [--procs 2]
 
@@ -27,7 +27,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import cv  # noqa: E402
-from roiseg.data.images import Preprocess  # noqa: E402
 from roiseg.data.sparse import DEFAULT_MARGIN, readable_cells  # noqa: E402
 from roiseg.data.store import FeatureStore  # noqa: E402
 from roiseg.evaluation.coco_eval import coco_stats, store_ground_truth  # noqa: E402
@@ -87,15 +86,15 @@ def store_bytes(store: Path) -> dict:
     n = len(fs.valid_images())
     size = lambda a: sum(p.stat().st_size for p in (store / a).iterdir() if p.name[0].isdigit())  # noqa: E731
     out = {"features_per_image": size("features") / n}
-    policy = Preprocess.from_dict(fs.meta["preprocess"]).policy
+    policy = fs.meta.source.policy
     t = fs.tables
-    for name, shape in (("features", fs.meta["feature_shape"]),) + (
-            (("fine", fs.meta["fine"]["shape"]),) if fs.has_fine else ()):
+    for name, shape in (("features", fs.meta.source.feature_shape),) + (
+            (("fine", fs.meta.fine.shape),) if fs.has_fine else ()):
         share = []
         for i in fs.valid_images():
             a, b = t["image_roi_start"][i], t["image_roi_start"][i + 1]
             h, w = (int(v) for v in t["orig_hw"][i])
-            share.append(readable_cells(t["roi_box"][a:b], (w, h), policy, DEFAULT_MARGIN, fs.meta["roi_padding"],
+            share.append(readable_cells(t["roi_box"][a:b], (w, h), policy, DEFAULT_MARGIN, fs.meta.source.roi_padding,
                                         shape[1:]).mean())
         out[f"{name}_raw_per_image"] = int(np.prod(shape)) * 2
         out[f"{name}_sparse_share"] = float(np.mean(share))

@@ -1,4 +1,4 @@
-"""`predict` on real images with the extractor's own person boxes: mask AP over ../shared/realdata.
+"""`predict` on real images with the extractor's own person boxes: mask AP over $ROISEG_REALDATA.
 
     uv run python bench/realdata_predict.py [--folds 5] [--procs 2]
 
@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import cv  # noqa: E402
-from bench.realdata import ANN, IMAGES, ONNX  # noqa: E402
+from bench.realdata import realdata# noqa: E402
 
 OUT = ROOT / "bench" / "out" / "predict"
 
@@ -222,7 +222,7 @@ def main():
             out.append({**r, "segmentation": rle})
         return out
 
-    gt = json.loads(ANN.read_text())
+    gt = json.loads(realdata().ann.read_text())
     runs, info = {}, {}
     for v in variants:
         for boxes in ("auto", "gt"):
@@ -233,8 +233,8 @@ def main():
                 for f in range(args.folds):
                     ck, names = cks[(v, f, seed)]
                     out = OUT / "pred" / f"{v}_{boxes}_f{f}_s{seed}"
-                    opts = PredictOptions(source=IMAGES, out=out, checkpoint=Path(ck), onnx=ONNX, boxes=boxes,
-                                          ann=ANN, only=names, overlays=f == 0 and v == "default" and seed == 0,
+                    opts = PredictOptions(source=realdata().images, out=out, checkpoint=Path(ck), onnx=realdata().onnx, boxes=boxes,
+                                          ann=realdata().ann, only=names, overlays=f == 0 and v == "default" and seed == 0,
                                           detection=DetectionSettings(conf=args.conf), progress=False,
                                           provider="cpu")
                     shutil.rmtree(out, ignore_errors=True)   # predict would start out2 next to a used folder

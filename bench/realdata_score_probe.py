@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import cv  # noqa: E402
-from bench.realdata import ANN, IMAGES, ONNX  # noqa: E402
+from bench.realdata import realdata# noqa: E402
 from bench.realdata_predict import (  # noqa: E402
     OUT,
     ck_dir,
@@ -61,8 +61,8 @@ def held_out(boxes: str, seed: int, names: list) -> tuple[list, list]:
     for f, fold in enumerate(names):
         out = OUT / "probe" / f"{boxes}_f{f}_s{seed}"
         shutil.rmtree(out, ignore_errors=True)
-        opts = PredictOptions(source=IMAGES, out=out, checkpoint=ck_dir("default", f, seed) / "last.pth", onnx=ONNX,
-                              boxes=boxes, ann=ANN, only=fold, overlays=False, progress=False, provider="cpu",
+        opts = PredictOptions(source=realdata().images, out=out, checkpoint=ck_dir("default", f, seed) / "last.pth", onnx=realdata().onnx,
+                              boxes=boxes, ann=realdata().ann, only=fold, overlays=False, progress=False, provider="cpu",
                               detection=DetectionSettings(conf=0.01))
         seen = []
         summary = run_predict(opts, watched(checkpoint_predictor(opts), seen))
@@ -75,7 +75,7 @@ def held_out(boxes: str, seed: int, names: list) -> tuple[list, list]:
 
 
 def main():
-    gt = json.loads(ANN.read_text())
+    gt = json.loads(realdata().ann.read_text())
     names = cv.make_folds(OUT / "store.zarr", 5)
     for boxes in ("gt", "auto"):
         res = {}

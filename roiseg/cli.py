@@ -34,10 +34,10 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from roiseg.common.errors import FeatCacheError
+        from roiseg.common.errors import RoisegError
         try:
             return fn(*args, **kwargs)
-        except FeatCacheError as exc:
+        except RoisegError as exc:
             raise UserError(str(exc)) from exc
         except OSError as exc:
             from roiseg.common.files import user_facing_name
@@ -162,7 +162,7 @@ def schema_options(cls):
                                    default=None, help=spec.help)
             else:
                 opt = click.option(spec.flag, spec.name, default=None, help=spec.help,
-                                   metavar=spec.meta["metavar"] or metavars.get(spec.kind, "TEXT"))
+                                   metavar=spec.info.metavar or metavars.get(spec.kind, "TEXT"))
             fn = opt(fn)
         return fn
     return decorate
@@ -344,20 +344,10 @@ def _checkpoint_from(epoch, checkpoint, folder, default: str | None = None) -> P
 @_user_errors
 def visualize(epoch, checkpoint, checkpoints, ann, images, onnx_path, provider, vis_images, out_dir):
     """Redraw an epoch's validation PNG from its checkpoint (live extractor, full resolution)."""
-    from roiseg.common.files import refuse_overlap
-    from roiseg.inference.torch_decoder import predictor_from_checkpoint
-    from roiseg.inference.visualize import write_validation_png
-    from roiseg.modeling.checkpoint import load_checkpoint, referenced_inputs
+    from roiseg.inference.visualize import redraw_validation_png
     path = _checkpoint_from(epoch, checkpoint, checkpoints)
-    ck = load_checkpoint(path)
-    val_meta = ck["cache_metadata"]["val"]
-    refuse_overlap({"--out-dir": out_dir}, {"--checkpoint": path, "--ann": ann, "--images": images,
-                                            "--onnx": onnx_path, **referenced_inputs(ck)}, inputs_inside_outputs=False)
-    pred = predictor_from_checkpoint(path, onnx_path, provider)
-    wanted = [v.strip() for v in vis_images.split(",")] if vis_images else ck["config"].get("vis_images")
-    png = write_validation_png(pred, Path(ann or val_meta["annotation_path"]),
-                               Path(images or val_meta["images_dir"]), Path(out_dir or path.parent),
-                               int(ck["epoch"]), wanted)
+    png = redraw_validation_png(path, ann, images, onnx_path, provider,
+                                [v.strip() for v in vis_images.split(",")] if vis_images else None, out_dir)
     click.echo(f"wrote {png}")
 
 
@@ -383,47 +373,22 @@ def export(ctx, epoch, checkpoint, checkpoints, out, opset, end_to_end, onnx_pat
     """Export the decoder to ONNX, check parity with PyTorch in ONNX Runtime, report latency."""
     if not end_to_end:
         refuse_unused(ctx, ["onnx_path"], "the extractor is part of the end-to-end graph only: add --end-to-end")
-    from roiseg.common.files import refuse_overlap
-    from roiseg.export.export import (
-        check_opset,
-        export_checked,
-        predictor_metadata,
-    )
-    from roiseg.export.graph import ExportError, ExportSpec
+    from roiseg.export.export import default_paths, export_checkpoint
+    from roiseg.export.graph import ExportError
     from roiseg.export.parity import decoder_latency, format_parity
-    from roiseg.modeling.checkpoint import (
-        decoder_from_checkpoint,
-        load_checkpoint,
-        referenced_inputs,
-    )
-    from roiseg.modeling.decoders import uses_fine
-    from roiseg.runtime.pipeline import open_extractor
     path = _checkpoint_from(epoch, checkpoint, checkpoints)
-    out = Path(out or path.with_suffix(".half.decoder.onnx" if half else ".decoder.onnx"))
-    stem = out.name[: -len(".decoder.onnx")] if out.name.endswith(".decoder.onnx") else out.stem
-    e2e = out.with_name(f"{stem}.e2e.onnx") if end_to_end else None
-    check_opset(opset)   # everything a user can get wrong is checked before any work
-    ck = load_checkpoint(path)
-    model, meta = decoder_from_checkpoint(ck)
-    ext = Path(onnx_path or meta["onnx_path"]) if end_to_end else None
-    refuse_overlap({"--out": out, "the end-to-end graph": e2e},
-                   {"--checkpoint": path, "--onnx": onnx_path or ext, **referenced_inputs(ck)})
-    fine = uses_fine(model)
-    if end_to_end:
-        open_extractor(meta, ext, "cpu", fine=fine)  # same checks as inference: file exists, sha256 matches
-    spec = ExportSpec.from_meta(meta, fine, masks=mask_format, threshold=threshold, full_probs=full_probs, half=half)
     try:
-        report = export_checked(model, spec, out, opset, predictor_metadata(meta, path.name, fine),
-                                (ext, meta["feature_name"], e2e, meta["fine"]["name"] if fine else None)
-                                if end_to_end else None)
+        res = export_checkpoint(path, out, opset, end_to_end, onnx_path, masks=mask_format, threshold=threshold,
+                                full_probs=full_probs, half=half)
     except ExportError as exc:
-        kept = [str(p) for p in (out, e2e) if p is not None and p.exists()]
+        kept = [str(p) for p in default_paths(path, out, half, end_to_end) if p is not None and p.exists()]
         raise UserError(f"{exc}\nnothing was written{'; kept as they were: ' + ', '.join(kept) if kept else ''}") from exc
+    spec, out = res.spec, res.decoder
     click.echo(f"wrote {out} (opset {opset}{', fp16 conv stack' if half else ''}; inputs {', '.join(spec.inputs)} "
                f"-> {', '.join(spec.outputs)})")
-    click.echo("parity vs PyTorch (max abs diff): " + format_parity(report))
-    if e2e is not None:
-        click.echo(f"wrote {e2e} (images [1,3,H,W] + {', '.join(i for i in spec.inputs[1:] if i != 'fine')} "
+    click.echo("parity vs PyTorch (max abs diff): " + format_parity(res.parity))
+    if res.end_to_end is not None:
+        click.echo(f"wrote {res.end_to_end} (images [1,3,H,W] + {', '.join(i for i in spec.inputs[1:] if i != 'fine')} "
                    f"-> {', '.join(spec.outputs)})")
     lat = decoder_latency(out, spec)
     click.echo("decoder latency on CPU (ms): " + ", ".join(f"{n} ROIs {ms}" for n, ms in lat.items()))
@@ -572,8 +537,8 @@ def evaluate(ctx, checkpoint_list, epochs, checkpoints, val_store, ann, images, 
     if (ann is None) != (images is None):
         raise UserError("--ann and --images go together")
     from roiseg.common.files import refuse_overlap
-    from roiseg.modeling.checkpoint import load_checkpoint, referenced_inputs
-    referenced = {k: v for p in paths for k, v in referenced_inputs(load_checkpoint(p)).items()}
+    from roiseg.modeling.checkpoint import load_checkpoint
+    referenced = {k: v for p in paths for k, v in load_checkpoint(p).referenced_inputs().items()}
     refuse_overlap({"--json": json_out, "--work-dir": work_dir},
                    {**{f"--checkpoint {p.name}": p for p in paths}, "--val-store": val_store, "--ann": ann,
                     "--images": images, "--onnx": onnx_path, **referenced}, inputs_inside_outputs=False)

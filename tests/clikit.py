@@ -48,3 +48,15 @@ def torchrun(nproc: int, *args, timeout: float = 280, env: dict | None = None):
         return run_tree(cmd, timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=root)
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"torchrun did not finish in {timeout} s (a hang?)\n{(exc.stderr or '')[-3000:]}") from None
+
+
+def feature_source(mode: str = "stretch", onnx=None, channels: int = 16, roi_padding: float = 0.1):
+    """A ``FeatureSource`` for tests that build a predictor or an export without a store: the
+    stand-in's tensor (``onnx``: its file, for the sha256), RGB 0-1 input, ``mode`` resize."""
+    from roiseg.common.files import file_sha256
+    from roiseg.common.geometry import ResizePolicy
+    from roiseg.data.images import Preprocess
+    from roiseg.data.standin import FEATURE_NAME
+    from roiseg.data.store_meta import FeatureSource
+    return FeatureSource(str(onnx or ""), file_sha256(onnx) if onnx else "0" * 64, FEATURE_NAME, (channels, 80, 80),
+                         (640, 640), Preprocess(policy=ResizePolicy(640, 640, mode)), roi_padding)

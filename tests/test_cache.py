@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 from roiseg.common.geometry import ResizePolicy
 from roiseg.data.cache import CacheConfig, run_cache
 from roiseg.data.coco import decode_masks, load_person_records
@@ -30,7 +30,7 @@ def _cfg(synth, onnx, out, **kw):
 
 def _arrays(path):
     s = FeatureStore(path)
-    n = s.meta["n_images"]
+    n = s.meta.n_images
     return (s.root["features"][:], [s.root["masks"][i] for i in range(n)],
             [s.root["gt_rle"][i] for i in range(n)])
 
@@ -46,7 +46,7 @@ def test_store_features_equal_direct_ort(synth, standin_onnx, val_store):
     out, summary = val_store
     assert summary["complete"] and summary["provider"] == "CPUExecutionProvider"
     s = FeatureStore(out)
-    assert s.meta["feature_shape"] == [16, 80, 80] and s.meta["input_hw"] == [640, 640]
+    assert s.meta.source.feature_shape == (16, 80, 80) and s.meta.source.input_hw == (640, 640)
     import onnx
 
     from roiseg.data.extractor import expose_tensor
@@ -191,7 +191,7 @@ def test_disk_space_check(synth, standin_onnx, tmp_path, monkeypatch):
     import roiseg.data.cache as cache_mod
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda p: Usage(10**9, 10**9, 1000))
-    with pytest.raises(FeatCacheError, match="not enough disk space"):
+    with pytest.raises(RoisegError, match="not enough disk space"):
         run_cache(_cfg(synth, standin_onnx, tmp_path / "full.zarr"), progress=False)
     assert FeatureStore(tmp_path / "full.zarr").done_mask().sum() == 0
 

@@ -254,7 +254,13 @@ def test_dice_focal_and_boundary_terms_by_hand():
 
 
 # ---- checkpoint files ---------------------------------------------------------------------------
-def test_checkpoint_names_digests_and_files(tmp_path):
+def _at(ck, epoch: int, miou: float):
+    """A checkpoint record as another epoch's, with another mIoU (what its file name shows)."""
+    import dataclasses
+    return dataclasses.replace(ck, epoch=epoch, metrics={**ck.metrics, "mIoU": miou})
+
+
+def test_checkpoint_names_digests_and_files(trained, tmp_path):
     from roiseg.modeling import checkpoint as C
     assert C.checkpoint_name(7, (640, 480), 0.42609) == "checkpoint_epoch_0007_640x480_4260.pth"
     assert C.checkpoint_name(12, (640, 640), 0.99999) == "checkpoint_epoch_0012_640x640_9999.pth"
@@ -265,17 +271,19 @@ def test_checkpoint_names_digests_and_files(tmp_path):
                     {"opt": [torch.zeros(2, dtype=torch.int64), torch.zeros(1)]}):
         assert C.tensor_digest({**base, **changed}) != d, changed
     assert C.tensor_digest({**base, "checksum": "x"}) == d and C.tensor_digest({**base, "x": 2}) == d
-    path = C.save_checkpoint(base, tmp_path, 3, (640, 640), 0.5)
-    assert path.name == "checkpoint_epoch_0003_640x640_5000.pth"
+    rec = C.load_checkpoint(trained / "best.pth")
+    path = C.save_checkpoint(_at(rec, 3, 0.5), tmp_path)
+    assert path.name == f"checkpoint_epoch_0003_{rec.input_hw[0]}x{rec.input_hw[1]}_5000.pth"
     ck = C.load_checkpoint(path)
-    assert ck["checksum"] == d and torch.equal(ck["model"]["w"], base["model"]["w"])
-    C.save_checkpoint(base, tmp_path, 10, (640, 640), 0.25)
+    assert ck.checksum == C.tensor_digest(_at(rec, 3, 0.5).to_dict()) and ck.epoch == 3
+    assert all(torch.equal(ck.model[k], v) for k, v in rec.model.items())
+    C.save_checkpoint(_at(rec, 10, 0.25), tmp_path)
     assert [e for e, _ in C.list_checkpoints(tmp_path)] == [3, 10]
     assert C.find_checkpoint(tmp_path).name.startswith("checkpoint_epoch_0010")
     assert C.find_checkpoint(tmp_path, 3) == path
     with pytest.raises(C.CheckpointError, match="epochs: 3, 10"):
         C.find_checkpoint(tmp_path, 4)
-    C.save_checkpoint(base, tmp_path, 10, (640, 640), 0.75)
+    C.save_checkpoint(_at(rec, 10, 0.75), tmp_path)
     with pytest.raises(C.CheckpointError, match="several checkpoints"):
         C.find_checkpoint(tmp_path, 10)
     with pytest.raises(C.CheckpointError, match="no checkpoint_epoch"):
@@ -289,17 +297,23 @@ def test_checkpoint_names_digests_and_files(tmp_path):
         C.load_checkpoint(tmp_path / "missing.pth")
 
 
-def test_decoder_rules_on_a_store():
-    from roiseg.data.store import FINGERPRINT_KEYS, StoreError
-    from roiseg.modeling.checkpoint import check_decoder_on_store, fingerprint
-    meta = {k: f"v_{k}" for k in FINGERPRINT_KEYS} | {"other": 1}
-    assert fingerprint(meta) == {k: f"v_{k}" for k in FINGERPRINT_KEYS}
-    check_decoder_on_store("global", fingerprint(meta), meta, "x")            # dense: fine
-    check_decoder_on_store("roialign", fingerprint(meta), meta | {"sparse": {"margin": 0.2}}, "x")
+def test_decoder_rules_on_a_store(stores):
+    import dataclasses
+
+    from roiseg.data.store import FeatureStore, StoreError
+    from roiseg.data.store_meta import FINGERPRINT_KEYS
+    from roiseg.modeling.checkpoint import check_decoder_on_store
+    meta = FeatureStore(stores["val"]).meta
+    fp = meta.fingerprint()
+    assert sorted(fp) == sorted(FINGERPRINT_KEYS) and fp["feature_name"] == meta.source.feature_name
+    sparse = dataclasses.replace(meta, sparse_margin=0.2)
+    check_decoder_on_store("global", fp, meta, "x")            # dense: fine
+    check_decoder_on_store("roialign", fp, sparse, "x")
     with pytest.raises(Exception, match="ROI-sparse"):
-        check_decoder_on_store("global", fingerprint(meta), meta | {"sparse": {"margin": 0.2}}, "x")
-    with pytest.raises(StoreError, match="roi_padding: checkpoint has 'v_roi_padding', store has 0.3"):
-        check_decoder_on_store("roialign", fingerprint(meta), meta | {"roi_padding": 0.3}, "x")
+        check_decoder_on_store("global", fp, sparse, "x")
+    padded = dataclasses.replace(meta, source=dataclasses.replace(meta.source, roi_padding=0.3))
+    with pytest.raises(StoreError, match=f"roi_padding: checkpoint has {meta.source.roi_padding!r}, store has 0.3"):
+        check_decoder_on_store("roialign", fp, padded, "x")
 
 
 # ---- the evaluator, against a loop written from the metric definitions -------------------------------
@@ -653,46 +667,51 @@ def test_checkpoint_errors_and_decoder_loading(trained, tmp_path, monkeypatch):
     (tmp_path / "one.pth").write_bytes(b"x")
     with pytest.raises(C.CheckpointError, match="cannot load checkpoint .*one.pth"):
         C.load_checkpoint(tmp_path / "one.pth")
-    ck = C.load_checkpoint(trained / "best.pth")
-    ck["model"][next(iter(ck["model"]))] += 1
-    torch.save(ck, tmp_path / "bad.pth")
+    raw = torch.load(trained / "best.pth", weights_only=True)      # the file as stored: a dict
+    raw["model"][next(iter(raw["model"]))] += 1
+    torch.save(raw, tmp_path / "bad.pth")
     with pytest.raises(C.CheckpointError, match="is corrupted"):
         C.load_checkpoint(tmp_path / "bad.pth")
-    del ck["checksum"]
-    torch.save(ck, tmp_path / "old.pth")                                 # before checksums: accepted
-    assert "checksum" not in C.load_checkpoint(tmp_path / "old.pth")
-    assert C.load_checkpoint(trained / "best.pth", map_location="cpu")["epoch"] == 1
+    del raw["checksum"]
+    torch.save(raw, tmp_path / "unsummed.pth")                            # without a checksum: accepted
+    assert C.load_checkpoint(tmp_path / "unsummed.pth").checksum is None
+    raw["format"] = "roiseg-checkpoint-v0"
+    torch.save(raw, tmp_path / "other.pth")
+    with pytest.raises(C.CheckpointError, match="not a checkpoint this version reads.*retrain"):
+        C.load_checkpoint(tmp_path / "other.pth")
+    assert C.load_checkpoint(trained / "best.pth", map_location="cpu").epoch == 1
     ck = C.load_checkpoint(trained / "best.pth")
-    model, meta = C.decoder_from_checkpoint(trained / "best.pth")
-    raw, _ = C.decoder_from_checkpoint(ck, use_ema=False)
-    assert meta == ck["cache_metadata"]["train"] and not model.training
-    ema = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}
+    model, source = C.decoder_from_checkpoint(trained / "best.pth")
+    raw_model, _ = C.decoder_from_checkpoint(ck, use_ema=False)
+    assert source == ck.train_meta.source and not model.training
+    ema = {k[len("module."):]: v for k, v in ck.ema.items() if k.startswith("module.")}
     assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
-    assert all(torch.equal(v, ck["model"][k]) for k, v in raw.state_dict().items())
-    assert any(not torch.equal(ema[k], ck["model"][k]) for k in ema)
-    no_ema = {**ck, "ema": None}
-    m3, _ = C.decoder_from_checkpoint(no_ema)
-    assert all(torch.equal(v, ck["model"][k]) for k, v in m3.state_dict().items())
+    assert all(torch.equal(v, ck.model[k]) for k, v in raw_model.state_dict().items())
+    assert any(not torch.equal(ema[k], ck.model[k]) for k in ema)
+    import dataclasses
+    m3, _ = C.decoder_from_checkpoint(dataclasses.replace(ck, ema=None))
+    assert all(torch.equal(v, ck.model[k]) for k, v in m3.state_dict().items())
 
     def full(obj, f, *a, **k):
         raise OSError(28, "No space left on device", str(f))
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(C.CheckpointError, match=r"could not write checkpoint .*\(No space left on device\); "
                                                 r"earlier checkpoints in .* are kept"):
-        C.save_checkpoint({"model": {}}, tmp_path / "deep" / "er", 1, (64, 64), 0.5)
+        C.save_checkpoint(_at(ck, 1, 0.5), tmp_path / "deep" / "er")
     monkeypatch.undo()
-    assert C.save_checkpoint({"model": {}}, tmp_path / "deep" / "er", 1, (64, 64), 0.5).is_file()   # parents made
+    assert C.save_checkpoint(_at(ck, 1, 0.5), tmp_path / "deep" / "er").is_file()   # parents made
     monkeypatch.setattr("os.link", lambda *a: (_ for _ in ()).throw(OSError("no hard links here")))
     copy = C.publish_alias(trained / "best.pth", tmp_path / "last.pth")
     assert copy.read_bytes() == (trained / "best.pth").read_bytes() and not copy.is_symlink()
 
 
-def test_latest_checkpoint_is_the_highest_epoch(tmp_path):
+def test_latest_checkpoint_is_the_highest_epoch(trained, tmp_path):
     from roiseg.modeling import checkpoint as C
+    rec = C.load_checkpoint(trained / "best.pth")
     for e in (2, 10, 3):
-        C.save_checkpoint({"model": {}}, tmp_path, e, (64, 64), 0.5)
+        C.save_checkpoint(_at(rec, e, 0.5), tmp_path)
     assert C.find_checkpoint(tmp_path).name.startswith("checkpoint_epoch_0010")
-    C.save_checkpoint({"model": {}}, tmp_path, 10, (64, 64), 0.6)
+    C.save_checkpoint(_at(rec, 10, 0.6), tmp_path)
     with pytest.raises(C.CheckpointError, match=r"several checkpoints for epoch 10 in .*: checkpoint_epoch_0010.*, "
                                                 r"checkpoint_epoch_0010.* - pass --checkpoint PATH"):
         C.find_checkpoint(tmp_path)

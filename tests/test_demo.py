@@ -24,7 +24,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     pngs = sorted((tmp_path / "demo" / "checkpoints").glob("validation_all_images_epoch_*.png"))
     assert [p.name for p in pngs] == ["validation_all_images_epoch_0001.png", "validation_all_images_epoch_0002.png"]
     ck = load_checkpoint(s["checkpoint"])
-    assert ck["epoch"] == 2 and "model" in ck
+    assert ck.epoch == 2 and ck.model
     sess = ort.InferenceSession(s["end_to_end_onnx"], providers=["CPUExecutionProvider"])
     masks, inst, logits, _, scores = sess.run(None, {"images": np.random.rand(1, 3, 640, 640).astype(np.float32),
                                              "rois": np.array([[0, 0.3, 0.2, 0.6, 0.9], [0, 0.1, 0.1, 0.2, 0.3]],
@@ -36,6 +36,6 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     assert [i.name for i in dec.get_inputs()] == ["features", "rois"]
     # it learns: the second epoch is far better than the first (0.27 -> 0.55 when written; the
     # demo is seeded), and the summary reports the checkpoint's own metric
-    assert s["final_mIoU"] == ck["metrics"]["mIoU"]
+    assert s["final_mIoU"] == ck.metrics["mIoU"]
     assert s["final_mIoU"] > s["first_epoch_mIoU"] + 0.1
     assert s["final_instance_mIoU"] > s["first_instance_mIoU"]

@@ -11,10 +11,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from roiseg.common.files import file_sha256
-from roiseg.common.geometry import ResizePolicy
+from clikit import feature_source
 from roiseg.data.extractor import Extractor
-from roiseg.data.images import Preprocess
 from roiseg.data.standin import FEATURE_NAME
 from roiseg.export.export import (
     export_decoder,
@@ -47,14 +45,12 @@ def test_onnx_decoder_and_end_to_end_equal_torch_predictor(standin_onnx, tmp_pat
     torch.manual_seed(0)
     model = build_model("roialign", 16, hidden=16, roi_size=7, mask_size=28, score_head=scored,
                         feature_stats=(torch.randn(16), torch.rand(16) + 0.5)).eval()
-    meta = {"preprocess": Preprocess(policy=ResizePolicy(640, 640, mode)).to_dict(), "roi_padding": 0.1,
-            "feature_name": FEATURE_NAME, "feature_shape": [16, 80, 80], "input_hw": [640, 640],
-            "onnx_path": str(standin_onnx), "onnx_sha256": file_sha256(standin_onnx)}
-    spec = ExportSpec.from_meta(meta)
-    dec = export_decoder(model, spec, tmp_path / "d.onnx", meta=predictor_metadata(meta, "x.pth"))
+    source = feature_source(mode, standin_onnx)
+    spec = ExportSpec.from_source(source)
+    dec = export_decoder(model, spec, tmp_path / "d.onnx", meta=predictor_metadata(source, "x.pth"))
     check_parity(model, dec, spec)          # scores [N] included: a float output, compared like the logits
-    e2e = export_end_to_end(standin_onnx, FEATURE_NAME, dec, tmp_path / "e2e.onnx")
-    ref = Predictor(TorchDecoder(model), meta, Extractor(standin_onnx, FEATURE_NAME, "cpu"))
+    e2e = export_end_to_end(standin_onnx, source, dec, tmp_path / "e2e.onnx")
+    ref = Predictor(TorchDecoder(model), source, Extractor(standin_onnx, FEATURE_NAME, "cpu"))
     im = Image.fromarray(np.random.default_rng(1).integers(0, 255, (360, 800, 3), np.uint8))
     boxes = np.array([[0.0, 0.0, 0.3, 0.6], [0.5, 0.2, 1.0, 1.0], [0.3, 0.3, 0.45, 0.5]])
     want = ref.predict(im, boxes)

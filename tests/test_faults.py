@@ -101,7 +101,7 @@ def test_full_disk_while_saving_keeps_earlier_checkpoints(stores, tmp_path, monk
     assert r.exit_code == 1 and "could not write checkpoint" in r.output and "No space left" in r.output
     assert "earlier checkpoints" in r.output
     assert [e for e, _ in list_checkpoints(out)] == [1]
-    assert load_checkpoint(list_checkpoints(out)[0][1])["epoch"] == 1
+    assert load_checkpoint(list_checkpoints(out)[0][1]).epoch == 1
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
 
 
@@ -209,7 +209,7 @@ def test_flipped_bit_and_empty_checkpoints_are_errors(trained, tmp_path):
     src = list_checkpoints(trained)[0][1]
     ck = load_checkpoint(src)
     raw = bytearray(src.read_bytes())
-    w = next(v for k, v in ck["model"].items() if v.numel() > 64 and v.dtype.is_floating_point)
+    w = next(v for k, v in ck.model.items() if v.numel() > 64 and v.dtype.is_floating_point)
     needle = w.flatten()[16:24].numpy().tobytes()
     at = bytes(raw).find(needle)
     assert at > 0

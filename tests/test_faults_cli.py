@@ -112,8 +112,8 @@ def test_resume_takes_the_runs_settings(stores, tmp_path):
     r = succeeded(cli("train", "--out", out, "--resume", "auto", "--epochs", "2"))
     assert [e for e, _ in list_checkpoints(out)] == [1, 2], r.output
     ck = load_checkpoint(list_checkpoints(out)[-1][1])
-    assert ck["model_kwargs"]["hidden"] == 8 and ck["config"]["seed"] == 3
-    assert ck["config"]["train_store"] == str(stores["train"])
+    assert ck.model_kwargs["hidden"] == 8 and ck.config["seed"] == 3
+    assert ck.config["train_store"] == str(stores["train"])
     # a finished run says so and changes nothing
     files = sorted(p.name for p in out.iterdir())
     r = succeeded(cli("train", "--out", out, "--resume", "auto"))
@@ -134,8 +134,8 @@ def test_missing_analysis_goes_to_the_run_folder_not_the_working_directory(store
     assert (tmp_path / "ck" / "data_analyze.json").is_file()
     assert f"saved as {tmp_path / 'ck' / 'data_analyze.json'}" in caplog.text
     ck = load_checkpoint(tmp_path / "ck" / "last.pth")
-    assert ck["resolved"]["analysis"] == str(tmp_path / "ck" / "data_analyze.json")   # what the run used
-    assert ck["config"]["analysis"] == "data_analyze.json"                              # what was asked
+    assert ck.resolved["analysis"] == str(tmp_path / "ck" / "data_analyze.json")   # what the run used
+    assert ck.config["analysis"] == "data_analyze.json"                              # what was asked
 
 
 # ---- predict: EXIF and many boxes ------------------------------------------------------------------

@@ -121,7 +121,7 @@ def run_copy(stores, tmp_path):
     succeeded(cli(*train_args(copy, user / "ck", "--epochs", "1")))
     ck = next((user / "ck").glob("checkpoint_epoch_0001_*.pth"))
     meta = FeatureStore(copy["train"]).meta
-    return {**copy, "ck": ck, "onnx": Path(meta["onnx_path"]), "ann": Path(meta["annotation_path"]), "user": user}
+    return {**copy, "ck": ck, "onnx": Path(meta.source.onnx_path), "ann": Path(meta.annotation_path), "user": user}
 
 
 @pytest.mark.parametrize("target", ["onnx", "onnx-absolute", "onnx-with-flag", "analysis", "train-store-file",
@@ -394,10 +394,10 @@ def test_train_warns_when_validating_on_its_training_images(stores, tmp_path, ca
 def test_disk_estimate_of_a_small_store_is_in_a_unit_that_shows_it(tmp_path, capsys, monkeypatch):
     import numpy as np
 
-    from roiseg.common.errors import FeatCacheError
+    from roiseg.common.errors import RoisegError
     from roiseg.data import cache
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 6, 0, 40_000))
-    with pytest.raises(FeatCacheError) as exc:
+    with pytest.raises(RoisegError) as exc:
         cache.check_disk(tmp_path, np.ones((12, 1)), [(8, 80, 80)], (640, 640), 20, True)
     text = capsys.readouterr().out + str(exc.value)
     assert "0.0 GB" not in text and "KB" in text and "MB" in text, text

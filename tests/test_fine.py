@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 from roiseg.data.cache import CacheConfig, mirror_input, run_cache
 from roiseg.data.extractor import INPUT_TENSOR, Extractor, ExtractorError
-from roiseg.data.images import Preprocess, load_rgb, preprocess
+from roiseg.data.images import load_rgb, preprocess
 from roiseg.data.standin import FEATURE_NAME, FINE_NAME
 from roiseg.data.store import FeatureStore
 from roiseg.loader.sampling import RoiSampling
@@ -24,7 +24,7 @@ from roiseg.loader.sources import (
 from roiseg.modeling.checkpoint import (
     check_decoder_on_store,
     decoder_from_checkpoint,
-    fingerprint,
+    load_checkpoint,
 )
 from roiseg.modeling.decoders import RoiAlignDecoder, roi_features, uses_fine
 from roiseg.training.config import make_config
@@ -90,9 +90,9 @@ def test_unknown_fine_tensor_lists_the_finer_candidates(standin_onnx):
 
 def test_fine_store_holds_the_extractor_maps_of_both_inputs(fine_stores, synth, standin_onnx):
     fs = FeatureStore(fine_stores["train"])
-    assert fs.has_fine and fs.meta["fine"] == {"name": FINE_NAME, "shape": [8, 160, 160]}
+    assert fs.has_fine and fs.meta.fine.to_dict() == {"name": FINE_NAME, "shape": [8, 160, 160]}
     ex = Extractor(standin_onnx, FEATURE_NAME, "cpu", fine_name=FINE_NAME)
-    prep = Preprocess.from_dict(fs.meta["preprocess"])
+    prep = fs.meta.source.preprocess
     i = 3
     x = preprocess(load_rgb(synth["root"] / "images/train2017" / fs.tables["file_name"][i]), prep)[None]
     feats, fine = ex.run_fine(x)
@@ -109,9 +109,9 @@ def test_fine_store_holds_the_extractor_maps_of_both_inputs(fine_stores, synth, 
 def test_input_as_fine_map_is_the_preprocessed_image(synth, standin_onnx, tmp_path):
     _cache(synth, standin_onnx, tmp_path / "rgb.zarr", "val", fine_feature=INPUT_TENSOR, limit=2)
     fs = FeatureStore(tmp_path / "rgb.zarr")
-    prep = Preprocess.from_dict(fs.meta["preprocess"])
+    prep = fs.meta.source.preprocess
     x = preprocess(load_rgb(synth["root"] / "images/val2017" / fs.tables["file_name"][1]), prep)
-    assert fs.meta["fine"]["shape"] == [3, 640, 640]
+    assert fs.meta.fine.shape == (3, 640, 640)
     np.testing.assert_array_equal(fs.fine(1), x.astype(np.float16))
 
 
@@ -150,7 +150,7 @@ def test_shards_and_resume_fill_the_same_fine_store(fine_stores, synth, standin_
     for i in ref.valid_images():
         for flipped in (False, True):
             np.testing.assert_array_equal(fs.fine(int(i), flipped), ref.fine(int(i), flipped))
-    with pytest.raises(FeatCacheError, match="fine"):   # another fine map is another store
+    with pytest.raises(RoisegError, match="fine"):   # another fine map is another store
         _cache(synth, standin_onnx, out, fine_feature=INPUT_TENSOR, flip=True)
 
 
@@ -205,17 +205,17 @@ def test_decoder_fine_path_needs_the_map_starts_neutral_and_learns_from_it():
 
 
 def test_training_uses_the_fine_map_and_records_it(fine_run, fine_stores, stores, tmp_path):
-    ck = torch.load(fine_run / "last.pth", map_location="cpu", weights_only=False)
-    assert ck["model_kwargs"]["fine_channels"] == 8 and ck["cache_fingerprint"]["fine"]["name"] == FINE_NAME
+    ck = load_checkpoint(fine_run / "last.pth")
+    assert ck.model_kwargs["fine_channels"] == 8 and ck.cache_fingerprint["fine"]["name"] == FINE_NAME
     model, _ = decoder_from_checkpoint(ck)
     assert uses_fine(model)
     # --fine off: the same store, a decoder without the path, as before
     tr = Trainer(_train_cfg(fine_stores, stores, tmp_path / "off", fine="off"))
     assert not uses_fine(tr.model) and tr.fine_channels == 0
     # a fine decoder refuses a store without that fine map; a plain decoder reads any store
-    with pytest.raises(FeatCacheError, match="fine"):
-        check_decoder_on_store("roialign", ck["cache_fingerprint"], FeatureStore(stores["val"]).meta, "x")
-    check_decoder_on_store("roialign", fingerprint(FeatureStore(stores["val"]).meta),
+    with pytest.raises(RoisegError, match="fine"):
+        check_decoder_on_store("roialign", ck.cache_fingerprint, FeatureStore(stores["val"]).meta, "x")
+    check_decoder_on_store("roialign", FeatureStore(stores["val"]).meta.fingerprint(),
                            FeatureStore(fine_stores["val"]).meta, "x")
 
 
@@ -231,22 +231,18 @@ def test_resume_keeps_the_fine_path(fine_stores, stores, tmp_path):
 def test_every_inference_path_feeds_the_fine_map(fine_run, fine_stores, synth, standin_onnx, tmp_path):
     """evaluate (store and --ann/--images), predict from the checkpoint, the exported decoder and
     the end-to-end graph give the same masks."""
-    from roiseg.export.export import export_checked, predictor_metadata
-    from roiseg.export.graph import ExportSpec
+    from roiseg.export.export import export_checkpoint
     from roiseg.inference.evaluate import evaluate_checkpoint, live_store
     ck = fine_run / "last.pth"
-    stored = torch.load(ck, map_location="cpu", weights_only=False)["metrics"]["instance_mIoU"]
+    stored = load_checkpoint(ck).metrics["instance_mIoU"]
     assert evaluate_checkpoint(ck, fine_stores["val"])["instance_mIoU"] == pytest.approx(stored, abs=1e-9)
     with live_store(ck, synth["val"], synth["root"] / "images/val2017", tmp_path, standin_onnx, "cpu") as live:
-        assert FeatureStore(live).meta["fine"]["name"] == FINE_NAME
+        assert FeatureStore(live).meta.fine.name == FINE_NAME
         assert evaluate_checkpoint(ck, live)["instance_mIoU"] == pytest.approx(stored, abs=1e-6)
-    model, meta = decoder_from_checkpoint(ck)
-    spec = ExportSpec.from_meta(meta, fine=True)
-    assert spec.inputs == ["features", "rois", "fine"]
     dec, e2e = tmp_path / "d.decoder.onnx", tmp_path / "d.e2e.onnx"
-    report = export_checked(model, spec, dec, 17, predictor_metadata(meta, ck.name, fine=True),
-                            (standin_onnx, meta["feature_name"], e2e, meta["fine"]["name"]))
-    assert report["N=5"]["max_abs_diff"] < 1e-3
+    res = export_checkpoint(ck, dec, end_to_end=True, extractor=standin_onnx, e2e_out=e2e)
+    assert res.spec.inputs == ["features", "rois", "fine"]
+    assert res.parity["N=5"]["max_abs_diff"] < 1e-3
     image = synth["root"] / "images/val2017" / json.loads(synth["val"].read_text())["images"][0]["file_name"]
     _same_masks_everywhere(ck, dec, e2e, standin_onnx, image)
 
@@ -295,30 +291,27 @@ def test_fine_channels_reduce_the_map_everywhere(synth, standin_onnx, stores, tm
     (--fine-projection-from) and one with its own is refused by train; checkpoint, exported decoder
     and end-to-end graph apply it and agree."""
     from roiseg.data import fine_projection as fp
-    from roiseg.export.export import export_checked, predictor_metadata
-    from roiseg.export.graph import ExportSpec
+    from roiseg.export.export import export_checkpoint
     from roiseg.inference.evaluate import evaluate_checkpoint, live_store
     tr, va, own = tmp_path / "tr.zarr", tmp_path / "va.zarr", tmp_path / "own.zarr"
     _cache(synth, standin_onnx, tr, fine_feature=FINE_NAME, fine_channels=3)
     _cache(synth, standin_onnx, va, "val", fine_feature=FINE_NAME, fine_projection_from=tr)
     _cache(synth, standin_onnx, own, "val", fine_feature=FINE_NAME, fine_channels=3)
     a, b = FeatureStore(tr), FeatureStore(va)
-    assert a.meta["fine"]["shape"] == [3, 160, 160] and a.meta["fine"]["source_channels"] == 8
-    assert a.meta["fine"] == b.meta["fine"] and a.meta["fine_projection"] == b.meta["fine_projection"]
+    assert a.meta.fine.shape == (3, 160, 160) and a.meta.fine.source_channels == 8
+    assert a.meta.fine == b.meta.fine and a.meta.source.fine_projection == b.meta.source.fine_projection
     ex = Extractor(standin_onnx, FEATURE_NAME, "cpu", fine_name=FINE_NAME)
-    prep = Preprocess.from_dict(a.meta["preprocess"])
+    prep = a.meta.source.preprocess
     x = preprocess(load_rgb(synth["root"] / "images/train2017" / a.tables["file_name"][2]), prep)[None]
-    np.testing.assert_array_equal(a.fine(2), fp.apply(a.meta["fine_projection"], ex.run_fine(x)[1])[0])
-    with pytest.raises(FeatCacheError, match="fine"):
+    np.testing.assert_array_equal(a.fine(2), fp.apply(a.meta.source.fine_projection, ex.run_fine(x)[1])[0])
+    with pytest.raises(RoisegError, match="fine"):
         Trainer(_train_cfg({"train": tr, "val": own}, stores, tmp_path / "bad"))
     out = tmp_path / "run"
     Trainer(_train_cfg({"train": tr, "val": va}, stores, out)).fit()
     ck = out / "last.pth"
-    stored = torch.load(ck, map_location="cpu", weights_only=False)["metrics"]["instance_mIoU"]
+    stored = load_checkpoint(ck).metrics["instance_mIoU"]
     with live_store(ck, synth["val"], synth["root"] / "images/val2017", tmp_path, standin_onnx, "cpu") as live:
         assert evaluate_checkpoint(ck, live)["instance_mIoU"] == pytest.approx(stored, abs=1e-6)
-    model, meta = decoder_from_checkpoint(ck)
     dec, e2e = tmp_path / "r.decoder.onnx", tmp_path / "r.e2e.onnx"
-    export_checked(model, ExportSpec.from_meta(meta, fine=True), dec, 17, predictor_metadata(meta, ck.name, True),
-                   (standin_onnx, meta["feature_name"], e2e, meta["fine"]["name"]))
+    export_checkpoint(ck, dec, end_to_end=True, extractor=standin_onnx, e2e_out=e2e)
     _same_masks_everywhere(ck, dec, e2e, standin_onnx, synth["root"] / "images/val2017" / b.tables["file_name"][0])

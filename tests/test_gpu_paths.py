@@ -132,7 +132,7 @@ def test_evaluate_keeps_tensorrt_engines_out_of_its_temp_folder(trained, synth, 
 def test_store_records_the_provider_and_precision(stores):
     from roiseg.data.store import FeatureStore
     meta = FeatureStore(stores["val"]).meta
-    assert meta["extractor_provider"] == "CPUExecutionProvider" and meta["extractor_precision"] == "fp32"
+    assert meta.extractor_provider == "CPUExecutionProvider" and meta.extractor_precision == "fp32"
 
 
 # ---- resume from any device, AMP on and off -----------------------------------------------------
@@ -172,10 +172,10 @@ def test_resume_from_a_checkpoint_mapped_to_another_device(trained, stores, tmp_
                             batch_size=4, workers=0, resident="cpu", tensorboard=False, visualize=False,
                             resume=str(trained / "last.pth")))
     assert t.start_epoch == 2
-    assert torch.equal(torch.get_rng_state(), ck["rng"]["torch"])
-    n = ck["rng"]["numpy"]
+    assert torch.equal(torch.get_rng_state(), ck.rng["torch"])
+    n = ck.rng["numpy"]
     assert np.array_equal(np.random.get_state()[1], n[1].numpy().astype(np.uint32))
-    assert random.getstate()[1] == tuple(ck["rng"]["python"][1])
+    assert random.getstate()[1] == tuple(ck.rng["python"][1])
 
 
 @pytest.mark.parametrize("saved_amp,now_amp", [(False, True), (True, False), (True, True)])
@@ -357,7 +357,7 @@ def test_overwrite_under_torchrun_other_shards_take_the_stores_projection(synth,
     cfg = CacheConfig(ann=synth["val"], images=synth["root"] / "images/val2017", onnx=standin_onnx,
                       out=tmp_path / "s.zarr", provider="cpu", fine_feature="input", fine_channels=2, limit=3)
     run_cache(cfg, progress=False)
-    stored = complete_store_meta(cfg.out)["fine_projection"]
+    stored = complete_store_meta(cfg.out).source.fine_projection
 
     def no_fit(*a, **k):
         raise AssertionError("a shard other than 0 refitted the projection")
@@ -394,12 +394,12 @@ def test_resident_auto_reads_memavailable_not_memfree(tmp_path):
 
 @pytest.mark.parametrize("world,train,val,ok", [(2, 5, 3, True), (3, 2, 9, False), (4, 9, 3, False)])
 def test_more_ranks_than_images_is_refused(world, train, val, ok):
-    from roiseg.common.errors import FeatCacheError
+    from roiseg.common.errors import RoisegError
     from roiseg.training.loop import check_ranks
     if ok:
         check_ranks(world, train, val)
     else:
-        with pytest.raises(FeatCacheError, match=f"{world} ranks but only {train} training / {val} validation"):
+        with pytest.raises(RoisegError, match=f"{world} ranks but only {train} training / {val} validation"):
             check_ranks(world, train, val)
 
 
@@ -417,7 +417,7 @@ def test_feature_norm_runs_in_fp32_under_autocast(dtype):
 
 
 def test_ranks_that_do_not_see_the_run_folder_are_refused(tmp_path, monkeypatch):
-    from roiseg.common.errors import FeatCacheError
+    from roiseg.common.errors import RoisegError
     from roiseg.common.files import claim_folder
     from roiseg.training import distributed as D
     info = D.DistInfo(rank=0, world=3)
@@ -425,7 +425,7 @@ def test_ranks_that_do_not_see_the_run_folder_are_refused(tmp_path, monkeypatch)
         def gather(out, mine):            # rank 2 is on a node whose --out is another folder
             out[:] = [mine, mine, False]
         monkeypatch.setattr(D.dist, "all_gather_object", gather)
-        with pytest.raises(FeatCacheError, match=r"rank\(s\) \[2\] do not see the run folder"):
+        with pytest.raises(RoisegError, match=r"rank\(s\) \[2\] do not see the run folder"):
             D.check_shared_folder(tmp_path / "run", claim.token, info)
         monkeypatch.setattr(D.dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), [mine] * 3))
         D.check_shared_folder(tmp_path / "run", claim.token, info)      # all see it: fine

@@ -8,10 +8,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from roiseg.common.geometry import ResizePolicy
+from clikit import feature_source
 from roiseg.data.coco import load_person_records
 from roiseg.data.extractor import Extractor
-from roiseg.data.images import Preprocess
 from roiseg.data.standin import FEATURE_NAME
 from roiseg.inference.torch_decoder import TorchDecoder
 from roiseg.inference.visualize import (
@@ -35,8 +34,7 @@ from roiseg.runtime.pipeline import Predictor
 def test_predictor_pastes_at_original_resolution(standin_onnx, target_everywhere, size, mode):
     w, h = size
     im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), np.uint8))
-    meta = {"preprocess": Preprocess(policy=ResizePolicy(640, 640, mode)).to_dict(), "roi_padding": 0.1}
-    pred = Predictor(TorchDecoder(target_everywhere), meta, Extractor(standin_onnx, FEATURE_NAME, "cpu"))
+    pred = Predictor(TorchDecoder(target_everywhere), feature_source(mode), Extractor(standin_onnx, FEATURE_NAME, "cpu"))
     boxes = np.array([[0.2, 0.3, 0.5, 0.7], [0.6, 0.1, 0.9, 0.4]])
     res = pred.predict(im, boxes)
     masks = res.full_masks()

@@ -9,10 +9,10 @@ from click.testing import CliRunner
 from PIL import Image
 from pycocotools.coco import COCO
 
+from clikit import feature_source
 from roiseg.common.geometry import ResizePolicy, content_rect, pad_box
 from roiseg.data.coco import load_person_records
 from roiseg.data.extractor import Extractor
-from roiseg.data.images import Preprocess
 from roiseg.data.standin import FEATURE_NAME, add_constant_output
 from roiseg.export.export import export_decoder
 from roiseg.export.graph import DecoderExport, ExportSpec
@@ -87,8 +87,8 @@ def test_detection_heads_give_back_the_known_boxes(standin_onnx, target_everywhe
     name, make, fmt = HEADS[head]
     onnx_path = add_constant_output(standin_onnx, tmp_path / "det.onnx", name, make())
     ex = Extractor(onnx_path, FEATURE_NAME, "cpu", extra_outputs=(name,))
-    meta = {"preprocess": Preprocess(policy=ResizePolicy(640, 640, mode)).to_dict(), "roi_padding": 0.1}
-    pred = Predictor(TorchDecoder(target_everywhere), meta, ex, detection=DetectionSettings(format=fmt, person_class=1))
+    pred = Predictor(TorchDecoder(target_everywhere), feature_source(mode), ex,
+                     detection=DetectionSettings(format=fmt, person_class=1))
     assert pred.det_output == name
     w, h = 640, 320
     res = pred.predict(Image.new("RGB", (w, h)))
@@ -114,9 +114,9 @@ def det_predictor(trained, standin_onnx, tmp_path_factory):
     """The trained decoder on an extractor whose NMS head 'detects' two fixed persons."""
     onnx_path = add_constant_output(standin_onnx, tmp_path_factory.mktemp("det") / "det.onnx",
                                     "batchno_classid_score_x1y1x2y2", _nms_rows(False, person_class=0))
-    model, meta = decoder_from_checkpoint(trained / "best.pth")
-    ex = Extractor(onnx_path, meta["feature_name"], "cpu", extra_outputs=("batchno_classid_score_x1y1x2y2",))
-    return Predictor(TorchDecoder(model), meta, ex, detection=DetectionSettings())
+    model, source = decoder_from_checkpoint(trained / "best.pth")
+    ex = Extractor(onnx_path, source.feature_name, "cpu", extra_outputs=("batchno_classid_score_x1y1x2y2",))
+    return Predictor(TorchDecoder(model), source, ex, detection=DetectionSettings())
 
 
 def test_predict_folder_writes_coco_results_masks_polygons(det_predictor, synth, tmp_path):
@@ -182,7 +182,7 @@ def test_predict_video_writes_a_video_with_every_frame(det_predictor, tmp_path):
 def test_evaluate_reproduces_stored_metrics_and_compares(trained, stores, tmp_path):
     from roiseg.cli import main
     ck = list_checkpoints(trained)[0][1]
-    stored = load_checkpoint(ck)["metrics"]
+    stored = load_checkpoint(ck).metrics
     out = tmp_path / "ev.json"
     r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(ck), "--checkpoint", str(trained / "*.pth"),
                                   "--json", str(out), "--device", "cpu"])

@@ -9,9 +9,10 @@ import torch
 from PIL import ImageOps
 from test_train import _cfg
 
+from roiseg.common.errors import RoisegError
 from roiseg.data.cache import CacheConfig, run_cache
 from roiseg.data.extractor import Extractor
-from roiseg.data.images import Preprocess, load_rgb, preprocess
+from roiseg.data.images import load_rgb, preprocess
 from roiseg.data.store import FeatureStore, StoreError
 from roiseg.export.export import export_decoder
 from roiseg.export.graph import ExportSpec
@@ -57,32 +58,31 @@ def test_feature_stats_exact_over_any_subset(stores):
 
 
 def test_stats_read_in_one_go_still_name_a_damaged_chunk(stores, tmp_path):
-    """The per-image sums are read with one zarr call (start-up at 64k images); a half-recorded
-    store (some sums missing) gives the same statistics, and a damaged sum names its image."""
-    from roiseg.data.store import DamagedChunkError
+    """The per-image sums are read with one zarr call (start-up at 64k images); a missing sum is an
+    error naming the repair (never zeros), and a damaged sum names its image."""
+    from roiseg.data.store import DamagedChunkError, StoreError
     copy = tmp_path / "s.zarr"
     shutil.copytree(stores["train"], copy)
     imgs = FeatureStore(copy).valid_images()
     want = FeatureStore(copy).feature_stats(imgs)
-    (copy / "feature_stats" / f"{imgs[1]}.0.0").unlink()           # one sum missing: computed again
-    got = FeatureStore(copy).feature_stats(imgs)
-    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert all(np.array_equal(a, b) for a, b in zip(FeatureStore(copy).feature_stats(imgs), want))
+    (copy / "feature_stats" / f"{imgs[1]}.0.0").unlink()
+    with pytest.raises(StoreError, match=f"statistics of 1 image.*image {imgs[1]}.*--verify"):
+        FeatureStore(copy).feature_stats(imgs)
+    shutil.rmtree(copy)
+    shutil.copytree(stores["train"], copy)
     (copy / "feature_stats" / f"{imgs[2]}.0.0").write_bytes(b"garbage")
     with pytest.raises(DamagedChunkError, match=f"'feature_stats' chunk of image {imgs[2]}"):
         FeatureStore(copy).feature_stats(imgs)
 
 
-def test_old_store_gets_stats_on_first_train(stores, tmp_path, caplog):
+def test_a_store_without_statistics_is_refused_with_how_to_rebuild(stores, tmp_path):
     old = tmp_path / "old.zarr"
     shutil.copytree(stores["train"], old)
     shutil.rmtree(old / "feature_stats")                       # a store from before statistics
-    with caplog.at_level("INFO"):
-        t = Trainer(_cfg(stores, tmp_path / "o", train_store=str(old), epochs=1))
-    assert "computing per-channel feature statistics" in caplog.text
-    assert (old / "feature_stats").is_dir()                    # saved once: the next run reads them
-    ref_mean, ref_std = FeatureStore(stores["train"]).feature_stats(CacheIndex(stores["train"]).images)
-    assert torch.allclose(t.model.norm.mean, torch.from_numpy(ref_mean))
-    assert torch.allclose(t.model.norm.std, torch.from_numpy(ref_std))
+    with pytest.raises(RoisegError, match="has no feature_stats array.*--overwrite"):
+        Trainer(_cfg(stores, tmp_path / "o", train_store=str(old), epochs=1))
+    assert not (old / "feature_stats").exists()                # nothing written into an input store
 
 
 def test_norm_buffers_in_checkpoint_and_onnx(stores, tmp_path):
@@ -90,9 +90,9 @@ def test_norm_buffers_in_checkpoint_and_onnx(stores, tmp_path):
     t.fit()
     ck = load_checkpoint(list_checkpoints(tmp_path / "n")[0][1])
     mean, std = FeatureStore(stores["train"]).feature_stats(CacheIndex(stores["train"]).images)
-    assert torch.allclose(ck["model"]["norm.mean"], torch.from_numpy(mean))
-    assert torch.allclose(ck["model"]["norm.std"], torch.from_numpy(std))
-    assert not torch.allclose(ck["model"]["norm.std"], torch.ones_like(ck["model"]["norm.std"]))
+    assert torch.allclose(ck.model["norm.mean"], torch.from_numpy(mean))
+    assert torch.allclose(ck.model["norm.std"], torch.from_numpy(std))
+    assert not torch.allclose(ck.model["norm.std"], torch.ones_like(ck.model["norm.std"]))
     # the exported graph applies the same normalization: parity with PyTorch, and changing the
     # buffers changes the ONNX output (they are in the graph, not dropped)
     model = t.model.cpu().eval()
@@ -126,9 +126,9 @@ def test_normalizing_after_roialign_equals_normalizing_the_map():
 
 def test_flipped_features_equal_a_run_on_the_mirrored_image(flip_store, standin_onnx, synth):
     fs = FeatureStore(flip_store)
-    assert fs.has_flip and fs.meta["flip"] is True
+    assert fs.has_flip and fs.meta.flip is True
     ex = Extractor(standin_onnx, "/model.34/Concat_output_0", "cpu")
-    prep = Preprocess.from_dict(fs.meta["preprocess"])
+    prep = fs.meta.source.preprocess
     assert prep.policy.mode == "stretch"
     for i in (0, 3):
         name = fs.tables["file_name"][i]
@@ -175,7 +175,7 @@ def test_mirrored_targets_equal_targets_of_mirrored_masks(flip_store):
     """Flipping a target sampled at a box == sampling the mirrored masks at the mirrored box."""
     store = FeatureStore(flip_store)
     packed = torch.from_numpy(store.packed_masks(1).copy())
-    w = store.meta["mask_hw"][1]
+    w = store.meta.mask_hw[1]
     masks = np.unpackbits(packed.numpy(), axis=-1, count=w)[..., ::-1]
     mpacked = torch.from_numpy(np.packbits(masks, axis=-1))
     rng = np.random.default_rng(0)
@@ -242,8 +242,8 @@ def test_best_and_last_follow_the_metric_across_resume(stores, tmp_path):
     best_epoch = max(hist, key=lambda h: (h["instance_mIoU"], -h["epoch"]))["epoch"]
     assert os.path.samefile(out / "last.pth", cks[3]) or \
         (out / "last.pth").read_bytes() == cks[3].read_bytes()
-    assert load_checkpoint(out / "best.pth")["epoch"] == best_epoch
-    assert load_checkpoint(out / "last.pth")["epoch"] == 3
+    assert load_checkpoint(out / "best.pth").epoch == best_epoch
+    assert load_checkpoint(out / "last.pth").epoch == 3
 
 
 def test_image_lists_select_part_of_a_store(stores):

@@ -106,13 +106,13 @@ def test_train_with_a_score_head_checkpoints_and_predicts(stores, synth, tmp_pat
     last = res.history[-1]
     assert -1 <= last["score_rank_corr"] <= 1 and 0 <= last["score_mae"] <= 1
     ck = load_checkpoint(tmp_path / "r" / "last.pth")
-    assert ck["model_kwargs"]["score_head"] is True
+    assert ck.model_kwargs["score_head"] is True
     model, _ = decoder_from_checkpoint(ck)
     assert model.score_head is not None
     # a run without the head keeps the old checkpoint layout (no score_head key)
     plain = run_training(make_config(**{**base, "out": str(tmp_path / "p"), "epochs": 1}))
     assert -1 <= plain.history[-1]["score_rank_corr"] <= 1     # the masks' certainty ranks them too
-    assert "score_head" not in load_checkpoint(tmp_path / "p" / "last.pth")["model_kwargs"]
+    assert "score_head" not in load_checkpoint(tmp_path / "p" / "last.pth").model_kwargs
 
     # predict: given boxes are scored by the head's predicted mask IoU
     import json

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 from roiseg.common.geometry import ResizePolicy, pad_box
 from roiseg.data.cache import CacheConfig, run_cache
 from roiseg.data.sparse import readable_cells, zero_unreadable
@@ -83,7 +83,7 @@ def sparse_stores(synth, standin_onnx, stores, tmp_path_factory):
 
 def test_sparse_store_layout_and_size(sparse_stores, stores):
     sp, de = FeatureStore(sparse_stores["train"]), FeatureStore(stores["train"])
-    assert sp.meta["sparse"] == {"margin": 0.2} and sp.meta["codec"] == "lz4"
+    assert sp.meta.sparse_margin == 0.2 and sp.meta.codec == "lz4"
     assert json.loads((sparse_stores["train"] / "features/.zarray").read_text())["compressor"]["cname"] == "lz4"
     for i in sp.valid_images()[:5]:
         keep = sp.readable(int(i))
@@ -115,9 +115,9 @@ def test_sparse_store_refusals(sparse_stores):
     from roiseg.training.loop import Trainer
     base = dict(train_store=str(sparse_stores["train"]), val_store=str(sparse_stores["val"]), out="unused",
                 analysis=str(sparse_stores["analysis"]), epochs=1, device="cpu", tensorboard=False, visualize=False)
-    with pytest.raises(FeatCacheError, match="--model global reads whole feature maps"):
+    with pytest.raises(RoisegError, match="--model global reads whole feature maps"):
         Trainer(make_config(**base, model="global"))
-    with pytest.raises(FeatCacheError, match="exceeds the sparse training cache's margin 0.2"):
+    with pytest.raises(RoisegError, match="exceeds the sparse training cache's margin 0.2"):
         Trainer(make_config(**base, max_jitter=0.3))
 
 
@@ -129,7 +129,7 @@ def test_sparse_cache_by_shards_and_resume_equals_one_run(synth, standin_onnx, s
         run_cache(CacheConfig(**cfg, shard=shard), progress=False)
     assert FeatureStore(out).done_mask().all()
     assert np.array_equal(FeatureStore(out).root["features"][:], FeatureStore(sparse_stores["val"]).root["features"][:])
-    with pytest.raises(FeatCacheError, match="sparse"):       # a dense re-run into a sparse store
+    with pytest.raises(RoisegError, match="sparse"):       # a dense re-run into a sparse store
         run_cache(CacheConfig(**{**cfg, "sparse": False}), progress=False)
 
 
@@ -142,7 +142,7 @@ def test_cache_cli_sparse_estimate_and_options(synth, standin_onnx, sparse_store
     assert r.exit_code == 0, r.output
     assert "(sparse: " in r.output and "with zstd" in r.output
     st = FeatureStore(tmp_path / "s.zarr")
-    assert st.meta["codec"] == "zstd"
+    assert st.meta.codec == "zstd"
     assert json.loads((tmp_path / "s.zarr/features/.zarray").read_text())["compressor"]["cname"] == "zstd"
     assert np.array_equal(st.root["features"][:], FeatureStore(sparse_store).root["features"][:])
     r = CliRunner().invoke(main, base + ["--out", str(tmp_path / "t.zarr"), "--sparse", "--sparse-margin", "1.5"])

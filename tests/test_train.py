@@ -76,7 +76,7 @@ def test_train_checkpoints_and_resume_identical(stores, tmp_path):
     assert name == checkpoint_name(2, (640, 640), hist[-1]["mIoU"])
     assert name.startswith("checkpoint_epoch_0002_640x640_") and len(name.split("_")[-1]) == 8
     ck = load_checkpoint(cks[1][1])   # weights_only=True inside
-    assert ck["epoch"] == 2 and ck["cache_fingerprint"]["feature_shape"] == [16, 80, 80]
+    assert ck.epoch == 2 and ck.cache_fingerprint["feature_shape"] == [16, 80, 80]
     lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
 
@@ -120,7 +120,7 @@ def test_two_class_ablation_and_global_model(stores, tmp_path):
                      boundary_weight=0.5, focal_gamma=1.0, ema=0.9, coco_eval=True))
     h = t.fit()
     assert set(h[0]["iou"]) == {"background", "target"} and "coco_mask_AP" in h[0]
-    assert load_checkpoint(list_checkpoints(tmp_path / "g")[0][1])["ema"] is not None
+    assert load_checkpoint(list_checkpoints(tmp_path / "g")[0][1]).ema is not None
 
 
 def test_missing_analysis_is_computed(stores, tmp_path):

@@ -16,10 +16,10 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 
 
-class OverlapError(FeatCacheError):
+class OverlapError(RoisegError):
     """An output would replace, or be written inside, something the command reads."""
 
 
@@ -140,7 +140,7 @@ def refuse_overlap(outputs: dict, inputs: dict, inputs_inside_outputs: bool = Tr
 LOCK_NAME = ".roiseg.lock"
 
 
-class FolderBusyError(FeatCacheError):
+class FolderBusyError(RoisegError):
     """Another live process writes into the folder a command wanted."""
 
 
@@ -202,7 +202,7 @@ def try_claim(folder: str | Path, what: str = "output folder") -> FolderClaim | 
     except OSError as exc:
         if exc.errno == 28:
             raise
-        raise FeatCacheError(f"cannot write to the {what} {folder} ({exc.strerror or exc}): pick a folder with "
+        raise RoisegError(f"cannot write to the {what} {folder} ({exc.strerror or exc}): pick a folder with "
                              f"write access") from exc
 
 

@@ -15,7 +15,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 
 log = logging.getLogger(__name__)
 TRT_CACHE = Path("cache/trt_engines")
@@ -27,7 +27,7 @@ PROVIDERS = ("auto", "tensorrt", "cuda", "cpu")     # --provider: auto tries Ten
 B_MAX, N_OPT, N_MAX = 8, 20, 256
 
 
-class ProviderError(FeatCacheError):
+class ProviderError(RoisegError):
     pass
 
 

@@ -14,23 +14,39 @@ import math
 import typing
 from pathlib import Path
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 
 
-class ConfigError(FeatCacheError, ValueError):
+class ConfigError(RoisegError, ValueError):
     """A configuration value of the wrong type or out of range (one message, exit code 1)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class OptionInfo:
+    """What ``option`` records of a field besides its default."""
+    help: str
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    cli: str | None = ""            # the option's name ("": --field-name; None: config files only)
+    shown: str | None = None        # how the default reads in --help (None: the value itself)
+    metavar: str | None = None
+    rule: tuple | None = None       # (predicate, what it requires)
+    panel: str = "Options"          # the --help panel the option is listed under
+
+
 def option(default, help: str, *, ge=None, gt=None, le=None, lt=None, cli: str | None = "",
-           shown: str | None = None, metavar: str | None = None, rule: tuple | None = None):
+           shown: str | None = None, metavar: str | None = None, rule: tuple | None = None,
+           panel: str = "Options"):
     """A config field: its default, help text and bounds.  ``cli``: the option's name (default
-    ``--field-name``; None: not a generated option); ``shown``: how the default reads in ``--help``
-    (default: the value itself); ``rule``: (predicate, what it requires) for anything else."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "cli": cli, "shown": shown, "metavar": metavar,
-            "rule": rule}
+    ``--field-name``; None: not a generated option, a config-file setting); ``shown``: how the default
+    reads in ``--help`` (default: the value itself); ``rule``: (predicate, what it requires) for
+    anything else; ``panel``: the ``--help`` panel it is listed under."""
+    info = OptionInfo(help, ge, gt, le, lt, cli, shown, metavar, rule, panel)
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"option": info})
+    return dataclasses.field(default=default, metadata={"option": info})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,22 +56,22 @@ class Spec:
     kind: type                   # int, float, bool, str, list
     choices: tuple | None
     nullable: bool
-    meta: dict
+    info: OptionInfo
     default: typing.Any
 
     @property
     def flag(self) -> str | None:
-        cli = self.meta["cli"]
+        cli = self.info.cli
         return None if cli is None else (cli or "--" + self.name.replace("_", "-"))
 
     @property
     def help(self) -> str:
-        shown = self.meta["shown"]
+        shown = self.info.shown
         if shown is None:
             d = self.default
             shown = ("none" if d is None else ",".join(map(str, d)) if isinstance(d, list) else
                      str(d).lower() if isinstance(d, bool) else f"{d:g}" if isinstance(d, float) else str(d))
-        return f"{self.meta['help']} [{shown}]"
+        return f"{self.info.help} [{shown}]"
 
 
 def specs(cls) -> dict[str, Spec]:
@@ -75,7 +91,7 @@ def specs(cls) -> dict[str, Spec]:
         elif typing.get_origin(t) in (list, tuple):
             t = typing.get_origin(t)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        out[f.name] = Spec(f.name, t, choices, nullable, dict(f.metadata), default)
+        out[f.name] = Spec(f.name, t, choices, nullable, f.metadata["option"], default)
     return out
 
 
@@ -135,15 +151,15 @@ def validate(spec: Spec, value):
         raise ConfigError(f"{spec.name}: expected {WORDS.get(spec.kind, spec.kind.__name__)}, got {value!r}") from None
     if spec.choices is not None and v not in spec.choices:
         raise ConfigError(f"{spec.name}: must be one of {', '.join(map(str, spec.choices))}, got {value!r}")
-    m = spec.meta
-    rules = [(">=", m["ge"], lambda a, b: a >= b), (">", m["gt"], lambda a, b: a > b),
-             ("<=", m["le"], lambda a, b: a <= b), ("<", m["lt"], lambda a, b: a < b)]
+    m = spec.info
+    rules = [(">=", m.ge, lambda a, b: a >= b), (">", m.gt, lambda a, b: a > b),
+             ("<=", m.le, lambda a, b: a <= b), ("<", m.lt, lambda a, b: a < b)]
     broken = [f"{op} {bound:g}" for op, bound, ok in rules if bound is not None and not ok(v, bound)]
     if broken:
         rule = " and ".join(f"{op} {bound:g}" for op, bound, _ in rules if bound is not None)
         raise ConfigError(f"{spec.name}: must be {rule}, got {v!r}")
-    if m["rule"] is not None and not m["rule"][0](v):
-        raise ConfigError(f"{spec.name}: must be {m['rule'][1]}, got {v!r}")
+    if m.rule is not None and not m.rule[0](v):
+        raise ConfigError(f"{spec.name}: must be {m.rule[1]}, got {v!r}")
     return v
 
 

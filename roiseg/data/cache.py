@@ -24,7 +24,7 @@ import numcodecs
 import numpy as np
 from tqdm import tqdm
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 from roiseg.common.files import file_sha256, human_bytes, refuse_overlap
 from roiseg.common.geometry import ResizePolicy, pad_box
 from roiseg.data import fine_projection
@@ -39,12 +39,13 @@ from roiseg.data.images import (
     preprocess,
 )
 from roiseg.data.rasterize import rles_to_input_frame_packed
-from roiseg.data.store import (
+from roiseg.data.store import FeatureStore, StoreError, store_folder_kind
+from roiseg.data.store_meta import (
     FINGERPRINT_KEYS,
-    FeatureStore,
-    StoreError,
-    diff_metadata,
-    store_folder_kind,
+    FeatureSource,
+    FineMap,
+    StoreMeta,
+    UntrustedStoreError,
 )
 
 log = logging.getLogger(__name__)
@@ -108,43 +109,49 @@ class _Writer(threading.Thread):
                 self.error = exc
 
 
-def _metadata(cfg: CacheConfig, ex: Extractor, prep: Preprocess) -> dict:
-    return {"onnx_path": str(cfg.onnx), "onnx_sha256": file_sha256(cfg.onnx),
-            "feature_name": cfg.feature_name, "feature_shape": list(ex.feature_shape),
-            "input_hw": list(ex.input_hw), "preprocess": prep.to_dict(),
-            "resize_policy": prep.policy.mode, "roi_padding": cfg.roi_padding,
-            "annotation_path": str(cfg.ann), "annotation_sha256": file_sha256(cfg.ann),
-            "images_dir": str(cfg.images), "limit": cfg.limit, "flip": cfg.flip,
-            "sparse": {"margin": cfg.sparse_margin} if cfg.sparse else None, "codec": cfg.codec,
-            "fine": _fine_entry(cfg, ex), "fine_projection": ex.fine_projection,
-            # not part of the fingerprint: the same features up to the provider's rounding
-            "extractor_provider": ex.provider, "extractor_precision": ex.precision}
+def _metadata(cfg: CacheConfig, ex: Extractor, prep: Preprocess) -> StoreMeta:
+    """The store's metadata record for this run (``FeatureStore.create`` adds the counts)."""
+    source = FeatureSource(str(cfg.onnx), file_sha256(cfg.onnx), cfg.feature_name, tuple(ex.feature_shape),
+                           tuple(ex.input_hw), prep, cfg.roi_padding, _fine_map(cfg, ex), ex.fine_projection)
+    return StoreMeta(source, str(cfg.ann), file_sha256(cfg.ann), str(cfg.images), cfg.limit, cfg.flip,
+                     cfg.sparse_margin if cfg.sparse else None, cfg.codec,
+                     # not part of the fingerprint: the same features up to the provider's rounding
+                     ex.provider, ex.precision)
 
 
-def _fine_entry(cfg: CacheConfig, ex: Extractor) -> dict | None:
-    """The store's ``fine`` entry: the tensor and its stored shape, with a channel reduction where
-    it came from and the projection's sha256 (what train/val pairs and checkpoints must share)."""
+def _fine_map(cfg: CacheConfig, ex: Extractor) -> FineMap | None:
+    """The store's fine map: the tensor and its stored shape, with where a channel reduction came
+    from and the projection's sha256 (what train/val pairs and checkpoints must share)."""
     if not cfg.fine_feature:
         return None
-    entry = {"name": cfg.fine_feature, "shape": list(ex.fine_shape)}
-    if ex.fine_projection is not None:
-        entry |= {"source_channels": len(ex.fine_projection["mean"]),
-                  "projection_sha256": fine_projection.sha256(ex.fine_projection)}
-    return entry
+    p = ex.fine_projection
+    return FineMap(cfg.fine_feature, tuple(ex.fine_shape), len(p["mean"]) if p is not None else None,
+                   fine_projection.sha256(p) if p is not None else None)
 
 
-def complete_store_meta(out: Path) -> dict | None:
-    """The metadata of a complete store at ``out`` (None: no store, or one still being created); a
-    JSON file instead of a store: its top level (``fine`` and ``fine_projection``, as evaluate writes)."""
-    out = Path(out)
+def complete_store_meta(out: Path) -> StoreMeta | None:
+    """The metadata of a complete store at ``out`` (None: no store, or one still being created)."""
     try:
-        if out.is_file():
-            meta = json.loads(out.read_text())
-        else:
-            meta = json.loads((out / ".zattrs").read_text()).get("metadata")
+        raw = json.loads((Path(out) / ".zattrs").read_text()).get("metadata")
     except (OSError, ValueError, AttributeError):
         return None
-    return meta if isinstance(meta, dict) else None
+    try:
+        return StoreMeta.from_dict(raw, str(out)) if isinstance(raw, dict) and raw.get("format") else None
+    except UntrustedStoreError:
+        return None
+
+
+def projection_source(path: Path) -> FeatureSource | None:
+    """``--fine-projection-from``: a store's feature source, or a JSON file holding one (as
+    `evaluate --ann` writes the training store's)."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            return FeatureSource.from_dict(json.loads(path.read_text()), str(path))
+        except (OSError, ValueError, UntrustedStoreError):
+            return None
+    meta = complete_store_meta(path)
+    return meta.source if meta is not None else None
 
 
 def choose_fine_projection(cfg: CacheConfig, ex: Extractor, records: list, prep: Preprocess) -> dict | None:
@@ -155,30 +162,31 @@ def choose_fine_projection(cfg: CacheConfig, ex: Extractor, records: list, prep:
         return None
     given = None
     if cfg.fine_projection_from:
-        src = complete_store_meta(cfg.fine_projection_from)
-        if src is None or not src.get("fine_projection") or not isinstance(src.get("fine"), dict):
-            raise FeatCacheError(f"--fine-projection-from {cfg.fine_projection_from} is not a store with a fine-map "
-                                 f"projection (cache --fine-channels)")
-        if src["fine"]["name"] != cfg.fine_feature:
-            raise FeatCacheError(f"--fine-projection-from {cfg.fine_projection_from} reduces {src['fine']['name']!r}, "
-                                 f"not --fine-feature {cfg.fine_feature!r}")
-        given = src["fine_projection"]
+        src = projection_source(cfg.fine_projection_from)
+        if src is None or not src.fine_projection or src.fine is None:
+            raise RoisegError(f"--fine-projection-from {cfg.fine_projection_from} is not a store with a fine-map "
+                              f"projection (cache --fine-channels)")
+        if src.fine.name != cfg.fine_feature:
+            raise RoisegError(f"--fine-projection-from {cfg.fine_projection_from} reduces {src.fine.name!r}, "
+                              f"not --fine-feature {cfg.fine_feature!r}")
+        given = src.fine_projection
         if cfg.fine_channels and cfg.fine_channels != len(given["components"]):
-            raise FeatCacheError(f"--fine-channels {cfg.fine_channels}, but --fine-projection-from "
+            raise RoisegError(f"--fine-channels {cfg.fine_channels}, but --fine-projection-from "
                                  f"{cfg.fine_projection_from} keeps {len(given['components'])}")
     # --overwrite: shard 0 (torchrun's rank 0) rebuilds the store and fits the projection before the
     # other shards start; they take it from the new store, as any later shard does
-    have = None if cfg.overwrite and cfg.shard[0] == 0 else complete_store_meta(cfg.out)
-    if have is not None and have.get("fine_projection"):
-        kept = len(have["fine_projection"]["components"])
+    meta = None if cfg.overwrite and cfg.shard[0] == 0 else complete_store_meta(cfg.out)
+    have = meta.source.fine_projection if meta is not None else None
+    if have:
+        kept = len(have["components"])
         if cfg.fine_channels and cfg.fine_channels != kept:
             raise StoreError(f"the cache at {cfg.out} was built with --fine-channels {kept}, asked for "
                              f"{cfg.fine_channels}: use --out for a new store, or --overwrite to rebuild this one")
-        if given is not None and fine_projection.sha256(given) != fine_projection.sha256(have["fine_projection"]):
+        if given is not None and fine_projection.sha256(given) != fine_projection.sha256(have):
             raise StoreError(f"the cache at {cfg.out} holds another fine-map projection than "
                              f"--fine-projection-from {cfg.fine_projection_from}: use --out for a new store, or "
                              f"--overwrite")
-        return have["fine_projection"]       # a re-run, another shard: the store's own
+        return have       # a re-run, another shard: the store's own
     if given is not None:
         return given
     picks = fine_projection.sample_indices(len(records))
@@ -193,27 +201,27 @@ def choose_fine_projection(cfg: CacheConfig, ex: Extractor, records: list, prep:
     try:
         p = fine_projection.fit_pca(maps(), cfg.fine_channels)
     except ValueError as exc:
-        raise FeatCacheError(str(exc)) from None
+        raise RoisegError(str(exc)) from None
     print(f"the {cfg.fine_channels} components keep {p['explained']:.1%} of the fine map's variance")
     return p
 
 
-def open_or_create_store(cfg: CacheConfig, meta: dict, tables: dict, ex: Extractor) -> FeatureStore:
+def open_or_create_store(cfg: CacheConfig, meta: StoreMeta, tables: dict, ex: Extractor) -> FeatureStore:
     out = cfg.out
     if cfg.overwrite and out.exists() and cfg.shard[0] == 0:
         shutil.rmtree(out)
     if (out / ".zattrs").is_file() and "metadata" in _store_attributes(out):
         store = FeatureStore(out, "r+")
-        keys = FINGERPRINT_KEYS + ("annotation_sha256", "limit", "flip", "sparse", "codec", "fine")
-        diffs = diff_metadata({"flip": False, "sparse": None, "codec": "lz4", "fine": None, **store.meta}, meta, keys)
+        diffs = store.meta.differences(meta, FINGERPRINT_KEYS + ("annotation_sha256", "limit", "flip", "sparse",
+                                                                 "codec", "fine"))
         if diffs:
             raise StoreError(f"the cache at {out} was built with other settings:\n  "
                              + "\n  ".join(diffs)
                              + "\nUse --out for a new store, or --overwrite to rebuild this one.")
-        made = (store.meta.get("extractor_provider"), store.meta.get("extractor_precision"))
-        if made[0] and made != (meta["extractor_provider"], meta["extractor_precision"]):
+        made, now = ((m.extractor_provider, m.extractor_precision) for m in (store.meta, meta))
+        if made[0] and made != now:
             log.warning("%s was started with %s (%s); this run uses %s (%s): its images differ by that rounding",
-                        out, *made, meta["extractor_provider"], meta["extractor_precision"])
+                        out, *made, *now)
         return store
     out.mkdir(parents=True, exist_ok=True)
     lock = out / ".create.lock"
@@ -293,7 +301,7 @@ def check_disk(out: Path, kept_cells: np.ndarray, map_shapes, input_hw, n_masks:
           f", stored ~{human_bytes(need)} with {codec}{', flipped maps included: 2x' if flip else ''}; "
           f"free {human_bytes(free)}")
     if enforce and need > free:
-        raise FeatCacheError(
+        raise RoisegError(
             f"not enough disk space for {out}: about {human_bytes(need)} needed ({n_todo} images x "
             f"{human_bytes(per_image * STORED_FRACTION[codec])}"
             f"{' incl. flipped' if flip else ''}), {human_bytes(free)} free. Use --sparse, --limit, --subset, "
@@ -339,10 +347,10 @@ def _finished_store(cfg: CacheConfig) -> FeatureStore | None:
     if cfg.verify or cfg.overwrite:
         return None
     meta = complete_store_meta(cfg.out) if Path(cfg.out).is_dir() else None
-    if not meta or meta.get("limit") != cfg.limit:
+    if meta is None or meta.limit != cfg.limit:
         return None
     store = FeatureStore(cfg.out)
-    if not store.done_mask().all() or meta.get("annotation_sha256") != file_sha256(cfg.ann):
+    if not store.done_mask().all() or meta.annotation_sha256 != file_sha256(cfg.ann):
         return None
     return store
 
@@ -357,7 +365,7 @@ def _rerun_finished(cfg: CacheConfig, store: FeatureStore, t0: float, on_store_r
     open_or_create_store(cfg, _metadata(cfg, ex, prep), {}, ex)   # raises on other settings
     if on_store_ready is not None:
         on_store_ready()
-    n = store.meta["n_images"]
+    n = store.meta.n_images
     _announce(cfg, ex, n, n, 0)
     names = store.tables["file_name"]
     skipped = store.skipped()
@@ -373,9 +381,9 @@ def run_cache(cfg: CacheConfig, progress: bool = True, on_store_ready=None) -> d
     t0 = time.perf_counter()
     for name, p in (("annotation file", cfg.ann), ("ONNX model", cfg.onnx)):
         if not Path(p).is_file():
-            raise FeatCacheError(f"{name} not found: {p}")
+            raise RoisegError(f"{name} not found: {p}")
     if not Path(cfg.images).is_dir():
-        raise FeatCacheError(f"image folder not found: {cfg.images}")
+        raise RoisegError(f"image folder not found: {cfg.images}")
     check_out_folder(cfg)
     si, sn = cfg.shard
     finished = _finished_store(cfg)
@@ -385,7 +393,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True, on_store_ready=None) -> d
     if cfg.limit:
         records = records[: cfg.limit]
     if not records:
-        raise FeatCacheError(f"no usable person annotations in {cfg.ann}")
+        raise RoisegError(f"no usable person annotations in {cfg.ann}")
     ex, prep = _open_extractor(cfg)
     tables = build_tables(records, prep.policy, cfg.roi_padding)
     ex.set_fine_projection(choose_fine_projection(cfg, ex, records, prep))
@@ -441,7 +449,7 @@ def check_something_cached(summary: dict) -> None:
         fate = "the empty store was removed"
     else:
         fate = f"fix them and rebuild {summary['store']} with --overwrite"
-    raise FeatCacheError(f"no image could be cached: all {summary['images']} were skipped ({fate}). First reasons:"
+    raise RoisegError(f"no image could be cached: all {summary['images']} were skipped ({fate}). First reasons:"
                          f"\n  {reasons}")
 
 

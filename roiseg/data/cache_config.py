@@ -11,6 +11,7 @@ from roiseg.common.providers import PROVIDERS
 from roiseg.common.schema import ConfigError, check, option
 from roiseg.data.images import DEFAULT_MAX_PIXELS
 from roiseg.data.sparse import DEFAULT_MARGIN
+from roiseg.data.store_meta import StoreMeta
 
 DEFAULT_FEATURE = "/model.34/Concat_output_0"   # the YOLOv9-E wholebody25 stride-8 map [1,1024,80,80]
 DEFAULT_ONNX = Path("ext_extractor/yolov9_e_wholebody25_0100_1x3x640x640_featext.onnx")
@@ -61,6 +62,17 @@ class CacheConfig:
                              "(decompression bombs; Pillow's limit).", ge=1)
     trt_cache: Path | None = option(None, "TensorRT engines [<out's folder>/trt_engines].", cli=None)
     device_id: int | None = option(None, "GPU [LOCAL_RANK under torchrun, else 0].", ge=0, cli=None)
+
+    @classmethod
+    def from_store_meta(cls, meta: StoreMeta, fine: bool = False, **kw) -> CacheConfig:
+        """A run that caches other images exactly as ``meta``'s store was cached: the same extractor
+        tensor, preprocessing and ROI padding, and with ``fine`` its fine map (``kw`` gives the rest:
+        ann, images, out, provider, and ``fine_projection_from`` for a reduced fine map)."""
+        src = meta.source
+        pre = src.preprocess
+        return cls(onnx=Path(kw.pop("onnx", None) or src.onnx_path), feature_name=src.feature_name,
+                   fine_feature=src.fine.name if fine and src.fine else None, channel_order=pre.channel_order,
+                   scale=float(pre.scale), resize=pre.policy.mode, roi_padding=src.roi_padding, **kw)
 
     def __post_init__(self):
         check(self)

@@ -17,7 +17,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 from roiseg.common.geometry import clip_xyxy, coco_xywh_to_xyxy, pixel_to_normalized
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class SkipReport:
         return ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items())) or "none"
 
 
-class AnnotationError(FeatCacheError, ValueError):
+class AnnotationError(RoisegError, ValueError):
     """The annotation file itself is unusable (missing, not JSON, not COCO)."""
 
 

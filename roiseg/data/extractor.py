@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 from roiseg.common.providers import ProviderError, cuda_available, make_session
 from roiseg.data import fine_projection
 
 log = logging.getLogger(__name__)
 
 
-class ExtractorError(FeatCacheError):
+class ExtractorError(RoisegError):
     pass
 
 

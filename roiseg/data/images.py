@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 from roiseg.common.geometry import LETTERBOX_PAD_VALUE, ResizePolicy
 
 
-class ImageDecodeError(FeatCacheError):
+class ImageDecodeError(RoisegError):
     pass
 
 

@@ -29,20 +29,18 @@ import numpy as np
 import zarr
 
 from roiseg import __version__
-from roiseg.common.errors import FeatCacheError
-from roiseg.data.images import Preprocess
+from roiseg.common.errors import RoisegError
 from roiseg.data.sparse import readable_cells, zero_unreadable
 from roiseg.data.store_check import check_store
+from roiseg.data.store_meta import FINGERPRINT_KEYS, StoreMeta, is_complete
 
 log = logging.getLogger(__name__)
-FORMAT = "featcache-store-v1"
 # Feature codecs (bench/bench_codecs.py, bench/bench_store.py): lz4 decodes fastest, zstd is smallest.
 CODECS = {"lz4": numcodecs.Blosc("lz4", 5, numcodecs.Blosc.SHUFFLE),
           "zstd": numcodecs.Blosc("zstd", 3, numcodecs.Blosc.SHUFFLE)}
 MASK_CODEC = numcodecs.Zstd(3)
-# What must agree between a store and what is asked of it (cache re-runs, train/val pairs, resume).
-FINGERPRINT_KEYS = ("onnx_sha256", "feature_name", "feature_shape", "input_hw", "preprocess",
-                    "roi_padding")
+# arrays every complete store holds (a store without per-image statistics predates them: rebuild it)
+REQUIRED_ARRAYS = ("features", "feature_stats", "masks", "gt_rle", "skipped", "file_name", "image_roi_start")
 
 
 # Everything `cache` writes into a store folder: ``--overwrite`` deletes only folders made of these.
@@ -55,7 +53,7 @@ PER_IMAGE = ("masks", "gt_rle", "feature_stats", "fine_stats", "fine_flip", "fin
              "features")   # features last: "done"
 
 
-class StoreError(FeatCacheError):
+class StoreError(RoisegError):
     pass
 
 
@@ -81,10 +79,10 @@ def store_folder_kind(path: Path) -> str | None:
     if not names <= STORE_ENTRIES:
         return None
     try:
-        meta = json.loads((path / ".zattrs").read_text()).get("metadata")
+        raw = json.loads((path / ".zattrs").read_text()).get("metadata")
     except (OSError, ValueError, AttributeError):
-        meta = None
-    return "store" if isinstance(meta, dict) and meta.get("format") == FORMAT else "partial"
+        raw = None
+    return "store" if is_complete(raw) else "partial"
 
 
 def channel_sums(features: np.ndarray) -> np.ndarray:
@@ -135,15 +133,20 @@ class FeatureStore:
         if (self.path / ".zattrs").is_file():
             check_store(self.path)   # untrusted input: codecs, dtypes, shapes before zarr decodes anything
         self.root = zarr.open_group(str(self.path), mode=mode)
-        self.meta = dict(self.root.attrs.get("metadata", {}))
-        if mode == "r" and self.meta.get("format") != FORMAT:
-            raise StoreError(f"{self.path} is not a complete feature cache (format "
-                             f"{self.meta.get('format')!r}); re-run `cli.py cache`")
+        raw = self.root.attrs.get("metadata")
+        if not is_complete(raw):
+            raise StoreError(f"{self.path} is not a complete feature cache (its creation did not finish); re-run "
+                             f"`cli.py cache`")
+        self.meta = StoreMeta.from_dict(raw, str(self.path))
+        missing = [a for a in REQUIRED_ARRAYS if a not in self.root]
+        if missing:
+            raise StoreError(f"{self.path} has no {', '.join(missing)} array(s): written by an older `cache` or "
+                             f"damaged; rebuild it with `cli.py cache ... --overwrite`")
         self._tables = None
 
     # --- creation -------------------------------------------------------------------------
     @classmethod
-    def create(cls, path, meta: dict, tables: dict, feature_shape, mask_hw) -> "FeatureStore":
+    def create(cls, path, meta: StoreMeta, tables: dict, feature_shape, mask_hw) -> "FeatureStore":
         path = Path(path)
         root = zarr.open_group(str(path), mode="a")
         n = len(tables["image_id"])
@@ -154,15 +157,15 @@ class FeatureStore:
             else:
                 root.create_dataset(k, data=np.asarray(v), overwrite=True)
         c, hf, wf = feature_shape
-        codec = meta.get("codec") or "lz4"
+        codec = meta.codec
         if codec not in CODECS:
             raise StoreError(f"unknown feature codec {codec!r} (choose from {', '.join(CODECS)})")
         maps = [("features", (c, hf, wf))]
-        if meta.get("fine"):
-            maps.append(("fine", tuple(meta["fine"]["shape"])))
-            create_stats_array(root, n, meta["fine"]["shape"][0], "fine_stats")
+        if meta.fine:
+            maps.append(("fine", tuple(meta.fine.shape)))
+            create_stats_array(root, n, meta.fine.shape[0], "fine_stats")
         for name, shape in maps:
-            for array in (name, f"{name}_flip") if meta.get("flip") else (name,):
+            for array in (name, f"{name}_flip") if meta.flip else (name,):
                 root.create_dataset(array, shape=(n, *shape), chunks=(1, *shape), dtype="f2",
                                     compressor=CODECS[codec], fill_value=0, write_empty_chunks=True,
                                     overwrite=True)
@@ -172,16 +175,15 @@ class FeatureStore:
             root.create_dataset(name, shape=(n,), chunks=(1,), dtype=object, object_codec=codec,
                                 compressor=MASK_CODEC if name == "masks" else None,
                                 write_empty_chunks=True, overwrite=True)
-        meta = {**meta, "format": FORMAT, "n_images": n, "n_rois": int(len(tables["roi_image"])),
-                "mask_hw": list(mask_hw), "version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        root.attrs["metadata"] = meta  # written last: marks the store as complete
+        meta = meta.created_as(n, int(len(tables["roi_image"])), mask_hw, __version__,
+                               time.strftime("%Y-%m-%dT%H:%M:%S"))
+        root.attrs["metadata"] = meta.to_dict()  # written last: marks the store as complete
         return cls(path, "r+")
 
     # --- progress -------------------------------------------------------------------------
     def done_mask(self) -> np.ndarray:
         """Images already finished (features written) or recorded as skipped."""
-        done = np.zeros(self.meta["n_images"], bool)
+        done = np.zeros(self.meta.n_images, bool)
         for sub in ("features", "skipped"):
             d = self.path / sub
             if d.is_dir():
@@ -303,9 +305,9 @@ class FeatureStore:
         return self._tables
 
     @property
-    def sparse(self) -> dict | None:
-        """``{"margin": m}`` for a ROI-sparse store (``cache --sparse``), else None."""
-        return self.meta.get("sparse") or None
+    def sparse(self) -> bool:
+        """A ROI-sparse store (``cache --sparse``): zeros outside the cells its ROIs can read."""
+        return self.meta.sparse
 
     def readable(self, i: int, mirrored: bool = False, feat_hw=None) -> np.ndarray:
         """[Hf, Wf] bool: the cells of image ``i`` that its ROIs can read (``roiseg.data.sparse``);
@@ -313,10 +315,9 @@ class FeatureStore:
         t = self.tables
         a, b = t["image_roi_start"][i], t["image_roi_start"][i + 1]
         h, w = (int(v) for v in t["orig_hw"][i])
-        policy = Preprocess.from_dict(self.meta["preprocess"]).policy
-        margin = self.sparse["margin"] if self.sparse else 0.0
-        return readable_cells(t["roi_box"][a:b], (w, h), policy, margin, self.meta["roi_padding"],
-                              feat_hw or self.meta["feature_shape"][1:], mirrored)
+        src = self.meta.source
+        return readable_cells(t["roi_box"][a:b], (w, h), src.policy, self.meta.sparse_margin or 0.0, src.roi_padding,
+                              feat_hw or src.feature_shape[1:], mirrored)
 
     def features(self, i: int, flipped: bool = False, out: np.ndarray | None = None) -> np.ndarray:
         """Image ``i``'s map ``[C, Hf, Wf]`` fp16 (decoded into ``out`` when given)."""
@@ -328,63 +329,41 @@ class FeatureStore:
 
     @property
     def has_fine(self) -> bool:
-        return bool(self.meta.get("fine")) and "fine" in self.root
+        return self.meta.fine is not None and "fine" in self.root
 
     def fine_stats(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel (mean, std) of the fine maps of ``images`` (always recorded)."""
         images = [int(i) for i in np.asarray(images, np.int64)]
         if not images:
             raise StoreError(f"{self.path}: no images to compute fine-map statistics from")
-        _, hs, ws = self.meta["fine"]["shape"]
+        _, hs, ws = self.meta.fine.shape
         return _mean_std(self._read_many("fine_stats", images), hs * ws)
 
     @property
     def has_flip(self) -> bool:
-        return bool(self.meta.get("flip")) and "features_flip" in self.root
+        return self.meta.flip and "features_flip" in self.root
 
     def feature_stats(self, images) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel (mean, std) float32 of the features of ``images`` (every cell of every map).
-
-        Exact over any subset, from per-image sums.  Stores written before statistics existed get
-        them computed here (and written back once when the store is writable)."""
+        """Per-channel (mean, std) float32 of the features of ``images`` (every cell of every map),
+        exact over any subset, from the per-image sums `cache` records."""
         images = [int(i) for i in np.asarray(images, np.int64)]
         if not images:
             raise StoreError(f"{self.path}: no images to compute feature statistics from")
-        c, hf, wf = self.meta["feature_shape"]
-        writable = not self.root.read_only and os.access(self.path, os.W_OK)
-        if "feature_stats" not in self.root and writable:
-            try:
-                create_stats_array(self.root, self.meta["n_images"], c)
-            except OSError:
-                writable = False
-        have = set()
-        if "feature_stats" in self.root:
-            have = {int(n.split(".")[0]) for n in os.listdir(self.path / "feature_stats") if n[0].isdigit()}
-        missing = [i for i in images if i not in have]
-        if missing:
-            log.info("%s: computing per-channel feature statistics of %d image(s) (a store written "
-                     "before they were recorded)%s", self.path, len(missing),
-                     "; saved in the store" if writable else "")
-        recorded = [i for i in images if i in have]
-        sums = dict(zip(recorded, self._read_many("feature_stats", recorded)))
-        for i in missing:
-            s = channel_sums(self.features(i))
-            if writable:
-                try:
-                    self.root["feature_stats"][i] = s
-                except OSError:  # read-only or full disk: the statistics are still right, just not kept
-                    writable = False
-            sums[i] = s
-        return _mean_std(np.stack([sums[i] for i in images]), hf * wf)   # in order: the same float sums
+        unsummed = [i for i, arrays in self.incomplete(images).items() if "feature_stats" in arrays]
+        if unsummed:
+            raise StoreError(f"{self.path}: the feature statistics of {len(unsummed)} image(s) are missing (image "
+                             f"{unsummed[0]} ...): re-run the `cli.py cache` command that wrote it with --verify")
+        _, hf, wf = self.meta.source.feature_shape
+        return _mean_std(self._read_many("feature_stats", images), hf * wf)
 
     def masks(self, i: int) -> np.ndarray:
         """Instance masks ``[K, H, W]`` bool in the input frame."""
-        w = self.meta["mask_hw"][1]
+        w = self.meta.mask_hw[1]
         return np.unpackbits(self.packed_masks(i), axis=-1, count=w).astype(bool)
 
     def packed_masks(self, i: int) -> np.ndarray:
         """Row-wise bit-packed masks ``[K, H, ceil(W/8)]`` uint8 (cheap to keep resident)."""
-        h, w = self.meta["mask_hw"]
+        h, w = self.meta.mask_hw
         raw = self._read("masks", i)
         try:
             return np.frombuffer(raw, np.uint8).reshape(-1, h, (w + 7) // 8)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import torch
 
-from roiseg.common.files import atomic_write
+from roiseg.common.files import atomic_write, refuse_overlap
+from roiseg.data.store_meta import FeatureSource
 from roiseg.export.graph import (
     OUTPUT_DOC,
     DecoderExport,
@@ -20,6 +22,7 @@ from roiseg.export.graph import (
     sample_inputs,
 )
 from roiseg.export.parity import check_parity, cpu_session
+from roiseg.modeling.checkpoint import decoder_from_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +35,10 @@ def export_metadata(spec: ExportSpec, meta: dict | None = None) -> dict:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in out.items()}
 
 
-def predictor_metadata(meta: dict, checkpoint: str, fine: bool = False) -> dict:
-    """What an ONNX-only predictor needs from the checkpoint: the extractor tensor and its sha256,
-    the preprocessing, the ROI padding, the feature shape (``fine``: and the fine map's)."""
-    keep = ("feature_name", "feature_shape", "preprocess", "roi_padding", "input_hw", "onnx_sha256", "onnx_path")
-    out = {k: meta[k] for k in keep if k in meta} | (
-        {"fine": meta["fine"], "fine_projection": meta.get("fine_projection")} if fine else {})
-    return {"checkpoint": checkpoint, "featcache": out}
+def predictor_metadata(source: FeatureSource, checkpoint: str) -> dict:
+    """What an ONNX-only predictor needs from the checkpoint: its feature source (extractor tensor
+    and sha256, preprocessing, ROI padding, shapes, fine map), under the graph's ``featcache`` key."""
+    return {"checkpoint": checkpoint, "featcache": source.to_dict()}
 
 
 MIN_OPSET = 16     # RoiAlign with coordinate_transformation_mode=half_pixel (aligned=True)
@@ -103,33 +103,73 @@ def export_decoder(model, spec: ExportSpec, out: Path, opset: int = 17, meta: di
     return out
 
 
-def export_checked(model, spec: ExportSpec, out: Path, opset: int, meta: dict | None = None,
-                   end_to_end: tuple | None = None) -> dict:
-    """Write the decoder graph (and, with ``end_to_end`` = (extractor ONNX, feature name, path[, fine
-    map name]), the joined graph), check parity with PyTorch and that ONNX Runtime loads each, all on
-    temp files; rename them into place only when everything passed, so a failure keeps the previous
-    files."""
+def export_checked(model, spec: ExportSpec, out: Path, opset: int, source: FeatureSource, checkpoint: str,
+                   end_to_end: tuple[Path, Path] | None = None) -> dict:
+    """Write the decoder graph (and, with ``end_to_end`` = (extractor ONNX, path), the joined graph),
+    check parity with PyTorch and that ONNX Runtime loads each, all on temp files; rename them into
+    place only when everything passed, so a failure keeps the previous files."""
     check_opset(opset)
     out = Path(out)
     with atomic_write(out) as tmp_dec:
-        export_decoder(model, spec, tmp_dec, opset, meta)
+        export_decoder(model, spec, tmp_dec, opset, predictor_metadata(source, checkpoint))
         report = check_parity(model, tmp_dec, spec)
         if end_to_end is not None:
-            ext, feature_name, e2e, *fine = end_to_end
-            projection = (meta or {}).get("featcache", {}).get("fine_projection") if fine else None
+            ext, e2e = end_to_end
             with atomic_write(e2e) as tmp_e2e:
-                export_end_to_end(ext, feature_name, tmp_dec, tmp_e2e, fine[0] if fine else None, projection)
+                export_end_to_end(ext, source, tmp_dec, tmp_e2e)
                 cpu_session(tmp_e2e)
     return report
 
 
-def export_end_to_end(extractor_onnx: Path, feature_name: str, decoder_onnx: Path, out: Path,
-                      fine_name: str | None = None, projection: dict | None = None) -> Path:
+@dataclass
+class ExportResult:
+    decoder: Path
+    end_to_end: Path | None
+    spec: ExportSpec
+    parity: dict
+
+
+def default_paths(checkpoint: Path, out: Path | None, half: bool, end_to_end: bool) -> tuple[Path, Path | None]:
+    """``<checkpoint>.decoder.onnx`` (``.half.decoder.onnx``) unless ``out``; the end-to-end graph
+    beside it as ``<stem>.e2e.onnx``."""
+    out = Path(out or checkpoint.with_suffix(".half.decoder.onnx" if half else ".decoder.onnx"))
+    stem = out.name[: -len(".decoder.onnx")] if out.name.endswith(".decoder.onnx") else out.stem
+    return out, (out.with_name(f"{stem}.e2e.onnx") if end_to_end else None)
+
+
+def export_checkpoint(checkpoint: Path, out: Path | None = None, opset: int = 17, end_to_end: bool = False,
+                      extractor: Path | None = None, e2e_out: Path | None = None, **spec_options) -> ExportResult:
+    """`cli.py export` and the demo: a checkpoint's decoder (its EMA weights) as ONNX, and with
+    ``end_to_end`` the extractor (``extractor``, else the checkpoint's, checked by sha256) joined in
+    front.  Everything a user can get wrong is checked before any work; no output may replace a file
+    the checkpoint's run points at; parity and an ONNX Runtime load are checked on temp files first.
+    ``spec_options``: ``ExportSpec``'s masks, threshold, full_probs, half."""
+    from roiseg.runtime.pipeline import open_extractor
+    checkpoint = Path(checkpoint)
+    check_opset(opset)
+    ck = load_checkpoint(checkpoint)
+    model, source = decoder_from_checkpoint(ck)
+    out, e2e = default_paths(checkpoint, out, spec_options.get("half", False), end_to_end)
+    e2e = Path(e2e_out) if end_to_end and e2e_out else e2e
+    ext = Path(extractor or source.onnx_path) if end_to_end else None
+    refuse_overlap({"--out": out, "the end-to-end graph": e2e},
+                   {"--checkpoint": checkpoint, "--onnx": extractor or ext, **ck.referenced_inputs()})
+    if end_to_end:
+        open_extractor(source, ext, "cpu", fine=source.fine is not None)   # as inference: exists, sha256
+    spec = ExportSpec.from_source(source, **spec_options)
+    parity = export_checked(model, spec, out, opset, source, checkpoint.name, (ext, e2e) if end_to_end else None)
+    return ExportResult(out, e2e, spec, parity)
+
+
+def export_end_to_end(extractor_onnx: Path, source: FeatureSource, decoder_onnx: Path, out: Path) -> Path:
     """Join extractor and decoder into one graph: images [1,3,H,W] + rois (+ image_rects) -> the
-    decoder's outputs; ``fine_name``: the extractor tensor (or its input) that feeds the decoder's
-    fine map, through ``projection`` (the store's channel reduction, a 1x1 conv) when given.  The
-    decoder's metadata comes along."""
+    decoder's outputs.  ``source`` names the feature tensor and, for a decoder that fuses one, the
+    fine map (a tensor of the extractor, or its input) and the store's channel reduction of it (a 1x1
+    conv).  The decoder's metadata comes along."""
     from roiseg.data.extractor import INPUT_TENSOR, expose_tensor
+    feature_name = source.feature_name
+    fine_name = source.fine.name if source.fine else None
+    projection = source.fine_projection if source.fine else None
     model = onnx.load(str(extractor_onnx))
     io_map = [(feature_name, "features")]
     if fine_name == INPUT_TENSOR:    # the image itself: an Identity makes it a tensor to expose and connect

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 from roiseg.common.geometry import pad_box
+from roiseg.data.store_meta import FeatureSource
 from roiseg.modeling.decoders import (
     FeatureNorm,
     decode_rois,
@@ -58,7 +59,7 @@ OUTPUT_DOC = {
 }
 
 
-class ExportError(FeatCacheError):
+class ExportError(RoisegError):
     pass
 
 
@@ -81,13 +82,12 @@ class ExportSpec:
             raise ValueError(f"masks must be binary or prob, not {self.masks!r}")
 
     @classmethod
-    def from_meta(cls, meta: dict, fine: bool = False, **kw) -> "ExportSpec":
-        """From a checkpoint's cache metadata (``decoder_from_checkpoint``); ``fine``: the decoder
-        fuses the fine map the metadata names."""
-        c, hf, wf = meta["feature_shape"]
-        return cls(c, tuple(meta["input_hw"]), (hf, wf), float(meta["roi_padding"]),
-                   meta["preprocess"]["policy"]["mode"] == "letterbox",
-                   fine_shape=tuple(meta["fine"]["shape"]) if fine else None, **kw)
+    def from_source(cls, source: FeatureSource, **kw) -> "ExportSpec":
+        """For a decoder of ``source``'s features (``CheckpointRecord.source``: its fine map only
+        when the decoder fuses one)."""
+        c, hf, wf = source.feature_shape
+        return cls(c, tuple(source.input_hw), (hf, wf), source.roi_padding, source.policy.mode == "letterbox",
+                   fine_shape=tuple(source.fine.shape) if source.fine else None, **kw)
 
     @property
     def inputs(self) -> list[str]:

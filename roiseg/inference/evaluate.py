@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 from roiseg.data.store import FeatureStore
 from roiseg.evaluation.evaluator import RoiEvaluator, run_evaluator, val_batches
 from roiseg.loader.sources import CacheIndex
@@ -26,6 +26,7 @@ from roiseg.modeling.checkpoint import (
 )
 from roiseg.modeling.decoders import uses_fine
 from roiseg.modeling.devices import default_batch_size, resolve_device
+from roiseg.training.config import make_config
 
 log = logging.getLogger(__name__)
 
@@ -33,65 +34,63 @@ log = logging.getLogger(__name__)
 def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: list | None = None,
                         device: str = "cpu", coco_eval: bool = False, batch_size: int | None = None,
                         details: bool = False, index: CacheIndex | None = None) -> dict:
+    """A checkpoint's metrics on a cached val store (its own, ``val_store``, or ``index``): what
+    validation computes, with the checkpoint's own stored metrics beside them."""
     ck = load_checkpoint(path)
-    model, meta = decoder_from_checkpoint(ck)
-    cfg = ck.get("config", {})
+    model, _ = decoder_from_checkpoint(ck)
+    cfg = make_config(base=ck.config)
     if index is None:
-        store = Path(val_store or cfg.get("val_store") or "")
+        store = Path(val_store or cfg.val_store or "")
         if not (store / ".zattrs").is_file():
-            raise FeatCacheError(f"val store not found: {store} (pass --val-store, or --ann and --images)")
-        index = CacheIndex(store, val_images if val_images is not None else
-                           (cfg.get("val_images") if val_store is None else None))
-    check_decoder_on_store(ck["model_name"], ck["cache_fingerprint"], index.meta,
+            raise RoisegError(f"val store not found: {store} (pass --val-store, or --ann and --images)")
+        index = CacheIndex(store, val_images if val_images is not None else (cfg.val_images if val_store is None
+                                                                             else None))
+    check_decoder_on_store(ck.model_name, ck.cache_fingerprint, index.meta,
                            f"checkpoint {Path(path).name} vs val store {index.path}")
     if len(index.images) == 0:
-        raise FeatCacheError(f"{index.path} holds no cached image to evaluate on")
+        raise RoisegError(f"{index.path} holds no cached image to evaluate on")
     dev = resolve_device(device)
     model.to(dev)
-    k = int(ck["model_kwargs"]["num_classes"])
-    ev = RoiEvaluator(index, FeatureStore(index.path), k, dev, coco_eval).keep_records(details)
+    ev = RoiEvaluator(index, FeatureStore(index.path), ck.num_classes, dev, coco_eval).keep_records(details)
     bs = batch_size or default_batch_size(dev)
-    run_evaluator(model, val_batches(index, dev, bs, int(ck["model_kwargs"]["mask_size"]), fine=uses_fine(model)), ev,
-                  amp=bool(cfg.get("amp")) and (dev.type == "cuda" or cfg.get("amp_dtype") == "bfloat16"),
-                  zero_features=bool(cfg.get("zero_features")), amp_dtype=getattr(torch, cfg.get("amp_dtype", "float16")))
+    run_evaluator(model, val_batches(index, dev, bs, ck.mask_size, fine=uses_fine(model)), ev,
+                  amp=cfg.amp and (dev.type == "cuda" or cfg.amp_dtype == "bfloat16"), zero_features=cfg.zero_features,
+                  amp_dtype=getattr(torch, cfg.amp_dtype))
     res = ev.result()
-    res.update({"checkpoint": str(path), "epoch": int(ck["epoch"]), "val_store": str(index.path),
-                "stored_metrics": {m: ck.get("metrics", {}).get(m) for m in ("mIoU", "instance_mIoU", "boundary_IoU")}})
+    res.update({"checkpoint": str(path), "epoch": ck.epoch, "val_store": str(index.path),
+                "stored_metrics": {m: ck.metrics.get(m) for m in ("mIoU", "instance_mIoU", "boundary_IoU")}})
     return res
 
 
 @contextlib.contextmanager
 def live_store(ck_path: Path, ann: Path, images: Path, work_dir: Path | None, onnx: Path | None = None,
                provider: str = "auto", limit: int | None = None, device_id: int | None = None):
-    """A temporary val store of ``ann``/``images`` built with the checkpoint's extractor and
-    preprocessing (the same code as `cache`); yields its path and deletes it afterwards.  TensorRT
-    engines go to the persistent engine cache, not the temporary folder: a rebuild takes minutes."""
+    """A temporary val store of ``ann``/``images`` cached as the checkpoint's training store was
+    (``CacheConfig.from_store_meta``: the same code as `cache`); yields its path and deletes it
+    afterwards.  TensorRT engines go to the persistent engine cache, not the temporary folder: a
+    rebuild takes minutes."""
     from roiseg.common.providers import TRT_CACHE
-    from roiseg.data.cache import CacheConfig, run_cache
+    from roiseg.data.cache import run_cache
+    from roiseg.data.cache_config import CacheConfig
     from roiseg.runtime.pipeline import open_extractor
     ck = load_checkpoint(ck_path)
-    meta = ck["cache_metadata"]["train"]
-    fine = meta.get("fine") if ck.get("cache_fingerprint", {}).get("fine") else None   # the decoder fuses it
-    open_extractor(meta, onnx, "cpu", fine=bool(fine))  # the same extractor (sha256) before any work
-    prep = meta["preprocess"]
+    open_extractor(ck.source, onnx, "cpu", fine=ck.fuses_fine)  # the same extractor (sha256) before any work
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="evaluate_", dir=work_dir) as tmp:
-        out = Path(tmp) / "val.zarr"
         projection = None
-        if fine and meta.get("fine_projection"):    # the same channel reduction as the training store
+        if ck.fuses_fine and ck.source.fine_projection:    # the same channel reduction as the training store
             projection = Path(tmp) / "fine_projection.json"
-            projection.write_text(json.dumps({"fine": fine, "fine_projection": meta["fine_projection"]}))
-        s = run_cache(CacheConfig(ann=Path(ann), images=Path(images), onnx=Path(onnx or meta["onnx_path"]), out=out,
-                                  feature_name=meta["feature_name"], provider=provider,
-                                  fine_feature=fine["name"] if fine else None, fine_projection_from=projection,
-                                  channel_order=prep["channel_order"], scale=float(prep["scale"]),
-                                  resize=prep["policy"]["mode"], roi_padding=float(meta["roi_padding"]),
-                                  limit=limit, trt_cache=TRT_CACHE, device_id=device_id), progress=True)
+            projection.write_text(json.dumps(ck.source.to_dict()))
+        out = Path(tmp) / "val.zarr"
+        s = run_cache(CacheConfig.from_store_meta(ck.train_meta, ck.fuses_fine, onnx=onnx, ann=Path(ann),
+                                                  images=Path(images), out=out, provider=provider,
+                                                  fine_projection_from=projection, limit=limit, trt_cache=TRT_CACHE,
+                                                  device_id=device_id), progress=True)
         if s["cached"] == 0:
             reasons = "\n  ".join(f"{k}: {v}" for k, v in list(s["skipped"].items())[:5])
-            raise FeatCacheError(f"none of the {s['images']} images of --ann {ann} could be read from --images "
-                                 f"{images}:\n  {reasons}")
+            raise RoisegError(f"none of the {s['images']} images of --ann {ann} could be read from --images "
+                              f"{images}:\n  {reasons}")
         yield out
 
 

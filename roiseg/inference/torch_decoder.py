@@ -40,9 +40,9 @@ class TorchDecoder:
 def predictor_from_checkpoint(path: str | Path, onnx_path=None, provider: str = "auto", device: str = "cpu",
                               detection: DetectionSettings | None = None) -> Predictor:
     """The pipeline of a checkpoint: its decoder (EMA weights) on ``device`` and its extractor."""
-    model, meta = decoder_from_checkpoint(path)
-    return Predictor(TorchDecoder(model, device), meta,
-                     open_extractor(meta, onnx_path, provider, detection is not None, device, uses_fine(model)),
+    model, source = decoder_from_checkpoint(path)
+    return Predictor(TorchDecoder(model, device), source,
+                     open_extractor(source, onnx_path, provider, detection is not None, device, uses_fine(model)),
                      detection)
 
 

@@ -139,6 +139,25 @@ def write_validation_png(predictor, ann: Path, image_dir: Path, out_dir: Path, e
                                  f"Validation Results - All Test Images (epoch {epoch})")
 
 
+def redraw_validation_png(checkpoint: Path, ann: Path | None = None, images: Path | None = None,
+                          onnx: Path | None = None, provider: str = "auto", vis_images: list[str] | None = None,
+                          out_dir: Path | None = None) -> Path:
+    """`cli.py visualize`: an epoch's validation PNG again, from its checkpoint (live extractor, full
+    resolution); the run's own val annotations, images and PNG images unless given.  The output may
+    not be or lie inside anything the checkpoint's run points at."""
+    from roiseg.common.files import refuse_overlap
+    from roiseg.inference.torch_decoder import predictor_from_checkpoint
+    from roiseg.modeling.checkpoint import load_checkpoint
+    from roiseg.training.config import make_config
+    ck = load_checkpoint(checkpoint)
+    refuse_overlap({"--out-dir": out_dir}, {"--checkpoint": checkpoint, "--ann": ann, "--images": images,
+                                            "--onnx": onnx, **ck.referenced_inputs()}, inputs_inside_outputs=False)
+    pred = predictor_from_checkpoint(checkpoint, onnx, provider)
+    wanted = vis_images or make_config(base=ck.config).vis_images
+    return write_validation_png(pred, Path(ann or ck.val_meta.annotation_path), Path(images or ck.val_meta.images_dir),
+                                Path(out_dir or Path(checkpoint).parent), ck.epoch, wanted)
+
+
 def training_hooks(cfg) -> list:
     """The epoch-end hooks `train` adds: the validation PNG, unless ``cfg.visualize`` is off."""
     return [validation_png_hook(cfg)] if cfg.visualize else []
@@ -151,17 +170,18 @@ def validation_png_hook(cfg):
     def hook(epoch, ckpt_path, metrics, trainer):
         from roiseg.inference.torch_decoder import TorchDecoder
         from roiseg.runtime.pipeline import Predictor, open_extractor
-        meta = trainer.val_index.meta
-        ann = Path(cfg.vis_ann or meta["annotation_path"])
-        img_dir = Path(cfg.vis_image_dir or meta["images_dir"])
+        val = trainer.val_index.meta
+        ann = Path(cfg.vis_ann or val.annotation_path)
+        img_dir = Path(cfg.vis_image_dir or val.images_dir)
+        source = trainer.train_index.meta.source.with_fine(bool(trainer.fine_channels))
         try:
             if "extractor" not in state:
                 # CUDA, not TensorRT: four images an epoch never repay a TensorRT engine build.
                 provider = "cuda" if trainer.cuda else "cpu"
-                state["extractor"] = open_extractor(trainer.train_index.meta, cfg.vis_onnx, provider,
-                                                    device=trainer.device, fine=bool(trainer.fine_channels))
+                state["extractor"] = open_extractor(source, cfg.vis_onnx, provider, device=trainer.device,
+                                                    fine=bool(trainer.fine_channels))
             model = trainer.ema.module if trainer.ema else trainer.model
-            pred = Predictor(TorchDecoder(model, trainer.device), trainer.train_index.meta, state["extractor"])
+            pred = Predictor(TorchDecoder(model, trainer.device), source, state["extractor"])
             # the fallback images are announced at the first epoch only
             path = write_validation_png(pred, ann, img_dir, trainer.out, epoch, cfg.vis_images,
                                         quiet=state.get("drawn", False))

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from roiseg.common.errors import FeatCacheError
-from roiseg.common.geometry import ResizePolicy
+from roiseg.common.errors import RoisegError
 from roiseg.data.store import FeatureStore, StoreError
 from roiseg.loader.sampling import (
     ImageSample,
@@ -54,7 +53,7 @@ class CacheIndex:
         store = FeatureStore(self.path)
         self.meta = store.meta
         t = store.tables
-        listed = np.arange(self.meta["n_images"])
+        listed = np.arange(self.meta.n_images)
         if file_names is not None:
             names = np.asarray(t["file_name"], dtype=object)
             wanted = set(file_names)
@@ -72,11 +71,12 @@ class CacheIndex:
         self.box_input = t["roi_box_input"].astype(np.float64)
         self.box = t["roi_box"].astype(np.float64)
         self.has_other = rois_with_others(self.box, t["roi_padded"].astype(np.float64), self.roi_start)
-        self.input_hw = tuple(self.meta["input_hw"])
-        self.policy = ResizePolicy(self.input_hw[0], self.input_hw[1], self.meta.get("resize_policy", "stretch"))
-        self.roi_padding = float(self.meta["roi_padding"])
-        self.feature_shape = tuple(self.meta["feature_shape"])
-        self.fine_shape = tuple(self.meta["fine"]["shape"]) if store.has_fine else None
+        src = self.meta.source
+        self.input_hw = tuple(src.input_hw)
+        self.policy = src.policy
+        self.roi_padding = src.roi_padding
+        self.feature_shape = tuple(src.feature_shape)
+        self.fine_shape = tuple(src.fine.shape) if store.has_fine else None
         self.tables = t
 
     def map_shapes(self, fine: bool) -> dict[str, tuple]:
@@ -146,7 +146,7 @@ class StoreDataset(Dataset):
     def __getitem__(self, item):
         try:
             return self._item(*item)
-        except FeatCacheError as exc:  # a damaged chunk: its message reaches the user whole, not a
+        except RoisegError as exc:  # a damaged chunk: its message reaches the user whole, not a
             return {"error": str(exc)}  # worker traceback re-raised by the DataLoader
 
     def _item(self, i, epoch, train):
@@ -274,7 +274,7 @@ class ResidentSource:
         self.map_shapes = index.map_shapes(fine)
         store = FeatureStore(index.path)
         imgs = index.images if images is None else np.asarray(images)
-        self.row = np.full(index.meta["n_images"], -1, np.int64)
+        self.row = np.full(index.meta.n_images, -1, np.int64)
         self.row[imgs] = np.arange(len(imgs))
         mirrored = uses_stored_flip(sampling)
         # name -> [images, C, H, W] fp16, and the stored mirrored maps (name -> ... or absent)

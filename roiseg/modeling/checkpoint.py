@@ -1,24 +1,152 @@
-"""Checkpoints: atomic writes, a self-describing name, and loading without arbitrary pickle."""
+"""Checkpoints: one typed record (``CheckpointRecord``), atomic writes, a self-describing name,
+and loading without arbitrary pickle.  The file is the record's dict (the v1 layout every checkpoint
+of this project has), with a sha256 of its tensors checked on every load."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 from roiseg.common.files import atomic_write
-from roiseg.data.store import FINGERPRINT_KEYS, check_compatible
+from roiseg.data.store import check_compatible
+from roiseg.data.store_meta import FeatureSource, StoreMeta, UntrustedStoreError
 
 NAME = re.compile(r"checkpoint_epoch_(\d{4,})_(\d+)x(\d+)_(\d{4,5})\.pth$")
 
 
-class CheckpointError(FeatCacheError):
+class CheckpointError(RoisegError):
     pass
+
+
+CHECKPOINT_FORMAT = "roiseg-checkpoint-v1"
+
+
+@dataclass
+class CheckpointRecord:
+    """Everything a checkpoint holds: the decoder (name, constructor arguments, weights, EMA), the
+    run's state for resume (optimizer, LR position, grad scaler, RNG states, history), its config
+    as given and as resolved, and the stores it was trained and validated on."""
+    epoch: int
+    metrics: dict
+    config: dict                  # the run's TrainConfig as a dict (training.config reads it back)
+    resolved: dict                # and what the run made of it (training.config.Resolved)
+    model_name: str
+    model_kwargs: dict
+    in_channels: int
+    input_hw: tuple[int, int]
+    cache_fingerprint: dict       # what the decoder needs of a store (FeatureSource.fingerprint)
+    train_meta: StoreMeta
+    val_meta: StoreMeta
+    model: dict                   # state dicts
+    optimizer: dict = field(default_factory=dict)
+    global_step: int = 0
+    scaler: dict = field(default_factory=dict)
+    ema: dict | None = None
+    history: list = field(default_factory=list)
+    rng: dict = field(default_factory=dict)
+    checksum: str | None = None
+    format: str = CHECKPOINT_FORMAT
+
+    @property
+    def fuses_fine(self) -> bool:
+        """The decoder fuses a fine map (its stores' fine map is part of its fingerprint)."""
+        return bool(self.cache_fingerprint.get("fine"))
+
+    @property
+    def source(self) -> FeatureSource:
+        """Where the decoder's features come from (the training store's source, its fine map only
+        when the decoder fuses one)."""
+        return self.train_meta.source.with_fine(self.fuses_fine)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model_kwargs["num_classes"])
+
+    @property
+    def mask_size(self) -> int:
+        return int(self.model_kwargs["mask_size"])
+
+    def decoder_state(self, use_ema: bool = True) -> dict:
+        """The weights to predict with: the EMA's when the run kept one (what validation scored)."""
+        if use_ema and self.ema:
+            return {k[len("module."):]: v for k, v in self.ema.items() if k.startswith("module.")}
+        return self.model
+
+    def referenced_inputs(self) -> dict[str, str]:
+        """Every file and folder the run points at (the extractor, the stores, annotation files,
+        image folders, the class-weight file), labelled for a message: no command's output may
+        replace one of them (``roiseg.common.files.refuse_overlap``)."""
+        found: dict[str, str] = {}
+        for split, meta in (("train", self.train_meta), ("val", self.val_meta)):
+            for label, value in (("extractor", meta.source.onnx_path), ("annotation file", meta.annotation_path),
+                                 ("image folder", meta.images_dir)):
+                if value:
+                    found.setdefault(f"the checkpoint's {label} ({split})", value)
+        for key, label in (("train_store", "training cache"), ("val_store", "validation cache"),
+                           ("analysis", "class-weight file")):
+            value = self.resolved.get(key) or self.config.get(key)
+            if value:
+                found[f"the checkpoint's {label}"] = str(value)
+        seen, unique = set(), {}      # the same path under two labels (train and val extractor) once
+        for label, path in found.items():
+            if path not in seen:
+                seen.add(path)
+                unique[label] = path
+        return unique
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "epoch": self.epoch, "metrics": self.metrics, "config": self.config,
+                "resolved": self.resolved, "model_name": self.model_name, "model_kwargs": self.model_kwargs,
+                "in_channels": self.in_channels, "input_hw": list(self.input_hw),
+                "cache_fingerprint": self.cache_fingerprint,
+                "cache_metadata": {"train": self.train_meta.to_dict(), "val": self.val_meta.to_dict()},
+                "model": self.model, "optimizer": self.optimizer, "scheduler": {"global_step": self.global_step},
+                "scaler": self.scaler, "ema": self.ema, "history": self.history, "rng": self.rng}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "checkpoint") -> CheckpointRecord:
+        """A loaded file; a dict without the v1 fields is not a checkpoint of this project."""
+        required = ("epoch", "model_name", "model_kwargs", "in_channels", "input_hw", "cache_fingerprint",
+                    "cache_metadata", "model", "config")
+        missing = [k for k in required if k not in d]
+        if missing or d.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{where} is not a checkpoint this version reads (format "
+                                  f"{d.get('format', CHECKPOINT_FORMAT)!r}; missing {', '.join(missing) or 'nothing'}):"
+                                  f" retrain it with `cli.py train`")
+        try:
+            metas = {k: StoreMeta.from_dict(d["cache_metadata"][k], f"{where}: {k} cache metadata")
+                     for k in ("train", "val")}
+        except (KeyError, TypeError, UntrustedStoreError) as exc:
+            raise CheckpointError(f"{where}: its store metadata is damaged ({exc}); use another checkpoint") from exc
+        return cls(int(d["epoch"]), dict(d.get("metrics") or {}), dict(d["config"]), dict(d.get("resolved") or {}),
+                   d["model_name"], dict(d["model_kwargs"]), int(d["in_channels"]), tuple(d["input_hw"]),
+                   dict(d["cache_fingerprint"]), metas["train"], metas["val"], d["model"], d.get("optimizer") or {},
+                   int((d.get("scheduler") or {}).get("global_step", 0)), d.get("scaler") or {}, d.get("ema"),
+                   list(d.get("history") or []), d.get("rng") or {}, d.get("checksum"))
+
+    def on_host(self) -> CheckpointRecord:
+        """Every tensor on the CPU, wherever a loader put it."""
+        return dataclasses.replace(self, **{k: to_host(getattr(self, k)) for k in
+                                            ("model", "optimizer", "scaler", "ema", "rng")})
+
+
+def to_host(x):
+    """Every tensor of a (nested) state on the CPU."""
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, dict):
+        return {k: to_host(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_host(v) for v in x)
+    return x
 
 
 def miou4(miou: float) -> int:
@@ -53,13 +181,14 @@ def tensor_digest(obj) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(state: dict, folder: str | Path, epoch: int, input_hw, miou: float) -> Path:
+def save_checkpoint(record: CheckpointRecord, folder: str | Path) -> Path:
     """Write to a temp name and rename: a crash or a full disk never leaves a half-written
     checkpoint, and earlier checkpoints are never touched."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / checkpoint_name(epoch, input_hw, miou)
-    state = {**state, "checksum": tensor_digest(state)}
+    path = folder / checkpoint_name(record.epoch, record.input_hw, record.metrics["mIoU"])
+    state = record.to_dict()
+    state["checksum"] = tensor_digest(state)
     try:
         with atomic_write(path) as tmp:
             torch.save(state, tmp)
@@ -81,7 +210,7 @@ def publish_alias(path: Path, alias: Path) -> Path:
     return alias
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location="cpu") -> CheckpointRecord:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -100,7 +229,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if "checksum" in ck and tensor_digest(ck) != ck["checksum"]:
         raise CheckpointError(f"checkpoint {path} is corrupted: its tensors do not match the checksum saved "
                               f"with it (flipped bits or a damaged copy); use another checkpoint")
-    return ck
+    return CheckpointRecord.from_dict(ck, str(path))
 
 
 def _other_format(path: Path) -> str | None:
@@ -157,59 +286,24 @@ def find_checkpoint(folder: str | Path, epoch: int | None = None) -> Path:
     return matches[0]
 
 
-def decoder_from_checkpoint(ck: dict | str | Path, use_ema: bool = True) -> tuple:
-    """(decoder ``nn.Module`` in eval mode, the training cache's metadata: preprocessing, ROI
-    padding, extractor).
-
-    The EMA weights when the checkpoint has them (what validation scored)."""
+def decoder_from_checkpoint(ck: CheckpointRecord | str | Path, use_ema: bool = True) -> tuple:
+    """(decoder ``nn.Module`` in eval mode, its ``FeatureSource``: extractor, preprocessing, ROI
+    padding, fine map).  The EMA weights when the checkpoint has them (what validation scored)."""
     from roiseg.modeling.decoders import build_model, load_decoder_state
-    if not isinstance(ck, dict):
+    if not isinstance(ck, CheckpointRecord):
         ck = load_checkpoint(ck)
-    model = build_model(ck["model_name"], ck["in_channels"], **ck["model_kwargs"])
-    state = ck["model"]
-    if use_ema and ck.get("ema"):
-        state = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}
-    load_decoder_state(model, state)
-    return model.eval(), ck["cache_metadata"]["train"]
+    model = build_model(ck.model_name, ck.in_channels, **ck.model_kwargs)
+    load_decoder_state(model, ck.decoder_state(use_ema))
+    return model.eval(), ck.source
 
 
-def fingerprint(meta: dict, fine: bool = False) -> dict:
-    """What a decoder needs of a store; ``fine``: the fine map too (a decoder that fuses one)."""
-    return {k: meta.get(k) for k in FINGERPRINT_KEYS} | ({"fine": meta.get("fine")} if fine else {})
-
-
-def check_decoder_on_store(model_name: str, ck_fingerprint: dict, store_meta: dict, what: str) -> None:
+def check_decoder_on_store(model_name: str, ck_fingerprint: dict, store_meta: StoreMeta, what: str) -> None:
     """The rules every command applies before a decoder reads a store (train, evaluate, predict):
     the same extractor tensor, channels, preprocessing and ROI padding (and fine map, for a decoder
     that fuses one); and a ``global`` decoder, which reads whole feature maps, never on a ROI-sparse
     store (its zeros would change the result)."""
-    check_compatible(ck_fingerprint, fingerprint(store_meta, bool(ck_fingerprint.get("fine"))), what,
+    check_compatible(ck_fingerprint, store_meta.fingerprint(bool(ck_fingerprint.get("fine"))), what,
                      keys=None, labels=("checkpoint has", "store has"))
-    if model_name == "global" and store_meta.get("sparse"):
-        raise FeatCacheError(f"{what}: a --model global decoder reads whole feature maps, but the store is ROI-sparse "
+    if model_name == "global" and store_meta.sparse:
+        raise RoisegError(f"{what}: a --model global decoder reads whole feature maps, but the store is ROI-sparse "
                              f"(cache --sparse): use a dense store (cache without --sparse)")
-
-
-def referenced_inputs(ck: dict) -> dict[str, str]:
-    """Every file and folder a checkpoint's run points at (the extractor, the stores, annotation
-    files, image folders, the class-weight file), labelled for a message: no command's output may
-    replace one of them (``roiseg.common.files.refuse_overlap``)."""
-    found: dict[str, str] = {}
-    for split, meta in (ck.get("cache_metadata") or {}).items():
-        for key, label in (("onnx_path", "extractor"), ("annotation_path", "annotation file"),
-                           ("images_dir", "image folder")):
-            if isinstance(meta, dict) and meta.get(key):
-                found.setdefault(f"the checkpoint's {label} ({split})", str(meta[key]))
-    config, resolved = ck.get("config") or {}, ck.get("resolved") or {}
-    for key, label in (("train_store", "training cache"), ("val_store", "validation cache"),
-                       ("analysis", "class-weight file")):
-        value = resolved.get(key) or config.get(key)
-        if value:
-            found[f"the checkpoint's {label}"] = str(value)
-    # the same path under two labels (train and val extractor) is named once
-    seen, unique = set(), {}
-    for label, path in found.items():
-        if path not in seen:
-            seen.add(path)
-            unique[label] = path
-    return unique

@@ -333,7 +333,8 @@ def paste_masks(probs: torch.Tensor, boxes_px: torch.Tensor, height: int, width:
     ``boxes_px`` are xyxy in the target frame's pixels.  Like detectron2's ``_do_paste_mask``:
     each frame pixel centre is mapped into the ROI grid and interpolated bilinearly (the values of
     ``grid_sample``), computed as two batched matmuls, out = Ay @ P @ Ax^T, because bilinear
-    interpolation is separable (``bench/paste_methods.py``: ~4-6x faster on a CPU).  Outside the ROI
+    interpolation is separable (~4-6x faster than ``grid_sample`` on a CPU when measured, 2026-11-27;
+    the export latency rows of docs/benchmarks.md compare the graphs).  Outside the ROI
     the maps are 0; with ``fill_background`` channel 0 gets the missing probability so every pixel's
     classes still sum to 1 (background outside the ROI).
     """

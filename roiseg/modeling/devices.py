@@ -6,10 +6,10 @@ import re
 
 import torch
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 
 
-class DeviceError(FeatCacheError):
+class DeviceError(RoisegError):
     """A --device that does not exist, or that this machine does not have."""
 
 

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 from roiseg.common.geometry import as_xyxy
 
 log = logging.getLogger(__name__)
 
 
-class BoxFileError(FeatCacheError):
+class BoxFileError(RoisegError):
     pass
 
 
@@ -57,7 +57,7 @@ class BoxSource:
         self.unknown_ids: Counter = Counter()  # COCO-results image ids that --ann does not know
         self.gt_rles: dict[str, list] = {}
         if spec == "gt" and ann is None:
-            raise FeatCacheError("--boxes gt needs --ann (the annotation file with the person boxes)")
+            raise RoisegError("--boxes gt needs --ann (the annotation file with the person boxes)")
         if ann is not None:
             self._load_ann(Path(ann))
         if spec not in ("auto", "gt"):
@@ -67,7 +67,7 @@ class BoxSource:
     def _load_ann(self, ann: Path) -> None:
         from roiseg.data.coco import load_person_records
         if not ann.is_file():
-            raise FeatCacheError(f"--ann not found: {ann}")
+            raise RoisegError(f"--ann not found: {ann}")
         records, _ = load_person_records(ann, keep_empty_images=True)
         for r in records:
             self.ids[r.file_name] = r.image_id
@@ -80,11 +80,11 @@ class BoxSource:
 
     def _load_file(self, path: Path) -> None:
         if not path.is_file():
-            raise FeatCacheError(f"--boxes: not an existing file, 'auto' or 'gt': {path}")
+            raise RoisegError(f"--boxes: not an existing file, 'auto' or 'gt': {path}")
         try:
             d = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as exc:
-            raise FeatCacheError(f"--boxes {path} is not JSON: {exc}") from exc
+            raise RoisegError(f"--boxes {path} is not JSON: {exc}") from exc
         try:
             if isinstance(d, dict) and "annotations" in d:
                 self._coco_annotations(d)
@@ -174,7 +174,7 @@ class BoxSource:
         extra = len(self.unknown_ids)
         if self.spec == "gt":
             if not matched and names:
-                raise FeatCacheError(f"--boxes gt: none of the {len(names)} images of --source are in --ann "
+                raise RoisegError(f"--boxes gt: none of the {len(names)} images of --source are in --ann "
                                      f"(another dataset? e.g. {names[0]})")
             missing = [n for n in names if n not in self.by_name]
             if missing:
@@ -184,7 +184,7 @@ class BoxSource:
         unmatched = [k for k in keys if k not in have] + [f"image_id {i}" for i in self.unknown_ids]
         total = len(keys) + extra
         if total and not matched:
-            raise FeatCacheError(f"{self.label}: its {total} entries match none of the {len(names)} images of "
+            raise RoisegError(f"{self.label}: its {total} entries match none of the {len(names)} images of "
                                  f"--source (e.g. {', '.join(unmatched[:3])})")
         if unmatched:
             log.warning("%d of the %d entries of %s name no image in --source (e.g. %s): their boxes are not used",

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 
 FORMATS = ("auto", "yolov8", "yolox", "yolox-decoded", "nms")
 YOLOX_STRIDES = (8, 16, 32)
 
 
-class DetectionError(FeatCacheError):
+class DetectionError(RoisegError):
     pass
 
 

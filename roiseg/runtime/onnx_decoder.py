@@ -13,50 +13,37 @@ from pathlib import Path
 
 import numpy as np
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
+from roiseg.data.store_meta import FeatureSource, UntrustedStoreError
 from roiseg.runtime.paste import paste_numpy, softmax
 
 
-def export_contract(props: dict, path: Path) -> dict:
-    """The ``featcache`` metadata of an exported graph (what predict needs: extractor tensor and
-    sha256, preprocessing, ROI padding, shapes), checked against its schema before anything uses
-    it; the ROI padding must be the one the graph itself applies (the top-level ``roi_padding``)."""
-    from roiseg.data.store_check import UntrustedStoreError, check_preprocess
-
+def export_contract(props: dict, path: Path) -> FeatureSource:
+    """The ``featcache`` metadata of an exported graph (its ``FeatureSource``: extractor tensor and
+    sha256, preprocessing, ROI padding, shapes, fine map), checked before anything uses it; the ROI
+    padding must be the one the graph itself applies (the top-level ``roi_padding``)."""
     def bad(what: str):
-        raise FeatCacheError(f"{path}: its featcache metadata {what}; re-export it with `cli.py export`")
+        raise RoisegError(f"{path}: its featcache metadata {what}; re-export it with `cli.py export`")
     if "featcache" not in props:
-        raise FeatCacheError(f"{path} is not a decoder exported by `cli.py export` (no featcache metadata); "
-                             f"re-export it from the checkpoint")
+        raise RoisegError(f"{path} is not a decoder exported by `cli.py export` (no featcache metadata); "
+                          f"re-export it from the checkpoint")
     try:
-        meta = json.loads(props["featcache"])
+        raw = json.loads(props["featcache"])
     except ValueError:
         bad("is not JSON")
-    if not isinstance(meta, dict):
-        bad(f"is not a JSON object (a {type(meta).__name__})")
-    ints = lambda v, n: isinstance(v, list) and len(v) == n and all(  # noqa: E731
-        isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
-    checks = {"feature_name": lambda v: isinstance(v, str) and v != "",
-              "feature_shape": lambda v: ints(v, 3), "input_hw": lambda v: ints(v, 2),
-              "onnx_sha256": lambda v: isinstance(v, str) and len(v) == 64,
-              "roi_padding": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1}
-    for key, ok in checks.items():
-        if key not in meta or not ok(meta[key]):
-            bad(f"has {key} = {meta.get(key)!r}")
-    from roiseg.data.store_check import is_projection
-    if not is_projection(meta.get("fine_projection")):
-        bad("has a malformed fine_projection")
+    if not isinstance(raw, dict):
+        bad(f"is not a JSON object (a {type(raw).__name__})")
     try:
-        check_preprocess(meta.get("preprocess"), str(path))
+        source = FeatureSource.from_dict(raw, f"{path}: its featcache metadata")
     except UntrustedStoreError as exc:
-        raise FeatCacheError(f"{exc}; re-export it with `cli.py export`") from None
+        raise RoisegError(f"{exc}; re-export it with `cli.py export`") from None
     try:
         graph_padding = float(json.loads(props.get("roi_padding", "nan")))
     except (TypeError, ValueError):
         graph_padding = float("nan")
-    if not abs(graph_padding - meta["roi_padding"]) < 1e-9:
-        bad(f"says roi_padding {meta['roi_padding']}, but the graph pads by {props.get('roi_padding')}")
-    return meta
+    if not abs(graph_padding - source.roi_padding) < 1e-9:
+        bad(f"says roi_padding {source.roi_padding}, but the graph pads by {props.get('roi_padding')}")
+    return source
 
 
 class OnnxDecoder:
@@ -69,16 +56,16 @@ class OnnxDecoder:
         from roiseg.data.extractor import read_onnx
         path = Path(path)
         model = read_onnx(path, "exported ONNX")
-        self.meta = export_contract({p.key: p.value for p in model.metadata_props}, path)
+        self.source = export_contract({p.key: p.value for p in model.metadata_props}, path)
         self.inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
         if "logits" not in [o.name for o in model.graph.output]:
-            raise FeatCacheError(f"{path} has no logits output")
+            raise RoisegError(f"{path} has no logits output")
         # each mask's quality score; graphs exported before it existed have it only with a score head
         self.has_scores = "scores" in [o.name for o in model.graph.output]
         self.end_to_end = self.inputs[0] != "features"
         self.fine = "fine" in self.inputs       # a decoder that fuses the fine map (cache --fine-feature)
-        if self.fine and not isinstance(self.meta.get("fine"), dict):
-            raise FeatCacheError(f"{path} takes a fine map but its featcache metadata names none; re-export it")
+        if self.fine and self.source.fine is None:
+            raise RoisegError(f"{path} takes a fine map but its featcache metadata names none; re-export it")
         self.letterbox = "image_rects" in self.inputs
         # fp32 engines: the graph's geometry and paste must stay fp32 (export --half puts fp16 in the graph)
         self.session = make_session(model, provider=provider, label=path.name, fp16=False, device_id=device_id)
@@ -90,7 +77,7 @@ class OnnxDecoder:
                 "rois": np.concatenate([np.zeros((len(boxes_in), 1)), boxes_in], 1).astype(np.float32)}
         if self.fine:
             if fine is None:
-                raise FeatCacheError("this decoder fuses a fine map: the pipeline must pass it")
+                raise RoisegError("this decoder fuses a fine map: the pipeline must pass it")
             feed["fine"] = fine.astype(np.float32)
         if self.letterbox:
             feed["image_rects"] = np.asarray(rect_in, np.float32).reshape(1, 4)

@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 from roiseg.common.files import file_sha256
 from roiseg.common.geometry import ResizePolicy, as_xyxy, content_rect, pad_box
 from roiseg.common.providers import device_id_for
 from roiseg.data.extractor import Extractor, UnknownTensorError
-from roiseg.data.images import Preprocess, load_rgb, preprocess, to_rgb8
+from roiseg.data.images import load_rgb, preprocess, to_rgb8
 from roiseg.data.rasterize import native_windows
+from roiseg.data.store_meta import FeatureSource
 from roiseg.runtime.detection import (
     DetectionSettings,
     decode,
@@ -83,18 +84,18 @@ class Predictor:
     # bounded, and the caller's progress callback moves between them)
     max_rois_per_run = 64
 
-    def __init__(self, decoder, meta: dict, extractor: Extractor | None,
+    def __init__(self, decoder, source: FeatureSource, extractor: Extractor | None,
                  detection: DetectionSettings | None = None):
         self.decoder = decoder
-        self.meta, self.extractor = meta, extractor
-        self.prep = Preprocess.from_dict(meta["preprocess"])
+        self.source, self.extractor = source, extractor
+        self.prep = source.preprocess
         self.policy: ResizePolicy = self.prep.policy
-        self.roi_padding = float(meta["roi_padding"])
+        self.roi_padding = source.roi_padding
         self.detection = detection
         self.det_output = self.det_format = None
         if detection is not None:
             if extractor is None:
-                raise FeatCacheError("an end-to-end graph takes the person boxes as input: give --boxes gt or a "
+                raise RoisegError("an end-to-end graph takes the person boxes as input: give --boxes gt or a "
                                      "boxes file, or use the decoder ONNX (with the extractor) for --boxes auto")
             shapes = {**extractor.outputs, **extractor.extra_shapes}  # actual shapes over declared ones
             self.det_output, self.det_format = find_detection_output(
@@ -117,9 +118,9 @@ class Predictor:
         """An exported decoder ONNX (with the extractor ONNX it was trained on) or an end-to-end
         ONNX; ONNX Runtime only."""
         dec = OnnxDecoder(exported, provider)
-        extractor = None if dec.end_to_end else open_extractor(dec.meta, onnx_path, provider, detection is not None,
+        extractor = None if dec.end_to_end else open_extractor(dec.source, onnx_path, provider, detection is not None,
                                                                fine=dec.fine)
-        return cls(dec, dec.meta, extractor, detection)
+        return cls(dec, dec.source, extractor, detection)
 
     def predict(self, image, boxes=None, box_format: str = "xyxy", scores=None, progress=None) -> Prediction:
         """``image``: path or PIL image; ``boxes``: normalized person boxes [N, 4] of that image, or
@@ -130,7 +131,7 @@ class Predictor:
         x = preprocess(im, self.prep)[None]
         if self.extractor is None:          # end-to-end graph: it encodes the image itself
             if boxes is None:
-                raise FeatCacheError("an end-to-end graph needs the person boxes as input")
+                raise RoisegError("an end-to-end graph needs the person boxes as input")
             feats = x
             fine = None
         else:
@@ -138,7 +139,7 @@ class Predictor:
             fine = extra.get(self.extractor.fine_name) if self.extractor.fine_name else None
         if boxes is None:
             if self.det_output is None:
-                raise FeatCacheError("no person boxes given and no detection output configured")
+                raise RoisegError("no person boxes given and no detection output configured")
             px, scores = decode(extra[self.det_output], self.det_format, self.policy_hw, self.detection,
                                 self.det_output)
             iw, ih = self.policy.input_w, self.policy.input_h
@@ -180,32 +181,33 @@ class Predictor:
         return [pasted[k, : y1 - y0, : x1 - x0] for k, (x0, y0, x1, y1) in enumerate(windows)], quality
 
 
-def open_extractor(meta: dict, onnx_path=None, provider="auto", detections: bool = False,
+def open_extractor(source: FeatureSource, onnx_path=None, provider="auto", detections: bool = False,
                    device=None, fine: bool = False) -> Extractor:
-    """The checkpoint's extractor (checked by sha256); ``detections``: also keep the model's own
+    """The decoder's extractor (checked by sha256); ``detections``: also keep the model's own
     outputs (its detection head) for automatic person boxes; ``device``: the torch device the
-    decoder runs on (the extractor uses the same GPU); ``fine``: the decoder fuses the fine map
-    recorded in ``meta`` (it is computed in the same run)."""
-    path = Path(onnx_path or meta["onnx_path"])
+    decoder runs on (the extractor uses the same GPU); ``fine``: the decoder fuses ``source``'s fine
+    map (it is computed in the same run)."""
+    path = Path(onnx_path or source.onnx_path)
     if not path.is_file():
-        raise FeatCacheError(f"extractor ONNX not found: {path} (pass --onnx)")
-    if file_sha256(path) != meta["onnx_sha256"]:
-        raise FeatCacheError(f"{path} is not the extractor this decoder was trained on "
-                             f"(sha256 differs from the cache's {meta['onnx_sha256'][:12]}...)")
+        raise RoisegError(f"extractor ONNX not found: {path} (pass --onnx)")
+    if file_sha256(path) != source.onnx_sha256:
+        raise RoisegError(f"{path} is not the extractor this decoder was trained on "
+                          f"(sha256 differs from the cache's {source.onnx_sha256[:12]}...)")
+    fine_map = source.fine if fine else None
     try:
-        ex = Extractor(path, meta["feature_name"], provider, streams=1, extra_outputs="all" if detections else (),
+        ex = Extractor(path, source.feature_name, provider, streams=1, extra_outputs="all" if detections else (),
                        batch_max=1, device_id=None if device is None else device_id_for(device),
-                       fine_name=meta["fine"]["name"] if fine else None)
+                       fine_name=fine_map.name if fine_map else None)
     except UnknownTensorError:
-        raise FeatCacheError(f"the decoder was trained on the tensor {meta['feature_name']!r}"
-                             f"{' and the fine map ' + repr(meta['fine']['name']) if fine else ''}, which {path} does "
-                             f"not have: its metadata does not belong to this extractor") from None
-    if list(ex.feature_shape) != list(meta["feature_shape"]):     # channels and map size the decoder expects
-        raise FeatCacheError(f"{path} gives {meta['feature_name']} as {list(ex.feature_shape)}, but the decoder was "
-                             f"trained on {list(meta['feature_shape'])}")
-    if fine:
-        ex.set_fine_projection(meta.get("fine_projection"))   # the channel reduction the store applied
-    if fine and list(ex.fine_shape) != list(meta["fine"]["shape"]):
-        raise FeatCacheError(f"{path} gives the fine map {meta['fine']['name']} as {list(ex.fine_shape)}, but the "
-                             f"decoder was trained on {list(meta['fine']['shape'])}")
+        raise RoisegError(f"the decoder was trained on the tensor {source.feature_name!r}"
+                          f"{' and the fine map ' + repr(fine_map.name) if fine_map else ''}, which {path} does "
+                          f"not have: its metadata does not belong to this extractor") from None
+    if tuple(ex.feature_shape) != tuple(source.feature_shape):     # channels and map size the decoder expects
+        raise RoisegError(f"{path} gives {source.feature_name} as {list(ex.feature_shape)}, but the decoder was "
+                          f"trained on {list(source.feature_shape)}")
+    if fine_map:
+        ex.set_fine_projection(source.fine_projection)   # the channel reduction the store applied
+        if tuple(ex.fine_shape) != tuple(fine_map.shape):
+            raise RoisegError(f"{path} gives the fine map {fine_map.name} as {list(ex.fine_shape)}, but the "
+                              f"decoder was trained on {list(fine_map.shape)}")
     return ex

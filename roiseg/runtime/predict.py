@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 from roiseg.common.files import (
     FolderClaim,
     atomic_write,
@@ -101,13 +101,13 @@ class Source:
 def open_source(source, only=None) -> Source:
     """Check ``--source`` before any model loads."""
     if source is None or str(source).strip() == "":
-        raise FeatCacheError("--source is empty: give an image, a folder, a video file or a camera index")
+        raise RoisegError("--source is empty: give an image, a folder, a video file or a camera index")
     if is_camera(source):
         return Source("camera", source)
     path = Path(str(source))
     if path.suffix.lower() in VIDEO_EXT:
         if not path.is_file():
-            raise FeatCacheError(f"--source not found: {path}")
+            raise RoisegError(f"--source not found: {path}")
         return Source("video", path)
     return Source("images", path, list_images(path, only))
 
@@ -116,12 +116,12 @@ def list_images(source: Path, only=None) -> list[Path]:
     if source.is_file():
         return [source]
     if not source.is_dir():
-        raise FeatCacheError(f"--source not found: {source}")
+        raise RoisegError(f"--source not found: {source}")
     files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXT and p.is_file())
     if only is not None:
         files = [p for p in files if p.name in set(only)]
     if not files:
-        raise FeatCacheError(f"no images ({', '.join(sorted(IMAGE_EXT))}) in {source}")
+        raise RoisegError(f"no images ({', '.join(sorted(IMAGE_EXT))}) in {source}")
     return files
 
 
@@ -154,7 +154,7 @@ def video_frames(source, max_frames=None):
     import cv2
     cap = cv2.VideoCapture(int(source) if is_camera(source) else str(source))
     if not cap.isOpened():
-        raise FeatCacheError(f"cannot open {'camera' if is_camera(source) else 'video'} {source}")
+        raise RoisegError(f"cannot open {'camera' if is_camera(source) else 'video'} {source}")
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
 
     def frames():
@@ -309,7 +309,7 @@ def _video_writer(path: Path, fps: float, size):
     import cv2
     w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
     if not w.isOpened():
-        raise FeatCacheError(f"cannot write video {path}")
+        raise RoisegError(f"cannot write video {path}")
     return w
 
 
@@ -338,7 +338,7 @@ def _ready_predictor(opts: PredictOptions, predictor) -> Predictor:
     detection = opts.detection if opts.boxes == "auto" else None
     if predictor is None:
         if opts.exported is None:
-            raise FeatCacheError("run_predict: a checkpoint needs a predictor (roiseg.inference.torch_decoder)")
+            raise RoisegError("run_predict: a checkpoint needs a predictor (roiseg.inference.torch_decoder)")
         return Predictor.from_onnx(opts.exported, opts.onnx, opts.provider, detection)
     return predictor if isinstance(predictor, Predictor) else predictor(detection)
 
@@ -364,12 +364,12 @@ def _close_after_error(sink: Outputs, images: int) -> bool:
         return False
 
 
-def _disk_full(out: Path, images: int, json_saved: bool) -> FeatCacheError:
+def _disk_full(out: Path, images: int, json_saved: bool) -> RoisegError:
     """The message of a full disk: where this run's part is, and that a re-run starts a new folder."""
     done = (f"the {images} image(s) done before it are there"
             + (" with their predictions.json" if json_saved else " (overlays only: predictions.json could not be "
                "written)") if images else "no image was finished")
-    return FeatCacheError(f"disk full while writing into {out}: {done}. Free space and re-run: the re-run writes to "
+    return RoisegError(f"disk full while writing into {out}: {done}. Free space and re-run: the re-run writes to "
                           f"a new folder next to it (delete {out} first to reuse its name)")
 
 
@@ -444,7 +444,7 @@ def _predict_into(out: Path, opts: PredictOptions, source: Source, boxes: BoxSou
             raise _disk_full(out, tally.images, False) from exc
         raise
     if tally.images == 0:
-        raise FeatCacheError("no image could be read from --source:\n  " + "\n  ".join(tally.skipped[:20]))
+        raise RoisegError("no image could be read from --source:\n  " + "\n  ".join(tally.skipped[:20]))
     dt = time.perf_counter() - t0
     summary = {"images": tally.images, "persons": tally.persons, "seconds": round(dt, 2),
                "images_per_s": round(tally.images / dt, 2) if dt else 0.0, "out": str(out),

@@ -107,16 +107,16 @@ class TrainConfig:
     def __post_init__(self):
         if self.score_head and self.model != "roialign":
             raise ConfigError(f"score_head: needs --model roialign, not {self.model!r}")
-        self._refuse_unused()
         ratio = self.mask_size / self.roi_size
         if self.model == "roialign" and (ratio < 1 or 2 ** round(math.log2(ratio)) != ratio):
             sizes = ", ".join(str(self.roi_size * 2 ** k) for k in range(4))
             raise ConfigError(f"mask_size: {self.mask_size} must be --roi-size {self.roi_size} x a power of 2 "
                               f"({sizes} ...): the decoder doubles the ROI grid until it is the mask")
 
-    def _refuse_unused(self) -> None:
+    def refuse_unused(self) -> None:
         """A setting that would do nothing with the others (a value other than its default whose
-        switch is off) is an error that says why, never a silent no-op."""
+        switch is off) is an error that says why, never a silent no-op.  Checked for settings a user
+        gives (``make_config`` with a file or options), not for a finished run's saved ones."""
         default = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                    for f in dataclasses.fields(self)}
         rules = [("score_weight", not self.score_head, "it weighs the score head's loss: add --score-head"),
@@ -185,6 +185,9 @@ def make_config(file: str | Path | None = None, base: dict | None = None, **over
     """Defaults < ``base`` (a resumed run's saved settings) < ``file`` < ``overrides``; every value
     converted to its type and range-checked (one message per bad value)."""
     known = specs(TrainConfig)
-    base = {k: v for k, v in (base or {}).items() if k in known}   # a run saved by an older version
-    return build(TrainConfig, base, load_config_file(file) if file else {}, overrides,
-                 where=f" (in {file} or the command line)" if file else "")
+    base = {k: v for k, v in (base or {}).items() if k in known}
+    cfg = build(TrainConfig, base, load_config_file(file) if file else {}, overrides,
+                where=f" (in {file} or the command line)" if file else "")
+    if file or overrides:
+        cfg.refuse_unused()
+    return cfg

@@ -97,8 +97,8 @@ def check_replicas(model, optimizer, info: DistInfo) -> str:
     digests = [None] * info.world
     dist.all_gather_object(digests, replica_digest(model, optimizer))
     if len(set(digests)) != 1:
-        from roiseg.common.errors import FeatCacheError
-        raise FeatCacheError("DDP replicas diverged: " + ", ".join(f"rank {r} {d[:12]}" for r, d in enumerate(digests)))
+        from roiseg.common.errors import RoisegError
+        raise RoisegError("DDP replicas diverged: " + ", ".join(f"rank {r} {d[:12]}" for r, d in enumerate(digests)))
     return f"identical on {info.world} ranks ({digests[0][:16]})"
 
 
@@ -124,9 +124,9 @@ def check_shared_folder(folder, token: str, info: DistInfo) -> None:
     ok = [None] * info.world
     dist.all_gather_object(ok, seen == token)
     if not all(ok):
-        from roiseg.common.errors import FeatCacheError
+        from roiseg.common.errors import RoisegError
         blind = [r for r, v in enumerate(ok) if not v]
-        raise FeatCacheError(f"rank(s) {blind} do not see the run folder {folder} that rank 0 claimed: --out (and "
+        raise RoisegError(f"rank(s) {blind} do not see the run folder {folder} that rank 0 claimed: --out (and "
                              f"--resume) must be on a file system every node shares")
 
 

@@ -18,9 +18,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from roiseg.common.errors import FeatCacheError
+from roiseg.common.errors import RoisegError
 from roiseg.common.files import refuse_overlap, same_file
 from roiseg.data.store import FeatureStore, check_compatible
+from roiseg.data.store_meta import StoreMeta
 from roiseg.evaluation.evaluator import RoiEvaluator, run_evaluator
 from roiseg.loader.sampling import RoiSampling, roi_copies
 from roiseg.loader.sources import CacheIndex, epoch_batches, make_source, rank_images
@@ -33,7 +34,7 @@ from roiseg.training.ema import Ema
 from roiseg.training.hooks import CheckpointHook, LogHook, as_hook
 from roiseg.training.losses import LossConfig, SegLoss
 from roiseg.training.run_folder import claim_run_folder
-from roiseg.training.run_state import Checkpointer, fingerprint, model_kwargs
+from roiseg.training.run_state import Checkpointer, model_kwargs
 from roiseg.training.schedule import (
     DEFAULT_HIDDEN,
     REFERENCE_ROIS_PER_STEP,
@@ -58,11 +59,11 @@ def check_output_folder(out: Path, checkpoint_bytes: int, keep: int = 3) -> None
         probe.write_bytes(b"0")
         probe.unlink()
     except OSError as exc:
-        raise FeatCacheError(f"cannot write to the checkpoint folder {out} ({exc.strerror or exc}): "
+        raise RoisegError(f"cannot write to the checkpoint folder {out} ({exc.strerror or exc}): "
                              f"pass --out DIR with write access") from exc
     free = shutil.disk_usage(out).free
     if free < keep * checkpoint_bytes:
-        raise FeatCacheError(f"not enough disk space in {out}: {free / 1e6:.0f} MB free, a checkpoint takes "
+        raise RoisegError(f"not enough disk space in {out}: {free / 1e6:.0f} MB free, a checkpoint takes "
                              f"~{checkpoint_bytes / 1e6:.0f} MB and a run writes one per epoch; free space or "
                              f"pass --out DIR")
 
@@ -79,16 +80,16 @@ def expected_rois(index: CacheIndex, images, sampling: RoiSampling) -> int:
     return max(total, 1)
 
 
-def check_sparse_stores(cfg: TrainConfig, train_meta: dict, val_meta: dict) -> None:
+def check_sparse_stores(cfg: TrainConfig, train_meta: StoreMeta, val_meta: StoreMeta) -> None:
     """A ROI-sparse store holds only the cells its ROIs can read: the global model (whole maps) cannot
     use one, and training may not jitter further than the store's margin."""
     for what, meta in (("training", train_meta), ("validation", val_meta)):
-        if meta.get("sparse") and cfg.model == "global":
-            raise FeatCacheError(f"--model global reads whole feature maps, but the {what} cache is ROI-sparse "
+        if meta.sparse and cfg.model == "global":
+            raise RoisegError(f"--model global reads whole feature maps, but the {what} cache is ROI-sparse "
                                  f"(cache --sparse); cache it without --sparse for this model")
-    margin = (train_meta.get("sparse") or {}).get("margin")
+    margin = train_meta.sparse_margin
     if margin is not None and cfg.max_jitter > margin + 1e-9:
-        raise FeatCacheError(f"--max-jitter {cfg.max_jitter} exceeds the sparse training cache's margin {margin}: "
+        raise RoisegError(f"--max-jitter {cfg.max_jitter} exceeds the sparse training cache's margin {margin}: "
                              f"its ROIs could read cells it does not hold (use --max-jitter {margin} or re-cache "
                              f"with --sparse-margin {cfg.max_jitter})")
 
@@ -97,7 +98,7 @@ def check_ranks(world: int, n_train: int, n_val: int) -> None:
     """Every rank owns at least one training and one validation image: a rank with an empty shard
     would leave the others waiting in their collectives (a hang, not an error)."""
     if world > min(n_train, n_val):
-        raise FeatCacheError(f"{world} ranks but only {n_train} training / {n_val} validation images: every rank "
+        raise RoisegError(f"{world} ranks but only {n_train} training / {n_val} validation images: every rank "
                              f"needs an image of each; launch at most {min(n_train, n_val)} processes")
 
 
@@ -125,7 +126,7 @@ class Trainer:
     def _build(self, cfg: TrainConfig) -> None:
         """Everything after the run folder: a failure here leaves no trace (``_abandon``)."""
         self.train_index, self.val_index = self._stores()
-        self.input_hw = tuple(self.train_index.meta["input_hw"])
+        self.input_hw = self.train_index.input_hw
         self.run = self._resolve()
         self.batch_size, self.rois_per_step, self.lr, self.amp = (self.run.batch_size, self.run.rois_per_step,
                                                                   self.run.lr, self.run.amp)
@@ -197,9 +198,9 @@ class Trainer:
         fine = bool(self.fine_channels)
         default_width = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "fine_width")
         if not fine and cfg.fine_width != default_width:
-            raise FeatCacheError(f"--fine-width sizes the fine path, but {cfg.train_store} has no fine map "
+            raise RoisegError(f"--fine-width sizes the fine path, but {cfg.train_store} has no fine map "
                                  f"(cache --fine-feature)")
-        check_compatible(fingerprint(train.meta, fine), fingerprint(val.meta, fine),
+        check_compatible(train.meta.fingerprint(fine), val.meta.fingerprint(fine),
                          f"validation cache {cfg.val_store} vs training cache {cfg.train_store}", keys=None,
                          labels=("training cache has", "validation cache has"))
         check_sparse_stores(cfg, train.meta, val.meta)
@@ -208,7 +209,7 @@ class Trainer:
                         "then measure the fit, not how the decoder does on new images",
                         len(set(train.images) & set(val.images)))
         if len(train.images) == 0 or len(val.images) == 0:
-            raise FeatCacheError("no cached images to train or validate on (check the stores / image lists)")
+            raise RoisegError("no cached images to train or validate on (check the stores / image lists)")
         check_ranks(self.dist.world, len(train.images), len(val.images))
         return train, val
 
@@ -259,8 +260,8 @@ class Trainer:
                  len(self.train_index.images), self.train_source.kind, len(self.val_index.images),
                  cfg.model, sum(p.numel() for p in self.model.parameters()), self.device, self.dist.world)
         if self.fine_channels:
-            fine = self.train_index.meta["fine"]
-            log.info("fine path: %s %s fused at %dx%d (--fine off: without it)", fine["name"], fine["shape"],
+            fine = self.train_index.meta.fine
+            log.info("fine path: %s %s fused at %dx%d (--fine off: without it)", fine.name, list(fine.shape),
                      cfg.mask_size, cfg.mask_size)
         log.info("%d epochs of ~%d training ROIs, %d ROIs per step (~%d steps; lr %.2e = %.0e x sqrt(%d/%d)), "
                  "%d images per read, flip %s", run.epochs, self.epoch_rois, run.rois_per_step,
@@ -274,11 +275,7 @@ class Trainer:
     def _feature_stats(self):
         if self.cfg.feature_norm == "none":
             return None
-        try:  # writable: an old store gets its statistics saved once
-            store = FeatureStore(self.train_index.path, "r+")
-        except (OSError, PermissionError):
-            store = FeatureStore(self.train_index.path)
-        return store.feature_stats(self.train_index.images)
+        return FeatureStore(self.train_index.path).feature_stats(self.train_index.images)
 
     def _fine_stats(self):
         if not self.fine_channels or self.cfg.feature_norm == "none":
@@ -290,7 +287,7 @@ class Trainer:
         p, src = cfg.hflip, cfg.hflip_source
         has = self.train_index.has_flip
         if p > 0 and src == "stored" and not has:
-            raise FeatCacheError(f"{cfg.train_store} has no mirrored features: cache it with --flip, or "
+            raise RoisegError(f"{cfg.train_store} has no mirrored features: cache it with --flip, or "
                                  f"pass --hflip-source map or --hflip 0")
         use_map = src == "map" or (src == "auto" and not has and FLIP_MAP_BY_DEFAULT)
         if p > 0 and src == "auto" and not has and not use_map:

@@ -56,7 +56,7 @@ def last_epoch(folder: Path) -> int:
 
 def checkpoint_epoch(path: Path) -> int:
     m = NAME.match(path.name)
-    return int(m.group(1)) if m else int(load_checkpoint(path)["epoch"])
+    return int(m.group(1)) if m else load_checkpoint(path).epoch
 
 
 @dataclass

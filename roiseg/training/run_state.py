@@ -2,7 +2,6 @@
 RNG states, history, and what the checkpoint was trained on (config, cache metadata)."""
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
@@ -10,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from roiseg.data.store_meta import StoreMeta
 from roiseg.modeling.checkpoint import (
     CheckpointError,
+    CheckpointRecord,
     check_decoder_on_store,
     find_checkpoint,
-    fingerprint,
     load_checkpoint,
     save_checkpoint,
 )
@@ -33,11 +33,11 @@ def model_kwargs(cfg, hidden: int, fine_channels: int = 0) -> dict:
     return kw | ({"score_head": True} if cfg.score_head else {})
 
 
-def training_set(meta: dict, config: dict) -> dict:
-    """What identifies a run's training data beyond the extractor (checked on resume)."""
-    names = config.get("train_images")
-    return {"annotation_sha256": meta.get("annotation_sha256"), "images": meta.get("n_images"),
-            "limit": meta.get("limit"), "train_images": None if names is None else len(names),
+def training_set(meta: StoreMeta, names: list[str] | None) -> dict:
+    """What identifies a run's training data beyond the extractor (checked on resume): the store's
+    annotations, size and limit, and the image list (``train_images``) it was given."""
+    return {"annotation_sha256": meta.annotation_sha256, "images": meta.n_images,
+            "limit": meta.limit, "train_images": None if names is None else len(names),
             "train_images_hash": None if names is None else hash_names(names)}
 
 
@@ -60,7 +60,7 @@ def run_settings(resume: str, out: str | None = None) -> dict:
     if not saved:
         if args.is_file():
             log.warning("%s is unreadable: using the settings saved in %s", args, path.name)
-        saved = load_checkpoint(path).get("config") or {}
+        saved = load_checkpoint(path).config
     settings = {k: v for k, v in saved.items() if k not in RUNTIME_KEYS}
     settings["out"] = str(path.parent)
     # the class weights the run used (computed into its folder when its --analysis was missing)
@@ -77,21 +77,6 @@ def _read_yaml(path: Path) -> dict:
     except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _plain(meta: dict) -> dict:
-    return json.loads(json.dumps(meta))
-
-
-def to_host(x):
-    """Every tensor of a (nested) checkpoint on the CPU, wherever a loader put it."""
-    if isinstance(x, torch.Tensor):
-        return x.cpu()
-    if isinstance(x, dict):
-        return {k: to_host(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_host(v) for v in x)
-    return x
 
 
 def restore_rng(rng: dict, cuda: bool) -> None:
@@ -123,28 +108,22 @@ class Checkpointer:
     def __init__(self, trainer):
         self.t = trainer
 
-    def state(self, epoch: int, metrics: dict) -> dict:
+    def record(self, epoch: int, metrics: dict) -> CheckpointRecord:
+        """This epoch's checkpoint: the decoder, the run's state, its config and its stores."""
         t = self.t
         np_state = np.random.get_state()
-        return {
-            "epoch": epoch, "metrics": metrics, "config": t.cfg.to_dict(), "resolved": t.run.to_dict(),
-            "model_name": t.cfg.model, "model_kwargs": model_kwargs(t.cfg, t.run.hidden, t.fine_channels),
-            "in_channels": t.train_index.feature_shape[0], "input_hw": list(t.input_hw),
-            "cache_fingerprint": fingerprint(t.train_index.meta, fine=bool(t.fine_channels)),
-            "cache_metadata": {"train": _plain(t.train_index.meta), "val": _plain(t.val_index.meta)},
-            "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
-            "scheduler": {"global_step": t.global_step}, "scaler": t.scaler.state_dict(),
-            "ema": t.ema.state_dict() if t.ema else None,
-            "history": t.history,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if t.cuda else [],
-                    "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-                    "python": random.getstate()},
-        }
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if t.cuda else [],
+               "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+               "python": random.getstate()}
+        return CheckpointRecord(
+            epoch, metrics, t.cfg.to_dict(), t.run.to_dict(), t.cfg.model,
+            model_kwargs(t.cfg, t.run.hidden, t.fine_channels), t.train_index.feature_shape[0], tuple(t.input_hw),
+            t.train_index.meta.fingerprint(fine=bool(t.fine_channels)), t.train_index.meta, t.val_index.meta,
+            t.model.state_dict(), t.optimizer.state_dict(), t.global_step, t.scaler.state_dict(),
+            t.ema.state_dict() if t.ema else None, t.history, rng)
 
     def save(self, epoch: int, metrics: dict) -> Path:
-        t = self.t
-        return save_checkpoint(self.state(epoch, metrics), t.out, epoch, t.input_hw, metrics["mIoU"])
+        return save_checkpoint(self.record(epoch, metrics), self.t.out)
 
     def resume(self, spec: str) -> None:
         """Restore a run from ``spec`` ("auto": the latest checkpoint in the run folder)."""
@@ -152,31 +131,31 @@ class Checkpointer:
         path = find_checkpoint(t.cfg.out) if spec == "auto" else Path(spec)
         # on the host: the RNG states must be CPU tensors (numpy, torch.set_rng_state), and
         # load_state_dict moves weights and optimizer state to the parameters' device itself
-        ck = to_host(load_checkpoint(path, map_location="cpu"))
-        check_decoder_on_store(ck["model_name"], ck["cache_fingerprint"], t.train_index.meta,
+        ck = load_checkpoint(path, map_location="cpu").on_host()
+        check_decoder_on_store(ck.model_name, ck.cache_fingerprint, t.train_index.meta,
                                f"checkpoint {path.name} vs training cache {t.cfg.train_store}")
         # Same extractor is not enough: another training set (other annotations, another subset or
         # image list) would continue a schedule that belongs to a different run.
-        have, want = training_set(ck["cache_metadata"]["train"], ck["config"]), \
-            training_set(t.train_index.meta, t.cfg.to_dict())
+        have = training_set(ck.train_meta, ck.config.get("train_images"))
+        want = training_set(t.train_index.meta, t.cfg.train_images)
         if have != want:
             diffs = [f"{k}: checkpoint {have[k]!r}, now {want[k]!r}" for k in have if have[k] != want[k]]
             raise CheckpointError(f"checkpoint {path.name} was trained on another training set:\n  "
                                   + "\n  ".join(diffs) + "\nresume with the same training cache, or start a new run "
                                   "(without --resume)")
         want = model_kwargs(t.cfg, t.run.hidden, t.fine_channels)
-        if ck["model_name"] != t.cfg.model or ck["model_kwargs"] != want:
-            raise CheckpointError(f"checkpoint {path.name} holds model {ck['model_name']} "
-                                  f"{ck['model_kwargs']}, asked for {t.cfg.model} {want}")
-        load_decoder_state(t.model, ck["model"])
-        t.optimizer.load_state_dict(ck["optimizer"])   # moves its state to the parameters' device
-        t.global_step = int(ck.get("scheduler", {}).get("global_step", 0))
-        restore_scaler(t.scaler, ck["scaler"])
-        if t.ema and ck.get("ema"):
-            t.ema.load_state_dict(ck["ema"])
-        restore_rng(ck["rng"], t.cuda)
-        t.history = list(ck.get("history", []))
-        t.start_epoch = int(ck["epoch"]) + 1
+        if ck.model_name != t.cfg.model or ck.model_kwargs != want:
+            raise CheckpointError(f"checkpoint {path.name} holds model {ck.model_name} "
+                                  f"{ck.model_kwargs}, asked for {t.cfg.model} {want}")
+        load_decoder_state(t.model, ck.model)
+        t.optimizer.load_state_dict(ck.optimizer)   # moves its state to the parameters' device
+        t.global_step = ck.global_step
+        restore_scaler(t.scaler, ck.scaler)
+        if t.ema and ck.ema:
+            t.ema.load_state_dict(ck.ema)
+        restore_rng(ck.rng, t.cuda)
+        t.history = list(ck.history)
+        t.start_epoch = ck.epoch + 1
         if t.branch_of is not None:
             if t.dist.is_main:
                 from roiseg.training.hooks import LogHook
