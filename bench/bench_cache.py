@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.realdata import realdata# noqa: E402
+from bench.realdata import realdata  # noqa: E402
 from roiseg.data.cache import CacheConfig, run_cache  # noqa: E402
 from roiseg.data.coco import load_person_records  # noqa: E402
 from roiseg.data.extractor import Extractor  # noqa: E402

@@ -17,7 +17,7 @@ from numcodecs import LZ4, Blosc, Zstd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.realdata import realdata# noqa: E402
+from bench.realdata import realdata  # noqa: E402
 from roiseg.data.extractor import Extractor  # noqa: E402
 from roiseg.data.images import Preprocess, load_rgb, preprocess  # noqa: E402
 

@@ -35,7 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.realdata import realdata# noqa: E402
+from bench.realdata import realdata  # noqa: E402
 from roiseg.common.geometry import ResizePolicy  # noqa: E402
 from roiseg.data.cache import CacheConfig, run_cache  # noqa: E402
 from roiseg.data.sparse import DEFAULT_MARGIN, readable_cells  # noqa: E402

@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.realdata import realdata# noqa: E402
+from bench.realdata import realdata  # noqa: E402
 from roiseg.loader.sampling import RoiSampling  # noqa: E402
 from roiseg.loader.sources import (  # noqa: E402
     CacheIndex,

@@ -111,7 +111,7 @@ def main():
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--only-folds", help="run only these folds of the k (a screen: e.g. 0,1)")
     ap.add_argument("--keep-checkpoints", action="store_true",
-                    help="keep each run's last checkpoint in <out>/kept (for bench/realdata_posthoc.py)")
+                    help="keep each run's last checkpoint in <out>/kept (for predict and other later evaluations)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/levers")
     ap.add_argument("--report", default="realdata_levers", help="name of the .md/.json written next to --out")
     a = ap.parse_args()

@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import cv  # noqa: E402
-from bench.realdata import realdata# noqa: E402
+from bench.realdata import realdata  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "predict"
 

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import cv  # noqa: E402
-from bench.realdata import realdata# noqa: E402
+from bench.realdata import realdata  # noqa: E402
 from bench.realdata_predict import (  # noqa: E402
     OUT,
     ck_dir,

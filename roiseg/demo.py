@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from roiseg.common.errors import RoisegError
 from roiseg.data.cache_config import (
     DEFAULT_FEATURE as DEMO_FEATURE,  # the stand-in names it so
 )
@@ -84,7 +85,6 @@ def claim_demo_folder(folder: Path, fresh: bool):
     empty folder is marked as the demo's; one without the mark that holds anything is refused with
     what it holds.  ``fresh`` deletes the demo's own entries (``DEMO_ENTRIES``) of a marked folder,
     nothing else."""
-    from roiseg.common.errors import RoisegError
     from roiseg.common.files import claim_folder, folder_entries, write_text_atomic
     if folder.exists() and not folder.is_dir():
         raise RoisegError(f"--dir {folder} is a file, not a folder: pick a new folder for the demo")
@@ -96,6 +96,11 @@ def claim_demo_folder(folder: Path, fresh: bool):
         raise RoisegError(f"--dir {folder} holds files the demo did not create ({shown}): the demo writes only "
                              f"into a new or empty folder it marks as its own (or one it made before). Pick another "
                              f"--dir (default: demo_run)")
+    links = [] if fresh else _links_inside(folder)
+    if links:
+        claim.release()
+        raise RoisegError(f"--dir {folder} holds links the demo did not make ({', '.join(map(str, links[:3]))}): the "
+                          f"demo writes only into its own folder, never through a link; remove them or use --fresh")
     if not held:
         write_text_atomic(folder / MARKER, "made by `cli.py demo`: `demo --fresh` may delete the demo's folders here\n")
     elif fresh:
@@ -106,6 +111,16 @@ def claim_demo_folder(folder: Path, fresh: bool):
             elif path.exists() or path.is_symlink():
                 path.unlink()
     return claim
+
+
+def _links_inside(folder: Path) -> list[Path]:
+    """Symbolic links anywhere in the demo folder (the demo never makes one: a link would lead its
+    writes and deletes into a folder it does not own)."""
+    import os
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        found += [Path(root) / n for n in dirs + files if (Path(root) / n).is_symlink()]
+    return found
 
 
 def run_demo(folder: Path, settings: DemoSettings = DemoSettings(), fresh: bool = False,

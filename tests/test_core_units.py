@@ -664,9 +664,12 @@ def test_checkpoint_errors_and_decoder_loading(trained, tmp_path, monkeypatch):
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(C.CheckpointError, match=r"is empty \(0 bytes\)"):
         C.load_checkpoint(tmp_path / "empty.pth")
-    (tmp_path / "one.pth").write_bytes(b"x")
+    (tmp_path / "one.pth").write_bytes(b"\x01\xfe\xff")
     with pytest.raises(C.CheckpointError, match="cannot load checkpoint .*one.pth"):
         C.load_checkpoint(tmp_path / "one.pth")
+    (tmp_path / "notes.pth").write_text("my notes")
+    with pytest.raises(C.CheckpointError, match="not a checkpoint of this project: it is a text file"):
+        C.load_checkpoint(tmp_path / "notes.pth")
     raw = torch.load(trained / "best.pth", weights_only=True)      # the file as stored: a dict
     raw["model"][next(iter(raw["model"]))] += 1
     torch.save(raw, tmp_path / "bad.pth")

@@ -117,7 +117,7 @@ def test_resume_takes_the_runs_settings(stores, tmp_path):
     # a finished run says so and changes nothing
     files = sorted(p.name for p in out.iterdir())
     r = succeeded(cli("train", "--out", out, "--resume", "auto"))
-    assert "nothing to do" in r.output and "epoch 2 of 2" in r.output, r.output
+    assert "nothing to do" in r.output and "has trained 2 epochs and is 2 long" in r.output, r.output
     assert sorted(p.name for p in out.iterdir()) == files
 
 

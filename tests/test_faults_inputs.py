@@ -282,9 +282,9 @@ def test_global_checkpoint_on_a_sparse_store_is_refused_everywhere(stores, synth
     succeeded(cli("cache", "--ann", synth["val"], "--images", synth["root"] / "images/val2017", "--onnx", standin_onnx,
                   "--out", sparse, "--provider", "cpu", "--sparse"))
     ck = tmp_path / "ck"
-    succeeded(cli("train", "--train-store", stores["train"], "--val-store", stores["val"], "--analysis",
-                  stores["analysis"], "--out", ck, "--model", "global", "--hidden", "8", "--mask-size", "14",
-                  "--epochs", "1", "--batch-size", "4", "--workers", "0", "--no-vis", "--class-weights", "none"))
+    succeeded(cli("train", "--train-store", stores["train"], "--val-store", stores["val"], "--out", ck, "--model",
+                  "global", "--hidden", "8", "--mask-size", "14", "--epochs", "1", "--batch-size", "4", "--workers",
+                  "0", "--no-vis", "--class-weights", "none"))
     user_error(cli("evaluate", "--checkpoint", ck / "best.pth", "--val-store", sparse), "ROI-sparse", "global")
 
 
@@ -310,6 +310,13 @@ def _damage(store, array="features", image=1):
     return chunk
 
 
+def _no_norm(folder):
+    """A config file with the ablation-only setting feature_norm = none (no statistics read)."""
+    path = folder / "no_norm.toml"
+    path.write_text('feature_norm = "none"\n')
+    return path
+
+
 @pytest.mark.parametrize("resident", ["off", "cpu"])
 def test_damaged_chunk_names_the_image_in_train(stores, tmp_path, resident):
     bad = tmp_path / "train.zarr"
@@ -317,7 +324,7 @@ def test_damaged_chunk_names_the_image_in_train(stores, tmp_path, resident):
     _damage(bad, "features", 1)
     r = cli("train", "--train-store", bad, "--val-store", stores["val"], "--analysis", stores["analysis"], "--out",
             tmp_path / "ck", "--epochs", "1", "--hidden", "8", "--roi-size", "7", "--mask-size", "14",
-            "--batch-size", "4", "--workers", "0", "--no-vis", "--resident", resident, "--feature-norm", "none")
+            "--batch-size", "4", "--workers", "0", "--no-vis", "--resident", resident, "--config", _no_norm(tmp_path))
     user_error(r, "image 1", "features", "--verify")
 
 
@@ -377,6 +384,6 @@ def test_damaged_chunk_read_by_a_dataloader_worker(stores, tmp_path):
     _damage(bad, "features", 1)
     r = cli("train", "--train-store", bad, "--val-store", stores["val"], "--analysis", stores["analysis"], "--out",
             tmp_path / "ck", "--epochs", "1", "--hidden", "8", "--roi-size", "7", "--mask-size", "14",
-            "--batch-size", "4", "--workers", "1", "--no-vis", "--resident", "off", "--feature-norm", "none")
+            "--batch-size", "4", "--workers", "1", "--no-vis", "--resident", "off", "--config", _no_norm(tmp_path))
     user_error(r, "image 1", "features", "--verify")
     assert "DataLoader worker" not in r.output and "Original Traceback" not in r.output

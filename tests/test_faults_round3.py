@@ -447,17 +447,33 @@ def test_predict_on_a_full_disk_says_where_the_part_is_and_where_a_rerun_goes(tr
 
 
 # ---- 7b. an option that would do nothing in the given combination is an error ---------------------
-@pytest.mark.parametrize("extra,msg", [
-    (["--score-weight", "2"], "score_weight: it weighs the score head's loss"),
-    (["--epochs", "2", "--min-steps", "50"], "min_steps: it sizes auto epochs"),
-    (["--hflip", "0", "--hflip-source", "map"], "hflip_source: it picks the mirrored features"),
-    (["--vis-images", "a.jpg"], "vis_images: it sets the validation PNG"),
-    (["--dice-weight", "0", "--dice-on-others"], "dice_classes: Dice is off"),
-    (["--fine-width", "16"], "--fine-width sizes the fine path, but"),
+@pytest.mark.parametrize("extra,config,msg", [
+    ([], "score_weight = 2", "score_weight: it weighs the score head's loss"),
+    (["--epochs", "2", "--min-steps", "50"], "", "min_steps: it sizes auto epochs"),
+    (["--hflip", "0"], 'hflip_source = "map"', "hflip_source: it picks the mirrored features"),
+    (["--vis-images", "a.jpg"], "", "vis_images: it sets the validation PNG"),
+    (["--dice-weight", "0"], "dice_classes = [1, 2]", "dice_classes: Dice is off"),
+    (["--fine-width", "16"], "", "--fine-width sizes the fine path, but"),
+    (["--model", "prior", "--hidden", "16"], "", "hidden: the prior has no layers to size"),
+    (["--model", "prior", "--roi-size", "7"], "", "roi_size: --model prior reads no ROI grid"),
+    (["--model", "prior"], "zero_features = true", "zero_features: the prior reads no features"),
+    (["--model", "global", "--roi-size", "7"], "", "roi_size: --model global reads no ROI grid"),
+    (["--workers", "3"], "", "workers: they stream the store, and --resident cpu keeps it in memory"),
+    (["--class-weights", "none"], "", "analysis: it gives the class weights, and --class-weights is none"),
+    (["--jitter", "0", "--jitter-scale", "0", "--max-jitter", "0.1"], "", "max_jitter: it bounds the box jitter"),
 ])
-def test_train_options_that_would_do_nothing_are_errors(stores, tmp_path, extra, msg):
+def test_train_options_that_would_do_nothing_are_errors(stores, tmp_path, extra, config, msg):
+    args = train_args(stores, tmp_path / "ck", *extra)
+    drop = {"prior": ("--hidden", "--roi-size"), "global": ("--roi-size",)}.get(
+        extra[extra.index("--model") + 1] if "--model" in extra else "", ())
+    for flag in drop:              # train_args' own sizes, which these models would not use
+        k = args.index(flag)
+        args = args[:k] + args[k + 2:]
+    if config:
+        (tmp_path / "c.toml").write_text(config + "\n")
+        args += ["--config", tmp_path / "c.toml"]
     with Unchanged(stores["train"], stores["analysis"]):
-        user_error(cli(*train_args(stores, tmp_path / "ck", *extra)), msg)
+        user_error(cli(*args), msg)
     assert not (tmp_path / "ck").exists()
 
 
@@ -487,3 +503,194 @@ def test_export_and_evaluate_options_that_would_do_nothing_are_errors(trained, a
 def test_sparse_margin_without_sparse_is_an_error(synth, standin_onnx, tmp_path):
     user_error(cli(*cache_args(synth, standin_onnx, tmp_path / "s.zarr", "--sparse-margin", "0.3")),
                "--sparse-margin sets what a ROI-sparse store keeps: it needs --sparse")
+
+
+# ---- a second probe of the same kinds: links, own-kind outputs, damaged stores, paths of the wrong kind
+def test_demo_never_writes_through_a_link_in_its_own_folder(project, tmp_path):
+    from roiseg.demo import claim_demo_folder
+    folder = tmp_path / "demo"
+    claim_demo_folder(folder, fresh=False).release()
+    (folder / "data").symlink_to(project / "data")           # the user's data, linked into the demo folder
+    with Unchanged(project):
+        user_error(cli("demo", "--dir", folder, "--epochs", "1"), "holds links the demo did not make", "data")
+        claim_demo_folder(folder, fresh=True).release()       # --fresh removes the link, not what it points at
+    assert not (folder / "data").exists()
+
+
+@pytest.mark.parametrize("target", ["extractor", "checkpoint", "store-attributes", "annotations"])
+def test_analyze_replaces_only_an_earlier_analysis(run_copy, synth, target):
+    out = {"extractor": run_copy["onnx"], "checkpoint": run_copy["ck"], "annotations": run_copy["user"] / "notes.json",
+           "store-attributes": run_copy["train"] / ".zattrs"}[target]
+    if target == "annotations":
+        out.write_text(json.dumps({"images": [], "annotations": []}))
+    with Unchanged(out):
+        user_error(cli("analyze", "--ann", synth["val"], "--out", out, "--workers", "1"),
+                   "exists and is not a data_analyze.json that analyze wrote")
+    succeeded(cli("analyze", "--ann", synth["val"], "--out", run_copy["analysis"], "--workers", "1"))  # its own kind
+
+
+@pytest.mark.parametrize("target", ["last.pth", "args.yaml", "metrics.jsonl", "folder"])
+def test_evaluate_json_replaces_only_an_earlier_evaluation(run_copy, target):
+    ck = run_copy["ck"]
+    out = ck.parent if target == "folder" else ck.parent / target
+    with Unchanged(ck.parent):
+        user_error(cli("evaluate", "--checkpoint", ck, "--json", out), "--json", str(out))
+
+
+def test_evaluate_json_into_a_new_folder_and_over_its_own(run_copy, tmp_path):
+    out = tmp_path / "new" / "dir" / "m.json"
+    succeeded(cli("evaluate", "--checkpoint", run_copy["ck"], "--json", out))
+    succeeded(cli("evaluate", "--checkpoint", run_copy["ck"], "--json", out))      # its own output: replaced
+    assert json.loads(out.read_text())[0]["checkpoint"] == str(run_copy["ck"])
+
+
+@pytest.mark.parametrize("target", ["args.yaml", "notes"])
+def test_export_replaces_only_an_earlier_export(run_copy, target):
+    out = run_copy["ck"].parent / "args.yaml" if target == "args.yaml" else run_copy["user"] / "notes.txt"
+    if target == "notes":
+        out.write_text("mine")
+    with Unchanged(out):
+        user_error(cli("export", "--checkpoint", run_copy["ck"], "--out", out),
+                   "exists and is not an ONNX graph `cli.py export` wrote")
+
+
+@pytest.mark.parametrize("damage", ["features/.zarray", ".zgroup"])
+@pytest.mark.parametrize("command", ["cache", "cache-verify", "evaluate"])
+def test_a_store_without_its_structure_is_one_message_and_keeps_its_chunks(run_copy, synth, standin_onnx, damage,
+                                                                          command):
+    store = run_copy["val"]
+    (store / damage).unlink()
+    before = digest(store)
+    args = {"cache": cache_args(synth, standin_onnx, store), "cache-verify": cache_args(synth, standin_onnx, store,
+                                                                                        "--verify"),
+            "evaluate": ["evaluate", "--checkpoint", run_copy["ck"], "--val-store", store]}[command]
+    user_error(cli(*args), str(store))
+    assert digest(store) == before                           # no chunk deleted ("redone") on the way
+
+
+@pytest.mark.parametrize("held,asked", [("shared", ["--overwrite"]), ("exclusive", [])])
+def test_a_store_being_written_is_never_deleted_under_its_writer(synth, standin_onnx, tmp_path, held, asked):
+    import fcntl
+    out = tmp_path / "s.zarr"
+    succeeded(cli(*cache_args(synth, standin_onnx, out, "--limit", "2")))
+    lock = os.open(tmp_path / ".s.zarr.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_SH if held == "shared" else fcntl.LOCK_EX)   # another cache at work
+    try:
+        with Unchanged(out):
+            user_error(cli(*cache_args(synth, standin_onnx, out, "--limit", "2", *asked)), "by another `cache`")
+    finally:
+        os.close(lock)
+    succeeded(cli(*cache_args(synth, standin_onnx, out, "--limit", "2", "--overwrite")))   # free again
+
+
+@pytest.mark.parametrize("command", ["predict", "export", "visualize"])
+def test_checkpoint_and_epoch_together_are_an_error(trained, synth, tmp_path, command):
+    extra = {"predict": ["--source", synth["root"] / "images/val2017", "--out", tmp_path / "p"],
+             "export": ["--out", tmp_path / "d.onnx"], "visualize": ["--out-dir", tmp_path / "v"]}[command]
+    user_error(cli(command, "--checkpoint", trained / "best.pth", "--epoch", "1", "--checkpoints", trained, *extra),
+               "give --checkpoint or --epoch, not both")
+
+
+def test_cache_batch_with_a_fixed_batch_model_is_an_error(synth, standin_onnx, tmp_path):
+    user_error(cli(*cache_args(synth, standin_onnx, tmp_path / "s.zarr", "--batch", "4")),
+               "--batch 4", "fixed batch size")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_branching_a_checkpoint_past_the_runs_length_is_refused_before_any_folder(two_epochs, tmp_path):
+    last = next(two_epochs.glob("checkpoint_epoch_0002_*.pth"))
+    user_error(cli("train", "--resume", last, "--out", tmp_path / "b", "--epochs", "1"),
+               "is epoch 2 and the run is 1 epochs long", "--epochs above 2")
+    assert not (tmp_path / "b").exists()
+
+
+def test_resume_auto_refuses_when_the_newest_checkpoints_are_gone(two_epochs):
+    for p in two_epochs.glob("checkpoint_epoch_0002_*.pth"):
+        p.unlink()
+    (two_epochs / "last.pth").write_bytes(b"")
+    with Unchanged(two_epochs):
+        user_error(cli("train", "--out", two_epochs, "--resume", "auto", "--epochs", "3"),
+                   "recorded epoch 2, but its newest checkpoint is epoch 1", "--out NEW_FOLDER")
+
+
+def test_nothing_to_do_says_the_runs_own_numbers(two_epochs):
+    r = succeeded(cli("train", "--out", two_epochs, "--resume", "auto", "--epochs", "1"))
+    assert "has trained 2 epochs and is 1 long" in r.output, r.output
+
+
+def test_evaluate_from_another_folder_never_scores_another_dataset(stores, tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for k in ("train", "val"):
+        shutil.copytree(stores[k], a / f"{k}.zarr")
+    shutil.copytree(stores["train"], b / "val.zarr")             # another dataset under the same relative name
+    monkeypatch.chdir(a)
+    rel = {"train": Path("train.zarr"), "val": Path("val.zarr"), "analysis": stores["analysis"]}
+    succeeded(cli(*train_args(rel, "ck", "--epochs", "1")))
+    monkeypatch.chdir(b)
+    user_error(cli("evaluate", "--checkpoint", a / "ck" / "best.pth"),
+               "is not the validation store this checkpoint was validated on", "--val-store")
+
+
+def test_evaluate_on_a_partial_store_names_only_what_evaluate_can_do(run_copy):
+    next(p for p in sorted((run_copy["val"] / "gt_rle").iterdir()) if p.name[0].isdigit()).unlink()
+    r = user_error(cli("evaluate", "--checkpoint", run_copy["ck"]), "not completely cached", "--verify")
+    assert "--allow-partial" not in r.output
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("checkpoint-folder", "is a folder: pass a checkpoint file in it"),
+    ("text-checkpoint", "it is a text file"),
+    ("val-store-file", "is a file, not a feature store"),
+    ("analysis-onnx", "not a text file"),
+    ("images-file", "is a file: give the folder"),
+    ("ann-folder", "is a folder: give the file"),
+    ("onnx-json", "is not an ONNX model: it is a JSON file"),
+    ("source-text", "is not an image file"),
+    ("out-file", "is a file: give a folder"),
+])
+def test_paths_of_the_wrong_kind_say_what_they_are(case, msg, trained, stores, synth, standin_onnx, tmp_path):
+    notes = tmp_path / "README.md"
+    notes.write_text("# notes\n")
+    val_images = synth["root"] / "images/val2017"
+    args = {"checkpoint-folder": ["evaluate", "--checkpoint", trained],
+            "text-checkpoint": ["export", "--checkpoint", notes],
+            "val-store-file": ["evaluate", "--checkpoint", trained / "best.pth", "--val-store", stores["analysis"]],
+            "analysis-onnx": train_args({**stores, "analysis": standin_onnx}, tmp_path / "ck", "--epochs", "1"),
+            "images-file": cache_args(synth, standin_onnx, tmp_path / "s.zarr")[:-2],
+            "ann-folder": ["cache", "--ann", val_images, "--images", val_images, "--onnx", standin_onnx, "--out",
+                           tmp_path / "s.zarr", "--provider", "cpu"],
+            "onnx-json": cache_args(synth, stores["analysis"], tmp_path / "s.zarr"),
+            "source-text": ["predict", "--source", notes, "--checkpoint", trained / "best.pth", "--out", tmp_path / "p"],
+            "out-file": ["predict", "--source", val_images, "--checkpoint", trained / "best.pth", "--out", notes,
+                         "--boxes", "gt", "--ann", synth["val"]]}[case]
+    if case == "images-file":
+        args[args.index("--images") + 1] = synth["val"]
+    with Unchanged(notes, standin_onnx, stores["analysis"]):
+        r = user_error(cli(*args), msg)
+    assert len(r.output) < 1500, r.output                      # a message, not a file's bytes
+
+
+def test_predict_full_disk_before_any_image_says_so(trained, synth, tmp_path, monkeypatch):
+    from roiseg.runtime import predict as P
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.out / "x.jpg"))
+    monkeypatch.setattr(P.Outputs, "add", full)
+    out = tmp_path / "pred"
+    r = user_error(cli("predict", "--source", synth["root"] / "images/val2017", "--checkpoint", trained / "best.pth",
+                       "--out", out, "--boxes", "gt", "--ann", synth["val"], "--device", "cpu", "--provider", "cpu"),
+                   "no image was finished (nothing is kept there)")
+    assert "delete" not in r.output and not out.exists()
+
+
+def test_export_on_a_full_disk_names_the_file_and_replaces_nothing(trained, tmp_path, monkeypatch):
+    import onnx
+    out = tmp_path / "d.onnx"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out))
+    monkeypatch.setattr(onnx, "save", full)
+    user_error(cli("export", "--checkpoint", trained / "best.pth", "--out", out),
+               f"disk full while writing {out}", "nothing was written")
+    assert not out.exists()

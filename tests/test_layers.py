@@ -51,7 +51,7 @@ def test_wheel_holds_one_import_root_and_a_working_command(tmp_path):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"roiseg"}, tops
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
-    for part in ("roiseg/data/store.py", "roiseg/runtime/pipeline.py", "roiseg/cli.py", "roiseg/__main__.py"):
+    for part in ("roiseg/data/store.py", "roiseg/runtime/pipeline.py", "roiseg/cli/__init__.py", "roiseg/__main__.py"):
         assert part in names
     run = subprocess.run([sys.executable, "-c", "import sys; from roiseg.cli import main; sys.exit(main(['--help']))"],
                          cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
@@ -64,3 +64,26 @@ def test_wheel_holds_one_import_root_and_a_working_command(tmp_path):
     assert run.returncode == 0 and "predict" in run.stdout, run.stderr[-2000:]
     import roiseg
     assert str(tmp_path) not in roiseg.__file__
+
+
+def test_no_function_of_the_package_is_over_50_lines():
+    """Long functions hide their steps: each is split into named ones (docstring included)."""
+    import ast
+    long = []
+    for path in sorted((ROOT / "roiseg").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
+                            f"({node.end_lineno - node.lineno + 1} lines)")
+    assert long == [], long
+
+
+def test_no_string_reads_of_store_or_checkpoint_records_outside_their_classes():
+    """Store metadata and checkpoints are read through their typed records (``StoreMeta``,
+    ``FeatureSource``, ``CheckpointRecord``), never ``meta["..."]`` / ``ck["..."]``."""
+    pattern = re.compile(r"\b(?:meta|ck|store_meta|train_meta|val_meta)(?:\[\"|\.get\(\")")
+    own = {"roiseg/data/store_meta.py", "roiseg/modeling/checkpoint.py"}
+    found = [f"{p.relative_to(ROOT)}:{k}" for p in sorted((ROOT / "roiseg").rglob("*.py"))
+             if str(p.relative_to(ROOT)) not in own
+             for k, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert found == [], found

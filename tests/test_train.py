@@ -116,7 +116,7 @@ def test_mismatched_val_cache_refused(stores, synth, standin_onnx, tmp_path):
 
 @pytest.mark.slow
 def test_two_class_ablation_and_global_model(stores, tmp_path):
-    t = Trainer(_cfg(stores, tmp_path / "g", model="global", classes=2, epochs=1, hidden=8,
+    t = Trainer(_cfg(stores, tmp_path / "g", model="global", classes=2, epochs=1, hidden=8, roi_size=14,
                      boundary_weight=0.5, focal_gamma=1.0, ema=0.9, coco_eval=True))
     h = t.fit()
     assert set(h[0]["iou"]) == {"background", "target"} and "coco_mask_AP" in h[0]

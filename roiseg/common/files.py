@@ -271,3 +271,37 @@ def folder_entries(folder: Path) -> list[str]:
         return sorted(n for n in os.listdir(folder) if n != LOCK_NAME)
     except FileNotFoundError:
         return []
+
+
+# ---- output files replace only their own kind ---------------------------------------------------
+def check_output_file(path: str | Path | None, flag: str, is_own, what: str) -> None:
+    """Before any work: ``path`` (an output file) is not a folder, its folder exists (made if
+    missing), and a file already there is only replaced when ``is_own(path)`` says it is ``what``
+    (an earlier output of this kind), never a checkpoint, a model or a user's file."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise OverlapError(f"{flag} {path} is a folder: give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RoisegError(f"{flag} {path}: cannot create its folder ({exc.strerror or exc})") from exc
+    if path.exists():
+        try:
+            own = bool(is_own(path))
+        except Exception:  # noqa: BLE001 - unreadable as our kind: not ours
+            own = False
+        if not own:
+            raise OverlapError(f"{flag} {path} exists and is not {what}: refusing to replace it; pick a new file "
+                               f"name (or delete it yourself)")
+
+
+def json_with(keys, list_of: bool = False):
+    """``is_own`` for ``check_output_file``: a JSON object (or list of objects) with these keys."""
+    def own(path: Path) -> bool:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(50 << 20))
+        items = data if list_of and isinstance(data, list) else [data]
+        return bool(items) and all(isinstance(d, dict) and all(k in d for k in keys) for d in items)
+    return own

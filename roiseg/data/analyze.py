@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -117,59 +118,60 @@ def class_weights(ratios: dict[str, float]) -> dict:
 
 
 def summarize(results: list[dict], settings: dict) -> dict:
+    """The analysis file: counts, class pixel ratios (whole ROIs and per-ROI means), the loss's
+    class weights, ROI size statistics in the input frame, and what a sparse store would keep."""
     rois = np.array([r for res in results for r in res["rois"]], dtype=np.float64).reshape(-1, 6)
     per_image = [res["n_instances"] for res in results if res["n_instances"] > 0]
-    skips = Counter()
-    for res in results:
-        skips.update(res["skips"])
     counts = rois[:, :3].sum(axis=0)
     roi_area = rois[:, :3].sum(axis=1, keepdims=True)
     valid = roi_area[:, 0] > 0
     roi_ratios = rois[valid, :3] / roi_area[valid]
     roi_mean = roi_ratios.mean(axis=0) if len(roi_ratios) else np.zeros(3)
-    w_in, h_in = rois[:, 4], rois[:, 3 + 2]
-    side = np.sqrt(np.maximum(w_in * h_in, 0))
-    hist, _ = np.histogram(side, bins=SIZE_BINS_PX)
-    cells_w, cells_h = w_in / 8.0, h_in / 8.0
-    pixel_ratios = {c: float(v) for c, v in zip(CLASS_NAMES, counts / max(counts.sum(), 1))}
     roi_mean_ratios = {c: float(v) for c, v in zip(CLASS_NAMES, roi_mean)}
-    n_hist = Counter(per_image)
     kept = np.array([res["kept_cells"] for res in results if res.get("kept_cells") is not None])
     return {
         "tool": "roiseg.data.analyze",
         "version": __version__,
         "settings": settings,
-        "counts": {
-            "images": len(per_image),
-            "instances": int(sum(per_image)),
-            "rois": int(len(rois)),
-            "images_with_several_persons": int(sum(1 for n in per_image if n > 1)),
-            "instances_per_image_histogram": {str(k): n_hist[k] for k in sorted(n_hist)},
-            "skipped_instances": dict(sorted(skips.items())),
-        },
+        "counts": _counts(results, rois, per_image),
         "pixel_counts": {c: int(v) for c, v in zip(CLASS_NAMES, counts)},
-        "pixel_ratios": pixel_ratios,
+        "pixel_ratios": {c: float(v) for c, v in zip(CLASS_NAMES, counts / max(counts.sum(), 1))},
         "roi_mean_ratios": roi_mean_ratios,
         "class_weights": class_weights(roi_mean_ratios),
-        "roi_stats": {
-            "frame": f"input {settings['input_size'][1]}x{settings['input_size'][0]} "
-                     f"({settings['resize_policy']}), padded ROIs",
-            "side_px_histogram": {f"{SIZE_BINS_PX[i]}-{SIZE_BINS_PX[i + 1]}": int(hist[i])
-                                  for i in range(len(hist))},
-            "width_px": _quantiles(w_in),
-            "height_px": _quantiles(h_in),
-            "feature_cells_stride8": {
-                "width": _quantiles(cells_w),
-                "height": _quantiles(cells_h),
-                "share_smaller_than_2x2_cells": _share((cells_w < 2) | (cells_h < 2)),
-            },
-            "persons_per_roi": {"mean": _mean(rois[:, 3]),
-                                "histogram": {str(int(k)): int(v) for k, v in
-                                              zip(*np.unique(rois[:, 3], return_counts=True))}},
-            "overlap_share": _share(rois[:, 2] > 0),
-        },
+        "roi_stats": _roi_stats(rois, settings),
         # `cache --sparse` (default margin): share of each image's stride-8 feature cells it stores
         "sparse_cells": {"margin": DEFAULT_MARGIN, **_quantiles(kept)},
+    }
+
+
+def _counts(results: list[dict], rois: np.ndarray, per_image: list[int]) -> dict:
+    skips = Counter()
+    for res in results:
+        skips.update(res["skips"])
+    n_hist = Counter(per_image)
+    return {"images": len(per_image), "instances": int(sum(per_image)), "rois": int(len(rois)),
+            "images_with_several_persons": int(sum(1 for n in per_image if n > 1)),
+            "instances_per_image_histogram": {str(k): n_hist[k] for k in sorted(n_hist)},
+            "skipped_instances": dict(sorted(skips.items()))}
+
+
+def _roi_stats(rois: np.ndarray, settings: dict) -> dict:
+    """Padded ROI sizes in the input frame (pixels and stride-8 cells), persons per ROI, overlap."""
+    w_in, h_in = rois[:, 4], rois[:, 5]
+    side = np.sqrt(np.maximum(w_in * h_in, 0))
+    hist, _ = np.histogram(side, bins=SIZE_BINS_PX)
+    cells_w, cells_h = w_in / 8.0, h_in / 8.0
+    return {
+        "frame": f"input {settings['input_size'][1]}x{settings['input_size'][0]} ({settings['resize_policy']}), "
+                 f"padded ROIs",
+        "side_px_histogram": {f"{SIZE_BINS_PX[i]}-{SIZE_BINS_PX[i + 1]}": int(hist[i]) for i in range(len(hist))},
+        "width_px": _quantiles(w_in),
+        "height_px": _quantiles(h_in),
+        "feature_cells_stride8": {"width": _quantiles(cells_w), "height": _quantiles(cells_h),
+                                  "share_smaller_than_2x2_cells": _share((cells_w < 2) | (cells_h < 2))},
+        "persons_per_roi": {"mean": _mean(rois[:, 3]),
+                            "histogram": {str(int(k)): int(v) for k, v in zip(*np.unique(rois[:, 3], return_counts=True))}},
+        "overlap_share": _share(rois[:, 2] > 0),
     }
 
 
@@ -205,7 +207,10 @@ def run_analyze(ann_path: str | Path, roi_padding: float = 0.1, workers: int | N
             results.extend(_work(job))
             bar.update(len(job[0]))
     else:
-        with mp.get_context("fork").Pool(workers) as pool:
+        # workers ignore Ctrl-C: the parent alone stops the run (a worker dying of it would be replaced and the
+        # interrupted run go on)
+        with mp.get_context("fork").Pool(workers, initializer=signal.signal,
+                                         initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
             for job, res in zip(jobs, pool.imap(_work, jobs)):
                 results.extend(res)
                 bar.update(len(job[0]))

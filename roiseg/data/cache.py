@@ -28,7 +28,7 @@ from roiseg.common.errors import RoisegError
 from roiseg.common.files import file_sha256, human_bytes, refuse_overlap
 from roiseg.common.geometry import ResizePolicy, pad_box
 from roiseg.data import fine_projection
-from roiseg.data.cache_config import CacheConfig
+from roiseg.data.cache_config import DEFAULT_BATCH, CacheConfig
 from roiseg.data.coco import ImageRecord, load_person_records
 from roiseg.data.extractor import Extractor
 from roiseg.data.images import (
@@ -326,10 +326,17 @@ def check_out_folder(cfg: CacheConfig) -> None:
 
 
 def _open_extractor(cfg: CacheConfig) -> tuple[Extractor, Preprocess]:
-    ex = Extractor(cfg.onnx, cfg.feature_name, cfg.provider, trt_cache=cfg.trt_cache or cfg.out.parent / "trt_engines",
+    ex = _extractor(cfg)
+    if ex.fixed_batch and cfg.batch != DEFAULT_BATCH:
+        raise RoisegError(f"--batch {cfg.batch}: {Path(cfg.onnx).name} takes batches of {ex.fixed_batch} only (a "
+                          f"fixed batch size); --batch applies to dynamic-batch models")
+    return ex, Preprocess(cfg.channel_order, cfg.scale, ResizePolicy(ex.input_hw[0], ex.input_hw[1], cfg.resize))
+
+
+def _extractor(cfg: CacheConfig) -> Extractor:
+    return Extractor(cfg.onnx, cfg.feature_name, cfg.provider, trt_cache=cfg.trt_cache or cfg.out.parent / "trt_engines",
                    batch_max=max(1, cfg.batch) * (2 if cfg.flip else 1), device_id=cfg.device_id,
                    fine_name=cfg.fine_feature)
-    return ex, Preprocess(cfg.channel_order, cfg.scale, ResizePolicy(ex.input_hw[0], ex.input_hw[1], cfg.resize))
 
 
 def _announce(cfg: CacheConfig, ex: Extractor, images: int, done: int, todo: int) -> None:
@@ -377,64 +384,136 @@ def _rerun_finished(cfg: CacheConfig, store: FeatureStore, t0: float, on_store_r
 
 def run_cache(cfg: CacheConfig, progress: bool = True, on_store_ready=None) -> dict:
     """Fill this shard of the store; ``on_store_ready()``: called once the store exists (opened or
-    created), before any image is processed (torchrun: rank 0 releases the other ranks)."""
+    created), before any image is processed (torchrun: rank 0 releases the other ranks).  The store
+    is held for the run (``store_lock``): any number of shards write it at once, but ``--overwrite``
+    never deletes a store another process is writing."""
     t0 = time.perf_counter()
+    check_inputs(cfg)
+    check_out_folder(cfg)
+    with store_lock(cfg.out, exclusive=cfg.overwrite and cfg.shard[0] == 0) as lock:
+        finished = _finished_store(cfg)
+        if finished is not None:
+            lock.share()
+            return _rerun_finished(cfg, finished, t0, on_store_ready)
+        records, skips = _records(cfg)
+        ex, prep = _open_extractor(cfg)
+        ex.set_fine_projection(choose_fine_projection(cfg, ex, records, prep))
+        created = cfg.overwrite or complete_store_meta(cfg.out) is None
+        store = open_or_create_store(cfg, _metadata(cfg, ex, prep), build_tables(records, prep.policy, cfg.roi_padding),
+                                     ex)
+        lock.share()        # created: the other shards (torchrun ranks) may write it too now
+        if on_store_ready is not None:
+            on_store_ready()
+        damaged = _verify(cfg, store, records, progress) if cfg.verify else {}
+        todo = _todo(cfg, store, records, ex, created)
+        t_loop = time.perf_counter()
+        newly_skipped = _process(cfg, records, todo, ex, prep, store, progress)
+        t_loop = time.perf_counter() - t_loop
+    return _summary(cfg, store, ex, records, skips, todo, newly_skipped, damaged, created, t0, t_loop)
+
+
+def check_inputs(cfg: CacheConfig) -> None:
+    """The annotation file, the extractor and the image folder exist and are what they should be."""
     for name, p in (("annotation file", cfg.ann), ("ONNX model", cfg.onnx)):
+        if Path(p).is_dir():
+            raise RoisegError(f"the {name} {p} is a folder: give the file")
         if not Path(p).is_file():
             raise RoisegError(f"{name} not found: {p}")
+    if Path(cfg.images).is_file():
+        raise RoisegError(f"the image folder {cfg.images} is a file: give the folder that holds the images")
     if not Path(cfg.images).is_dir():
         raise RoisegError(f"image folder not found: {cfg.images}")
-    check_out_folder(cfg)
-    si, sn = cfg.shard
-    finished = _finished_store(cfg)
-    if finished is not None:
-        return _rerun_finished(cfg, finished, t0, on_store_ready)
+
+
+def _records(cfg: CacheConfig) -> tuple[list, object]:
     records, skips = load_person_records(cfg.ann)
     if cfg.limit:
         records = records[: cfg.limit]
     if not records:
         raise RoisegError(f"no usable person annotations in {cfg.ann}")
-    ex, prep = _open_extractor(cfg)
-    tables = build_tables(records, prep.policy, cfg.roi_padding)
-    ex.set_fine_projection(choose_fine_projection(cfg, ex, records, prep))
-    created = cfg.overwrite or complete_store_meta(cfg.out) is None
-    store = open_or_create_store(cfg, _metadata(cfg, ex, prep), tables, ex)
-    if on_store_ready is not None:
-        on_store_ready()
+    return records, skips
 
+
+def _verify(cfg: CacheConfig, store: FeatureStore, records: list, progress: bool) -> dict:
+    """``--verify``: decode every finished image of this shard and forget the damaged ones (redone)."""
+    si, sn = cfg.shard
     done = store.done_mask()
-    damaged = {}
-    if cfg.verify:
-        damaged = verify_images(store, [i for i in np.flatnonzero(done) if i % sn == si], cfg.workers, progress)
-        for i, array in damaged.items():
-            log.warning("image %d (%s): its %s chunk is damaged; redoing it", i, records[i].file_name, array)
-            store.forget(i)
-        print(f"verified {int(sum(done[i] for i in range(len(records)) if i % sn == si))} finished images: "
-              f"{len(damaged)} damaged" + (" (redone now)" if damaged else ""))
-        done = store.done_mask()
+    mine = [i for i in np.flatnonzero(done) if i % sn == si]
+    damaged = verify_images(store, mine, cfg.workers, progress)
+    for i, array in damaged.items():
+        log.warning("image %d (%s): its %s chunk is damaged; redoing it", i, records[i].file_name, array)
+        store.forget(i)
+    print(f"verified {len(mine)} finished images: {len(damaged)} damaged" + (" (redone now)" if damaged else ""))
+    return damaged
+
+
+def _todo(cfg: CacheConfig, store: FeatureStore, records: list, ex: Extractor, created: bool) -> list[int]:
+    """This shard's images still to do; the disk estimate for them (a refused store this run just
+    created is removed: it holds nothing)."""
+    si, sn = cfg.shard
+    done = store.done_mask()
     todo = [i for i in range(len(records)) if not done[i] and i % sn == si]
     _announce(cfg, ex, len(records), int(done.sum()), len(todo))
-    if todo:
-        maps = [ex.feature_shape] + ([ex.fine_shape] if ex.fine_shape else [])
-        kept = np.ones((len(todo), len(maps)))
-        if cfg.sparse:
-            kept = np.array([[store.readable(i, feat_hw=m[1:]).mean() for m in maps] for i in todo])
-        check_disk(cfg.out, kept, maps, ex.input_hw,
-                   int(sum(len(records[i].instances) for i in todo)), cfg.space_check, cfg.flip, cfg.codec)
-    t_loop = time.perf_counter()
-    newly_skipped = _process(cfg, records, todo, ex, prep, store, progress)
-    t_loop = time.perf_counter() - t_loop
+    if not todo:
+        return todo
+    maps = [ex.feature_shape] + ([ex.fine_shape] if ex.fine_shape else [])
+    kept = np.ones((len(todo), len(maps)))
+    if cfg.sparse:
+        kept = np.array([[store.readable(i, feat_hw=m[1:]).mean() for m in maps] for i in todo])
+    try:
+        check_disk(cfg.out, kept, maps, ex.input_hw, int(sum(len(records[i].instances) for i in todo)),
+                   cfg.space_check, cfg.flip, cfg.codec)
+    except RoisegError:
+        if created and not done.any():
+            shutil.rmtree(cfg.out, ignore_errors=True)
+        raise
+    return todo
+
+
+def _summary(cfg, store, ex, records, skips, todo, newly_skipped, damaged, created, t0, t_loop) -> dict:
     skipped = store.skipped()
     n_done = int(store.done_mask().sum())
-    elapsed = time.perf_counter() - t0
-    summary = {"store": str(cfg.out), "provider": ex.provider, "images": len(records),
-               "cached": n_done - len(skipped), "skipped": {str(records[i].file_name): r
-                                                            for i, r in skipped.items()},
-               "processed_now": len(todo), "newly_skipped": newly_skipped,
-               "annotation_skips": dict(skips.counts), "elapsed_s": round(elapsed, 2),
-               "loop_s": round(t_loop, 3), "damaged": {records[i].file_name: a for i, a in damaged.items()},
-               "complete": n_done == len(records), "created": created}
-    return summary
+    return {"store": str(cfg.out), "provider": ex.provider, "images": len(records),
+            "cached": n_done - len(skipped), "skipped": {str(records[i].file_name): r for i, r in skipped.items()},
+            "processed_now": len(todo), "newly_skipped": newly_skipped,
+            "annotation_skips": dict(skips.counts), "elapsed_s": round(time.perf_counter() - t0, 2),
+            "loop_s": round(t_loop, 3), "damaged": {records[i].file_name: a for i, a in damaged.items()},
+            "complete": n_done == len(records), "created": created}
+
+
+class StoreLock:
+    """``flock`` on a file beside the store (``.NAME.lock``): shared by the processes that fill it,
+    exclusive for ``--overwrite`` until the new store exists; released when the process ends."""
+
+    def __init__(self, out: Path, exclusive: bool):
+        import fcntl
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.path = out.parent / f".{out.name}.lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise StoreError(f"{out} is being {'written' if exclusive else 'rebuilt (--overwrite)'} by another "
+                             f"`cache`: " + ("--overwrite would delete it under that process; wait for it to finish"
+                                             if exclusive else "wait for it to finish")) from None
+
+    def share(self) -> None:
+        import fcntl
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+
+    def __enter__(self) -> "StoreLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def store_lock(out: Path, exclusive: bool) -> StoreLock:
+    return StoreLock(out, exclusive)
 
 
 def check_something_cached(summary: dict) -> None:

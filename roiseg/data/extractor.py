@@ -104,12 +104,26 @@ def _unknown_tensor_message(model, name, strides=(8,)) -> str:
 
 def read_onnx(path: Path, what: str = "ONNX model") -> onnx.ModelProto:
     """Load an ONNX file; a missing or unreadable one is one clear error."""
+    if path.is_dir():
+        raise ExtractorError(f"the {what} {path} is a folder: give the .onnx file")
     if not path.is_file():
         raise ExtractorError(f"{what} not found: {path}")
     try:
         return onnx.load(str(path))
     except Exception as exc:
-        raise ExtractorError(f"cannot read {what} {path}: {exc}") from exc
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+        kind = ("a JSON file" if head[:1] in (b"{", b"[") else "a text file" if _is_text(head) else
+                f"damaged or not ONNX ({type(exc).__name__})")
+        raise ExtractorError(f"{path} is not an ONNX model: it is {kind}; give the {what}") from exc
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+        return bool(head) and all(c >= 32 or c in (9, 10, 13) for c in head)
+    except UnicodeDecodeError:
+        return False
 
 
 class Extractor:
@@ -126,11 +140,21 @@ class Extractor:
         sends (TensorRT's profile); ``device_id``: the GPU (default: ``providers.device_id_for()``);
         ``fine_name``: a finer tensor returned too by :meth:`run_fine` (``INPUT_TENSOR``: the
         preprocessed input itself)."""
-        import onnxruntime as ort
         onnx_path = Path(onnx_path)
         model = read_onnx(onnx_path)
         self.outputs = graph_outputs(model)
-        self.fine_name, self.fine_projection = fine_name, None
+        self.feature_name, self.fine_name, self.fine_projection = feature_name, fine_name, None
+        model = self._expose(model, onnx_path, extra_outputs)
+        self.session = self._session(model, onnx_path, provider, threads, trt_cache, streams, batch_max, device_id)
+        self.provider = self.session.get_providers()[0]
+        # fp16 engines compute the features in half precision; a store records what made it
+        self.precision = "fp16" if self.provider == "TensorrtExecutionProvider" else "fp32"
+        self._probe(onnx_path)
+
+    def _expose(self, model, onnx_path: Path, extra_outputs) -> "onnx.ModelProto":
+        """The graph with the feature tensor (and the fine map) as outputs, plus the model's own
+        outputs asked for (``extra_outputs``)."""
+        feature_name, fine_name = self.feature_name, self.fine_name
         if fine_name == feature_name:
             raise ExtractorError(f"--fine-feature {fine_name} is the feature map itself: pick a finer tensor "
                                  f"(stride 4 or 2) or {INPUT_TENSOR!r}")
@@ -142,8 +166,14 @@ class Extractor:
             raise ExtractorError(f"{onnx_path.name} has no output {missing[0]!r} (outputs: "
                                  f"{', '.join(f'{k} {v}' for k, v in self.outputs.items())})")
         self.extra_outputs = tuple(extra_outputs)
-        model = expose_tensor(model, (feature_name, *fine_in_graph), as_fp16=True, keep=self.extra_outputs)
         self._n_exposed = 1 + len(fine_in_graph)
+        return expose_tensor(model, (feature_name, *fine_in_graph), as_fp16=True, keep=self.extra_outputs)
+
+    def _session(self, model, onnx_path: Path, provider: str, threads, trt_cache, streams, batch_max: int,
+                 device_id):
+        """The ONNX Runtime session: ``streams`` concurrent runs of ``threads`` each (on a CPU one
+        single-threaded run per core), never spinning between ops."""
+        import onnxruntime as ort
         on_cpu = provider == "cpu" or not cuda_available()
         cores = os.cpu_count() or 1
         self.streams = streams or (cores if on_cpu else 1)
@@ -154,13 +184,13 @@ class Extractor:
         # No busy-waiting between ops: the cache's decode and write threads need those cycles.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = make_session(model, opts, provider, trt_cache, onnx_path.name, batch_max=batch_max,
-                                        fp16=True, device_id=device_id)
+            return make_session(model, opts, provider, trt_cache, onnx_path.name, batch_max=batch_max, fp16=True,
+                                device_id=device_id)
         except ProviderError as exc:
             raise ExtractorError(str(exc)) from exc
-        self.provider = self.session.get_providers()[0]
-        # fp16 engines compute the features in half precision; a store records what made it
-        self.precision = "fp16" if self.provider == "TensorrtExecutionProvider" else "fp32"
+
+    def _probe(self, onnx_path: Path) -> None:
+        """The input size and batch, and the actual shapes of every output, from one run on zeros."""
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         shp = inp.shape
@@ -168,27 +198,25 @@ class Extractor:
             raise ExtractorError(f"model input {inp.name} {shp} is not [N,3,H,W] with a fixed H, W")
         self.input_hw = (int(shp[2]), int(shp[3]))
         self.fixed_batch = shp[0] if isinstance(shp[0], int) else None
-        self.feature_name = feature_name
-        zeros = np.zeros((self.fixed_batch or 1, 3, *self.input_hw), np.float32)
-        feat, extra = self.run_all(zeros)
-        fine = extra.pop(fine_name) if fine_name else None    # the detection outputs stay in extra_shapes
+        feat, extra = self.run_all(np.zeros((self.fixed_batch or 1, 3, *self.input_hw), np.float32))
+        fine = extra.pop(self.fine_name) if self.fine_name else None    # detection outputs stay in extra_shapes
         self.extra_shapes = {k: list(v.shape) for k, v in extra.items()}  # actual, not declared
         self.feature_shape = tuple(int(s) for s in feat.shape[1:])
         if len(self.feature_shape) != 3:
-            raise ExtractorError(f"tensor {feature_name} has shape {list(feat.shape)}, expected [N,C,H,W]")
+            raise ExtractorError(f"tensor {self.feature_name} has shape {list(feat.shape)}, expected [N,C,H,W]")
         self.fine_shape = None
         if fine is not None:
             self.fine_shape = tuple(int(s) for s in fine.shape[1:])
             if len(self.fine_shape) != 3 or self.fine_shape[1] <= self.feature_shape[1]:
-                raise ExtractorError(f"--fine-feature {fine_name} has shape {list(fine.shape)}: expected [N,C,H,W] "
-                                     f"finer than the feature map {list(self.feature_shape)}")
-        log.info("extractor %s -> %s %s on %s", onnx_path.name, feature_name, list(self.feature_shape),
+                raise ExtractorError(f"--fine-feature {self.fine_name} has shape {list(fine.shape)}: expected "
+                                     f"[N,C,H,W] finer than the feature map {list(self.feature_shape)}")
+        log.info("extractor %s -> %s %s on %s", onnx_path.name, self.feature_name, list(self.feature_shape),
                  self.provider)
         stride = self.input_hw[0] / self.feature_shape[1]
         if stride != 8:
             # ROIs are normalized, so any stride works; but masks come from 8x8-pixel cells by design
             log.warning("%s has stride %g (input %d / map %d), not 8: the decoder runs on it, but coarser maps "
-                        "give coarser masks; the intended tensor is a stride-8 one (input/8)", feature_name,
+                        "give coarser masks; the intended tensor is a stride-8 one (input/8)", self.feature_name,
                         stride, self.input_hw[0], self.feature_shape[1])
 
     def run(self, batch: np.ndarray) -> np.ndarray:

@@ -128,8 +128,13 @@ def check_compatible(have: dict, want: dict, what: str, keys=FINGERPRINT_KEYS,
 class FeatureStore:
     def __init__(self, path: str | Path, mode: str = "r"):
         self.path = Path(path)
+        if self.path.is_file():
+            raise StoreError(f"{self.path} is a file, not a feature store (a folder `cli.py cache` writes)")
         if mode == "r" and not (self.path / ".zattrs").is_file():
             raise StoreError(f"no feature cache at {self.path} (run `cli.py cache` first)")
+        if (self.path / ".zattrs").is_file() and not (self.path / ".zgroup").is_file():
+            raise StoreError(f"{self.path} has no .zgroup: a damaged store; rebuild it with `cli.py cache ... "
+                             f"--overwrite`")
         if (self.path / ".zattrs").is_file():
             check_store(self.path)   # untrusted input: codecs, dtypes, shapes before zarr decodes anything
         self.root = zarr.open_group(str(self.path), mode=mode)

@@ -18,6 +18,7 @@ budget per chunk), so there is no host round-trip per ROI: the only host syncs a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
 import numpy as np
@@ -96,6 +97,34 @@ def _valid(hw: torch.Tensor, hmax: int, wmax: int) -> torch.Tensor:
     return (ys[None, :, None] < hw[:, 0, None, None]) & (xs[None, None, :] < hw[:, 1, None, None])
 
 
+@dataclass
+class _Chunk:
+    """ROIs scored together: their rows, class probabilities, images, instance numbers, padded ROI
+    and window in the input frame and at original resolution, and quality scores."""
+    roi_ids: np.ndarray
+    probs: torch.Tensor
+    images: np.ndarray
+    local: np.ndarray
+    in_box: np.ndarray
+    in_win: np.ndarray
+    o_box: np.ndarray
+    o_win: np.ndarray
+    o_hw: np.ndarray
+    scores: torch.Tensor
+
+
+@dataclass
+class _GtCrops:
+    """A chunk's GT masks and boundary bands cropped to the original-resolution windows."""
+    wh: np.ndarray           # [n, 2] window height, width
+    mask: np.ndarray         # [n, hmax, wmax] bool
+    band: np.ndarray         # [n, hmax, wmax] bool
+    area: np.ndarray         # [n] GT mask area (whole image)
+    band_area: np.ndarray    # [n] GT band area
+    width: np.ndarray        # [n] boundary band width (pixels)
+    box_iou: np.ndarray      # [n] the filled box's IoU with the GT mask
+
+
 class RoiEvaluator:
     def __init__(self, index, store, num_classes: int, device="cpu", coco_eval: bool = False,
                  pixel_budget: int | None = None):
@@ -159,8 +188,8 @@ class RoiEvaluator:
                            np.stack([o_win[:, 3] - o_win[:, 1], o_win[:, 2] - o_win[:, 0]], 1)).clip(0)
         for sel in _chunks(sizes, self.budget):
             pick = torch.as_tensor(sel, device=probs.device)
-            self._process_chunk(roi_ids[sel], probs[pick], images[sel], local[sel], in_box[sel], in_win[sel],
-                                o_box[sel], o_win[sel], o_hw[sel], gts, scores[pick])
+            self._process_chunk(_Chunk(roi_ids[sel], probs[pick], images[sel], local[sel], in_box[sel], in_win[sel],
+                                       o_box[sel], o_win[sel], o_hw[sel], scores[pick]), gts)
 
     def _semantic(self, probs, images, local, box, win, gts):
         """[n, 2, K] intersections/unions of the argmax labels inside each input-frame window."""
@@ -192,64 +221,76 @@ class RoiEvaluator:
             out[:, 1, c] = (p | g).sum((1, 2)).double()
         return out
 
-    def _process_chunk(self, roi_ids, probs, images, local, in_box, in_win, o_box, o_win, o_hw, gts, scores):
-        n = len(roi_ids)
-        iu = self._semantic(probs, images, local, in_box, in_win, gts)
-        empty_in = (in_win[:, 2] <= in_win[:, 0]) | (in_win[:, 3] <= in_win[:, 1])
+    def _process_chunk(self, c: _Chunk, gts: dict) -> None:
+        """One chunk of ROIs: 3-class I/U in the input frame, instance and boundary IoU at original
+        resolution, the box baseline, then the running sums (and records / COCO results)."""
+        iu = self._semantic(c.probs, c.images, c.local, c.in_box, c.in_win, gts)
+        empty_in = (c.in_win[:, 2] <= c.in_win[:, 0]) | (c.in_win[:, 3] <= c.in_win[:, 1])
         keep = torch.as_tensor(~empty_in, device=self.device)
         self.inter += iu[keep, 0].sum(0)
         self.union += iu[keep, 1].sum(0)
-
-        # instance IoU at original resolution
-        wh = np.stack([o_win[:, 3] - o_win[:, 1], o_win[:, 2] - o_win[:, 0]], 1).clip(0)
-        hmax, wmax = max(int(wh[:, 0].max()), 1), max(int(wh[:, 1].max()), 1)
-        gt_crop, band_crop = np.zeros((n, hmax, wmax), bool), np.zeros((n, hmax, wmax), bool)
-        gt_area, band_area, width = np.empty(n), np.empty(n), np.empty(n, np.int64)
-        box_iou = np.empty(n)
-        for j in range(n):  # host-side GT crops (numpy); no device round-trip per ROI
-            g, k = gts[int(images[j])], local[j]
-            x0, y0, x1, y1 = o_win[j]
-            gt_crop[j, : y1 - y0, : x1 - x0] = g.full[y0:y1, x0:x1, k]
-            band_crop[j, : y1 - y0, : x1 - x0] = g.band[y0:y1, x0:x1, k]
-            gt_area[j], band_area[j], width[j] = g.area[k], g.band_area[k], g.width
-            box_iou[j] = self._box_iou(int(roi_ids[j]), g.full[:, :, k], gt_area[j], o_hw[j])
-        rel = torch.as_tensor(o_box - np.tile(o_win[:, :2], 2), dtype=torch.float32, device=self.device)
-        fg = paste_masks(probs[:, 1:2], rel, hmax, wmax, fill_background=False)[:, 0]
-        valid = _valid(torch.as_tensor(wh, device=self.device), hmax, wmax)
-        pred = (fg > 0.5) & valid
-        gt_t = torch.from_numpy(gt_crop).to(self.device)
-        inter = (pred & gt_t).sum((1, 2)).double()
-        p_area = pred.sum((1, 2)).double()
-        union = p_area + torch.as_tensor(gt_area, device=self.device) - inter
-        iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-        empty_o = torch.as_tensor((wh[:, 0] == 0) | (wh[:, 1] == 0), device=self.device)
-        iou = torch.where(empty_o, torch.zeros_like(iou), iou)
-        biou = torch.where(empty_o, torch.zeros_like(iou),
-                           _boundary_iou(pred, torch.from_numpy(band_crop).to(self.device), band_area, width))
-        member = torch.as_tensor(self._membership(roi_ids, gt_area), device=self.device)
+        crops = self._gt_crops(c, gts)
+        pred, iou, biou = self._instance_ious(c, crops)
+        member = torch.as_tensor(self._membership(c.roi_ids, crops.area), device=self.device)
         self.iou_sum += (member * iou[:, None]).sum(0)
         self.biou_sum += (member * biou[:, None]).sum(0)
-        self.box_sum += (member * torch.as_tensor(box_iou, device=self.device)[:, None]).sum(0)
+        self.box_sum += (member * torch.as_tensor(crops.box_iou, device=self.device)[:, None]).sum(0)
         self.count += member.sum(0)
-        scores_h = scores.cpu().numpy()
+        scores_h = c.scores.cpu().numpy()
         self.score_pairs += list(zip(scores_h.tolist(), iou.cpu().numpy().tolist()))
-        if self.coco_eval or self._keep_records:
-            iou_h, iu_h, biou_h = iou.cpu().numpy(), iu.cpu().numpy(), biou.cpu().numpy()
-            if self._keep_records:
-                for j in range(n):
-                    self.records.append({"image": int(images[j]), "roi": int(roi_ids[j]),
-                                         "iu": iu_h[j].tolist(), "area": float(gt_area[j]),
-                                         "has_other": bool(self.index.has_other[roi_ids[j]]),
-                                         "iou": float(iou_h[j]), "biou": float(biou_h[j]),
-                                         "box_iou": float(box_iou[j]),
-                                         "score": float(scores_h[j])})
-            if self.coco_eval:
-                pred_h = pred.cpu().numpy()
-                for j in range(n):
-                    x0, y0, x1, y1 = o_win[j]
-                    self.coco_dets.append(coco_result(int(self.image_id[images[j]]), (x0, y0, x1, y1),
-                                                      pred_h[j, : y1 - y0, : x1 - x0], float(scores_h[j]),
-                                                      tuple(int(v) for v in o_hw[j])))
+        if self._keep_records:
+            self._records(c, crops, iu.cpu().numpy(), iou.cpu().numpy(), biou.cpu().numpy(), scores_h)
+        if self.coco_eval:
+            self._coco_results(c, pred.cpu().numpy(), scores_h)
+
+    def _gt_crops(self, c: _Chunk, gts: dict) -> _GtCrops:
+        """Each ROI's GT mask and boundary band on its original-resolution window (host side, numpy:
+        no device round-trip per ROI), its areas, and the filled-box baseline's IoU."""
+        n = len(c.roi_ids)
+        wh = np.stack([c.o_win[:, 3] - c.o_win[:, 1], c.o_win[:, 2] - c.o_win[:, 0]], 1).clip(0)
+        hmax, wmax = max(int(wh[:, 0].max()), 1), max(int(wh[:, 1].max()), 1)
+        crops = _GtCrops(wh, np.zeros((n, hmax, wmax), bool), np.zeros((n, hmax, wmax), bool), np.empty(n),
+                         np.empty(n), np.empty(n, np.int64), np.empty(n))
+        for j in range(n):
+            g, k = gts[int(c.images[j])], c.local[j]
+            x0, y0, x1, y1 = c.o_win[j]
+            crops.mask[j, : y1 - y0, : x1 - x0] = g.full[y0:y1, x0:x1, k]
+            crops.band[j, : y1 - y0, : x1 - x0] = g.band[y0:y1, x0:x1, k]
+            crops.area[j], crops.band_area[j], crops.width[j] = g.area[k], g.band_area[k], g.width
+            crops.box_iou[j] = self._box_iou(int(c.roi_ids[j]), g.full[:, :, k], crops.area[j], c.o_hw[j])
+        return crops
+
+    def _instance_ious(self, c: _Chunk, crops: _GtCrops) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(predicted masks on the windows, instance IoU, boundary IoU) of the chunk's ROIs."""
+        n, hmax, wmax = crops.mask.shape
+        rel = torch.as_tensor(c.o_box - np.tile(c.o_win[:, :2], 2), dtype=torch.float32, device=self.device)
+        fg = paste_masks(c.probs[:, 1:2], rel, hmax, wmax, fill_background=False)[:, 0]
+        valid = _valid(torch.as_tensor(crops.wh, device=self.device), hmax, wmax)
+        pred = (fg > 0.5) & valid
+        gt_t = torch.from_numpy(crops.mask).to(self.device)
+        inter = (pred & gt_t).sum((1, 2)).double()
+        p_area = pred.sum((1, 2)).double()
+        union = p_area + torch.as_tensor(crops.area, device=self.device) - inter
+        iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+        empty_o = torch.as_tensor((crops.wh[:, 0] == 0) | (crops.wh[:, 1] == 0), device=self.device)
+        iou = torch.where(empty_o, torch.zeros_like(iou), iou)
+        biou = torch.where(empty_o, torch.zeros_like(iou), _boundary_iou(
+            pred, torch.from_numpy(crops.band).to(self.device), crops.band_area, crops.width))
+        return pred, iou, biou
+
+    def _records(self, c: _Chunk, crops: _GtCrops, iu_h, iou_h, biou_h, scores_h) -> None:
+        for j in range(len(c.roi_ids)):
+            self.records.append({"image": int(c.images[j]), "roi": int(c.roi_ids[j]), "iu": iu_h[j].tolist(),
+                                 "area": float(crops.area[j]), "has_other": bool(self.index.has_other[c.roi_ids[j]]),
+                                 "iou": float(iou_h[j]), "biou": float(biou_h[j]), "box_iou": float(crops.box_iou[j]),
+                                 "score": float(scores_h[j])})
+
+    def _coco_results(self, c: _Chunk, pred_h: np.ndarray, scores_h) -> None:
+        for j in range(len(c.roi_ids)):
+            x0, y0, x1, y1 = c.o_win[j]
+            self.coco_dets.append(coco_result(int(self.image_id[c.images[j]]), (x0, y0, x1, y1),
+                                              pred_h[j, : y1 - y0, : x1 - x0], float(scores_h[j]),
+                                              tuple(int(v) for v in c.o_hw[j])))
 
     def keep_records(self, on: bool = True) -> "RoiEvaluator":
         """Also keep one record per ROI (for bootstrap statistics over images)."""

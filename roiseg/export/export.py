@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from roiseg.common.files import atomic_write, refuse_overlap
+from roiseg.common.files import atomic_write, check_output_file, refuse_overlap
 from roiseg.data.store_meta import FeatureSource
 from roiseg.export.graph import (
     OUTPUT_DOC,
@@ -129,6 +129,12 @@ class ExportResult:
     parity: dict
 
 
+def is_exported_graph(path: Path) -> bool:
+    """An ONNX file `export` wrote (its ``featcache`` metadata), which a new export may replace."""
+    model = onnx.load(str(path), load_external_data=False)
+    return any(p.key == "featcache" for p in model.metadata_props)
+
+
 def default_paths(checkpoint: Path, out: Path | None, half: bool, end_to_end: bool) -> tuple[Path, Path | None]:
     """``<checkpoint>.decoder.onnx`` (``.half.decoder.onnx``) unless ``out``; the end-to-end graph
     beside it as ``<stem>.e2e.onnx``."""
@@ -154,10 +160,17 @@ def export_checkpoint(checkpoint: Path, out: Path | None = None, opset: int = 17
     ext = Path(extractor or source.onnx_path) if end_to_end else None
     refuse_overlap({"--out": out, "the end-to-end graph": e2e},
                    {"--checkpoint": checkpoint, "--onnx": extractor or ext, **ck.referenced_inputs()})
+    for path, flag in ((out, "--out"), (e2e, "the end-to-end graph")):
+        check_output_file(path, flag, is_exported_graph, "an ONNX graph `cli.py export` wrote")
     if end_to_end:
         open_extractor(source, ext, "cpu", fine=source.fine is not None)   # as inference: exists, sha256
     spec = ExportSpec.from_source(source, **spec_options)
-    parity = export_checked(model, spec, out, opset, source, checkpoint.name, (ext, e2e) if end_to_end else None)
+    try:
+        parity = export_checked(model, spec, out, opset, source, checkpoint.name, (ext, e2e) if end_to_end else None)
+    except OSError as exc:
+        if exc.errno == 28:
+            raise ExportError(f"disk full while writing {exc.filename or out}") from exc
+        raise
     return ExportResult(out, e2e, spec, parity)
 
 

@@ -40,11 +40,7 @@ def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: l
     model, _ = decoder_from_checkpoint(ck)
     cfg = make_config(base=ck.config)
     if index is None:
-        store = Path(val_store or cfg.val_store or "")
-        if not (store / ".zattrs").is_file():
-            raise RoisegError(f"val store not found: {store} (pass --val-store, or --ann and --images)")
-        index = CacheIndex(store, val_images if val_images is not None else (cfg.val_images if val_store is None
-                                                                             else None))
+        index = _val_index(ck, cfg, val_store, val_images)
     check_decoder_on_store(ck.model_name, ck.cache_fingerprint, index.meta,
                            f"checkpoint {Path(path).name} vs val store {index.path}")
     if len(index.images) == 0:
@@ -60,6 +56,23 @@ def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: l
     res.update({"checkpoint": str(path), "epoch": ck.epoch, "val_store": str(index.path),
                 "stored_metrics": {m: ck.metrics.get(m) for m in ("mIoU", "instance_mIoU", "boundary_IoU")}})
     return res
+
+
+def _val_index(ck, cfg, val_store: Path | None, val_images) -> CacheIndex:
+    """The store to score on: ``val_store``, or the checkpoint's own validation store, which must
+    hold the annotations the run validated on (its path is relative to where the run started: from
+    another folder it may name another store)."""
+    store = Path(val_store or cfg.val_store or "")
+    if store.is_file():
+        raise RoisegError(f"--val-store {store} is a file, not a feature store (a folder `cli.py cache` writes)")
+    if not (store / ".zattrs").is_file():
+        raise RoisegError(f"val store not found: {store} (pass --val-store, or --ann and --images)")
+    index = CacheIndex(store, val_images if val_images is not None else (cfg.val_images if val_store is None else None),
+                       partial_option=None)
+    if val_store is None and index.meta.annotation_sha256 != ck.val_meta.annotation_sha256:
+        raise RoisegError(f"{store} is not the validation store this checkpoint was validated on (its annotation "
+                          f"file differs: the run's store paths are relative to where it started); pass --val-store")
+    return index
 
 
 @contextlib.contextmanager

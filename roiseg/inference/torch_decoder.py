@@ -9,6 +9,7 @@ import torch
 
 from roiseg.modeling.checkpoint import decoder_from_checkpoint
 from roiseg.modeling.decoders import decode_rois, mask_scores, paste_masks, uses_fine
+from roiseg.runtime.decoding import DecoderInput
 from roiseg.runtime.detection import DetectionSettings
 from roiseg.runtime.pipeline import Predictor, open_extractor
 
@@ -22,17 +23,17 @@ class TorchDecoder:
         self.provider = f"torch {self.device}"
         self.fine = uses_fine(model)     # the pipeline then hands it the fine map too
 
-    def __call__(self, x: np.ndarray, boxes_in: np.ndarray, rois_in: np.ndarray, rect_in: np.ndarray,
-                 rel: np.ndarray, hw: tuple, fine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The class-1 probability pasted into each ROI's window, and each mask's quality score."""
-        r = torch.as_tensor(np.concatenate([np.zeros((len(rois_in), 1)), rois_in], 1), dtype=torch.float32,
+    def __call__(self, inp: DecoderInput) -> tuple[np.ndarray, np.ndarray]:
+        """The class-1 probability pasted into each ROI's window, and each mask's quality score
+        (the module reads the padded ROIs)."""
+        r = torch.as_tensor(np.concatenate([np.zeros((len(inp), 1)), inp.rois], 1), dtype=torch.float32,
                             device=self.device)
-        fine = None if fine is None else torch.from_numpy(fine).float().to(self.device)
+        fine = None if inp.fine is None else torch.from_numpy(inp.fine).float().to(self.device)
         with torch.no_grad():
-            logits, quality = decode_rois(self.model, torch.from_numpy(x).float().to(self.device), r, fine)
+            logits, quality = decode_rois(self.model, torch.from_numpy(inp.image).float().to(self.device), r, fine)
             fg = logits.softmax(1)[:, 1]
-            pasted = paste_masks(fg[:, None], torch.as_tensor(rel, dtype=torch.float32, device=self.device),
-                                 *hw, fill_background=False)
+            pasted = paste_masks(fg[:, None], torch.as_tensor(inp.windows, dtype=torch.float32, device=self.device),
+                                 *inp.window_hw, fill_background=False)
         return pasted[:, 0].cpu().numpy(), mask_scores(fg, quality).cpu().numpy()
 
 

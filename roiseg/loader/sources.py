@@ -17,6 +17,7 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -42,13 +43,27 @@ from roiseg.loader.targets import (
 log = logging.getLogger(__name__)
 
 
+class BatchSource(Protocol):
+    """Where training and validation batches come from: streamed by DataLoader workers, resident in
+    GPU or host memory, or decoded into pinned buffers.  Every source gives the same batches for
+    the same (seed, epoch, images) (module docstring: the batch's keys)."""
+    kind: str                       # its name in the log: stream, resident, stream-pinned, resident-cpu
+
+    def iterate(self, batches: list[list[int]], epoch: int, train: bool) -> Iterator[dict]:
+        """One batch dict per list of image indices, on the source's device."""
+        ...
+
+
 class CacheIndex:
     """Tables of one store, small enough to copy into every worker.
 
     ``file_names``: use only these images of the store (k-fold splits of one store); others are
     ignored as if not cached."""
 
-    def __init__(self, path: str | Path, file_names: list[str] | None = None, allow_partial: bool = False):
+    def __init__(self, path: str | Path, file_names: list[str] | None = None, allow_partial: bool = False,
+                 partial_option: str | None = "--allow-partial"):
+        """``allow_partial``: use the complete images of an incomplete store (else refused);
+        ``partial_option``: the option a refusal names (None: the command has none)."""
         self.path = Path(path)
         store = FeatureStore(self.path)
         self.meta = store.meta
@@ -62,7 +77,7 @@ class CacheIndex:
                 raise StoreError(f"{len(unknown)} image(s) asked for are not in {self.path}: "
                                  f"{', '.join(sorted(unknown)[:5])}")
             listed = np.array([i for i in listed if names[i] in wanted], np.int64)
-        check_complete(store, listed, allow_partial)
+        check_complete(store, listed, allow_partial, partial_option)
         valid = set(store.valid_images().tolist())
         self.images = np.array([i for i in listed if i in valid], np.int64)
         self.has_flip = store.has_flip
@@ -89,7 +104,7 @@ class CacheIndex:
         return int(self.roi_start[i]), int(self.roi_start[i + 1])
 
 
-def check_complete(store: FeatureStore, images, allow_partial: bool) -> None:
+def check_complete(store: FeatureStore, images, allow_partial: bool, option: str | None = "--allow-partial") -> None:
     """Every image of ``images`` (but skipped ones) has all its chunks, or an error that says how
     many do not and how to repair the store; ``allow_partial``: a warning, and they are left out."""
     missing = store.incomplete(images)
@@ -100,11 +115,11 @@ def check_complete(store: FeatureStore, images, allow_partial: bool) -> None:
     what = (f"{store.path}: {len(missing)} of {len(images)} images are not completely cached (missing chunks: "
             f"{some}{' ...' if len(missing) > 3 else ''})")
     if allow_partial:
-        log.warning("%s; --allow-partial: using the other %d", what, len(images) - len(missing))
+        log.warning("%s; %s: using the other %d", what, option, len(images) - len(missing))
         return
+    partial = f", or pass {option} to use the {len(images) - len(missing)} complete images" if option else ""
     raise StoreError(f"{what}. The cache was interrupted or damaged: re-run the `cli.py cache` command that wrote "
-                     f"it (add --verify to also re-check the finished images), or pass --allow-partial to use the "
-                     f"{len(images) - len(missing)} complete images")
+                     f"it (add --verify to also re-check the finished images){partial}")
 
 
 def image_samples(index: CacheIndex, i: int, epoch: int, train: bool, sampling: RoiSampling,
@@ -528,14 +543,16 @@ def choose_resident(mode: str, index: CacheIndex, device: torch.device, n_images
                            int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 
 
-def make_source(mode: str, index, sampling, mask_size, seed, workers, device, images=None, fine: bool = False):
+def make_source(mode: str, index, sampling, mask_size, seed, workers, device, images=None,
+                fine: bool = False) -> BatchSource:
     """``images``: the ones this rank will read (its shard under torchrun); ``fine``: batches carry
     the fine map too."""
     chosen = choose_resident(mode, index, device, None if images is None else len(images),
                              2 if uses_stored_flip(sampling) else 1, fine)
     if chosen == "gpu":
         if device.type != "cuda":
-            raise ValueError("--resident gpu needs a CUDA device")
+            raise RoisegError(f"--resident gpu keeps the store in GPU memory, and the device is {device}: use "
+                              f"--resident cpu, auto or off")
         return ResidentSource(index, sampling, mask_size, seed, device, images=images, fine=fine)
     if chosen == "cpu":
         src = ResidentSource(index, sampling, mask_size, seed, torch.device("cpu"), images=images, fine=fine)

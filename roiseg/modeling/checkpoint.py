@@ -212,6 +212,9 @@ def publish_alias(path: Path, alias: Path) -> Path:
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> CheckpointRecord:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder: give a checkpoint file in it (best.pth, last.pth or "
+                              f"checkpoint_epoch_*.pth)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
@@ -244,6 +247,12 @@ def _other_format(path: Path) -> str | None:
     if head[:1] == b"\x08" and (path.suffix.lower() == ".onnx" or b"onnx" in head.lower() or b"pytorch" in head):
         return ("an ONNX model: predict takes an exported graph with --exported, cache takes the "
                 "extractor with --onnx; a checkpoint is a .pth file train writes")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if head and all(c >= 32 or c in (9, 10, 13) for c in head):
+        return "a text file (checkpoints are the .pth files train writes into its run folder)"
     return None
 
 

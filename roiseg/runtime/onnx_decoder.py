@@ -15,6 +15,7 @@ import numpy as np
 
 from roiseg.common.errors import RoisegError
 from roiseg.data.store_meta import FeatureSource, UntrustedStoreError
+from roiseg.runtime.decoding import DecoderInput
 from roiseg.runtime.paste import paste_numpy, softmax
 
 
@@ -71,15 +72,15 @@ class OnnxDecoder:
         self.session = make_session(model, provider=provider, label=path.name, fp16=False, device_id=device_id)
         self.provider = self.session.get_providers()[0]
 
-    def __call__(self, x: np.ndarray, boxes_in: np.ndarray, rois_in: np.ndarray, rect_in: np.ndarray,
-                 rel: np.ndarray, hw: tuple, fine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        feed = {self.inputs[0]: x.astype(np.float32),
-                "rois": np.concatenate([np.zeros((len(boxes_in), 1)), boxes_in], 1).astype(np.float32)}
+    def __call__(self, inp: DecoderInput) -> tuple[np.ndarray, np.ndarray | None]:
+        """The graph takes the person boxes (it pads them itself) and the content rect."""
+        feed = {self.inputs[0]: inp.image.astype(np.float32),
+                "rois": np.concatenate([np.zeros((len(inp), 1)), inp.boxes], 1).astype(np.float32)}
         if self.fine:
-            if fine is None:
+            if inp.fine is None:
                 raise RoisegError("this decoder fuses a fine map: the pipeline must pass it")
-            feed["fine"] = fine.astype(np.float32)
+            feed["fine"] = inp.fine.astype(np.float32)
         if self.letterbox:
-            feed["image_rects"] = np.asarray(rect_in, np.float32).reshape(1, 4)
+            feed["image_rects"] = np.asarray(inp.content_rect, np.float32).reshape(1, 4)
         out = self.session.run(["logits"] + (["scores"] if self.has_scores else []), feed)
-        return paste_numpy(softmax(out[0])[:, 1], rel, *hw), (out[1] if self.has_scores else None)
+        return paste_numpy(softmax(out[0])[:, 1], inp.windows, *inp.window_hw), (out[1] if self.has_scores else None)

@@ -29,6 +29,7 @@ from roiseg.data.extractor import Extractor, UnknownTensorError
 from roiseg.data.images import load_rgb, preprocess, to_rgb8
 from roiseg.data.rasterize import native_windows
 from roiseg.data.store_meta import FeatureSource
+from roiseg.runtime.decoding import DecoderInput, RoiDecoder
 from roiseg.runtime.detection import (
     DetectionSettings,
     decode,
@@ -76,15 +77,15 @@ class Prediction:
 
 
 class Predictor:
-    """``decoder``: an ``OnnxDecoder`` or a ``TorchDecoder`` (a checkpoint's module on its device),
-    anything with that call signature and a ``provider``; ``extractor``: None for an end-to-end
+    """``decoder``: a ``RoiDecoder`` (``runtime/decoding.py``): an ``OnnxDecoder`` or a
+    ``TorchDecoder`` (a checkpoint's module on its device); ``extractor``: None for an end-to-end
     graph, which takes the image itself."""
 
     # ROIs per decoder run: an image with thousands of boxes is decoded in pieces (memory stays
     # bounded, and the caller's progress callback moves between them)
     max_rois_per_run = 64
 
-    def __init__(self, decoder, source: FeatureSource, extractor: Extractor | None,
+    def __init__(self, decoder: RoiDecoder, source: FeatureSource, extractor: Extractor | None,
                  detection: DetectionSettings | None = None):
         self.decoder = decoder
         self.source, self.extractor = source, extractor
@@ -175,9 +176,9 @@ class Predictor:
         hmax = max(int((windows[:, 3] - windows[:, 1]).max()), 1)
         wmax = max(int((windows[:, 2] - windows[:, 0]).max()), 1)
         rel = rois * [w, h, w, h] - np.tile(windows[:, :2], 2)
-        pasted, quality = self.decoder(feats, self.policy.norm_to_input_norm(boxes, w, h),
-                                       self.policy.norm_to_input_norm(rois, w, h), content_rect(self.policy, w, h),
-                                       rel, (hmax, wmax), fine)
+        pasted, quality = self.decoder(DecoderInput(
+            feats, self.policy.norm_to_input_norm(boxes, w, h), self.policy.norm_to_input_norm(rois, w, h),
+            content_rect(self.policy, w, h), rel, (hmax, wmax), fine))
         return [pasted[k, : y1 - y0, : x1 - x0] for k, (x0, y0, x1, y1) in enumerate(windows)], quality
 
 

@@ -114,6 +114,9 @@ def open_source(source, only=None) -> Source:
 
 def list_images(source: Path, only=None) -> list[Path]:
     if source.is_file():
+        if source.suffix.lower() not in IMAGE_EXT:
+            raise RoisegError(f"--source {source} is not an image file ({', '.join(sorted(IMAGE_EXT))}), a video "
+                              f"({', '.join(sorted(VIDEO_EXT))}) or a folder of images")
         return [source]
     if not source.is_dir():
         raise RoisegError(f"--source not found: {source}")
@@ -366,11 +369,14 @@ def _close_after_error(sink: Outputs, images: int) -> bool:
 
 def _disk_full(out: Path, images: int, json_saved: bool) -> RoisegError:
     """The message of a full disk: where this run's part is, and that a re-run starts a new folder."""
+    if not images:
+        return RoisegError(f"disk full while writing into {out}: no image was finished (nothing is kept there). "
+                           f"Free space and re-run the same command")
     done = (f"the {images} image(s) done before it are there"
             + (" with their predictions.json" if json_saved else " (overlays only: predictions.json could not be "
-               "written)") if images else "no image was finished")
+               "written)"))
     return RoisegError(f"disk full while writing into {out}: {done}. Free space and re-run: the re-run writes to "
-                          f"a new folder next to it (delete {out} first to reuse its name)")
+                       f"a new folder next to it (delete {out} first to reuse its name)")
 
 
 @dataclass
@@ -392,6 +398,9 @@ def run_predict(opts: PredictOptions, predictor=None) -> dict:
     if source.kind == "images":
         boxes.check_matches(source.names)
     refuse_overlap({"--out": opts.out}, _inputs(opts, source))
+    if Path(opts.out).is_file():
+        raise RoisegError(f"--out {opts.out} is a file: give a folder (predict writes overlays, predictions.json and "
+                          f"masks/ into it)")
     claim = claim_output_folder(Path(opts.out))
     try:
         return _predict_into(claim.folder, opts, source, boxes, predictor)
@@ -404,9 +413,41 @@ def _predict_into(out: Path, opts: PredictOptions, source: Source, boxes: BoxSou
         log.warning("%s holds an earlier run: writing to %s", opts.out, out)
     predictor = _ready_predictor(opts, predictor)
     log.info("image encoder on %s, decoder on %s", predictor.provider, predictor.decoder.provider)
-    items, total, video = _items(source, opts, boxes)
     sink = Outputs(out, opts, boxes.person_cat, output_stems(source.names))
     t0, tally = time.perf_counter(), _Tally()
+    try:
+        _predict_items(opts, source, boxes, predictor, sink, tally)
+    except BaseException as exc:
+        json_saved = _close_after_error(sink, tally.images)
+        if isinstance(exc, OSError) and exc.errno == 28:
+            raise _disk_full(out, tally.images, json_saved) from exc
+        if tally.images:
+            log.warning("stopped by an error: predictions of the %d image(s) done before it are in %s",
+                        tally.images, out)
+        raise
+    try:
+        sink.close(write=tally.images > 0)
+    except OSError as exc:
+        if exc.errno == 28:
+            raise _disk_full(out, tally.images, False) from exc
+        raise
+    if tally.images == 0:
+        raise RoisegError("no image could be read from --source:\n  " + "\n  ".join(tally.skipped[:20]))
+    dt = time.perf_counter() - t0
+    summary = {"images": tally.images, "persons": tally.persons, "seconds": round(dt, 2),
+               "images_per_s": round(tally.images / dt, 2) if dt else 0.0, "out": str(out),
+               "skipped": tally.skipped, "boxes_skipped": boxes.skipped_summary(),
+               "provider": predictor.provider, "decoder": predictor.decoder.provider}
+    if tally.ious:
+        summary["instance_mIoU"], summary["boundary_IoU"] = (float(v) for v in np.mean(tally.ious, 0))
+    return summary
+
+
+def _predict_items(opts: PredictOptions, source: Source, boxes: BoxSource, predictor, sink: Outputs,
+                   tally: _Tally) -> None:
+    """Every image (or frame) of ``source``: decoded, its persons predicted, written; a bad image is
+    skipped with its reason."""
+    items, total, video = _items(source, opts, boxes)
     bar = tqdm(items, total=total, unit="img", desc="predict", disable=not opts.progress)
 
     def moving(done, n):       # thousands of boxes: the bar shows persons as they are decoded
@@ -427,29 +468,5 @@ def _predict_into(out: Path, opts: PredictOptions, source: Source, boxes: BoxSou
             if given is not None:
                 tally.ious += _gt_ious(pred, given, name, boxes, opts.threshold)
             bar.set_postfix(persons=tally.persons)
-    except BaseException as exc:
+    finally:
         bar.close()
-        json_saved = _close_after_error(sink, tally.images)
-        if isinstance(exc, OSError) and exc.errno == 28:
-            raise _disk_full(out, tally.images, json_saved) from exc
-        if tally.images:
-            log.warning("stopped by an error: predictions of the %d image(s) done before it are in %s",
-                        tally.images, out)
-        raise
-    bar.close()
-    try:
-        sink.close(write=tally.images > 0)
-    except OSError as exc:
-        if exc.errno == 28:
-            raise _disk_full(out, tally.images, False) from exc
-        raise
-    if tally.images == 0:
-        raise RoisegError("no image could be read from --source:\n  " + "\n  ".join(tally.skipped[:20]))
-    dt = time.perf_counter() - t0
-    summary = {"images": tally.images, "persons": tally.persons, "seconds": round(dt, 2),
-               "images_per_s": round(tally.images / dt, 2) if dt else 0.0, "out": str(out),
-               "skipped": tally.skipped, "boxes_skipped": boxes.skipped_summary(),
-               "provider": predictor.provider, "decoder": predictor.decoder.provider}
-    if tally.ious:
-        summary["instance_mIoU"], summary["boundary_IoU"] = (float(v) for v in np.mean(tally.ious, 0))
-    return summary

@@ -83,7 +83,10 @@ def _read_analysis(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
         data["roi_mean_ratios"], data["class_weights"]
+    except UnicodeDecodeError as exc:
+        raise RoisegError(f"{path} is not a data_analyze.json written by `cli.py analyze` (not a text file): "
+                          f"re-run analyze or pass --class-weights none") from exc
     except (ValueError, KeyError, TypeError) as exc:
-        raise RoisegError(f"{path} is not a data_analyze.json written by `cli.py analyze` ({exc!r}): "
-                             f"re-run analyze or pass --class-weights none") from exc
+        raise RoisegError(f"{path} is not a data_analyze.json written by `cli.py analyze` ({str(exc)[:200]}): "
+                          f"re-run analyze or pass --class-weights none") from exc
     return data

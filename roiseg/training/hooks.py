@@ -1,7 +1,7 @@
 """Epoch-end hooks of the Trainer (rank 0, in order): checkpoint + best/last, logs and curves, then
-anything else (the validation PNG, benchmarks' extra validations).  A hook is an object with
-``after_epoch(trainer, epoch, metrics)`` (and optionally ``after_train(trainer)``), or a function
-``(epoch, checkpoint_path, metrics, trainer)``."""
+anything else (the validation PNG, benchmarks' extra validations).  A hook is a ``HookBase`` (as
+detectron2's: methods that do nothing until overridden), or a plain function ``(epoch,
+checkpoint_path, metrics, trainer)`` that ``as_hook`` wraps."""
 from __future__ import annotations
 
 import csv as csv_module
@@ -17,7 +17,17 @@ from roiseg.training.plots import plot_results
 log = logging.getLogger(__name__)
 
 
-class CheckpointHook:
+class HookBase:
+    """What a hook may do at each point of a run; each method does nothing until overridden."""
+
+    def after_epoch(self, trainer, epoch: int, metrics: dict) -> None:
+        """After an epoch's training, validation and the hooks before this one (rank 0)."""
+
+    def after_train(self, trainer) -> None:
+        """After the run's last epoch (every rank)."""
+
+
+class CheckpointHook(HookBase):
     """checkpoint_epoch_*.pth, last.pth = this epoch, best.pth = the best epoch so far by
     ``best_metric`` (ties: the earlier)."""
 
@@ -32,7 +42,7 @@ class CheckpointHook:
             log.info("best.pth -> epoch %d (%s %.4f)", epoch, key, metrics[key])
 
 
-class LogHook:
+class LogHook(HookBase):
     """args.yaml (once), metrics.jsonl, results.csv + results.png, TensorBoard, and the log line."""
 
     def __init__(self):
@@ -112,7 +122,7 @@ def _csv_with_row(old: str, row: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-class FunctionHook:
+class FunctionHook(HookBase):
     """A plain function ``(epoch, checkpoint_path, metrics, trainer)`` as a hook."""
 
     def __init__(self, fn):
@@ -122,5 +132,10 @@ class FunctionHook:
         self.fn(epoch, trainer.last_checkpoint, metrics, trainer)
 
 
-def as_hook(h):
-    return h if hasattr(h, "after_epoch") else FunctionHook(h)
+def as_hook(h) -> HookBase:
+    """A ``HookBase`` as it is; a function wrapped in one."""
+    if isinstance(h, HookBase):
+        return h
+    if callable(h):
+        return FunctionHook(h)
+    raise TypeError(f"a hook is a HookBase or a function (epoch, checkpoint, metrics, trainer), not {h!r}")

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -100,6 +101,15 @@ def check_ranks(world: int, n_train: int, n_val: int) -> None:
     if world > min(n_train, n_val):
         raise RoisegError(f"{world} ranks but only {n_train} training / {n_val} validation images: every rank "
                              f"needs an image of each; launch at most {min(n_train, n_val)} processes")
+
+
+@dataclass
+class _EpochTally:
+    """An epoch's running sums on the device (read once, at its end)."""
+    loss_sum: torch.Tensor
+    loss_steps: int = 0
+    steps: int = 0
+    rois: int = 0
 
 
 class Trainer:
@@ -269,8 +279,9 @@ class Trainer:
                  run.rois_per_step, REFERENCE_ROIS_PER_STEP, run.batch_size, self._flip_desc())
 
     def _checkpoint_bytes(self) -> int:
-        """About one checkpoint: weights, two Adam moments and the EMA copy, in fp32."""
-        return 4 * 4 * sum(p.numel() for p in self.model.parameters()) + (1 << 20)
+        """About one checkpoint: weights, two Adam moments and the EMA copy, in fp32, and its records
+        (history, RNG states, store metadata: ~100 KB)."""
+        return 4 * 4 * sum(p.numel() for p in self.model.parameters()) + (128 << 10)
 
     def _feature_stats(self):
         if self.cfg.feature_norm == "none":
@@ -287,8 +298,8 @@ class Trainer:
         p, src = cfg.hflip, cfg.hflip_source
         has = self.train_index.has_flip
         if p > 0 and src == "stored" and not has:
-            raise RoisegError(f"{cfg.train_store} has no mirrored features: cache it with --flip, or "
-                                 f"pass --hflip-source map or --hflip 0")
+            raise RoisegError(f"{cfg.train_store} has no mirrored features: cache it with --flip, or set "
+                              f"hflip_source = \"map\" (a --config file) or pass --hflip 0")
         use_map = src == "map" or (src == "auto" and not has and FLIP_MAP_BY_DEFAULT)
         if p > 0 and src == "auto" and not has and not use_map:
             log.info("%s has no mirrored features (cache --flip): training without flip augmentation",
@@ -335,17 +346,17 @@ class Trainer:
         return list(torch.tensor_split(order, k)), counts
 
     def train_epoch(self, epoch: int) -> dict:
+        """One pass over this rank's training images: every read split into optimizer steps
+        (``run_step``), the LR advanced by the ROIs all ranks have trained on."""
         self.net.train()
         batches = epoch_batches(self.train_index.images, epoch, self.cfg.seed, self.batch_size,
                                 self.dist.rank, self.dist.world)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        steps = loss_steps = rois = 0
+        tally = _EpochTally(torch.zeros((), dtype=torch.float64, device=self.device))
         done = 0      # training ROIs of all ranks before this read: the LR schedule's clock
         t0 = time.perf_counter()
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}", unit="read", disable=not self.dist.is_main,
                    leave=False)
-        lr = self._set_lr(epoch - 1)
-        losses = None
+        lr, losses = self._set_lr(epoch - 1), None
         for read, batch in enumerate(self.train_source.iterate(batches, epoch, True)):
             feats, fine = self._inputs(batch)
             targets = self._targets(batch["targets"])
@@ -353,38 +364,47 @@ class Trainer:
             for j, sel in enumerate(chunks):
                 lr = self._set_lr(epoch - 1 + min(1.0, (done + rois_before_step(counts, len(chunks), j))
                                                   / self.epoch_rois))
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                    logits, scores = decode_rois(self.net, feats, batch["rois"][sel], fine)
-                if len(sel):
-                    losses = self.loss(logits, targets[sel], scores)
-                    loss = losses["loss"]
-                else:   # nothing to learn here: a zero loss still runs DDP's gradient all-reduce
-                    loss = logits.float().sum() * 0.0 + (scores.sum() * 0.0 if scores is not None else 0.0)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if self.cfg.grad_clip > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                if self.ema:
-                    self.ema.update(self.model)
-                if len(sel):
-                    loss_sum += loss.detach()  # no .item(): a host sync per step would stall the GPU
-                    loss_steps += 1
-                steps += 1
-                self.global_step += 1
-                rois += len(sel)
+                losses = self.run_step(feats, fine, batch["rois"][sel], targets[sel], tally) or losses
             done += sum(counts)
             bar.update(1)
             if read % 5 == 0 and losses is not None:
-                bar.set_postfix(loss=f"{losses['loss'].item():.4f}", lr=f"{lr:.2e}", steps=steps)
+                bar.set_postfix(loss=f"{losses['loss'].item():.4f}", lr=f"{lr:.2e}", steps=tally.steps)
         bar.close()
-        sums = torch.stack([loss_sum, loss_sum.new_tensor(loss_steps), loss_sum.new_tensor(rois)])
+        return self._epoch_summary(tally, time.perf_counter() - t0, lr)
+
+    def run_step(self, feats, fine, rois: torch.Tensor, targets: torch.Tensor, tally: _EpochTally) -> dict | None:
+        """One optimizer step on ``rois`` (as detectron2's ``run_step``): forward under autocast, the
+        loss, scaled backward, clipping, the step, EMA.  An empty selection still steps with a zero
+        loss: DDP's gradient all-reduce must run on every rank.  The losses, or None when empty."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            logits, scores = decode_rois(self.net, feats, rois, fine)
+        losses = self.loss(logits, targets, scores) if len(rois) else None
+        loss = losses["loss"] if losses else logits.float().sum() * 0.0 + (
+            scores.sum() * 0.0 if scores is not None else 0.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema:
+            self.ema.update(self.model)
+        if losses:
+            tally.loss_sum += loss.detach()  # no .item(): a host sync per step would stall the GPU
+            tally.loss_steps += 1
+        tally.steps += 1
+        tally.rois += len(rois)
+        self.global_step += 1
+        return losses
+
+    def _epoch_summary(self, tally: _EpochTally, seconds: float, lr: float) -> dict:
+        """The epoch's loss and speed over all ranks (one all-reduce), and the replica check."""
+        sums = torch.stack([tally.loss_sum, tally.loss_sum.new_tensor(tally.loss_steps),
+                            tally.loss_sum.new_tensor(tally.rois)])
         D.all_reduce_([sums], self.dist)
-        dt = time.perf_counter() - t0
-        out = {"loss": float(sums[0] / sums[1].clamp_min(1)), "train_rois": int(sums[2]), "steps": steps,
-               "train_s": round(dt, 2), "rois_per_s": round(float(sums[2]) / dt, 1), "lr": lr}
+        out = {"loss": float(sums[0] / sums[1].clamp_min(1)), "train_rois": int(sums[2]), "steps": tally.steps,
+               "train_s": round(seconds, 2), "rois_per_s": round(float(sums[2]) / seconds, 1), "lr": lr}
         if self.dist.enabled:   # DDP keeps replicas equal only if every rank did the same: check it
             out["replicas"] = D.check_replicas(self.model, self.optimizer, self.dist)
         return out
@@ -419,7 +439,7 @@ class Trainer:
         ``until``: stop after this epoch (default: the run's last; the LR schedule stays the run's)."""
         last = self.run.epochs if until is None else min(until, self.run.epochs)
         if self.start_epoch > last and self.dist.is_main:
-            log.warning("nothing to do: the run in %s already finished epoch %d of %d", self.out,
+            log.warning("nothing to do: the run in %s has trained %d epochs and is %d long", self.out,
                         self.start_epoch - 1, self.run.epochs)
         for epoch in range(self.start_epoch, last + 1):
             metrics = {"epoch": epoch, **self.train_epoch(epoch), **self.validate()}
@@ -430,8 +450,7 @@ class Trainer:
             D.barrier(self.dist)
             self.start_epoch = epoch + 1
         for hook in self.hooks:
-            if hasattr(hook, "after_train"):
-                hook.after_train(self)
+            hook.after_train(self)
         D.barrier(self.dist)
         self.release_folder()
         return self.history

@@ -15,6 +15,7 @@ class TrainResult:
     trained_epochs: int          # epochs this call trained (0: a finished run was resumed)
     out: Path                    # the run folder
     epochs: int                  # the run's length
+    trained_before: int = 0      # epochs the run had already trained (a resumed run)
 
 
 def run_training(cfg: TrainConfig, hooks: list | None = None) -> TrainResult:
@@ -23,6 +24,6 @@ def run_training(cfg: TrainConfig, hooks: list | None = None) -> TrainResult:
     try:
         start = trainer.start_epoch
         history = trainer.fit()
-        return TrainResult(history, max(0, trainer.run.epochs - start + 1), trainer.out, trainer.run.epochs)
+        return TrainResult(history, max(0, trainer.run.epochs - start + 1), trainer.out, trainer.run.epochs, start - 1)
     finally:
         trainer.close()

@@ -75,8 +75,15 @@ def claim_run_folder(out: str | Path, resume: str | None) -> RunFolder:
     if not resume:
         return RunFolder(*_fresh(out))
     if resume == "auto":
-        find_checkpoint(out)     # a clear error when there is nothing to resume
-        return RunFolder(out, claim_folder(out, "checkpoint folder"))
+        newest = find_checkpoint(out)     # a clear error when there is nothing to resume
+        claim = claim_folder(out, "checkpoint folder")
+        epoch, last = checkpoint_epoch(newest), last_epoch(out)
+        if epoch < last:
+            claim.release()
+            raise CheckpointError(f"the run in {out} recorded epoch {last}, but its newest checkpoint is epoch {epoch} "
+                                  f"({newest.name}; the later ones are missing): resuming would rewrite the history "
+                                  f"after it. Branch from it into a new run with --resume {newest} --out NEW_FOLDER")
+        return RunFolder(out, claim)
     ck = Path(resume)
     if not ck.is_file():
         raise CheckpointError(f"checkpoint not found: {ck}")

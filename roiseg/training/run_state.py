@@ -156,6 +156,9 @@ class Checkpointer:
         restore_rng(ck.rng, t.cuda)
         t.history = list(ck.history)
         t.start_epoch = ck.epoch + 1
+        if t.branch_of is not None and ck.epoch >= t.run.epochs:
+            raise CheckpointError(f"{path.name} is epoch {ck.epoch} and the run is {t.run.epochs} epochs long: a branch "
+                                  f"would train nothing; pass --epochs above {ck.epoch}")
         if t.branch_of is not None:
             if t.dist.is_main:
                 from roiseg.training.hooks import LogHook
