@@ -14,9 +14,24 @@ checks it, ``pyproject.toml``):
     export      decoder (+ extractor) -> ONNX, parity checks
     inference   the PyTorch predictor, evaluate, the validation PNG
     cli, demo   the command line
+
+The Python API is ``roiseg.Segmenter`` (``runtime/segmenter.py``): person masks for your boxes, with
+ONNX Runtime alone (``docs/python.md``).
 """
 from roiseg.common.threads import configure_threads
 
 configure_threads()  # before torch is imported anywhere (OpenMP reads its wait policy once)
 
-__version__ = "0.1.0"
+from roiseg.common.version import __version__  # noqa: E402
+
+
+def __getattr__(name: str):
+    """``roiseg.Segmenter`` and ``roiseg.Result``, imported when first used (``import roiseg`` stays
+    light: no ONNX Runtime until then)."""
+    if name in ("Segmenter", "Result"):
+        from roiseg.runtime import segmenter
+        return getattr(segmenter, name)
+    raise AttributeError(f"module 'roiseg' has no attribute {name!r}")
+
+
+__all__ = ["Result", "Segmenter", "__version__"]

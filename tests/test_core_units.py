@@ -46,7 +46,8 @@ def test_auto_epochs_scaled_lr_and_step_counts():
 
 # ---- ROI sampling -----------------------------------------------------------------------------
 def test_mirror_and_jitter():
-    from roiseg.loader.sampling import jitter_person_boxes, mirror_boxes
+    from roiseg.common.geometry import mirror_boxes
+    from roiseg.loader.sampling import jitter_person_boxes
     b = np.array([[0.1, 0.2, 0.4, 0.9], [0.5, 0.0, 1.0, 0.3]])
     assert np.allclose(mirror_boxes(b), [[0.6, 0.2, 0.9, 0.9], [0.0, 0.0, 0.5, 0.3]])
     assert np.array_equal(jitter_person_boxes(b, 0, 0, np.random.default_rng(0)), b)

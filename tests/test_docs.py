@@ -49,10 +49,12 @@ def test_relative_links_resolve(page):
 
 
 def _shown_commands():
-    """(command, flags) of every `cli.py CMD ...` line in the pages' code blocks."""
+    """(command, flags) of every `cli.py CMD ...` line in the pages' shell code blocks."""
     found = []
     for page in PAGES:
-        for block in re.findall(r"```[^\n]*\n(.*?)```", page.read_text(), flags=re.S):
+        for lang, block in re.findall(r"```([^\n]*)\n(.*?)```", page.read_text(), flags=re.S):
+            if lang.strip() == "python":          # `from roiseg import ...` is not a command
+                continue
             text = block.replace("\\\n", " ")
             for line in text.splitlines():
                 m = re.search(r"(?:cli\.py|roiseg) ([a-z]+)(.*)", line)

@@ -117,11 +117,19 @@ def test_export_without_metadata_is_refused_by_predict(tmp_path, standin_onnx, s
 
 
 def test_numpy_paste_equals_torch_paste():
-    """The ORT path's paste (roiseg/runtime/paste.py) is the PyTorch paste, without torch."""
+    """The ORT path's paste (roiseg/runtime/paste.py) is the PyTorch paste, without torch, into frames of
+    any size."""
     from roiseg.modeling.decoders import paste_masks
-    from roiseg.runtime.paste import paste_numpy
+    from roiseg.runtime.paste import paste_windows
     rng = np.random.default_rng(0)
-    maps = rng.random((4, 28, 28), np.float32)
-    boxes = np.array([[-10, 5, 120, 90], [0, 0, 200, 150], [30.5, 40.25, 31.5, 60], [150, 100, 260, 210]], np.float32)
+    boxes = np.array([[-10, 5, 120, 90], [0, 0, 200, 150], [30.5, 40.25, 31.5, 60], [150, 100, 260, 210],
+                      [50, 50, 50, 50.2]], np.float32)        # ... partly outside, under a pixel, all but empty
+    maps = rng.random((len(boxes), 28, 28), np.float32)
     want = paste_masks(torch.from_numpy(maps)[:, None], torch.from_numpy(boxes), 160, 200, fill_background=False)
-    assert np.abs(paste_numpy(maps, boxes, 160, 200) - want[:, 0].numpy()).max() < 1e-5
+    got = np.stack(paste_windows(maps, boxes, [[160, 200]] * 5))
+    assert got.shape == (5, 160, 200) and np.abs(got - want[:, 0].numpy()).max() < 1e-5
+    assert got[0, :, 130:].max() == 0 and got[1, :150].min() > 0     # nothing outside a box, no hole inside
+    cut = paste_windows(maps, boxes, [[90, 120], [150, 200], [60, 32], [160, 200], [51, 51]])     # own sizes
+    assert [c.shape for c in cut] == [(90, 120), (150, 200), (60, 32), (160, 200), (51, 51)]
+    assert all(np.array_equal(c, g[:c.shape[0], :c.shape[1]]) for c, g in zip(cut, got))
+    assert paste_windows(maps[:0], boxes[:0], np.zeros((0, 2))) == []

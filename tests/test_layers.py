@@ -87,3 +87,10 @@ def test_no_string_reads_of_store_or_checkpoint_records_outside_their_classes():
              if str(p.relative_to(ROOT)) not in own
              for k, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert found == [], found
+
+
+def test_one_version():
+    """``roiseg.__version__`` is pyproject.toml's."""
+    import roiseg
+    text = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == roiseg.__version__

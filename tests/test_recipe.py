@@ -10,6 +10,7 @@ from PIL import ImageOps
 from test_train import _cfg
 
 from roiseg.common.errors import RoisegError
+from roiseg.common.geometry import mirror_boxes
 from roiseg.data.cache import CacheConfig, run_cache
 from roiseg.data.extractor import Extractor
 from roiseg.data.images import load_rgb, preprocess
@@ -21,7 +22,6 @@ from roiseg.loader.sampling import (
     RoiSampling,
     image_rng,
     jitter_person_boxes,
-    mirror_boxes,
     rois_with_others,
 )
 from roiseg.loader.sources import (

@@ -9,12 +9,12 @@ import torch
 from click.testing import CliRunner
 
 from roiseg.common.errors import RoisegError
-from roiseg.common.geometry import ResizePolicy, pad_box
+from roiseg.common.geometry import ResizePolicy, mirror_boxes, pad_box
 from roiseg.data.cache import CacheConfig, run_cache
 from roiseg.data.sparse import readable_cells, zero_unreadable
 from roiseg.data.standin import FEATURE_NAME
 from roiseg.data.store import FeatureStore
-from roiseg.loader.sampling import RoiSampling, mirror_boxes, train_rois
+from roiseg.loader.sampling import RoiSampling, train_rois
 from roiseg.modeling.decoders import roi_features
 from roiseg.training.config import make_config
 

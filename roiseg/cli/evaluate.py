@@ -34,6 +34,9 @@ from roiseg.cli.common import (
 @option("--json", "json_out", type=click.Path(path_type=Path), help="Write all metrics here (a new file, or one "
         "evaluate wrote).", panel="Outputs")
 @option("--coco-eval", is_flag=True, help="Also COCO mask AP (pycocotools, GT boxes as detections).")
+@option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+        help="flip: average each ROI's probabilities with the mirrored image's (a store cached with --flip; with "
+             "--ann the temporary store caches both).")
 @option("--work-dir", type=click.Path(path_type=Path), help="--ann: where the temporary store goes [system temp].",
         panel="Runtime")
 @provider_option()
@@ -42,7 +45,7 @@ from roiseg.cli.common import (
 @user_errors
 @click.pass_context
 def evaluate(ctx, checkpoint_list, epochs, checkpoints, val_store, ann, images, onnx_path, provider, limit, work_dir,
-             coco_eval, device, batch_size, json_out):
+             coco_eval, tta, device, batch_size, json_out):
     """Score one or more checkpoints: mIoU, class IoUs, instance mIoU (S/M/L, overlapped), box baseline."""
     from roiseg.inference.evaluate import comparison_table
     from roiseg.modeling.devices import resolve_device
@@ -57,7 +60,7 @@ def evaluate(ctx, checkpoint_list, epochs, checkpoints, val_store, ann, images, 
     paths = _checkpoints(checkpoint_list, epochs, checkpoints)
     _check_outputs(paths, json_out, work_dir, val_store, ann, images, onnx_path)
     results = _evaluate_all(paths, val_store, ann, images, onnx_path, provider, limit, work_dir, coco_eval, device,
-                            batch_size)
+                            batch_size, tta)
     click.echo(comparison_table(results))
     if json_out:
         import json
@@ -97,13 +100,13 @@ def _check_outputs(paths, json_out, work_dir, val_store, ann, images, onnx_path)
 
 
 def _evaluate_all(paths, val_store, ann, images, onnx_path, provider, limit, work_dir, coco_eval, device,
-                  batch_size) -> list[dict]:
+                  batch_size, tta) -> list[dict]:
     from roiseg.inference.evaluate import evaluate_checkpoint, live_store
     if ann is None:
-        return [evaluate_checkpoint(p, val_store, device=device, coco_eval=coco_eval, batch_size=batch_size)
+        return [evaluate_checkpoint(p, val_store, device=device, coco_eval=coco_eval, batch_size=batch_size, tta=tta)
                 for p in paths]
     from roiseg.common.providers import device_id_for
     gpu = device_id_for(device) if str(device).startswith("cuda") else None   # the decoder's GPU
-    with live_store(paths[0], ann, images, work_dir, onnx_path, provider, limit, gpu) as store:
-        return [evaluate_checkpoint(p, store, device=device, coco_eval=coco_eval, batch_size=batch_size)
+    with live_store(paths[0], ann, images, work_dir, onnx_path, provider, limit, gpu, flip=tta == "flip") as store:
+        return [evaluate_checkpoint(p, store, device=device, coco_eval=coco_eval, batch_size=batch_size, tta=tta)
                 for p in paths]

@@ -46,6 +46,9 @@ DETECTION = ["det_output", "det_format", "person_class", "conf", "iou", "max_det
         panel="Outputs")
 @option("--threshold", type=float, default=0.5, show_default=True, callback=unit,
         help="Class-1 probability above which a pixel is the person.")
+@option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+        help="flip: average each person's probabilities with the mirrored image's (the extractor and the decoder "
+             "run twice per image).")
 @option("--exif/--no-exif", default=None, help="Apply the EXIF orientation of photos [on with --boxes auto; off "
         "with box files and --ann, whose coordinates refer to the pixels as stored].")
 @option("--max-frames", type=int, callback=at_least(1), help="Video/camera: stop after N frames.")
@@ -71,7 +74,7 @@ DETECTION = ["det_output", "det_format", "person_class", "conf", "iou", "max_det
 @click.pass_context
 def predict(ctx, source, checkpoint, epoch, checkpoints, exported, out, boxes, box_format, ann, onnx_path, provider,
             device, det_output, det_format, person_class, conf, iou, max_det, threshold, save_masks, polygons,
-            no_overlays, hide_boxes, hide_scores, max_frames, exif, max_pixels):
+            no_overlays, hide_boxes, hide_scores, max_frames, tta, exif, max_pixels):
     """Person masks for new images, a video or a camera, with the extractor's own person boxes."""
     from roiseg.runtime.detection import DetectionSettings
     from roiseg.runtime.predict import PredictOptions, run_predict
@@ -84,7 +87,8 @@ def predict(ctx, source, checkpoint, epoch, checkpoints, exported, out, boxes, b
                           device=device, boxes=boxes, box_format=box_format, ann=ann,
                           detection=DetectionSettings(det_output, det_format, person_class, conf, iou, max_det),
                           threshold=threshold, save_masks=save_masks, polygons=polygons, overlays=not no_overlays,
-                          show_boxes=not hide_boxes, show_scores=not hide_scores, max_frames=max_frames, exif=exif)
+                          show_boxes=not hide_boxes, show_scores=not hide_scores, max_frames=max_frames, exif=exif,
+                          tta=tta)
     if max_pixels:
         opts.max_pixels = max_pixels
     predictor = None

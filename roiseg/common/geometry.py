@@ -82,6 +82,13 @@ def pad_box(boxes, padding: float, lo=0.0, hi=1.0):
     return (b + sign * padding * wh).clip(lo, hi)
 
 
+def mirror_boxes(boxes: np.ndarray) -> np.ndarray:
+    """Normalized xyxy boxes of the horizontally mirrored frame."""
+    out = boxes.copy()
+    out[..., 0], out[..., 2] = 1 - boxes[..., 2], 1 - boxes[..., 0]
+    return out
+
+
 def content_rect(policy: "ResizePolicy", orig_w: int, orig_h: int) -> np.ndarray:
     """The image content inside the input frame, normalized xyxy ([0, 0, 1, 1] unless letterboxed)."""
     return policy.norm_to_input_norm(np.array([0.0, 0.0, 1.0, 1.0]), orig_w, orig_h)

@@ -23,9 +23,9 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from roiseg import __version__
 from roiseg.common.files import file_sha256
 from roiseg.common.geometry import ResizePolicy, normalized_to_pixel, pad_box
+from roiseg.common.version import __version__
 from roiseg.data.coco import (
     AnnotationError,
     SkipReport,

@@ -28,8 +28,8 @@ import numcodecs
 import numpy as np
 import zarr
 
-from roiseg import __version__
 from roiseg.common.errors import RoisegError
+from roiseg.common.version import __version__
 from roiseg.data.sparse import readable_cells, zero_unreadable
 from roiseg.data.store_check import check_store
 from roiseg.data.store_meta import FINGERPRINT_KEYS, StoreMeta, is_complete

@@ -18,6 +18,8 @@ budget per chunk), so there is no host round-trip per ROI: the only host syncs a
 """
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from roiseg.common.errors import RoisegError
 from roiseg.common.geometry import normalized_to_pixel, pixel_center_span
 from roiseg.data.rasterize import native_windows
 from roiseg.evaluation.boundary import boundary_band, boundary_width
@@ -362,29 +365,49 @@ def _boundary_iou(pred: torch.Tensor, gt_band: torch.Tensor, gt_band_area: np.nd
 
 @torch.no_grad()
 def run_evaluator(model: torch.nn.Module, batches: Iterable[dict], evaluator: RoiEvaluator, amp: bool = False,
-                  zero_features: bool = False, amp_dtype: torch.dtype = torch.float16) -> RoiEvaluator:
-    """Feed every validation batch through ``model`` into ``evaluator`` (no per-ROI host sync)."""
+                  zero_features: bool = False, amp_dtype: torch.dtype = torch.float16,
+                  mirrored: Iterable[dict] | None = None) -> RoiEvaluator:
+    """Feed every validation batch through ``model`` into ``evaluator`` (no per-ROI host sync).
+    ``mirrored``: the same batches of the mirrored images (``val_batches(mirrored=True)``): flip
+    test-time augmentation, each ROI's class probabilities averaged with its mirror's."""
     was_training = model.training
     model.eval()
     evaluator.reset()
-    for batch in batches:
-        f, fine = batch["features"], batch.get("fine")
-        if zero_features:
-            f, fine = torch.zeros_like(f), None if fine is None else torch.zeros_like(fine)
-        if not amp:
-            f, fine = f.float(), None if fine is None else fine.float()
-        with torch.autocast(f.device.type, dtype=amp_dtype, enabled=amp):
-            logits, scores = decode_rois(model, f, batch["rois"], fine)
-        evaluator.process(batch["roi_ids"], logits.float().softmax(1), scores)
+    decode = functools.partial(_probs, model, amp=amp, zero_features=zero_features, amp_dtype=amp_dtype)
+    for batch, flipped in zip(batches, mirrored if mirrored is not None else itertools.repeat(None)):
+        probs, scores = decode(batch)
+        if flipped is not None:
+            if not torch.equal(flipped["roi_ids"], batch["roi_ids"]):
+                raise RuntimeError("the mirrored batches hold other ROIs than the plain ones")
+            probs_m, scores_m = decode(flipped)
+            probs = (probs + probs_m.flip(-1)) / 2
+            scores = None if scores is None else (scores + scores_m) / 2
+        evaluator.process(batch["roi_ids"], probs, scores)
     model.train(was_training)
     return evaluator
 
 
+def _probs(model, batch: dict, amp: bool, zero_features: bool, amp_dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One batch's class probabilities [n, K, M, M] and score-head scores (or None)."""
+    f, fine = batch["features"], batch.get("fine")
+    if zero_features:
+        f, fine = torch.zeros_like(f), None if fine is None else torch.zeros_like(fine)
+    if not amp:
+        f, fine = f.float(), None if fine is None else fine.float()
+    with torch.autocast(f.device.type, dtype=amp_dtype, enabled=amp):
+        logits, scores = decode_rois(model, f, batch["rois"], fine)
+    return logits.float().softmax(1), scores
+
+
 def val_batches(index: CacheIndex, device, batch_size: int, mask_size: int, resident: str = "auto",
-                workers: int = 0, fine: bool = False):
+                workers: int = 0, fine: bool = False, mirrored: bool = False):
     """Every stored padded ROI of ``index``'s images, in store order (as `train` validates);
-    ``fine``: with the fine map (a decoder that fuses one)."""
-    source = make_source(resident, index, RoiSampling(hflip=0.0), mask_size, 0, workers, device, index.images,
-                         fine)
+    ``fine``: with the fine map (a decoder that fuses one); ``mirrored``: of the mirrored images
+    (their stored features, ``cache --flip``), ROIs mirrored, in the same order."""
+    if mirrored and not index.has_flip:
+        raise RoisegError(f"flip test-time augmentation reads the features of the mirrored images, and {index.path} "
+                          f"holds none: cache it with --flip")
+    source = make_source(resident, index, RoiSampling(hflip=1.0 if mirrored else 0.0), mask_size, 0, workers, device,
+                         index.images, fine)
     batches = epoch_batches(index.images, 0, 0, batch_size, shuffle=False, pad=False)
     return source.iterate(batches, 0, False)

@@ -97,7 +97,10 @@ def export_decoder(model, spec: ExportSpec, out: Path, opset: int = 17, meta: di
             torch.onnx.export(wrapper, inputs, str(tmp), input_names=spec.inputs, output_names=spec.outputs,
                               opset_version=opset, dynamo=False, dynamic_axes=dyn)
         m = onnx.load(str(tmp))
-        for k, v in export_metadata(spec, meta).items():
+        # which quality score the scores output is: a runtime that averages two passes (flip TTA)
+        # recomputes a certainty from the averaged probabilities, and averages a score head's
+        kind = {"mask_score": "score head" if getattr(model, "score_head", None) is not None else "certainty"}
+        for k, v in export_metadata(spec, {**kind, **(meta or {})}).items():
             m.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
         onnx.save(m, str(tmp))
     return out

@@ -8,6 +8,7 @@ the images go through the checkpoint's own extractor and preprocessing into a te
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import tempfile
@@ -33,9 +34,10 @@ log = logging.getLogger(__name__)
 
 def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: list | None = None,
                         device: str = "cpu", coco_eval: bool = False, batch_size: int | None = None,
-                        details: bool = False, index: CacheIndex | None = None) -> dict:
+                        details: bool = False, index: CacheIndex | None = None, tta: str = "none") -> dict:
     """A checkpoint's metrics on a cached val store (its own, ``val_store``, or ``index``): what
-    validation computes, with the checkpoint's own stored metrics beside them."""
+    validation computes, with the checkpoint's own stored metrics beside them.  ``tta="flip"``: each
+    ROI's probabilities averaged with those of the mirrored image (the store's ``--flip`` features)."""
     ck = load_checkpoint(path)
     model, _ = decoder_from_checkpoint(ck)
     cfg = make_config(base=ck.config)
@@ -49,11 +51,12 @@ def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: l
     model.to(dev)
     ev = RoiEvaluator(index, FeatureStore(index.path), ck.num_classes, dev, coco_eval).keep_records(details)
     bs = batch_size or default_batch_size(dev)
-    run_evaluator(model, val_batches(index, dev, bs, ck.mask_size, fine=uses_fine(model)), ev,
-                  amp=cfg.amp and (dev.type == "cuda" or cfg.amp_dtype == "bfloat16"), zero_features=cfg.zero_features,
-                  amp_dtype=getattr(torch, cfg.amp_dtype))
+    batches = functools.partial(val_batches, index, dev, bs, ck.mask_size, fine=uses_fine(model))
+    mirrored = batches(mirrored=True) if tta == "flip" else None     # checks the store first
+    run_evaluator(model, batches(), ev, amp=cfg.amp and (dev.type == "cuda" or cfg.amp_dtype == "bfloat16"),
+                  zero_features=cfg.zero_features, amp_dtype=getattr(torch, cfg.amp_dtype), mirrored=mirrored)
     res = ev.result()
-    res.update({"checkpoint": str(path), "epoch": ck.epoch, "val_store": str(index.path),
+    res.update({"checkpoint": str(path), "epoch": ck.epoch, "val_store": str(index.path), "tta": tta,
                 "stored_metrics": {m: ck.metrics.get(m) for m in ("mIoU", "instance_mIoU", "boundary_IoU")}})
     return res
 
@@ -77,10 +80,10 @@ def _val_index(ck, cfg, val_store: Path | None, val_images) -> CacheIndex:
 
 @contextlib.contextmanager
 def live_store(ck_path: Path, ann: Path, images: Path, work_dir: Path | None, onnx: Path | None = None,
-               provider: str = "auto", limit: int | None = None, device_id: int | None = None):
+               provider: str = "auto", limit: int | None = None, device_id: int | None = None, flip: bool = False):
     """A temporary val store of ``ann``/``images`` cached as the checkpoint's training store was
     (``CacheConfig.from_store_meta``: the same code as `cache`); yields its path and deletes it
-    afterwards.  TensorRT engines go to the persistent engine cache, not the temporary folder: a
+    afterwards; ``flip``: with the mirrored images' features (for ``tta="flip"``).  TensorRT engines go to the persistent engine cache, not the temporary folder: a
     rebuild takes minutes."""
     from roiseg.common.providers import TRT_CACHE
     from roiseg.data.cache import run_cache
@@ -99,6 +102,7 @@ def live_store(ck_path: Path, ann: Path, images: Path, work_dir: Path | None, on
         s = run_cache(CacheConfig.from_store_meta(ck.train_meta, ck.fuses_fine, onnx=onnx, ann=Path(ann),
                                                   images=Path(images), out=out, provider=provider,
                                                   fine_projection_from=projection, limit=limit, trt_cache=TRT_CACHE,
+                                                  flip=flip,
                                                   device_id=device_id), progress=True)
         if s["cached"] == 0:
             reasons = "\n  ".join(f"{k}: {v}" for k, v in list(s["skipped"].items())[:5])

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from roiseg.modeling.checkpoint import decoder_from_checkpoint
-from roiseg.modeling.decoders import decode_rois, mask_scores, paste_masks, uses_fine
-from roiseg.runtime.decoding import DecoderInput
+from roiseg.modeling.decoders import decode_rois, uses_fine
+from roiseg.runtime.decoding import DecoderInput, RoiGrids
 from roiseg.runtime.detection import DetectionSettings
 from roiseg.runtime.pipeline import Predictor, open_extractor
 
@@ -23,18 +23,16 @@ class TorchDecoder:
         self.provider = f"torch {self.device}"
         self.fine = uses_fine(model)     # the pipeline then hands it the fine map too
 
-    def __call__(self, inp: DecoderInput) -> tuple[np.ndarray, np.ndarray]:
-        """The class-1 probability pasted into each ROI's window, and each mask's quality score
-        (the module reads the padded ROIs)."""
+    def __call__(self, inp: DecoderInput) -> RoiGrids:
+        """The class-1 probability on each ROI's grid, and the score head's scores or the
+        certainty (the module reads the padded ROIs)."""
         r = torch.as_tensor(np.concatenate([np.zeros((len(inp), 1)), inp.rois], 1), dtype=torch.float32,
                             device=self.device)
         fine = None if inp.fine is None else torch.from_numpy(inp.fine).float().to(self.device)
         with torch.no_grad():
             logits, quality = decode_rois(self.model, torch.from_numpy(inp.image).float().to(self.device), r, fine)
-            fg = logits.softmax(1)[:, 1]
-            pasted = paste_masks(fg[:, None], torch.as_tensor(inp.windows, dtype=torch.float32, device=self.device),
-                                 *inp.window_hw, fill_background=False)
-        return pasted[:, 0].cpu().numpy(), mask_scores(fg, quality).cpu().numpy()
+            fg = logits.float().softmax(1)[:, 1].cpu().numpy()
+        return RoiGrids(fg, None if quality is None else quality.float().cpu().numpy(), quality is None)
 
 
 

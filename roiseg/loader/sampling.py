@@ -42,13 +42,6 @@ def image_rng(seed: int, epoch: int, image: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, image])
 
 
-def mirror_boxes(boxes: np.ndarray) -> np.ndarray:
-    """Normalized xyxy boxes of the horizontally mirrored frame."""
-    out = boxes.copy()
-    out[..., 0], out[..., 2] = 1 - boxes[..., 2], 1 - boxes[..., 0]
-    return out
-
-
 def jitter_person_boxes(boxes: np.ndarray, jitter: float, jitter_scale: float,
                         rng: np.random.Generator) -> np.ndarray:
     """Normalized xyxy person boxes -> jittered ones (centre ~ N(0, jitter) x size, size x

@@ -24,12 +24,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from roiseg.common.errors import RoisegError
+from roiseg.common.geometry import mirror_boxes
 from roiseg.data.store import FeatureStore, StoreError
 from roiseg.loader.sampling import (
     ImageSample,
     RoiSampling,
     image_rng,
-    mirror_boxes,
     rois_with_others,
     train_rois,
 )
@@ -124,10 +124,11 @@ def check_complete(store: FeatureStore, images, allow_partial: bool, option: str
 
 def image_samples(index: CacheIndex, i: int, epoch: int, train: bool, sampling: RoiSampling,
                   seed: int) -> ImageSample:
-    """Image i's ROIs for this epoch (validation: every padded ROI as stored, never mirrored)."""
+    """Image i's ROIs for this epoch (validation: every padded ROI as stored, mirrored only with
+    ``hflip`` 1: the mirrored pass of flip test-time augmentation)."""
     a, b = index.rois_of(i)
     if not train:
-        return ImageSample(np.arange(b - a), index.padded_input[a:b].copy(), False)
+        return ImageSample(np.arange(b - a), index.padded_input[a:b].copy(), sampling.hflip >= 1.0)
     h, w = (int(v) for v in index.tables["orig_hw"][i])
     return train_rois(index.box[a:b], index.padded_input[a:b], index.has_other[a:b], (w, h),
                       index.policy, index.roi_padding, sampling, image_rng(seed, epoch, i))

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from roiseg.common.certainty import RAMP, UNSURE
+
 
 def _gn(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(32, ch // 4) if ch >= 8 else 1, ch)
@@ -275,12 +277,6 @@ def decode_rois(model, features: torch.Tensor, rois: torch.Tensor, fine: torch.T
     """``model(features, rois, with_scores=True[, fine=fine])``: (logits, scores or None).  ``fine``
     is passed only when there is one, so decoders of the older interface (no such argument) run too."""
     return model(features, rois, with_scores=True, **({} if fine is None else {"fine": fine}))
-
-
-# The mask-certainty score: class-1 probabilities in (0.5 - UNSURE, 0.5 + UNSURE) count as cells the
-# decoder is unsure of, with linear ramps RAMP wide at the band's edges so that the score is a
-# continuous function of the logits (ONNX Runtime and PyTorch then agree to within rounding).
-UNSURE, RAMP = 0.25, 0.05
 
 
 def mask_certainty(fg: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ import numpy as np
 
 from roiseg.common.errors import RoisegError
 from roiseg.data.store_meta import FeatureSource, UntrustedStoreError
-from roiseg.runtime.decoding import DecoderInput
-from roiseg.runtime.paste import paste_numpy, softmax
+from roiseg.runtime.decoding import DecoderInput, RoiGrids
+from roiseg.runtime.paste import softmax
 
 
 def export_contract(props: dict, path: Path) -> FeatureSource:
@@ -61,8 +61,10 @@ class OnnxDecoder:
         self.inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
         if "logits" not in [o.name for o in model.graph.output]:
             raise RoisegError(f"{path} has no logits output")
-        # each mask's quality score; graphs exported before it existed have it only with a score head
+        # each mask's quality score; graphs exported before it existed have it only with a score head,
+        # graphs exported before "mask_score" was written do not say which of the two theirs is
         self.has_scores = "scores" in [o.name for o in model.graph.output]
+        self.mask_score = {p.key: p.value for p in model.metadata_props}.get("mask_score")
         self.end_to_end = self.inputs[0] != "features"
         self.fine = "fine" in self.inputs       # a decoder that fuses the fine map (cache --fine-feature)
         if self.fine and self.source.fine is None:
@@ -72,9 +74,9 @@ class OnnxDecoder:
         self.session = make_session(model, provider=provider, label=path.name, fp16=False, device_id=device_id)
         self.provider = self.session.get_providers()[0]
 
-    def __call__(self, inp: DecoderInput) -> tuple[np.ndarray, np.ndarray | None]:
+    def __call__(self, inp: DecoderInput) -> RoiGrids:
         """The graph takes the person boxes (it pads them itself) and the content rect."""
-        feed = {self.inputs[0]: inp.image.astype(np.float32),
+        feed = {self.inputs[0]: inp.image.astype(np.float32, copy=False),
                 "rois": np.concatenate([np.zeros((len(inp), 1)), inp.boxes], 1).astype(np.float32)}
         if self.fine:
             if inp.fine is None:
@@ -83,4 +85,7 @@ class OnnxDecoder:
         if self.letterbox:
             feed["image_rects"] = np.asarray(inp.content_rect, np.float32).reshape(1, 4)
         out = self.session.run(["logits"] + (["scores"] if self.has_scores else []), feed)
-        return paste_numpy(softmax(out[0])[:, 1], inp.windows, *inp.window_hw), (out[1] if self.has_scores else None)
+        fg = softmax(out[0])[:, 1]
+        if self.mask_score == "certainty":      # the graph's scores are the certainty of its logits
+            return RoiGrids(fg, None, True)
+        return RoiGrids(fg, out[1] if self.has_scores else None, False)

@@ -1,22 +1,39 @@
-"""NumPy paste-back (no torch): the same separable bilinear weights as ``roiseg.modeling.decoders.paste_masks``."""
+"""NumPy paste-back (no torch): the same separable bilinear weights as ``roiseg.modeling.decoders.paste_masks``,
+applied as their two taps per pixel instead of as matrices."""
 from __future__ import annotations
 
 import numpy as np
 
 
-def interp_weights(lo: np.ndarray, hi: np.ndarray, n_out: int, m: int) -> np.ndarray:
-    """[N, n_out, m]: weight of ROI-grid cell j for frame pixel i along one axis (0 outside the ROI)."""
+def axis_taps(lo: np.ndarray, hi: np.ndarray, n_out: int, m: int) -> tuple[np.ndarray, ...]:
+    """Along one axis, for ROI k and frame pixel i: the two ROI-grid cells that bilinear
+    interpolation reads and their weights ([N, n_out] each; a cell outside the grid weighs 0, so a
+    pixel outside the ROI gets 0)."""
     c = np.arange(n_out, dtype=np.float32) + 0.5
     src = (c[None] - lo[:, None]) / np.maximum(hi - lo, 1e-6)[:, None] * m - 0.5
-    return np.maximum(1 - np.abs(src[:, :, None] - np.arange(m, dtype=np.float32)), 0).astype(np.float32)
+    j0 = np.floor(src)
+    f = (src - j0).astype(np.float32)
+    j0 = j0.astype(np.int64)
+    w0 = np.where((j0 >= 0) & (j0 < m), 1 - f, 0).astype(np.float32)
+    w1 = np.where((j0 + 1 >= 0) & (j0 + 1 < m), f, 0).astype(np.float32)
+    return np.clip(j0, 0, m - 1), np.clip(j0 + 1, 0, m - 1), w0, w1
 
 
-def paste_numpy(maps: np.ndarray, boxes_px: np.ndarray, height: int, width: int) -> np.ndarray:
-    """ROI-grid maps [N, M, M] -> [N, height, width] frames; ``boxes_px`` xyxy in frame pixels."""
+def paste_windows(maps: np.ndarray, boxes_px: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    """ROI-grid maps [N, M, M] -> one [h_k, w_k] array per ROI; ``boxes_px`` xyxy in each window's
+    pixels, ``sizes`` [N, 2] the windows' (height, width).
+
+    Gathers, not matmuls: numpy's stacked matmul runs on OpenBLAS's threads, which fight ONNX
+    Runtime's spinning ones on a small CPU (2x the whole call on 2 cores, bench/bench_api.py)."""
     b = np.asarray(boxes_px, np.float32)
-    ay = interp_weights(b[:, 1], b[:, 3], height, maps.shape[-2])
-    ax = interp_weights(b[:, 0], b[:, 2], width, maps.shape[-1])
-    return ay @ maps.astype(np.float32) @ ax.transpose(0, 2, 1)
+    maps = maps.astype(np.float32, copy=False)
+    out = []
+    for k, (grid, (h, w)) in enumerate(zip(maps, np.asarray(sizes, np.int64).reshape(-1, 2))):
+        y0, y1, wy0, wy1 = (t[0] for t in axis_taps(b[k:k + 1, 1], b[k:k + 1, 3], int(h), grid.shape[0]))
+        x0, x1, wx0, wx1 = (t[0] for t in axis_taps(b[k:k + 1, 0], b[k:k + 1, 2], int(w), grid.shape[1]))
+        rows = grid[y0] * wy0[:, None] + grid[y1] * wy1[:, None]          # [h, M]
+        out.append(rows[:, x0] * wx0 + rows[:, x1] * wx1)
+    return out
 
 
 def softmax(x: np.ndarray, axis: int = 1) -> np.ndarray:

@@ -19,26 +19,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from roiseg.common.errors import RoisegError
 from roiseg.common.files import file_sha256
-from roiseg.common.geometry import ResizePolicy, as_xyxy, content_rect, pad_box
+from roiseg.common.geometry import (
+    ResizePolicy,
+    as_xyxy,
+    content_rect,
+    mirror_boxes,
+    pad_box,
+)
 from roiseg.common.providers import device_id_for
 from roiseg.data.extractor import Extractor, UnknownTensorError
 from roiseg.data.images import load_rgb, preprocess, to_rgb8
 from roiseg.data.rasterize import native_windows
 from roiseg.data.store_meta import FeatureSource
-from roiseg.runtime.decoding import DecoderInput, RoiDecoder
+from roiseg.runtime.decoding import DecoderInput, RoiDecoder, RoiGrids
 from roiseg.runtime.detection import (
     DetectionSettings,
     decode,
     find_detection_output,
 )
 from roiseg.runtime.onnx_decoder import OnnxDecoder
+from roiseg.runtime.paste import paste_windows
 
 log = logging.getLogger(__name__)
 THRESHOLD = 0.5
+TTA_MODES = ("none", "flip")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One image as the decoder reads it: the extractor's feature map (an end-to-end graph: the
+    preprocessed image), its fine map and all its outputs (the detection head's among them)."""
+    maps: np.ndarray
+    fine: np.ndarray | None = None
+    outputs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -60,9 +77,9 @@ class Prediction:
     def window_masks(self, threshold: float = THRESHOLD) -> list[np.ndarray]:
         return [p > threshold for p in self.probs]
 
-    def full_masks(self, threshold: float = THRESHOLD) -> np.ndarray:
-        """[N, H, W] bool at original resolution (for drawing a few persons)."""
-        out = np.zeros((len(self), *self.size), bool)
+    def full_masks(self, threshold: float = THRESHOLD, dtype=bool) -> np.ndarray:
+        """[N, H, W] at original resolution, 0/1 as ``dtype``."""
+        out = np.zeros((len(self), *self.size), dtype)
         for k, (m, (x0, y0, x1, y1)) in enumerate(zip(self.window_masks(threshold), self.windows)):
             out[k, y0:y1, x0:x1] = m
         return out
@@ -123,63 +140,72 @@ class Predictor:
                                                                fine=dec.fine)
         return cls(dec, dec.source, extractor, detection)
 
-    def predict(self, image, boxes=None, box_format: str = "xyxy", scores=None, progress=None) -> Prediction:
+    def predict(self, image, boxes=None, box_format: str = "xyxy", scores=None, progress=None,
+                tta: str = "none") -> Prediction:
         """``image``: path or PIL image; ``boxes``: normalized person boxes [N, 4] of that image, or
         None for the extractor's own detections; ``progress(done, total)``: called as persons are
-        decoded."""
+        decoded; ``tta="flip"``: each person's probabilities averaged with those of the mirrored
+        image (the extractor and the decoder run twice)."""
+        if tta not in TTA_MODES:
+            raise RoisegError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         im = load_rgb(image) if not isinstance(image, Image.Image) else to_rgb8(image)
         w, h = im.size
-        x = preprocess(im, self.prep)[None]
-        if self.extractor is None:          # end-to-end graph: it encodes the image itself
-            if boxes is None:
-                raise RoisegError("an end-to-end graph needs the person boxes as input")
-            feats = x
-            fine = None
-        else:
-            feats, extra = self.extractor.run_all(x)
-            fine = extra.get(self.extractor.fine_name) if self.extractor.fine_name else None
+        if self.extractor is None and boxes is None:     # end-to-end graph: it encodes the image itself
+            raise RoisegError("an end-to-end graph needs the person boxes as input")
+        encoded = self._encode(im)
         if boxes is None:
-            if self.det_output is None:
-                raise RoisegError("no person boxes given and no detection output configured")
-            px, scores = decode(extra[self.det_output], self.det_format, self.policy_hw, self.detection,
-                                self.det_output)
-            iw, ih = self.policy.input_w, self.policy.input_h
-            boxes = self.policy.input_norm_to_norm(px / np.array([iw, ih, iw, ih]), w, h)
+            boxes, scores = self._detections(encoded.outputs, w, h)
         boxes = as_xyxy(np.asarray(boxes, np.float64).reshape(-1, 4), box_format).clip(0, 1)
         scores = np.ones(len(boxes)) if scores is None else np.asarray(scores, np.float64).reshape(-1)
-        return self.predict_features(feats, (h, w), boxes, scores, progress, fine)
+        mirrored = self._encode(ImageOps.mirror(im)) if tta == "flip" else None
+        return self.predict_features(encoded, (h, w), boxes, scores, progress, mirrored)
 
-    def predict_features(self, feats: np.ndarray, size, boxes: np.ndarray, scores: np.ndarray,
-                         progress=None, fine: np.ndarray | None = None) -> Prediction:
-        """Decoder + window paste for features of one image already extracted (the preprocessed
-        image for an end-to-end graph), ``max_rois_per_run`` persons at a time; ``fine``: its fine
-        map, for a decoder that fuses one."""
+    def _encode(self, im: Image.Image) -> Encoded:
+        """The decoder's input of one image: the extractor's maps (the preprocessed image for an
+        end-to-end graph)."""
+        x = preprocess(im, self.prep)[None]
+        if self.extractor is None:
+            return Encoded(x)
+        feats, extra = self.extractor.run_all(x)
+        return Encoded(feats, extra.get(self.extractor.fine_name) if self.extractor.fine_name else None, extra)
+
+    def _detections(self, outputs: dict, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+        """The extractor's own person boxes (normalized, original frame) and their scores."""
+        if self.det_output is None:
+            raise RoisegError("no person boxes given and no detection output configured")
+        px, scores = decode(outputs[self.det_output], self.det_format, self.policy_hw, self.detection, self.det_output)
+        iw, ih = self.policy.input_w, self.policy.input_h
+        return self.policy.input_norm_to_norm(px / np.array([iw, ih, iw, ih]), w, h), scores
+
+    def predict_features(self, encoded: Encoded, size, boxes: np.ndarray, scores: np.ndarray,
+                         progress=None, mirrored: Encoded | None = None) -> Prediction:
+        """Decoder + window paste for one image already encoded (``_encode``), ``max_rois_per_run``
+        persons at a time; ``mirrored``: the mirrored image's, for flip test-time augmentation."""
         h, w = size
         rois = pad_box(boxes, self.roi_padding).reshape(-1, 4)
         windows = native_windows(rois * [w, h, w, h], (h, w))
+        rel = rois * [w, h, w, h] - np.tile(windows[:, :2], 2)        # each ROI in its window's pixels
+        sizes = np.stack([windows[:, 3] - windows[:, 1], windows[:, 2] - windows[:, 0]], 1)
         pred = Prediction((h, w), boxes, scores, rois, windows)
         for a in range(0, len(rois), self.max_rois_per_run):
-            probs, quality = self._decode(feats, (h, w), boxes[a:a + self.max_rois_per_run],
-                                          rois[a:a + self.max_rois_per_run], windows[a:a + self.max_rois_per_run],
-                                          fine)
-            pred.probs += probs
+            part = slice(a, a + self.max_rois_per_run)
+            grids = self._grids(encoded, (h, w), boxes[part], rois[part])
+            if mirrored is not None:
+                grids = grids.with_mirror(self._grids(mirrored, (h, w), mirror_boxes(boxes[part]),
+                                                      mirror_boxes(rois[part])))
+            pred.probs += paste_windows(grids.fg, rel[part], sizes[part])
+            quality = grids.quality()
             if quality is not None:
                 pred.quality = (pred.quality or []) + [float(q) for q in quality]
             if progress is not None:
                 progress(len(pred.probs), len(rois))
         return pred
 
-    def _decode(self, feats, size, boxes, rois, windows, fine=None) -> tuple[list[np.ndarray], np.ndarray | None]:
-        """Each person's class-1 probability on its window (one paste into a frame as big as the
-        largest window, each ROI keeping its own corner), and the predicted mask IoUs or None."""
+    def _grids(self, encoded: Encoded, size, boxes, rois) -> RoiGrids:
         h, w = size
-        hmax = max(int((windows[:, 3] - windows[:, 1]).max()), 1)
-        wmax = max(int((windows[:, 2] - windows[:, 0]).max()), 1)
-        rel = rois * [w, h, w, h] - np.tile(windows[:, :2], 2)
-        pasted, quality = self.decoder(DecoderInput(
-            feats, self.policy.norm_to_input_norm(boxes, w, h), self.policy.norm_to_input_norm(rois, w, h),
-            content_rect(self.policy, w, h), rel, (hmax, wmax), fine))
-        return [pasted[k, : y1 - y0, : x1 - x0] for k, (x0, y0, x1, y1) in enumerate(windows)], quality
+        return self.decoder(DecoderInput(encoded.maps, self.policy.norm_to_input_norm(boxes, w, h),
+                                         self.policy.norm_to_input_norm(rois, w, h), content_rect(self.policy, w, h),
+                                         encoded.fine))
 
 
 def open_extractor(source: FeatureSource, onnx_path=None, provider="auto", detections: bool = False,

@@ -59,6 +59,7 @@ class PredictOptions:
     ann: Path | None = None
     detection: DetectionSettings = field(default_factory=DetectionSettings)
     threshold: float = THRESHOLD
+    tta: str = "none"                    # flip: averaged with the mirrored image (pipeline.TTA_MODES)
     save_masks: bool = False
     polygons: bool = False
     overlays: bool = True
@@ -227,7 +228,7 @@ class PersonRecord:
         """The COCO result (full-image RLE, bbox, score) pycocotools' ``loadRes`` reads."""
         r = {"image_id": self.image_id, "category_id": self.category_id,
              "segmentation": window_rle(self.mask, self.window, self.image_hw), "bbox": self.bbox,
-             "score": round(self.score, 5)}
+             "score": round(self.score, 6)}
         if self.file_name is not None:
             r["file_name"] = self.file_name
         if self.ann_id is not None:
@@ -240,7 +241,7 @@ class PersonRecord:
         if not segs:
             return None
         return {"id": ann_id, "image_id": self.image_id, "category_id": self.category_id, "segmentation": segs,
-                "area": float(self.mask.sum()), "bbox": self.bbox, "iscrowd": 0, "score": round(self.score, 5)}
+                "area": float(self.mask.sum()), "bbox": self.bbox, "iscrowd": 0, "score": round(self.score, 6)}
 
 
 def person_records(pred: Prediction, image_id: int, category_id: int, threshold: float, ann_ids=None,
@@ -460,8 +461,8 @@ def _predict_items(opts: PredictOptions, source: Source, boxes: BoxSource, predi
                 tally.skipped.append(f"{name}: {exc}")
                 continue
             given = boxes.boxes_for(name, (im.height, im.width))
-            pred = (predictor.predict(im, progress=moving) if given is None else
-                    predictor.predict(im, given[0], scores=given[1], progress=moving))
+            pred = (predictor.predict(im, progress=moving, tta=opts.tta) if given is None else
+                    predictor.predict(im, given[0], scores=given[1], progress=moving, tta=opts.tta))
             sink.add(name, im, pred, image_id, given[2] if given is not None else None, video)
             tally.images += 1
             tally.persons += len(pred)
