@@ -77,11 +77,21 @@ def person_rows(pred, grids: np.ndarray, image: dict, gts: list, det_scores: np.
         if gts:
             gt = gts[k]
             full = mask_utils.decode(gt["rle"]).astype(bool)
+            box = box_in_window(bx, pred.windows[k])           # the baseline: the box filled as the mask
             row.update(area=gt["area"], ann_id=gt["id"],
                        iou=[instance_iou(pred.probs[k] > t, pred.windows[k], full) for t in THRESHOLDS],
-                       biou=[instance_boundary_iou(pred.probs[k] > t, pred.windows[k], full) for t in THRESHOLDS])
+                       biou=[instance_boundary_iou(pred.probs[k] > t, pred.windows[k], full) for t in THRESHOLDS],
+                       box_iou=instance_iou(box, pred.windows[k], full),
+                       box_biou=instance_boundary_iou(box, pred.windows[k], full))
         rows.append(row)
     return rows
+
+
+def box_in_window(box_px: np.ndarray, window) -> np.ndarray:
+    """The pixels whose centres lie in the box, on the window's grid (bool [h, w])."""
+    x0, y0, x1, y1 = (int(v) for v in window)
+    xs, ys = np.arange(x0, x1) + 0.5, np.arange(y0, y1) + 0.5
+    return ((ys >= box_px[1]) & (ys < box_px[3]))[:, None] & ((xs >= box_px[0]) & (xs < box_px[2]))[None]
 
 
 def annotations(gt: dict) -> dict[int, list[dict]]:
@@ -371,6 +381,27 @@ def curve_rows(runs: Runs, variants: list[str], tta: str, n_boot: int) -> dict:
     return out
 
 
+def box_filled(runs: Runs, n_boot: int) -> dict:
+    """The baseline every figure needs: each person's box filled as its mask (the default decoder's
+    rows give the boxes; annotated boxes score 1, detected ones their detector's score)."""
+    from pycocotools import mask as mask_utils
+    hw = {im["id"]: (im["height"], im["width"]) for im in runs.gt["images"]}
+
+    def filled(rows):
+        out = []
+        for r in rows:
+            rle = mask_utils.frPyObjects(np.array([r["bbox"]], np.float64), *hw[r["image_id"]])[0]
+            out.append({"image_id": r["image_id"], "category_id": 1, "bbox": r["bbox"], "score": r["det"],
+                        "segmentation": {**rle, "counts": rle["counts"].decode()}})
+        return out
+    gt_rows = runs.per_seed("default", "gt", "none")[:1]
+    m = instance_summary([{**r, "iou": r["box_iou"], "biou": r["box_biou"]} for r in gt_rows[0]], runs, n_boot)
+    ap = ap_with_ci(runs.gt, [filled(gt_rows[0])], runs.image_picks(n_boot))
+    det = ap_with_ci(runs.gt, [filled(runs.per_seed("default", "auto", "none")[0])], runs.image_picks(n_boot))
+    return {"n": float("nan"), **m, **ap, "AP_detected": det["AP"], "AP75_detected": det["AP75"],
+            "AP_detected_CI": det["AP_CI"]}
+
+
 def curve_fits(curve: dict, runs: Runs) -> dict:
     """Each target metric against the training images: both fits, their projections to 5k and 64k
     images and the images at which they reach the target."""
@@ -448,7 +479,8 @@ def curve_markdown(curve: dict, tta: str) -> list[str]:
              "| variant | training images per fold | instance mIoU [95% CI] | boundary IoU | boundary IoU, large "
              "[CI] | mask AP [CI] | AP75 | detected boxes: mask AP [CI] | AP75 |", "|---|---|---|---|---|---|---|---|---|"]
     for v, c in curve.items():
-        lines.append(f"| {v} | {c['n']:.0f} | {fmt_ci(c['instance_mIoU'], c['instance_CI'])} | {c['boundary_IoU']:.3f} | "
+        n = "-" if np.isnan(c["n"]) else f"{c['n']:.0f}"
+        lines.append(f"| {v} | {n} | {fmt_ci(c['instance_mIoU'], c['instance_CI'])} | {c['boundary_IoU']:.3f} | "
                      f"{fmt_ci(c['boundary_IoU_L'], c['boundary_L_CI'])} | {fmt_ci(c['AP'], c['AP_CI'])} | "
                      f"{c['AP75']:.3f} | {fmt_ci(c['AP_detected'], c['AP_detected_CI'])} | {c['AP75_detected']:.3f} |")
     return lines
@@ -534,6 +566,7 @@ def main():
     ap.add_argument("--curve", default="train-12,train-24,train-48,train-96,default",
                     help="learning-curve variants, fewest training images first ('' to skip)")
     ap.add_argument("--curve-tta", default="none,flip")
+    ap.add_argument("--baselines", default="zero-features", help="variants shown beside the curve (not fitted)")
     ap.add_argument("--levers-of", default="default", help="the variant whose levers are judged ('' to skip)")
     ap.add_argument("--boot", type=int, default=200)
     ap.add_argument("--report", default="realdata_posthoc")
@@ -549,8 +582,11 @@ def main():
         curve = curve_rows(runs, curve_variants, tta, a.boot)
         fits = curve_fits(curve, runs)
         boot = fit_bootstrap(runs, curve_variants, tta, a.boot)
-        report[f"curve_{tta}"] = {"curve": curve, "fits": fits, "fit_ranges": boot}
-        lines += curve_markdown(curve, tta) + [""] + fits_markdown(fits, boot) + [""]
+        shown = {**curve, **curve_rows(runs, [v for v in a.baselines.split(",") if v], tta, a.boot)}
+        if tta == "none":
+            shown["box filled (baseline)"] = box_filled(runs, a.boot)
+        report[f"curve_{tta}"] = {"curve": shown, "fits": fits, "fit_ranges": boot}
+        lines += curve_markdown(shown, tta) + [""] + fits_markdown(fits, boot) + [""]
     if a.levers_of:
         report["levers"] = lever_rows(runs, a.levers_of, a.boot)
         lines += levers_markdown(report["levers"])

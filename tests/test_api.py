@@ -170,10 +170,17 @@ def test_calls_from_several_threads_give_the_sequential_results(project):
     (lambda s, p: s(p, [[0, 0, 5, 5]], scores=[0.5, 0.2]), "scores has 2 values for 1 boxes"),
     (lambda s, p: s(p.with_name("missing.jpg"), [[0, 0, 5, 5]]), "image not found"),
     (lambda s, p: s(p, [[0, 0, 5, 5]], scores=["high"]), "scores must be numbers"),
+    (lambda s, p: s(p, scores=[0.9]), "scores are your detector's scores of your boxes"),
+    (lambda s, p: s(p, [[0, 0, 5, 5]], scores=[float("inf")]), "scores must be finite and >= 0"),
+    (lambda s, p: s(p, [[0.1, 0.1, 0.5, 0.9]]), "0-1 coordinates? pass normalized=True"),
+    (lambda s, p: s(p, [[], [], []]), "boxes must be [N, 4], got shape [3, 0]"),
+    (lambda s, p: s(p, [[0, 0, 5, 5]], channels="bgr"), "is the channel order of an array"),
+    (lambda s, p: s(p.with_name("broken.jpg"), [[0, 0, 5, 5]]), "undecodable image broken.jpg"),
     (lambda s, p: s(42, [[0, 0, 5, 5]]), "image must be a path"),
 ])
 def test_bad_arguments_are_one_value_error_naming_them(project, call, msg):
     from roiseg import Segmenter
+    (project / "broken.jpg").write_bytes(b"not a jpeg")
     seg = Segmenter(project / "checkpoints/best.decoder.onnx", provider="cpu")
     with pytest.raises(ValueError, match=re.escape(msg)):
         call(seg, project / "photo.jpg")
@@ -181,14 +188,16 @@ def test_bad_arguments_are_one_value_error_naming_them(project, call, msg):
 
 @pytest.mark.parametrize("what,msg", [("checkpoint", "is a training checkpoint: export it first"),
                                       ("extractor", "not a decoder exported by `cli.py export`"),
+                                      ("wrong-extractor", "is not the extractor this decoder was trained on"),
                                       ("e2e-as-decoder", "is a decoder graph, not an end-to-end one"),
                                       ("missing", "decoder_onnx not found")])
 def test_graphs_that_are_not_ours_are_one_error(project, what, msg):
     from roiseg import Segmenter
-    from roiseg.common.errors import RoisegError
-    with pytest.raises(RoisegError, match=re.escape(msg)):
+    with pytest.raises(ValueError, match=re.escape(msg)):
         if what == "e2e-as-decoder":
             Segmenter.from_end_to_end(project / "checkpoints/best.decoder.onnx", provider="cpu")
+        elif what == "wrong-extractor":
+            Segmenter(project / "checkpoints/best.decoder.onnx", project / "checkpoints/best.e2e.onnx", provider="cpu")
         else:
             Segmenter({"checkpoint": project / "checkpoints/best.pth", "missing": project / "nope.onnx",
                        "extractor": project / "ext_extractor/detector.onnx"}[what], provider="cpu")
@@ -224,3 +233,16 @@ def test_flip_tta_through_both_graphs(project):
     assert not np.allclose(a.scores, plain.scores, atol=1e-6)
     with pytest.raises(ValueError, match="tta must be one of none, flip"):
         Segmenter(project / "checkpoints/best.decoder.onnx", provider="cpu", tta="mirror")
+
+
+def test_no_boxes_given_is_an_empty_result_without_running_the_graphs(project):
+    from roiseg import Segmenter
+    seg = Segmenter(project / "checkpoints/best.decoder.onnx", provider="cpu", tta="flip")
+    runs = []
+    run_all = seg._given.extractor.run_all
+    seg._given.extractor.run_all = lambda x: runs.append(1) or run_all(x)
+    r = seg(project / "photo.jpg", np.zeros((0, 4)))
+    assert len(r) == 0 and r.masks.shape[0] == 0 and r.to_coco() == [] and runs == []
+    assert r.instance_map.max() == 0 and r.draw().size == Image.open(project / "photo.jpg").size
+    seg(project / "photo.jpg", [[40, 30, 200, 300]])
+    assert runs == [1, 1]                                   # flip TTA: the image and its mirror

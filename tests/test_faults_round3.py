@@ -694,3 +694,30 @@ def test_export_on_a_full_disk_names_the_file_and_replaces_nothing(trained, tmp_
     user_error(cli("export", "--checkpoint", trained / "best.pth", "--out", out),
                f"disk full while writing {out}", "nothing was written")
     assert not out.exists()
+
+
+def test_a_zero_features_decoder_reads_zeros_in_predict_and_is_not_exported(stores, synth, tmp_path):
+    """The no-feature ablation (zero_features in a config file) is scored as trained: predict with
+    the annotated boxes equals evaluate (which zeroes the features), and export refuses it (the
+    graph would read the real features)."""
+    import numpy as np
+
+    from roiseg.inference.evaluate import evaluate_checkpoint
+    from roiseg.inference.torch_decoder import predictor_from_checkpoint
+    from roiseg.runtime.decoding import DecoderInput
+    (tmp_path / "c.toml").write_text("zero_features = true\n")
+    succeeded(cli(*train_args(stores, tmp_path / "ck", "--epochs", "1", "--config", tmp_path / "c.toml")))
+    ck = tmp_path / "ck" / "best.pth"
+    decoder = predictor_from_checkpoint(ck, provider="cpu").decoder
+    seen = []
+    model = decoder.model
+    decoder.model = lambda f, r, **k: seen.append(float(f.abs().max())) or model(f, r, **k)
+    r = succeeded(cli("predict", "--source", synth["root"] / "images/val2017", "--checkpoint", ck, "--boxes", "gt",
+                      "--ann", synth["val"], "--out", tmp_path / "p", "--provider", "cpu", "--no-overlays"))
+    got = float(r.output.split("instance mIoU with the GT boxes: ")[1].split()[0])
+    assert got == pytest.approx(evaluate_checkpoint(ck)["instance_mIoU"], abs=2e-3)
+    decoder(DecoderInput(np.ones((1, 16, 80, 80), np.float32), np.array([[0.1, 0.1, 0.5, 0.5]]),
+                         np.array([[0.05, 0.05, 0.55, 0.55]]), np.array([0, 0, 1, 1.0])))
+    assert seen == [0.0]                          # ones in, zeros to the decoder
+    user_error(cli("export", "--checkpoint", ck, "--out", tmp_path / "d.onnx"), "trained on zeroed features")
+    assert not (tmp_path / "d.onnx").exists()

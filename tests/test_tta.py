@@ -78,3 +78,25 @@ def test_evaluate_flip_tta_needs_the_mirrored_features(trained, stores):
     r = cli("evaluate", "--checkpoint", trained / "best.pth", "--val-store", stores["val"], "--tta", "flip",
             "--device", "cpu")
     user_error(r, "holds none: cache it with --flip")
+
+
+def test_a_graph_without_mask_score_metadata_is_recognised(trained, synth, tmp_path):
+    """Graphs exported before the ``mask_score`` metadata: the first call tells a certainty (equal to
+    the certainty of the graph's own logits) from a score head, so flip TTA recomputes it as for a
+    new graph."""
+    import onnx
+
+    from roiseg.runtime.pipeline import Predictor
+    succeeded(cli("export", "--checkpoint", trained / "best.pth", "--out", tmp_path / "d.decoder.onnx"))
+    m = onnx.load(str(tmp_path / "d.decoder.onnx"))
+    kept = [p for p in m.metadata_props if p.key != "mask_score"]
+    assert len(kept) == len(m.metadata_props) - 1
+    del m.metadata_props[:]
+    m.metadata_props.extend(kept)
+    onnx.save(m, str(tmp_path / "old.decoder.onnx"))
+    im = _image(synth)
+    new = Predictor.from_onnx(tmp_path / "d.decoder.onnx", provider="cpu")
+    old = Predictor.from_onnx(tmp_path / "old.decoder.onnx", provider="cpu")
+    assert old.decoder.mask_score is None
+    a, b = new.predict(im, BOXES, tta="flip"), old.predict(im, BOXES, tta="flip")
+    assert old.decoder.mask_score == "certainty" and np.allclose(a.quality, b.quality, atol=1e-6)

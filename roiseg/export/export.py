@@ -157,6 +157,9 @@ def export_checkpoint(checkpoint: Path, out: Path | None = None, opset: int = 17
     checkpoint = Path(checkpoint)
     check_opset(opset)
     ck = load_checkpoint(checkpoint)
+    if ck.zero_features:
+        raise ExportError(f"{checkpoint} is an ablation run trained on zeroed features (zero_features): its graph "
+                          f"would read the real ones; `evaluate` and `predict --checkpoint` score it as trained")
     model, source = decoder_from_checkpoint(ck)
     out, e2e = default_paths(checkpoint, out, spec_options.get("half", False), end_to_end)
     e2e = Path(e2e_out) if end_to_end and e2e_out else e2e

@@ -67,6 +67,12 @@ class CheckpointRecord:
         return self.train_meta.source.with_fine(self.fuses_fine)
 
     @property
+    def zero_features(self) -> bool:
+        """An ablation run trained on zeroed features (the no-feature baseline): its decoder must
+        read zeros wherever it runs."""
+        return bool(self.config.get("zero_features"))
+
+    @property
     def num_classes(self) -> int:
         return int(self.model_kwargs["num_classes"])
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from roiseg.common.certainty import mask_certainty_np
 from roiseg.common.errors import RoisegError
 from roiseg.data.store_meta import FeatureSource, UntrustedStoreError
 from roiseg.runtime.decoding import DecoderInput, RoiGrids
@@ -61,8 +62,9 @@ class OnnxDecoder:
         self.inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
         if "logits" not in [o.name for o in model.graph.output]:
             raise RoisegError(f"{path} has no logits output")
-        # each mask's quality score; graphs exported before it existed have it only with a score head,
-        # graphs exported before "mask_score" was written do not say which of the two theirs is
+        # each mask's quality score; graphs exported before it existed have it only with a score head;
+        # graphs exported before "mask_score" was written do not say which of the two theirs is (the
+        # first call tells: a certainty equals the certainty of the graph's own logits)
         self.has_scores = "scores" in [o.name for o in model.graph.output]
         self.mask_score = {p.key: p.value for p in model.metadata_props}.get("mask_score")
         self.end_to_end = self.inputs[0] != "features"
@@ -86,6 +88,8 @@ class OnnxDecoder:
             feed["image_rects"] = np.asarray(inp.content_rect, np.float32).reshape(1, 4)
         out = self.session.run(["logits"] + (["scores"] if self.has_scores else []), feed)
         fg = softmax(out[0])[:, 1]
+        if self.mask_score is None and self.has_scores and len(fg):      # a graph older than the metadata
+            self.mask_score = "certainty" if np.allclose(out[1], mask_certainty_np(fg), atol=1e-4) else "score head"
         if self.mask_score == "certainty":      # the graph's scores are the certainty of its logits
             return RoiGrids(fg, None, True)
         return RoiGrids(fg, out[1] if self.has_scores else None, False)

@@ -152,10 +152,13 @@ class Predictor:
         w, h = im.size
         if self.extractor is None and boxes is None:     # end-to-end graph: it encodes the image itself
             raise RoisegError("an end-to-end graph needs the person boxes as input")
+        if boxes is not None:
+            boxes = as_xyxy(np.asarray(boxes, np.float64).reshape(-1, 4), box_format).clip(0, 1)
+            if not len(boxes):                          # nothing to decode: no extractor run either
+                return self.predict_features(Encoded(np.zeros(0, np.float32)), (h, w), boxes, np.ones(0))
         encoded = self._encode(im)
         if boxes is None:
             boxes, scores = self._detections(encoded.outputs, w, h)
-        boxes = as_xyxy(np.asarray(boxes, np.float64).reshape(-1, 4), box_format).clip(0, 1)
         scores = np.ones(len(boxes)) if scores is None else np.asarray(scores, np.float64).reshape(-1)
         mirrored = self._encode(ImageOps.mirror(im)) if tta == "flip" else None
         return self.predict_features(encoded, (h, w), boxes, scores, progress, mirrored)
@@ -175,7 +178,8 @@ class Predictor:
             raise RoisegError("no person boxes given and no detection output configured")
         px, scores = decode(outputs[self.det_output], self.det_format, self.policy_hw, self.detection, self.det_output)
         iw, ih = self.policy.input_w, self.policy.input_h
-        return self.policy.input_norm_to_norm(px / np.array([iw, ih, iw, ih]), w, h), scores
+        boxes = self.policy.input_norm_to_norm(px / np.array([iw, ih, iw, ih]), w, h)
+        return np.asarray(boxes, np.float64).reshape(-1, 4).clip(0, 1), scores
 
     def predict_features(self, encoded: Encoded, size, boxes: np.ndarray, scores: np.ndarray,
                          progress=None, mirrored: Encoded | None = None) -> Prediction:

@@ -128,15 +128,35 @@ class Segmenter:
 
     def __init__(self, decoder_onnx: str | Path, extractor_onnx: str | Path | None = None, provider: str = "auto",
                  detection: DetectionSettings | None = None, threshold: float = THRESHOLD, tta: str = "none"):
-        _refuse_checkpoint(Path(decoder_onnx))
+        self._open(decoder_onnx, extractor_onnx, provider, detection, threshold, tta, end_to_end=None)
+
+    @classmethod
+    def from_end_to_end(cls, path: str | Path, provider: str = "auto", threshold: float = THRESHOLD,
+                        tta: str = "none") -> Segmenter:
+        """An end-to-end graph (``cli.py export --end-to-end``): the image in, masks out; boxes must
+        be given."""
+        seg = cls.__new__(cls)
+        seg._open(path, None, provider, None, threshold, tta, end_to_end=True)
+        return seg
+
+    def _open(self, path, extractor_onnx, provider, detection, threshold, tta, end_to_end: bool | None) -> None:
+        """Load the graphs once; every problem is one ``InputError`` (a ``ValueError``)."""
+        _refuse_checkpoint(Path(path))
         if not 0 < threshold < 1:
             raise InputError(f"threshold must be in (0, 1), got {threshold}")
         if tta not in TTA_MODES:
             raise InputError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         self.threshold, self.tta = threshold, tta
-        decoder = OnnxDecoder(decoder_onnx, provider)
-        extractor = None if decoder.end_to_end else open_extractor(decoder.source, extractor_onnx, provider,
-                                                                   detections=True, fine=decoder.fine)
+        try:
+            decoder = OnnxDecoder(path, provider)
+            if end_to_end and not decoder.end_to_end:
+                raise InputError(f"{path} is a decoder graph, not an end-to-end one: use Segmenter({str(path)!r})")
+            extractor = None if decoder.end_to_end else open_extractor(decoder.source, extractor_onnx, provider,
+                                                                       detections=True, fine=decoder.fine)
+        except InputError:
+            raise
+        except RoisegError as exc:
+            raise InputError(str(exc)) from None
         self._given = Predictor(decoder, decoder.source, extractor)
         self._auto, self._why_no_auto = None, None
         try:
@@ -144,36 +164,31 @@ class Segmenter:
         except RoisegError as exc:        # boxes must then be given: said when a call gives none
             self._why_no_auto = str(exc)
 
-    @classmethod
-    def from_end_to_end(cls, path: str | Path, provider: str = "auto", threshold: float = THRESHOLD,
-                        tta: str = "none") -> Segmenter:
-        """An end-to-end graph (``cli.py export --end-to-end``): the image in, masks out; boxes must
-        be given."""
-        seg = cls(path, provider=provider, threshold=threshold, tta=tta)
-        if seg._given.extractor is not None:
-            raise InputError(f"{path} is a decoder graph, not an end-to-end one: use Segmenter({str(path)!r})")
-        return seg
-
     @property
     def provider(self) -> str:
         """Where the image is encoded (ONNX Runtime's provider)."""
         return self._given.provider
 
     def __call__(self, image, boxes=None, box_format: str = "xyxy", normalized: bool = False,
-                 channels: str = "rgb", scores=None) -> Result | list[Result]:
+                 channels: str = "rgb", scores=None, exif: bool | None = None) -> Result | list[Result]:
         """Person masks of ``image`` (a path, a PIL image, or an HxWx3 uint8 array whose channel order
         ``channels`` gives), one per box of ``boxes`` ([N, 4] array or nested list, ``box_format``
         xyxy / cxcywh / xywh, in pixels unless ``normalized``); ``boxes=None``: the extractor's own
         person detections.  ``scores``: your detector's scores of the boxes (multiplied into the
-        masks' quality scores).  A list of images (with a list of box arrays, or None) gives a list of
-        results, one image at a time (the extractor graph takes one image)."""
+        masks' quality scores).  ``exif``: turn a photo read from a path by its EXIF orientation
+        (default: only for ``boxes=None``, as ``predict``; given boxes and COCO annotations refer to
+        the pixels as stored); PIL images and arrays are used as given.  A list of images (with a
+        list of box arrays, or None) gives a list of results, one image at a time (the extractor
+        graph takes one image)."""
         if isinstance(image, (list, tuple)):
-            return self._each(image, boxes, box_format, normalized, channels, scores)
+            return self._each(image, boxes, box_format, normalized, channels, scores, exif)
         if box_format not in BOX_FORMATS:
             raise InputError(f"box_format must be one of {', '.join(BOX_FORMATS)}, got {box_format!r}")
-        im = _as_image(image, channels, exif=boxes is None)
+        im = _as_image(image, channels, exif=boxes is None if exif is None else exif)
         w, h = im.size
         if boxes is None:
+            if scores is not None:
+                raise InputError("scores are your detector's scores of your boxes: give boxes with them")
             if self._auto is None:
                 raise InputError(f"boxes=None asks for the extractor's own person boxes, but {self._why_no_auto}")
             pred = self._auto.predict(im, tta=self.tta)
@@ -185,7 +200,7 @@ class Segmenter:
                       np.array([r.score for r in recs], np.float64), pred.full_masks(self.threshold, np.uint8),
                       pred, self.threshold)
 
-    def _each(self, images, boxes, box_format, normalized, channels, scores) -> list[Result]:
+    def _each(self, images, boxes, box_format, normalized, channels, scores, exif) -> list[Result]:
         if boxes is not None and (not isinstance(boxes, (list, tuple)) or len(boxes) != len(images)):
             raise InputError(f"a list of {len(images)} images needs a list of {len(images)} box arrays (or "
                              f"boxes=None), got {type(boxes).__name__}"
@@ -193,7 +208,7 @@ class Segmenter:
         if scores is not None and (not isinstance(scores, (list, tuple)) or len(scores) != len(images)):
             raise InputError(f"a list of {len(images)} images needs a list of {len(images)} score arrays (or None)")
         return [self(im, None if boxes is None else boxes[k], box_format, normalized, channels,
-                     None if scores is None else scores[k]) for k, im in enumerate(images)]
+                     None if scores is None else scores[k], exif) for k, im in enumerate(images)]
 
 
 def _refuse_checkpoint(path: Path) -> None:
@@ -209,14 +224,19 @@ def _refuse_checkpoint(path: Path) -> None:
 
 
 def _as_image(image, channels: str, exif: bool) -> Image.Image:
-    """``image`` as an RGB PIL image; a path is read as predict reads it (EXIF orientation applied
-    only for automatic boxes: given boxes refer to the pixels as stored)."""
+    """``image`` as an RGB PIL image; a path is read as predict reads it (``exif``: turned by its
+    EXIF orientation)."""
     if channels not in ("rgb", "bgr"):
         raise InputError(f"channels must be 'rgb' or 'bgr', got {channels!r}")
+    if channels != "rgb" and not isinstance(image, np.ndarray):
+        raise InputError(f"channels={channels!r} is the channel order of an array; a path or a PIL image says its own")
     if isinstance(image, (str, Path)):
         if not Path(image).is_file():
             raise InputError(f"image not found: {image}")
-        return load_rgb(image, exif=exif)
+        try:
+            return load_rgb(image, exif=exif)
+        except RoisegError as exc:
+            raise InputError(str(exc)) from None
     if isinstance(image, Image.Image):
         if image.width == 0 or image.height == 0:
             raise InputError(f"image is empty ({image.width}x{image.height})")
@@ -236,12 +256,12 @@ def _as_boxes(boxes, w: int, h: int, box_format: str, normalized: bool) -> np.nd
         b = np.asarray(boxes, np.float64)
     except (TypeError, ValueError):
         raise InputError(f"boxes must be numbers, an [N, 4] array or list, got {type(boxes).__name__}") from None
-    if b.ndim == 1 and b.size == 4:
-        b = b[None]
-    if b.size == 0:
-        return np.zeros((0, 4))
+    if b.ndim == 1 and b.size in (0, 4):
+        b = b.reshape(-1, 4)
     if b.ndim != 2 or b.shape[1] != 4:
         raise InputError(f"boxes must be [N, 4], got shape {list(b.shape)}")
+    if len(b) == 0:
+        return np.zeros((0, 4))
     bad = np.flatnonzero(~np.isfinite(b).all(1))
     if len(bad):
         raise InputError(f"box {bad[0]} is not finite: {b[bad[0]].tolist()}")
@@ -250,6 +270,8 @@ def _as_boxes(boxes, w: int, h: int, box_format: str, normalized: bool) -> np.nd
     elif box_format == "cxcywh":
         b = np.concatenate([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], 1)
     if not normalized:
+        if (np.abs(b) <= 1).all() and max(w, h) > 2:
+            raise InputError("every box lies within the image's first pixel: 0-1 coordinates? pass normalized=True")
         b = b / [w, h, w, h]
     flat = np.flatnonzero((b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1]))
     if len(flat):
@@ -271,4 +293,6 @@ def _as_scores(scores, n: int) -> np.ndarray | None:
         raise InputError(f"scores must be numbers, one per box, got {type(scores).__name__}") from None
     if len(s) != n:
         raise InputError(f"scores has {len(s)} values for {n} boxes")
+    if not (np.isfinite(s) & (s >= 0)).all():
+        raise InputError(f"scores must be finite and >= 0, got {s[~(np.isfinite(s) & (s >= 0))][:3].tolist()}")
     return s
