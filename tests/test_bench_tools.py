@@ -1,5 +1,6 @@
-"""The tools the GPU check stands on: a timeout ends a whole process tree, and a skipped check is
-never silent."""
+"""The tools the benchmarks stand on: a timeout ends a whole process tree, a skipped GPU check is
+never silent, the learning curve's fits recover a known curve, and choices nested in the folds
+never look at their own fold."""
 import os
 import subprocess
 import sys
@@ -52,3 +53,30 @@ def test_every_skip_is_in_the_summary_and_a_failure_fails(monkeypatch, capsys, t
                        "1 failed: c")
     monkeypatch.setattr(G, "RESULTS", [])
     assert G.run_checks(G.Env("cpu", tmp_path, 10, None), ["a", "b"]) == 0     # skips alone: exit 0, listed
+
+
+def test_learning_curve_fits_recover_a_known_curve():
+    """bench/realdata_posthoc.py: both fits of error = c + a n^-b find a curve made that way, their
+    projections and inverses agree, and a floor above the target is reported as never reaching it."""
+    import numpy as np
+
+    from bench.realdata_posthoc import fit_power, images_for, project
+    n = np.array([12.0, 24, 48, 96, 110])
+    pure = fit_power(n, 1 - 0.8 * n ** -0.4)["power"]
+    assert pure["b"] == pytest.approx(-0.4, abs=1e-6) and pure["a"] == pytest.approx(0.8, rel=1e-6)
+    assert project(pure, 5000) == pytest.approx(1 - 0.8 * 5000 ** -0.4, abs=1e-9)
+    assert images_for(pure, project(pure, 777.0)) == pytest.approx(777.0, rel=1e-6)
+    floored = fit_power(n, 1 - (0.2 + 0.8 * n ** -0.5))["power+floor"]
+    assert floored["floor"] == pytest.approx(0.2, abs=0.01) and floored["b"] == pytest.approx(-0.5, abs=0.05)
+    assert images_for(floored, 0.85) == float("inf")         # the floor (error 0.2) forbids 0.85
+
+
+def test_nested_choices_never_look_at_their_own_fold():
+    """The threshold for fold f is chosen on the other folds only: a fold whose own best threshold
+    differs from the others' gets the others' choice."""
+    from bench.realdata_posthoc import THRESHOLDS, nested_threshold
+    k_low, k_high = THRESHOLDS.index(0.3), THRESHOLDS.index(0.7)
+    peak = lambda k: [1.0 if j == k else 0.0 for j in range(len(THRESHOLDS))]  # noqa: E731
+    rows = [{"fold": 0, "iou": peak(k_low)}] + [{"fold": f, "iou": peak(k_high)} for f in (1, 2, 3) for _ in range(2)]
+    picks = nested_threshold(rows)
+    assert picks[0] == k_high and picks[1:] == [k_high] * 6
