@@ -313,8 +313,34 @@ class Runs:
             rows += [{**r, "fold": f} for r in cached_run(self.out, ck, names, boxes, tta, self.gt, self.anns)]
         return rows
 
+    def seeds_of(self, variant: str) -> list[int]:
+        """The asked seeds whose checkpoints exist on every fold (a seed short of a fold is left out,
+        not mixed in: every figure pools whole 5-fold runs)."""
+        have = [s for s in self.seeds if all((self.levers / "kept" / f"{variant}_f{f}_s{s}_e0.pth").exists()
+                                             for f in range(len(self.names)))]
+        if not have:
+            raise SystemExit(f"{variant}: no seed of {self.seeds} has a kept checkpoint on all {len(self.names)} "
+                             f"folds: run bench/realdata_levers.py --variants {variant} --keep-checkpoints first")
+        return have
+
     def per_seed(self, variant: str, boxes: str, tta: str) -> list[list[dict]]:
-        return [self.rows(variant, s, boxes, tta) for s in self.seeds]
+        return [self.rows(variant, s, boxes, tta) for s in self.seeds_of(variant)]
+
+    def prefetch(self, variants: list[str], ttas: dict[str, list[str]]) -> int:
+        """Run (and cache) every kept checkpoint of ``variants`` there is so far, fold by fold, so a
+        later report only reads: ``ttas`` maps a variant to its TTA modes (default: none)."""
+        done = 0
+        for v in variants:
+            for f, names in enumerate(self.names):
+                for s in self.seeds:
+                    ck = self.levers / "kept" / f"{v}_f{f}_s{s}_e0.pth"
+                    if not ck.exists():
+                        continue
+                    for tta in ttas.get(v, ["none"]):
+                        for boxes in ("gt", "auto"):
+                            cached_run(self.out, ck, names, boxes, tta, self.gt, self.anns)
+                            done += 1
+        return done
 
     def image_picks(self, n: int) -> list[np.ndarray]:
         if self.picks is None or len(self.picks) != n:
@@ -375,7 +401,7 @@ def curve_rows(runs: Runs, variants: list[str], tta: str, n_boot: int) -> dict:
         m = instance_summary(seed_mean(gt_rows), runs, n_boot)
         ap, _ = ap_table(runs, gt_rows, n_boot)
         det, _ = ap_table(runs, runs.per_seed(v, "auto", tta), n_boot)
-        out[v] = {"n": n_train(v, runs), **m, **ap, "AP_detected": det["AP"], "AP75_detected": det["AP75"],
+        out[v] = {"n": n_train(v, runs), "seeds": len(runs.seeds_of(v)), **m, **ap, "AP_detected": det["AP"], "AP75_detected": det["AP75"],
                   "AP_detected_CI": det["AP_CI"]}
         log.warning("curve %s tta %s: %s", v, tta, {k: round(x, 3) for k, x in out[v].items() if isinstance(x, float)})
     return out
@@ -476,11 +502,11 @@ def fmt_diff(d) -> str:
 
 def curve_markdown(curve: dict, tta: str) -> list[str]:
     lines = [f"Learning curve, flip TTA {tta} (predict's pipeline, threshold 0.5):", "",
-             "| variant | training images per fold | instance mIoU [95% CI] | boundary IoU | boundary IoU, large "
-             "[CI] | mask AP [CI] | AP75 | detected boxes: mask AP [CI] | AP75 |", "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | training images per fold | seeds | instance mIoU [95% CI] | boundary IoU | boundary IoU, large "
+             "[CI] | mask AP [CI] | AP75 | detected boxes: mask AP [CI] | AP75 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for v, c in curve.items():
         n = "-" if np.isnan(c["n"]) else f"{c['n']:.0f}"
-        lines.append(f"| {v} | {n} | {fmt_ci(c['instance_mIoU'], c['instance_CI'])} | {c['boundary_IoU']:.3f} | "
+        lines.append(f"| {v} | {n} | {c.get('seeds', '-')} | {fmt_ci(c['instance_mIoU'], c['instance_CI'])} | {c['boundary_IoU']:.3f} | "
                      f"{fmt_ci(c['boundary_IoU_L'], c['boundary_L_CI'])} | {fmt_ci(c['AP'], c['AP_CI'])} | "
                      f"{c['AP75']:.3f} | {fmt_ci(c['AP_detected'], c['AP_detected_CI'])} | {c['AP75_detected']:.3f} |")
     return lines
@@ -570,12 +596,22 @@ def main():
     ap.add_argument("--levers-of", default="default", help="the variant whose levers are judged ('' to skip)")
     ap.add_argument("--boot", type=int, default=200)
     ap.add_argument("--report", default="realdata_posthoc")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="only run and cache the checkpoints kept so far (while training goes on), no report")
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import torch
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     out = a.levers.parent / "posthoc"
     runs = Runs(a.levers, out, [int(s) for s in a.seeds.split(",")], a.folds)
+    if a.prefetch:
+        names = [v for v in (a.curve + "," + a.baselines + "," + a.levers_of).split(",") if v]
+        ttas = {v: [t for t in a.curve_tta.split(",") if t] for v in a.curve.split(",") if v}
+        if a.levers_of:
+            ttas[a.levers_of] = ["none", "flip"]
+        print(f"{runs.prefetch(list(dict.fromkeys(names)), ttas)} runs cached in {out / 'runs'}")
+        return
     report, lines = {}, []
     curve_variants = [v for v in a.curve.split(",") if v]
     for tta in [t for t in a.curve_tta.split(",") if t] if curve_variants else []:
