@@ -21,6 +21,7 @@ then the mean of the seeds); CIs are 95% bootstrap over images; differences are 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -34,7 +35,7 @@ from bench import cv  # noqa: E402
 from bench.realdata import realdata  # noqa: E402
 from bench.realdata_predict import quiet_ap, resample, true_ious  # noqa: E402
 
-THRESHOLDS = [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7]
+THRESHOLDS = [0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7]
 BANDS = [0.15, 0.2, 0.25, 0.3, 0.35]              # half-widths of the certainty's unsure band (today 0.25)
 T_DEFAULT, BAND_DEFAULT = THRESHOLDS.index(0.5), BANDS.index(0.25)
 AREA_S, AREA_M = 32 ** 2, 96 ** 2
@@ -144,7 +145,8 @@ def run_checkpoint(ck: Path, names: list[str], boxes: str, tta: str, gt: dict, a
 
 
 def cached_run(out: Path, ck: Path, names, boxes, tta, gt, anns) -> list[dict]:
-    path = out / "runs" / f"{ck.stem}_{boxes}_{tta}.json"
+    grid = hashlib.sha1(repr((THRESHOLDS, BANDS)).encode()).hexdigest()[:6]      # rows hold every threshold
+    path = out / "runs" / f"{ck.stem}_{boxes}_{tta}_{grid}.json"
     if path.exists():
         return json.loads(path.read_text())
     rows = run_checkpoint(ck, names, boxes, tta, gt, anns)
@@ -293,19 +295,22 @@ TARGETS = {"instance_mIoU": 0.66, "boundary_IoU_L": 0.45, "AP": 0.30, "AP75": 0.
 class Runs:
     """The cached predict runs of every (variant, seed, boxes, tta), all folds pooled."""
 
-    def __init__(self, levers: Path, out: Path, seeds: list[int], folds: int):
+    def __init__(self, levers: Path, out: Path, seeds: list[int], folds: int, only_folds: list[int] | None = None):
         self.levers, self.out, self.seeds = levers, out, seeds
-        self.gt = json.loads(realdata().ann.read_text())
-        self.anns = annotations(self.gt)
+        gt = json.loads(realdata().ann.read_text())
+        self.anns = annotations(gt)
         self.names = cv.make_folds(levers / "store.zarr", folds)
-        ids = {im["file_name"]: im["id"] for im in self.gt["images"]}
-        self.fold_ids = {f: {ids[n] for n in names} for f, names in enumerate(self.names)}
-        self.images = sorted(ids.values())
+        self.folds = list(range(folds)) if only_folds is None else only_folds     # a preview: some folds only
+        ids = {im["file_name"]: im["id"] for im in gt["images"]}
+        self.fold_ids = {f: {ids[n] for n in self.names[f]} for f in self.folds}
+        self.gt = gt_subset(gt, set().union(*self.fold_ids.values()))
+        self.images = sorted(set().union(*self.fold_ids.values()))
         self.picks = None
 
     def rows(self, variant: str, seed: int, boxes: str, tta: str) -> list[dict]:
         rows = []
-        for f, names in enumerate(self.names):
+        for f in self.folds:
+            names = self.names[f]
             ck = self.levers / "kept" / f"{variant}_f{f}_s{seed}_e0.pth"
             if not ck.exists():
                 raise SystemExit(f"{ck} is missing: run bench/realdata_levers.py --variants {variant} "
@@ -317,9 +322,9 @@ class Runs:
         """The asked seeds whose checkpoints exist on every fold (a seed short of a fold is left out,
         not mixed in: every figure pools whole 5-fold runs)."""
         have = [s for s in self.seeds if all((self.levers / "kept" / f"{variant}_f{f}_s{s}_e0.pth").exists()
-                                             for f in range(len(self.names)))]
+                                             for f in self.folds)]
         if not have:
-            raise SystemExit(f"{variant}: no seed of {self.seeds} has a kept checkpoint on all {len(self.names)} "
+            raise SystemExit(f"{variant}: no seed of {self.seeds} has a kept checkpoint on all {len(self.folds)} "
                              f"folds: run bench/realdata_levers.py --variants {variant} --keep-checkpoints first")
         return have
 
@@ -457,6 +462,10 @@ def lever_rows(runs: Runs, variant: str, n_boot: int) -> dict:
     cases["threshold chosen on the other folds"] = (base, {b: [nested_threshold(r) if b == "gt" else
                                                                _auto_thresholds(r, g) for r, g in
                                                                zip(base[b], base["gt"])] for b in base}, quality)
+    cases["flip TTA + threshold chosen on the other folds"] = (flip, {b: [nested_threshold(r) if b == "gt" else
+                                                                        _auto_thresholds(r, g) for r, g in
+                                                                        zip(flip[b], flip["gt"])] for b in flip},
+                                                               quality)
     cases["certainty band chosen on the other folds"] = (
         {b: [_with(r, "band", nested_band(r, runs.gt, runs.fold_ids)) for r in base[b]] for b in base}, None,
         lambda r: quality(r, r["band"]))
@@ -599,12 +608,14 @@ def main():
     ap.add_argument("--prefetch", action="store_true",
                     help="only run and cache the checkpoints kept so far (while training goes on), no report")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only-folds", help="a preview on these folds of the k (e.g. 0,1,2): not the report's protocol")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import torch
     torch.set_num_threads(a.threads)
     out = a.levers.parent / "posthoc"
-    runs = Runs(a.levers, out, [int(s) for s in a.seeds.split(",")], a.folds)
+    only = [int(f) for f in a.only_folds.split(",")] if a.only_folds else None
+    runs = Runs(a.levers, out, [int(s) for s in a.seeds.split(",")], a.folds, only)
     if a.prefetch:
         names = [v for v in (a.curve + "," + a.baselines + "," + a.levers_of).split(",") if v]
         ttas = {v: [t for t in a.curve_tta.split(",") if t] for v in a.curve.split(",") if v}

@@ -207,7 +207,7 @@ def test_predict_with_gt_boxes_matches_evaluate(trained, synth, tmp_path):
     ck = trained / "best.pth"
     r = CliRunner().invoke(main, ["predict", "--source", str(synth["root"] / "images/val2017"), "--checkpoint",
                                   str(ck), "--boxes", "gt", "--ann", str(synth["val"]), "--out", str(tmp_path / "g"),
-                                  "--provider", "cpu", "--no-overlays"])
+                                  "--provider", "cpu", "--no-overlays", "--tta", "none"])
     assert r.exit_code == 0, r.output
     got = float(r.output.split("instance mIoU with the GT boxes: ")[1].split()[0])
     got_boundary = float(r.output.split("(boundary IoU ")[1].split(")")[0])
@@ -263,7 +263,7 @@ def test_evaluate_from_annotations_and_images_equals_the_store(trained, synth, t
     out = tmp_path / "live.json"
     r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(trained / "best.pth"), "--ann", str(synth["val"]),
                                   "--images", str(synth["root"] / "images/val2017"), "--work-dir", str(tmp_path),
-                                  "--provider", "cpu", "--device", "cpu", "--json", str(out)])
+                                  "--provider", "cpu", "--device", "cpu", "--json", str(out), "--tta", "none"])
     assert r.exit_code == 0, r.output
     live = json.loads(out.read_text())[0]
     from roiseg.inference.evaluate import evaluate_checkpoint

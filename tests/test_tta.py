@@ -74,10 +74,26 @@ def test_predict_and_evaluate_agree_under_flip_tta(trained, synth, tmp_path):
     assert outs["flip"] != pytest.approx(outs["none"], abs=1e-4)      # it changed the masks
 
 
-def test_evaluate_flip_tta_needs_the_mirrored_features(trained, stores):
+def test_evaluate_flip_tta_needs_the_mirrored_features(trained, stores, tmp_path):
     r = cli("evaluate", "--checkpoint", trained / "best.pth", "--val-store", stores["val"], "--tta", "flip",
             "--device", "cpu")
     user_error(r, "holds none: cache it with --flip")
+    # the default (auto) scores such a store without TTA, and says so
+    r = succeeded(cli("evaluate", "--checkpoint", trained / "best.pth", "--val-store", stores["val"], "--device", "cpu",
+                      "--json", tmp_path / "e.json"))
+    assert json.loads((tmp_path / "e.json").read_text())[0]["tta"] == "none" and "flip TTA: none" in r.output
+
+
+def test_tta_defaults_are_flip_where_it_costs_no_extra_cache():
+    from roiseg.inference.evaluate import resolve_tta
+    from roiseg.runtime.predict import PredictOptions
+    from roiseg.runtime.segmenter import Segmenter
+    assert resolve_tta("auto", True) == "flip" and resolve_tta("auto", False) == "none"
+    assert resolve_tta("none", True) == "none" and resolve_tta("flip", False) == "flip"
+    with pytest.raises(Exception, match="tta must be auto, none or flip"):
+        resolve_tta("mirror", True)
+    import inspect
+    assert PredictOptions.tta == "flip" and inspect.signature(Segmenter).parameters["tta"].default == "flip"
 
 
 def test_a_graph_without_mask_score_metadata_is_recognised(trained, synth, tmp_path):

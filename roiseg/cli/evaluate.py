@@ -34,9 +34,9 @@ from roiseg.cli.common import (
 @option("--json", "json_out", type=click.Path(path_type=Path), help="Write all metrics here (a new file, or one "
         "evaluate wrote).", panel="Outputs")
 @option("--coco-eval", is_flag=True, help="Also COCO mask AP (pycocotools, GT boxes as detections).")
-@option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+@option("--tta", type=click.Choice(["auto", "none", "flip"]), default="auto", show_default=True,
         help="flip: average each ROI's probabilities with the mirrored image's (a store cached with --flip; with "
-             "--ann the temporary store caches both).")
+             "--ann the temporary store caches both); auto: flip when the store holds mirrored features, else none.")
 @option("--work-dir", type=click.Path(path_type=Path), help="--ann: where the temporary store goes [system temp].",
         panel="Runtime")
 @provider_option()
@@ -107,6 +107,6 @@ def _evaluate_all(paths, val_store, ann, images, onnx_path, provider, limit, wor
                 for p in paths]
     from roiseg.common.providers import device_id_for
     gpu = device_id_for(device) if str(device).startswith("cuda") else None   # the decoder's GPU
-    with live_store(paths[0], ann, images, work_dir, onnx_path, provider, limit, gpu, flip=tta == "flip") as store:
+    with live_store(paths[0], ann, images, work_dir, onnx_path, provider, limit, gpu, flip=tta != "none") as store:
         return [evaluate_checkpoint(p, store, device=device, coco_eval=coco_eval, batch_size=batch_size, tta=tta)
                 for p in paths]

@@ -46,9 +46,9 @@ DETECTION = ["det_output", "det_format", "person_class", "conf", "iou", "max_det
         panel="Outputs")
 @option("--threshold", type=float, default=0.5, show_default=True, callback=unit,
         help="Class-1 probability above which a pixel is the person.")
-@option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+@option("--tta", type=click.Choice(["none", "flip"]), default="flip", show_default=True,
         help="flip: average each person's probabilities with the mirrored image's (the extractor and the decoder "
-             "run twice per image).")
+             "run twice per image: ~2x the time; measured +0.011 instance mIoU, +0.02 mask AP); none: one pass.")
 @option("--exif/--no-exif", default=None, help="Apply the EXIF orientation of photos [on with --boxes auto; off "
         "with box files and --ann, whose coordinates refer to the pixels as stored].")
 @option("--max-frames", type=int, callback=at_least(1), help="Video/camera: stop after N frames.")

@@ -34,10 +34,11 @@ log = logging.getLogger(__name__)
 
 def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: list | None = None,
                         device: str = "cpu", coco_eval: bool = False, batch_size: int | None = None,
-                        details: bool = False, index: CacheIndex | None = None, tta: str = "none") -> dict:
+                        details: bool = False, index: CacheIndex | None = None, tta: str = "auto") -> dict:
     """A checkpoint's metrics on a cached val store (its own, ``val_store``, or ``index``): what
     validation computes, with the checkpoint's own stored metrics beside them.  ``tta="flip"``: each
-    ROI's probabilities averaged with those of the mirrored image (the store's ``--flip`` features)."""
+    ROI's probabilities averaged with those of the mirrored image (the store's ``--flip`` features);
+    ``"auto"``: flip when the store holds them, else none (the result's ``tta`` says which ran)."""
     ck = load_checkpoint(path)
     model, _ = decoder_from_checkpoint(ck)
     cfg = make_config(base=ck.config)
@@ -47,6 +48,7 @@ def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: l
                            f"checkpoint {Path(path).name} vs val store {index.path}")
     if len(index.images) == 0:
         raise RoisegError(f"{index.path} holds no cached image to evaluate on")
+    tta = resolve_tta(tta, index.meta.flip)
     dev = resolve_device(device)
     model.to(dev)
     ev = RoiEvaluator(index, FeatureStore(index.path), ck.num_classes, dev, coco_eval).keep_records(details)
@@ -59,6 +61,14 @@ def evaluate_checkpoint(path: Path, val_store: Path | None = None, val_images: l
     res.update({"checkpoint": str(path), "epoch": ck.epoch, "val_store": str(index.path), "tta": tta,
                 "stored_metrics": {m: ck.metrics.get(m) for m in ("mIoU", "instance_mIoU", "boundary_IoU")}})
     return res
+
+
+def resolve_tta(tta: str, store_has_flips: bool) -> str:
+    """``auto`` is flip where the store holds the mirrored image's features (it is then free of
+    extra extractor runs and measured better: docs/benchmarks.md), else none."""
+    if tta not in ("auto", "none", "flip"):
+        raise RoisegError(f"tta must be auto, none or flip, got {tta!r}")
+    return ("flip" if store_has_flips else "none") if tta == "auto" else tta
 
 
 def _val_index(ck, cfg, val_store: Path | None, val_images) -> CacheIndex:
@@ -156,4 +166,6 @@ def comparison_table(results: list[dict]) -> str:
         lines.append(f"persons: {s['all']['persons']} (S {s['small']['persons']}, M {s['medium']['persons']}, "
                      f"L {s['large']['persons']}, overlapped {s['overlapped']['persons']}); "
                      f"bIoU, bS, bM, bL, bOver = boundary IoU; box = the GT box filled as the mask")
+        ttas = sorted({r.get("tta", "none") for r in results})
+        lines.append(f"flip TTA: {'/'.join(ttas)} (auto: flip where the store holds mirrored features, cache --flip)")
     return "\n".join(lines)

@@ -59,7 +59,7 @@ class PredictOptions:
     ann: Path | None = None
     detection: DetectionSettings = field(default_factory=DetectionSettings)
     threshold: float = THRESHOLD
-    tta: str = "none"                    # flip: averaged with the mirrored image (pipeline.TTA_MODES)
+    tta: str = "flip"                    # averaged with the mirrored image; none: one pass (pipeline.TTA_MODES)
     save_masks: bool = False
     polygons: bool = False
     overlays: bool = True
