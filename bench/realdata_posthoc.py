@@ -177,7 +177,7 @@ def instance_metrics(rows: list[dict], t: list[int] | int = T_DEFAULT) -> dict:
     large = area >= AREA_M
     return {"instance_mIoU": float(iou.mean()), "boundary_IoU": float(biou.mean()),
             "boundary_IoU_L": float(biou[large].mean()), "instance_L": float(iou[large].mean()),
-            "S": float(iou[area < AREA_S].mean()), "M": float(iou[(area >= AREA_S) & ~large].mean()), "n": len(rows)}
+            "S": float(iou[area < AREA_S].mean()), "M": float(iou[(area >= AREA_S) & ~large].mean()), "persons": len(rows)}
 
 
 def boot_images(gt: dict, n: int, seed: int = 0) -> list[np.ndarray]:
@@ -260,7 +260,7 @@ def nested_calibration(rows: list[dict], target: np.ndarray) -> np.ndarray:
 # ---- the learning curve's fit ------------------------------------------------------------------------
 def fit_power(n: np.ndarray, metric: np.ndarray) -> dict:
     """Two fits of the error 1 - metric against the number of training images: a pure power law
-    ``a n^-b`` (no floor: the optimistic one) and ``c + a n^-b`` with the floor c >= 0 chosen by
+    ``a n^b`` (b < 0; no floor: the optimistic one) and ``c + a n^b`` with the floor c >= 0 chosen by
     least squares on a grid (the pessimistic one)."""
     err = 1 - metric
     out = {}
@@ -522,8 +522,8 @@ def curve_markdown(curve: dict, tta: str) -> list[str]:
 
 
 def fits_markdown(fits: dict, boot: dict) -> list[str]:
-    lines = ["Projection (a fit, not a measurement): error = 1 - metric against training images n, `a n^-b` (no "
-             "floor) and `c + a n^-b` (a floor c >= 0); in brackets the 2.5-97.5 % range over bootstrap "
+    lines = ["Projection (a fit, not a measurement): error = 1 - metric against training images n, `a n^b` (no "
+             "floor: the optimistic fit) and `c + a n^b` (a floor c >= 0 by least squares: the pessimistic one); in brackets the 2.5-97.5 % range over bootstrap "
              "resamples of the images (each refitted).", "",
              "| metric | target | best measured | fit | at 5k images | at 64k images | images to reach the target |",
              "|---|---|---|---|---|---|---|"]

@@ -413,7 +413,8 @@ def _predict_into(out: Path, opts: PredictOptions, source: Source, boxes: BoxSou
     if out != Path(opts.out):
         log.warning("%s holds an earlier run: writing to %s", opts.out, out)
     predictor = _ready_predictor(opts, predictor)
-    log.info("image encoder on %s, decoder on %s", predictor.provider, predictor.decoder.provider)
+    log.info("image encoder on %s, decoder on %s; flip TTA %s", predictor.provider, predictor.decoder.provider,
+             "on (each image also mirrored: --tta none for one pass)" if opts.tta == "flip" else "off")
     sink = Outputs(out, opts, boxes.person_cat, output_stems(source.names))
     t0, tally = time.perf_counter(), _Tally()
     try:

@@ -82,7 +82,8 @@ class TrainConfig:
     dice_weight: float = option(1.0, "Dice loss weight (on class 1; dice_classes [1, 2] in --config adds 2).", ge=0, shown="1.0", panel="Loss")
     dice_classes: list[int] = option([1], "Classes the Dice term covers.", cli=None)
     focal_gamma: float = option(0.0, "Focal CE gamma, 0 = plain CE.", ge=0, shown="0", cli=None)
-    boundary_weight: float = option(0.0, "Extra CE on label boundaries.", ge=0, shown="0", panel="Loss")
+    # an ablation switch (config file only): within noise of 0 on 61 and on 137 real images (docs/benchmarks.md)
+    boundary_weight: float = option(0.0, "Ablation: extra CE on label boundaries.", ge=0, shown="0", cli=None)
     score_head: bool = option(False, "Also train a MaskIoU head that predicts each mask's IoU (the mask score; "
                               "roialign model only).", shown="off", panel="Model")
     score_weight: float = option(1.0, "Weight of the score head's squared error on the mask IoU.", ge=0,
