@@ -552,9 +552,8 @@ def levers_markdown(levers: dict) -> list[str]:
                      f"{r['boundary_IoU_L']:.3f} | {fmt_diff(r.get('boundary_L_minus_base'))} | "
                      f"{fmt_ci(r['gt_AP'], r['gt_AP_CI'])} | {fmt_diff(r.get('gt_minus_base'))} | "
                      f"{fmt_ci(r['auto_AP'], r['auto_AP_CI'])} | {fmt_diff(r.get('auto_minus_base'))} |")
-        if "thresholds" in r:
-            lines.append(f"\n(thresholds chosen per fold: {r['thresholds']})\n")
-    return lines
+    notes = [f"{name}: thresholds chosen per fold {r['thresholds']}" for name, r in levers.items() if "thresholds" in r]
+    return lines + ([""] + notes if notes else [])       # after the table: a line inside would end it
 
 
 def fit_bootstrap(runs: Runs, variants: list[str], tta: str, n_boot: int) -> dict:

@@ -9,9 +9,19 @@ import pytest
 import torch
 
 from roiseg.data.store_meta import StoreMeta
-from roiseg.modeling.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, CheckpointRecord, _load_failure,
-                                        _other_format, checkpoint_name, load_checkpoint, miou4, save_checkpoint,
-                                        tensor_digest, to_host)
+from roiseg.modeling.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    CheckpointRecord,
+    _load_failure,
+    _other_format,
+    checkpoint_name,
+    load_checkpoint,
+    miou4,
+    save_checkpoint,
+    tensor_digest,
+    to_host,
+)
 
 
 def store_meta(tag: str, fine: dict | None = None) -> StoreMeta:

@@ -125,7 +125,7 @@ def test_train_with_a_score_head_checkpoints_and_predicts(stores, synth, tmp_pat
     images = synth["root"] / "images/val2017"
     r = CliRunner().invoke(main, ["predict", "--source", str(images), "--checkpoint", str(tmp_path / "r" / "last.pth"),
                                   "--boxes", "gt", "--ann", str(synth["val"]), "--out", str(tmp_path / "pred"),
-                                  "--provider", "cpu", "--no-overlays"])
+                                  "--provider", "cpu", "--no-overlays", "--tta", "none"])
     assert r.exit_code == 0, r.output
     preds = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     ann = json.loads(Path(synth["val"]).read_text())
@@ -143,7 +143,7 @@ def test_train_with_a_score_head_checkpoints_and_predicts(stores, synth, tmp_pat
     assert [o.name for o in onnx.load(str(tmp_path / "s.decoder.onnx")).graph.output][-1] == "scores"
     r = CliRunner().invoke(main, ["predict", "--source", str(images), "--exported", str(tmp_path / "s.decoder.onnx"),
                                   "--boxes", "gt", "--ann", str(synth["val"]), "--out", str(tmp_path / "pred_onnx"),
-                                  "--provider", "cpu", "--no-overlays"])
+                                  "--provider", "cpu", "--no-overlays", "--tta", "none"])
     assert r.exit_code == 0, r.output
     onnx_preds = json.loads((tmp_path / "pred_onnx" / "predictions.json").read_text())
     assert [p["score"] for p in onnx_preds] == pytest.approx([p["score"] for p in preds], abs=1e-4)
