@@ -10,6 +10,7 @@ the history up to that checkpoint.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,27 +77,30 @@ def claim_run_folder(out: str | Path, resume: str | None) -> RunFolder:
         return RunFolder(*_fresh(out))
     if resume == "auto":
         newest = find_checkpoint(out)     # a clear error when there is nothing to resume
-        claim = claim_folder(out, "checkpoint folder")
-        epoch, last = checkpoint_epoch(newest), last_epoch(out)
-        if epoch < last:
-            claim.release()
-            raise CheckpointError(f"the run in {out} recorded epoch {last}, but its newest checkpoint is epoch {epoch} "
-                                  f"({newest.name}; the later ones are missing): resuming would rewrite the history "
-                                  f"after it. Branch from it into a new run with --resume {newest} --out NEW_FOLDER")
-        return RunFolder(out, claim)
+        return _claim_in_place(out, newest, lambda epoch, last: (
+            f"the run in {out} recorded epoch {last}, but its newest checkpoint is epoch {epoch} ({newest.name}; the "
+            f"later ones are missing): resuming would rewrite the history after it. Branch from it into a new run "
+            f"with --resume {newest} --out NEW_FOLDER"))
     ck = Path(resume)
     if not ck.is_file():
         raise CheckpointError(f"checkpoint not found: {ck}")
     if not same_file(ck.parent, out):       # another --out: a new run that starts from ``ck``
         path, claim = _fresh(out)
         return RunFolder(path, claim, branch_of=ck)
+    return _claim_in_place(out, ck, lambda epoch, last: (
+        f"{ck.name} is epoch {epoch}, but the run in {out} has reached epoch {last}: resuming it there would rewrite "
+        f"the history after it. Continue the run with --resume auto, or branch from epoch {epoch} into a new run "
+        f"with --out NEW_FOLDER"))
+
+
+def _claim_in_place(out: Path, ck: Path, older: Callable[[int, int], str]) -> RunFolder:
+    """Claim ``out`` to resume ``ck`` in it; a checkpoint older than the run's last recorded epoch is
+    refused with ``older(epoch, last)`` (resuming it there would fork the run's history)."""
     claim = claim_folder(out, "checkpoint folder")
     epoch, last = checkpoint_epoch(ck), last_epoch(out)
     if epoch < last:
         claim.release()
-        raise CheckpointError(f"{ck.name} is epoch {epoch}, but the run in {out} has reached epoch {last}: resuming "
-                              f"it there would rewrite the history after it. Continue the run with --resume auto, "
-                              f"or branch from epoch {epoch} into a new run with --out NEW_FOLDER")
+        raise CheckpointError(older(epoch, last))
     return RunFolder(out, claim)
 
 
